@@ -1,0 +1,2 @@
+//! The ephemeral controller: creates the PVCs behind generic ephemeral
+//! volumes. Not implemented yet; see README.md.
