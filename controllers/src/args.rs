@@ -1,0 +1,322 @@
+//! Command-line flags. Every flag can also be set through the environment
+//! variable named in its help text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::error::ErrorKind;
+use clap::{Parser, ValueEnum};
+use volplane_csi::CsiAddress;
+
+/// A controller volplane can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+pub enum Controller {
+    /// Publish CSIStorageCapacity objects (needs --csi-address).
+    Capacity,
+    /// Create the PVCs of generic ephemeral volumes.
+    Ephemeral,
+}
+
+impl Controller {
+    /// Whether the controller talks to a CSI driver.
+    pub fn needs_csi(self) -> bool {
+        match self {
+            Self::Capacity => true,
+            Self::Ephemeral => false,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// volplane: CSI storage capacity, generic ephemeral volumes and volume
+/// health for Kubernetes.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "volplane", version, about, long_about = None)]
+pub struct Args {
+    /// Path to a kubeconfig file. Without it, the in-cluster service account
+    /// is used, then ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG", value_name = "PATH", value_parser = parse_optional_path)]
+    pub kubeconfig: Option<OptionalPath>,
+
+    /// The CSI driver's unix socket: /path, unix:///path or unix:/path.
+    #[arg(long, env = "CSI_ADDRESS", value_name = "ADDRESS")]
+    pub csi_address: Option<CsiAddress>,
+
+    /// Deadline of every CSI call.
+    #[arg(long, env = "CSI_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub csi_timeout: Duration,
+
+    /// How long to wait at startup for the CSI driver to answer Probe with
+    /// "ready" (its socket may appear late); 0 waits forever.
+    #[arg(long, env = "CSI_STARTUP_TIMEOUT", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+    pub csi_startup_timeout: Duration,
+
+    /// Comma-separated controllers to run. Default: capacity when
+    /// --csi-address is set, ephemeral otherwise.
+    #[arg(long, env = "VOLPLANE_CONTROLLERS", value_name = "LIST", value_delimiter = ',')]
+    pub controllers: Vec<Controller>,
+
+    /// Namespace for the objects volplane owns (CSIStorageCapacity, Leases).
+    /// Default: the namespace of the kubeconfig context or service account.
+    #[arg(long, env = "NAMESPACE", value_name = "NAMESPACE", value_parser = parse_optional_name)]
+    pub namespace: Option<OptionalName>,
+
+    /// Address of the admin HTTP server (/metrics, /livez, /readyz), e.g.
+    /// ":8080" or "127.0.0.1:8080". Empty disables it.
+    #[arg(long, env = "HTTP_ENDPOINT", value_name = "ADDRESS", default_value = "", value_parser = parse_http_endpoint)]
+    pub http_endpoint: HttpEndpoint,
+
+    /// Log format; the level comes from RUST_LOG (default: info for volplane,
+    /// warn for libraries).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+/// A path flag whose environment variable may be set but empty (= unset).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OptionalPath(pub Option<PathBuf>);
+
+/// A name flag whose environment variable may be set but empty (= unset).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OptionalName(pub Option<String>);
+
+fn parse_optional_path(raw: &str) -> Result<OptionalPath, String> {
+    Ok(OptionalPath(
+        Some(raw.trim()).filter(|s| !s.is_empty()).map(PathBuf::from),
+    ))
+}
+
+fn parse_optional_name(raw: &str) -> Result<OptionalName, String> {
+    Ok(OptionalName(
+        Some(raw.trim()).filter(|s| !s.is_empty()).map(str::to_string),
+    ))
+}
+
+/// Where the admin HTTP server listens, if anywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpEndpoint(pub Option<SocketAddr>);
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw).map_err(|e| format!("{e} (examples: 10s, 500ms, 2m)"))
+}
+
+fn parse_http_endpoint(raw: &str) -> Result<HttpEndpoint, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(HttpEndpoint(None));
+    }
+    // ":8080" means every interface, as in Go's net.Listen.
+    let full = if raw.starts_with(':') {
+        format!("0.0.0.0{raw}")
+    } else {
+        raw.to_string()
+    };
+    full.parse::<SocketAddr>()
+        .map(|addr| HttpEndpoint(Some(addr)))
+        .map_err(|_| format!("expected host:port or :port, e.g. :8080 (got {raw:?})"))
+}
+
+impl Args {
+    /// The controllers to run: as given, or the default for the other flags.
+    pub fn selected_controllers(&self) -> Vec<Controller> {
+        let mut selected = if self.controllers.is_empty() {
+            vec![if self.csi_address.is_some() {
+                Controller::Capacity
+            } else {
+                Controller::Ephemeral
+            }]
+        } else {
+            self.controllers.clone()
+        };
+        selected.sort();
+        selected.dedup();
+        selected
+    }
+
+    /// Checks combinations of flags that clap cannot check alone.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.csi_address.is_none()
+            && let Some(controller) = self.selected_controllers().into_iter().find(|c| c.needs_csi())
+        {
+            let name = controller
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            anyhow::bail!("the {name} controller needs --csi-address (or CSI_ADDRESS)");
+        }
+        if self.csi_timeout.is_zero() {
+            anyhow::bail!("--csi-timeout must be greater than zero");
+        }
+        Ok(())
+    }
+
+    /// The kubeconfig path, if one was given and is not empty.
+    pub fn kubeconfig_path(&self) -> Option<&PathBuf> {
+        self.kubeconfig.as_ref().and_then(|p| p.0.as_ref())
+    }
+
+    /// The namespace, if one was given and is not empty.
+    pub fn namespace_name(&self) -> Option<&str> {
+        self.namespace.as_ref().and_then(|n| n.0.as_deref())
+    }
+
+    /// The startup wait for the CSI driver; `None` means forever.
+    pub fn csi_startup_limit(&self) -> Option<Duration> {
+        Some(self.csi_startup_timeout).filter(|d| !d.is_zero())
+    }
+}
+
+/// Prints a usage error as one line (help and version go to stdout as usual).
+pub fn report_usage_error(error: clap::Error) -> ExitCode {
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = error.print();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{}", one_line(&error.render().to_string()));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Folds clap's multi-line error into one line: the message and any
+/// "[possible values: …]", without tips and the usage block.
+fn one_line(rendered: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for line in rendered.lines().map(str::trim) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if line.is_empty() || line.starts_with("tip:") {
+            continue;
+        }
+        parts.push(line);
+    }
+    if parts.is_empty() {
+        parts.push("error: invalid arguments");
+    }
+    format!("{} (see 'volplane --help')", parts.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("volplane").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let args = parse(&[]).expect("no flags is valid");
+        assert_eq!(args.csi_timeout, Duration::from_secs(10));
+        assert_eq!(args.csi_startup_timeout, Duration::from_secs(60));
+        assert_eq!(args.http_endpoint, HttpEndpoint(None));
+        assert_eq!(args.log_format, LogFormat::Plain);
+        assert_eq!(args.selected_controllers(), [Controller::Ephemeral]);
+    }
+
+    #[test]
+    fn csi_address_selects_capacity_by_default() {
+        let args = parse(&["--csi-address", "unix:///csi/csi.sock"]).expect("valid");
+        assert_eq!(args.selected_controllers(), [Controller::Capacity]);
+        assert!(args.validate().is_ok());
+    }
+
+    #[test]
+    fn controllers_are_a_comma_list_and_unknown_names_are_rejected() {
+        let args = parse(&[
+            "--controllers",
+            "ephemeral,capacity,ephemeral",
+            "--csi-address",
+            "/x.sock",
+        ])
+        .expect("valid");
+        assert_eq!(
+            args.selected_controllers(),
+            [Controller::Capacity, Controller::Ephemeral]
+        );
+        let err = parse(&["--controllers", "capacity,frobnicate"]).expect_err("unknown controller");
+        let text = err.to_string();
+        assert!(
+            text.contains("frobnicate") && text.contains("capacity") && text.contains("ephemeral"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn capacity_without_a_csi_address_is_refused() {
+        let args = parse(&["--controllers", "capacity"]).expect("parses");
+        let err = args.validate().expect_err("needs csi");
+        assert!(err.to_string().contains("--csi-address"), "{err}");
+    }
+
+    #[test]
+    fn http_endpoint_accepts_port_only_and_full_addresses() {
+        let port_only = parse(&["--http-endpoint", ":8080"]).expect("valid");
+        assert_eq!(
+            port_only.http_endpoint,
+            HttpEndpoint(Some("0.0.0.0:8080".parse().expect("addr")))
+        );
+        let full = parse(&["--http-endpoint", "127.0.0.1:9090"]).expect("valid");
+        assert_eq!(
+            full.http_endpoint,
+            HttpEndpoint(Some("127.0.0.1:9090".parse().expect("addr")))
+        );
+        assert!(parse(&["--http-endpoint", "localhost"]).is_err());
+    }
+
+    #[test]
+    fn durations_and_addresses_are_validated_by_the_parser() {
+        assert_eq!(
+            parse(&["--csi-timeout", "250ms"]).expect("valid").csi_timeout,
+            Duration::from_millis(250)
+        );
+        assert!(parse(&["--csi-timeout", "ten seconds"]).is_err());
+        let err = parse(&["--csi-address", "tcp://10.0.0.1:9000"]).expect_err("not unix");
+        assert!(err.to_string().contains("only unix sockets"), "{err}");
+    }
+
+    #[test]
+    fn usage_errors_fold_into_one_line_with_the_valid_values() {
+        let err = parse(&["--controllers", "frobnicate"]).expect_err("unknown controller");
+        let line = one_line(&err.render().to_string());
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.starts_with("error: invalid value 'frobnicate'"), "{line}");
+        assert!(line.contains("[possible values: capacity, ephemeral]"), "{line}");
+        let err = parse(&["--bogus-flag"]).expect_err("unknown flag");
+        let line = one_line(&err.render().to_string());
+        assert_eq!(
+            line,
+            "error: unexpected argument '--bogus-flag' found (see 'volplane --help')"
+        );
+    }
+
+    #[test]
+    fn empty_kubeconfig_and_namespace_mean_unset() {
+        let args = parse(&["--kubeconfig", "", "--namespace", " "]).expect("valid");
+        assert_eq!(args.kubeconfig_path(), None);
+        assert_eq!(args.namespace_name(), None);
+        let args = parse(&["--kubeconfig", "/k", "--namespace", "kube-system"]).expect("valid");
+        assert_eq!(args.kubeconfig_path(), Some(&PathBuf::from("/k")));
+        assert_eq!(args.namespace_name(), Some("kube-system"));
+    }
+
+    #[test]
+    fn zero_startup_timeout_waits_forever() {
+        let args = parse(&["--csi-startup-timeout", "0s"]).expect("valid");
+        assert_eq!(args.csi_startup_limit(), None);
+    }
+}

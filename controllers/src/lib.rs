@@ -1,0 +1,72 @@
+//! The `volplane` binary: command line, logging, admin HTTP server and the
+//! startup sequence that connects to the API server and the CSI driver.
+
+pub mod admin;
+pub mod args;
+pub mod logging;
+pub mod startup;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Parses the command line, runs volplane and turns any failure into one
+/// `error: …` line on stderr and a non-zero exit code.
+pub async fn main() -> ExitCode {
+    let args = match args::Args::try_parse() {
+        Ok(args) => args,
+        Err(error) => return args::report_usage_error(error),
+    };
+    if let Err(error) = logging::init(args.log_format) {
+        eprintln!("error: {error:#}");
+        return ExitCode::FAILURE;
+    }
+    match startup::run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", error_line(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, each cause once: many library
+/// errors already repeat their source in their own message.
+pub fn error_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[test]
+    fn error_line_skips_causes_already_in_the_message() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let error = anyhow::Error::new(io)
+            .context("failed to read /k: No such file or directory")
+            .context("cannot read kubeconfig /k");
+        assert_eq!(
+            error_line(&error),
+            "cannot read kubeconfig /k: failed to read /k: No such file or directory"
+        );
+    }
+
+    #[test]
+    fn error_line_is_one_line() {
+        let error = anyhow::anyhow!("first\nsecond").context("outer");
+        assert_eq!(error_line(&error), "outer: first second");
+    }
+}

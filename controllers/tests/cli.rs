@@ -1,0 +1,284 @@
+//! The `volplane` binary as an operator meets it: flags, startup errors,
+//! startup against an API server and a CSI driver, and SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use tokio::sync::mpsc;
+use volplane_tests::driver::{DriverConfig, TestDriver};
+
+const VOLPLANE: &str = env!("CARGO_BIN_EXE_volplane");
+
+fn volplane() -> Command {
+    let mut command = Command::new(VOLPLANE);
+    // Only what the test sets: no kubeconfig or CSI settings leak in.
+    command.env_clear().env("RUST_LOG", "info");
+    command
+}
+
+fn error_lines(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_no_panic(output: &Output) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("RUST_BACKTRACE"), "{stderr}");
+}
+
+/// Answers `GET /version` like an API server; enough for the startup check.
+async fn version_only_api_server() -> SocketAddr {
+    let app = Router::new().route(
+        "/version",
+        get(|| async {
+            let body = serde_json::json!({
+                "major": "1", "minor": "33", "gitVersion": "v1.33.0-test", "gitCommit": "0",
+                "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.24",
+                "compiler": "gc", "platform": "linux/amd64"
+            });
+            ([("content-type", "application/json")], body.to_string())
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    address
+}
+
+fn write_kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n\
+         users:\n- name: test\n  user:\n    token: test-token\n\
+         contexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: volplane-test\n\
+         current-context: test\n"
+    );
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
+async fn run_to_exit(mut command: Command, limit: Duration) -> Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn volplane");
+    let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
+    match tokio::time::timeout(limit, waiting).await {
+        Ok(output) => output.expect("join").expect("wait"),
+        Err(_) => panic!("volplane did not exit within {limit:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_flag_is_one_line_and_exit_code_2() {
+    let mut command = volplane();
+    command.arg("--bogus-flag");
+    let output = run_to_exit(command, Duration::from_secs(30)).await;
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("'--bogus-flag'"), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_unknown_controller_names_the_valid_ones() {
+    let mut command = volplane();
+    command.args(["--controllers", "capacity,frobnicate"]);
+    let output = run_to_exit(command, Duration::from_secs(30)).await;
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("[possible values: capacity, ephemeral]"), "{stderr}");
+}
+
+#[tokio::test]
+async fn version_prints_the_crate_version() {
+    let mut command = volplane();
+    command.arg("--version");
+    let output = run_to_exit(command, Duration::from_secs(30)).await;
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("volplane {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[tokio::test]
+async fn a_missing_csi_socket_is_one_clear_error_line() {
+    let api = version_only_api_server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_kubeconfig(dir.path(), &format!("http://{api}"));
+    let mut command = volplane();
+    command
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--csi-address", "/nonexistent", "--csi-startup-timeout", "1s"]);
+    let output = run_to_exit(command, Duration::from_secs(30)).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert_no_panic(&output);
+    let errors = error_lines(&output);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("unix:///nonexistent"), "{}", errors[0]);
+    assert!(errors[0].contains("did not become ready within 1s"), "{}", errors[0]);
+    assert!(errors[0].contains("No such file or directory"), "{}", errors[0]);
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_one_clear_error_line() {
+    // A port that was free a moment ago: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_kubeconfig(dir.path(), &format!("http://{closed}"));
+    let mut command = volplane();
+    command.arg("--kubeconfig").arg(&kubeconfig);
+    let output = run_to_exit(command, Duration::from_secs(60)).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert_no_panic(&output);
+    let errors = error_lines(&output);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains(&format!("cannot reach the Kubernetes API server at http://{closed}")),
+        "{}",
+        errors[0]
+    );
+}
+
+#[tokio::test]
+async fn a_missing_kubeconfig_file_is_one_clear_error_line() {
+    let mut command = volplane();
+    command.args(["--kubeconfig", "/nonexistent/kubeconfig"]);
+    let output = run_to_exit(command, Duration::from_secs(30)).await;
+    assert_eq!(output.status.code(), Some(1));
+    let errors = error_lines(&output);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("error: cannot read kubeconfig /nonexistent/kubeconfig"),
+        "{}",
+        errors[0]
+    );
+}
+
+/// Streams a child's stderr lines into a channel.
+fn stderr_lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stderr = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn wait_for_line(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str, seen: &mut Vec<String>) -> String {
+    let limit = Duration::from_secs(30);
+    let found = tokio::time::timeout(limit, async {
+        while let Some(line) = lines.recv().await {
+            seen.push(line.clone());
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(line)) => line,
+        _ => panic!(
+            "no log line containing {needle:?} within {limit:?}; saw:\n{}",
+            seen.join("\n")
+        ),
+    }
+}
+
+fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).expect("connect admin server");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: volplane\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_against_api_server_and_driver_then_exits_cleanly_on_sigterm() {
+    let api = version_only_api_server().await;
+    let driver = TestDriver::start(DriverConfig {
+        name: "cli.csi.volplane.dev".into(),
+        ..DriverConfig::default()
+    })
+    .await
+    .expect("driver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_kubeconfig(dir.path(), &format!("http://{api}"));
+    let mut child = volplane()
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--csi-address", &driver.address(), "--http-endpoint", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn volplane");
+    let mut lines = stderr_lines(&mut child);
+    let mut seen = Vec::new();
+
+    let listening = wait_for_line(&mut lines, "admin server listening", &mut seen).await;
+    let admin: SocketAddr = listening
+        .split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {listening:?}"));
+    let found = wait_for_line(&mut lines, "CSI driver found", &mut seen).await;
+    assert!(found.contains("cli.csi.volplane.dev"), "{found}");
+    assert!(found.contains("GET_CAPACITY"), "{found}");
+    wait_for_line(&mut lines, "waiting for a termination signal", &mut seen).await;
+
+    assert_eq!(http_get(admin, "/livez").0, 200);
+    assert_eq!(http_get(admin, "/readyz").0, 200);
+    let (status, metrics) = http_get(admin, "/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("volplane_build_info{version=\""), "{metrics}");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let exit = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .expect("volplane exits after SIGTERM")
+    .expect("join")
+    .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+}
