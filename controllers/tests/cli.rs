@@ -7,9 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use axum::Router;
-use axum::routing::get;
 use tokio::sync::mpsc;
+use volplane_tests::apiserver::ApiServerDouble;
 use volplane_tests::driver::{DriverConfig, TestDriver};
 
 const VOLPLANE: &str = env!("CARGO_BIN_EXE_volplane");
@@ -35,25 +34,9 @@ fn assert_no_panic(output: &Output) {
     assert!(!stderr.contains("RUST_BACKTRACE"), "{stderr}");
 }
 
-/// Answers `GET /version` like an API server; enough for the startup check.
-async fn version_only_api_server() -> SocketAddr {
-    let app = Router::new().route(
-        "/version",
-        get(|| async {
-            let body = serde_json::json!({
-                "major": "1", "minor": "33", "gitVersion": "v1.33.0-test", "gitCommit": "0",
-                "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.24",
-                "compiler": "gc", "platform": "linux/amd64"
-            });
-            ([("content-type", "application/json")], body.to_string())
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    address
+/// An API server for the startup check: the in-process double.
+async fn api_server() -> ApiServerDouble {
+    ApiServerDouble::start().await.expect("API-server double")
 }
 
 fn write_kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
@@ -117,9 +100,9 @@ async fn version_prints_the_crate_version() {
 
 #[tokio::test]
 async fn a_missing_csi_socket_is_one_clear_error_line() {
-    let api = version_only_api_server().await;
+    let api = api_server().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = write_kubeconfig(dir.path(), &format!("http://{api}"));
+    let kubeconfig = write_kubeconfig(dir.path(), &api.url());
     let mut command = volplane();
     command
         .arg("--kubeconfig")
@@ -229,7 +212,7 @@ fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_against_api_server_and_driver_then_exits_cleanly_on_sigterm() {
-    let api = version_only_api_server().await;
+    let api = api_server().await;
     let driver = TestDriver::start(DriverConfig {
         name: "cli.csi.volplane.dev".into(),
         ..DriverConfig::default()
@@ -237,7 +220,7 @@ async fn starts_against_api_server_and_driver_then_exits_cleanly_on_sigterm() {
     .await
     .expect("driver");
     let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = write_kubeconfig(dir.path(), &format!("http://{api}"));
+    let kubeconfig = write_kubeconfig(dir.path(), &api.url());
     let mut child = volplane()
         .arg("--kubeconfig")
         .arg(&kubeconfig)
