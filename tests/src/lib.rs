@@ -2,6 +2,8 @@
 //!
 //! - [`driver`]: a scriptable CSI driver, a real tonic server on a unix socket.
 //! - [`apiserver`]: an in-process Kubernetes API-server double for `kube::Client`.
+//! - [`e2e`]: a throwaway real control plane, when `VOLPLANE_E2E_BIN_DIR` is set.
 
 pub mod apiserver;
 pub mod driver;
+pub mod e2e;
