@@ -1,0 +1,390 @@
+//! The capacity controller's pure model: which (segment, class) pairs need
+//! a CSIStorageCapacity object, what each object must look like, and how
+//! the objects that exist map onto that. No I/O here.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolume};
+use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use sha2::{Digest, Sha256};
+
+use crate::quantity::{format_bytes, parse_bytes};
+
+/// Label naming the CSI driver of a CSIStorageCapacity object.
+pub const DRIVER_LABEL: &str = "csi.storage.k8s.io/drivername";
+/// Label naming the instance that manages a CSIStorageCapacity object.
+pub const MANAGED_BY_LABEL: &str = "csi.storage.k8s.io/managed-by";
+/// StorageClass parameters with this prefix are for the CO, never sent to the driver.
+pub const RESERVED_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+/// The node label that identifies one node.
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+/// `generateName` of the objects volplane creates.
+pub const GENERATE_NAME: &str = "csisc-";
+
+/// String key/value pairs: node labels, topology segments, parameters.
+pub type Labels = BTreeMap<String, String>;
+
+/// A topology segment: the node labels a capacity applies to. Empty means
+/// every node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Segment(pub Labels);
+
+impl Segment {
+    /// A segment from pairs.
+    pub fn from_pairs<const N: usize>(pairs: [(&str, &str); N]) -> Self {
+        Self(pairs.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+}
+
+impl std::fmt::Display for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("{all nodes}");
+        }
+        let pairs: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        write!(f, "{{{}}}", pairs.join(","))
+    }
+}
+
+/// One unit of work: the capacity of one storage class in one segment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkItem {
+    /// Where.
+    pub segment: Segment,
+    /// Which StorageClass (by name).
+    pub class: String,
+}
+
+impl std::fmt::Display for WorkItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} in {}", self.class, self.segment)
+    }
+}
+
+/// The segments of a driver with topology, computed centrally: for every
+/// CSINode listing `driver` with topology keys, those keys' values from the
+/// Node's labels. Nodes without a Node object or missing a key are skipped;
+/// equal segments collapse into one.
+pub fn central_segments<'a>(
+    driver: &str,
+    csinodes: impl IntoIterator<Item = &'a CSINode>,
+    node_labels: impl Fn(&str) -> Option<&'a Labels>,
+) -> BTreeSet<Segment> {
+    let mut segments = BTreeSet::new();
+    for csinode in csinodes {
+        let Some(node_name) = csinode.metadata.name.as_deref() else {
+            continue;
+        };
+        let Some(keys) = csinode
+            .spec
+            .drivers
+            .iter()
+            .find(|d| d.name == driver)
+            .and_then(|d| d.topology_keys.as_ref())
+            .filter(|keys| !keys.is_empty())
+        else {
+            continue;
+        };
+        let Some(labels) = node_labels(node_name) else {
+            continue;
+        };
+        let segment: Option<Labels> = keys
+            .iter()
+            .map(|key| labels.get(key).map(|value| (key.clone(), value.clone())))
+            .collect();
+        if let Some(segment) = segment {
+            segments.insert(Segment(segment));
+        }
+    }
+    segments
+}
+
+/// The labels of a Node, for [`central_segments`].
+pub fn node_labels(node: &Node) -> Option<&Labels> {
+    node.metadata.labels.as_ref()
+}
+
+/// The per-node segment: the driver's `NodeGetInfo` topology, or — for a
+/// driver without topology support or topology — just this node.
+pub fn per_node_segment(node: &str, accessible_topology: Option<&Labels>) -> Segment {
+    match accessible_topology.filter(|t| !t.is_empty()) {
+        Some(topology) => Segment(topology.clone()),
+        None => Segment(Labels::from([(HOSTNAME_LABEL.to_string(), node.to_string())])),
+    }
+}
+
+/// The GetCapacity parameters of `class` if volplane publishes capacity for
+/// it: its provisioner is `driver` and it binds late (or early binding is
+/// included). Reserved `csi.storage.k8s.io/` keys are removed.
+pub fn capacity_parameters(class: &StorageClass, driver: &str, include_immediate: bool) -> Option<Labels> {
+    if class.provisioner != driver {
+        return None;
+    }
+    let late = class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
+    if !late && !include_immediate {
+        return None;
+    }
+    Some(
+        class
+            .parameters
+            .iter()
+            .flatten()
+            .filter(|(key, _)| !key.starts_with(RESERVED_PARAMETER_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+}
+
+/// Every (segment, class) pair.
+pub fn work_items<'a>(
+    segments: &BTreeSet<Segment>,
+    classes: impl IntoIterator<Item = &'a String> + Clone,
+) -> BTreeSet<WorkItem> {
+    segments
+        .iter()
+        .flat_map(|segment| {
+            classes.clone().into_iter().map(move |class| WorkItem {
+                segment: segment.clone(),
+                class: class.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The `managed-by` label value: `volplane`, or `volplane-<node>` in
+/// per-node mode, shortened with a hash to a valid label value.
+pub fn managed_by(node: Option<&str>) -> String {
+    const MAX: usize = 63;
+    let Some(node) = node else {
+        return "volplane".to_string();
+    };
+    let full = format!("volplane-{node}");
+    if full.len() <= MAX && full.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric()) {
+        return full;
+    }
+    let digest = Sha256::digest(node.as_bytes());
+    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    // Node names are DNS subdomains: ASCII, so byte slicing is safe.
+    let keep = MAX - hash.len() - 1;
+    format!("{}-{hash}", &full[..keep.min(full.len())])
+}
+
+/// The `drivername` label value: the driver name when it is a valid label
+/// value (CSI names are at most 63 characters), else shortened like [`managed_by`].
+pub fn driver_label_value(driver: &str) -> String {
+    if driver.len() <= 63 {
+        return driver.to_string();
+    }
+    let digest = Sha256::digest(driver.as_bytes());
+    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("{}-{hash}", &driver[..54])
+}
+
+/// A capacity as published: bytes, both sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublishedCapacity {
+    /// `.capacity`
+    pub capacity: i64,
+    /// `.maximumVolumeSize`, omitted when unset.
+    pub maximum_volume_size: Option<i64>,
+}
+
+/// What every object volplane writes carries besides its item and capacity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectIdentity {
+    /// Namespace of the objects.
+    pub namespace: String,
+    /// `drivername` label value.
+    pub driver: String,
+    /// `managed-by` label value.
+    pub managed_by: String,
+    /// The one owner reference, if any.
+    pub owner: Option<OwnerReference>,
+}
+
+impl ObjectIdentity {
+    /// The label selector matching exactly this identity's objects.
+    pub fn selector(&self) -> String {
+        format!("{DRIVER_LABEL}={},{MANAGED_BY_LABEL}={}", self.driver, self.managed_by)
+    }
+
+    fn owner_references(&self) -> Option<Vec<OwnerReference>> {
+        self.owner.clone().map(|o| vec![o])
+    }
+}
+
+fn quantity(bytes: i64) -> Quantity {
+    Quantity(format_bytes(bytes))
+}
+
+/// A new object for `item`.
+pub fn new_object(item: &WorkItem, value: PublishedCapacity, identity: &ObjectIdentity) -> CSIStorageCapacity {
+    CSIStorageCapacity {
+        metadata: ObjectMeta {
+            generate_name: Some(GENERATE_NAME.to_string()),
+            namespace: Some(identity.namespace.clone()),
+            labels: Some(Labels::from([
+                (DRIVER_LABEL.to_string(), identity.driver.clone()),
+                (MANAGED_BY_LABEL.to_string(), identity.managed_by.clone()),
+            ])),
+            owner_references: identity.owner_references(),
+            ..ObjectMeta::default()
+        },
+        node_topology: Some(LabelSelector {
+            match_labels: Some(item.segment.0.clone()),
+            match_expressions: None,
+        }),
+        storage_class_name: item.class.clone(),
+        capacity: Some(quantity(value.capacity)),
+        maximum_volume_size: value.maximum_volume_size.map(quantity),
+    }
+}
+
+/// The replacement for `existing` when anything volplane owns differs —
+/// capacity, maximum volume size, its two labels, the owner reference — or
+/// `None` when it is already right (no write needed). Other labels and
+/// metadata are kept; owner references are replaced, never appended to.
+pub fn updated_object(
+    existing: &CSIStorageCapacity,
+    value: PublishedCapacity,
+    identity: &ObjectIdentity,
+) -> Option<CSIStorageCapacity> {
+    let capacity_ok = existing.capacity.as_ref().and_then(|q| parse_bytes(&q.0)) == Some(value.capacity);
+    let maximum_ok =
+        existing.maximum_volume_size.as_ref().map(|q| parse_bytes(&q.0)) == value.maximum_volume_size.map(Some);
+    let labels = existing.metadata.labels.clone().unwrap_or_default();
+    let labels_ok = labels.get(DRIVER_LABEL) == Some(&identity.driver)
+        && labels.get(MANAGED_BY_LABEL) == Some(&identity.managed_by);
+    let owners_ok = existing.metadata.owner_references.clone().unwrap_or_default()
+        == identity.owner_references().unwrap_or_default();
+    if capacity_ok && maximum_ok && labels_ok && owners_ok {
+        return None;
+    }
+    let mut updated = existing.clone();
+    if !capacity_ok {
+        updated.capacity = Some(quantity(value.capacity));
+    }
+    if !maximum_ok {
+        updated.maximum_volume_size = value.maximum_volume_size.map(quantity);
+    }
+    let mut labels = labels;
+    labels.insert(DRIVER_LABEL.to_string(), identity.driver.clone());
+    labels.insert(MANAGED_BY_LABEL.to_string(), identity.managed_by.clone());
+    updated.metadata.labels = Some(labels);
+    updated.metadata.owner_references = identity.owner_references();
+    updated.metadata.managed_fields = None;
+    Some(updated)
+}
+
+/// The work item an existing object stands for, if it has volplane's shape
+/// (a `nodeTopology` of plain `matchLabels`).
+pub fn item_of(object: &CSIStorageCapacity) -> Option<WorkItem> {
+    let topology = object.node_topology.as_ref()?;
+    if topology.match_expressions.as_ref().is_some_and(|e| !e.is_empty()) {
+        return None;
+    }
+    Some(WorkItem {
+        segment: Segment(topology.match_labels.clone().unwrap_or_default()),
+        class: object.storage_class_name.clone(),
+    })
+}
+
+/// The capacity an existing object publishes, when it parses.
+pub fn published_capacity(object: &CSIStorageCapacity) -> Option<PublishedCapacity> {
+    let capacity = parse_bytes(&object.capacity.as_ref()?.0)?;
+    let maximum_volume_size = match &object.maximum_volume_size {
+        Some(q) => Some(parse_bytes(&q.0)?),
+        None => None,
+    };
+    Some(PublishedCapacity {
+        capacity,
+        maximum_volume_size,
+    })
+}
+
+/// How the objects that exist map onto the items that should.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reconciliation {
+    /// The object (by name) that stands for each desired item.
+    pub adopt: BTreeMap<WorkItem, String>,
+    /// Objects to delete: duplicates and objects for items no longer desired.
+    pub delete: Vec<String>,
+    /// Desired items without an object.
+    pub missing: BTreeSet<WorkItem>,
+}
+
+/// Maps existing objects (already filtered to volplane's labels) onto the
+/// desired items. Among duplicates the oldest object (creation time, then
+/// name) is kept.
+pub fn reconcile_objects(desired: &BTreeSet<WorkItem>, existing: &[CSIStorageCapacity]) -> Reconciliation {
+    let mut ordered: Vec<&CSIStorageCapacity> = existing.iter().collect();
+    ordered.sort_by(|a, b| {
+        let key = |o: &CSIStorageCapacity| {
+            (
+                o.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                o.metadata.name.clone().unwrap_or_default(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    let mut result = Reconciliation::default();
+    for object in ordered {
+        let Some(name) = object.metadata.name.clone() else {
+            continue;
+        };
+        match item_of(object) {
+            Some(item) if desired.contains(&item) && !result.adopt.contains_key(&item) => {
+                result.adopt.insert(item, name);
+            }
+            _ => result.delete.push(name),
+        }
+    }
+    result.missing = desired
+        .iter()
+        .filter(|i| !result.adopt.contains_key(*i))
+        .cloned()
+        .collect();
+    result
+}
+
+/// The items a PV of `driver` affects: its class, in the segments its node
+/// affinity admits (all segments of the class when it has none).
+pub fn items_for_volume(pv: &PersistentVolume, driver: &str, items: &BTreeSet<WorkItem>) -> Vec<WorkItem> {
+    let Some(spec) = pv.spec.as_ref() else {
+        return Vec::new();
+    };
+    if spec.csi.as_ref().map(|c| c.driver.as_str()) != Some(driver) {
+        return Vec::new();
+    }
+    let Some(class) = spec.storage_class_name.as_deref() else {
+        return Vec::new();
+    };
+    let terms = spec
+        .node_affinity
+        .as_ref()
+        .and_then(|a| a.required.as_ref())
+        .map(|r| r.node_selector_terms.clone())
+        .unwrap_or_default();
+    let admits = |segment: &Segment| {
+        terms.is_empty()
+            || terms.iter().any(|term| {
+                term.match_expressions.iter().flatten().all(|expr| {
+                    match segment.0.get(&expr.key) {
+                        // Only `In` can be decided from a segment; other operators admit.
+                        Some(value) if expr.operator == "In" => expr.values.iter().flatten().any(|v| v == value),
+                        _ => true,
+                    }
+                })
+            })
+    };
+    items
+        .iter()
+        .filter(|item| item.class == class && admits(&item.segment))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,437 @@
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+
+const DRIVER: &str = "hostpath.csi.k8s.io";
+
+fn csinode(name: &str, driver: &str, keys: &[&str]) -> CSINode {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"drivers": [{"name": driver, "nodeID": name, "topologyKeys": keys}]}
+    }))
+    .expect("csinode")
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn class(name: &str, provisioner: &str, mode: Option<&str>, params: &[(&str, &str)]) -> StorageClass {
+    StorageClass {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        provisioner: provisioner.into(),
+        volume_binding_mode: mode.map(str::to_string),
+        parameters: Some(labels(params)),
+        ..StorageClass::default()
+    }
+}
+
+fn identity(owner: Option<OwnerReference>) -> ObjectIdentity {
+    ObjectIdentity {
+        namespace: "storage".into(),
+        driver: DRIVER.into(),
+        managed_by: "volplane".into(),
+        owner,
+    }
+}
+
+fn owner(kind: &str, name: &str, uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: kind.into(),
+        name: name.into(),
+        uid: uid.into(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
+
+fn item(zone: &str, class: &str) -> WorkItem {
+    WorkItem {
+        segment: Segment::from_pairs([("zone", zone)]),
+        class: class.into(),
+    }
+}
+
+fn existing(name: &str, item: &WorkItem, created_secs: i64) -> CSIStorageCapacity {
+    let mut object = new_object(
+        item,
+        PublishedCapacity {
+            capacity: 1,
+            maximum_volume_size: None,
+        },
+        &identity(None),
+    );
+    object.metadata.name = Some(name.into());
+    object.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(created_secs).expect("timestamp"),
+    ));
+    object
+}
+
+#[test]
+fn segments_come_from_topology_keys_and_node_labels() {
+    let nodes = BTreeMap::from([
+        (
+            "n1".to_string(),
+            labels(&[("zone", "a"), ("rack", "r1"), ("other", "x")]),
+        ),
+        ("n2".to_string(), labels(&[("zone", "a"), ("rack", "r1")])),
+        ("n3".to_string(), labels(&[("zone", "b"), ("rack", "r2")])),
+        ("n4".to_string(), labels(&[("zone", "c")])),
+    ]);
+    let csinodes = [
+        csinode("n1", DRIVER, &["zone", "rack"]),
+        csinode("n2", DRIVER, &["rack", "zone"]),
+        csinode("n3", DRIVER, &["zone", "rack"]),
+        // Missing the rack label: skipped.
+        csinode("n4", DRIVER, &["zone", "rack"]),
+        // Another driver only: skipped.
+        csinode("n5", "other.csi", &["zone"]),
+        // No Node object: skipped.
+        csinode("ghost", DRIVER, &["zone"]),
+        // The driver without topology keys: skipped.
+        csinode("n6", DRIVER, &[]),
+    ];
+    let segments = central_segments(DRIVER, &csinodes, |name| nodes.get(name));
+    let want: BTreeSet<Segment> = [
+        Segment::from_pairs([("rack", "r1"), ("zone", "a")]),
+        Segment::from_pairs([("rack", "r2"), ("zone", "b")]),
+    ]
+    .into();
+    assert_eq!(segments, want);
+}
+
+#[test]
+fn a_label_change_moves_a_node_to_another_segment() {
+    let csinodes = [csinode("n1", DRIVER, &["zone"])];
+    let before = BTreeMap::from([("n1".to_string(), labels(&[("zone", "a")]))]);
+    let after = BTreeMap::from([("n1".to_string(), labels(&[("zone", "b")]))]);
+    assert_eq!(
+        central_segments(DRIVER, &csinodes, |n| before.get(n)),
+        [Segment::from_pairs([("zone", "a")])].into()
+    );
+    assert_eq!(
+        central_segments(DRIVER, &csinodes, |n| after.get(n)),
+        [Segment::from_pairs([("zone", "b")])].into()
+    );
+}
+
+#[test]
+fn per_node_segment_falls_back_to_the_hostname() {
+    assert_eq!(
+        per_node_segment("worker-1", Some(&labels(&[("zone", "a")]))),
+        Segment::from_pairs([("zone", "a")])
+    );
+    assert_eq!(
+        per_node_segment("worker-1", None),
+        Segment::from_pairs([(HOSTNAME_LABEL, "worker-1")])
+    );
+    assert_eq!(
+        per_node_segment("worker-1", Some(&Labels::new())),
+        Segment::from_pairs([(HOSTNAME_LABEL, "worker-1")])
+    );
+}
+
+#[test]
+fn classes_are_filtered_by_provisioner_and_binding_mode() {
+    let late = class("late", DRIVER, Some("WaitForFirstConsumer"), &[("type", "ssd")]);
+    let immediate = class("now", DRIVER, Some("Immediate"), &[]);
+    let defaulted = class("default-mode", DRIVER, None, &[]);
+    let foreign = class("foreign", "other.csi", Some("WaitForFirstConsumer"), &[]);
+    assert_eq!(
+        capacity_parameters(&late, DRIVER, false),
+        Some(labels(&[("type", "ssd")]))
+    );
+    assert_eq!(capacity_parameters(&immediate, DRIVER, false), None);
+    assert_eq!(capacity_parameters(&defaulted, DRIVER, false), None);
+    assert_eq!(capacity_parameters(&immediate, DRIVER, true), Some(Labels::new()));
+    assert_eq!(capacity_parameters(&defaulted, DRIVER, true), Some(Labels::new()));
+    assert_eq!(capacity_parameters(&foreign, DRIVER, true), None);
+}
+
+#[test]
+fn reserved_parameters_are_not_sent() {
+    let c = class(
+        "c",
+        DRIVER,
+        Some("WaitForFirstConsumer"),
+        &[
+            ("csi.storage.k8s.io/provisioner-secret-name", "s"),
+            ("csi.storage.k8s.io/fstype", "ext4"),
+            ("pool", "gold"),
+            ("example.com/csi.storage.k8s.io", "kept"),
+        ],
+    );
+    assert_eq!(
+        capacity_parameters(&c, DRIVER, false),
+        Some(labels(&[("pool", "gold"), ("example.com/csi.storage.k8s.io", "kept")]))
+    );
+}
+
+#[test]
+fn a_new_object_has_the_documented_shape() {
+    let item = WorkItem {
+        segment: Segment::from_pairs([("zone", "a")]),
+        class: "fast".into(),
+    };
+    let o = new_object(
+        &item,
+        PublishedCapacity {
+            capacity: 10 << 30,
+            maximum_volume_size: Some(1 << 30),
+        },
+        &identity(Some(owner("Deployment", "csi", "u1"))),
+    );
+    assert_eq!(o.metadata.generate_name.as_deref(), Some("csisc-"));
+    assert_eq!(o.metadata.namespace.as_deref(), Some("storage"));
+    assert_eq!(
+        o.metadata.labels,
+        Some(labels(&[(DRIVER_LABEL, DRIVER), (MANAGED_BY_LABEL, "volplane")]))
+    );
+    assert_eq!(o.metadata.owner_references.as_ref().map(Vec::len), Some(1));
+    assert_eq!(
+        o.node_topology.and_then(|t| t.match_labels),
+        Some(labels(&[("zone", "a")]))
+    );
+    assert_eq!(o.storage_class_name, "fast");
+    assert_eq!(o.capacity, Some(Quantity((10i64 << 30).to_string())));
+    assert_eq!(o.maximum_volume_size, Some(Quantity((1i64 << 30).to_string())));
+    let unset = new_object(
+        &item,
+        PublishedCapacity {
+            capacity: 0,
+            maximum_volume_size: None,
+        },
+        &identity(None),
+    );
+    assert_eq!(unset.maximum_volume_size, None);
+    assert_eq!(unset.metadata.owner_references, None);
+}
+
+#[test]
+fn unchanged_capacity_needs_no_write_even_in_canonical_form() {
+    let value = PublishedCapacity {
+        capacity: 4_000_000_000,
+        maximum_volume_size: Some(10 << 30),
+    };
+    let mut object = new_object(&item("a", "fast"), value, &identity(None));
+    // What the API server stores for those numbers.
+    object.capacity = Some(Quantity("4G".into()));
+    object.maximum_volume_size = Some(Quantity("10Gi".into()));
+    assert_eq!(updated_object(&object, value, &identity(None)), None);
+}
+
+#[test]
+fn a_changed_capacity_or_maximum_is_rewritten() {
+    let before = PublishedCapacity {
+        capacity: 100,
+        maximum_volume_size: Some(50),
+    };
+    let object = new_object(&item("a", "fast"), before, &identity(None));
+    let after = PublishedCapacity {
+        capacity: 200,
+        maximum_volume_size: None,
+    };
+    let updated = updated_object(&object, after, &identity(None)).expect("changed");
+    assert_eq!(updated.capacity, Some(Quantity("200".into())));
+    assert_eq!(updated.maximum_volume_size, None);
+    assert_eq!(updated_object(&updated, after, &identity(None)), None);
+}
+
+#[test]
+fn a_foreign_or_stale_owner_reference_is_replaced_never_appended() {
+    let ours = owner("Deployment", "csi-controller", "new-uid");
+    let mut object = new_object(
+        &item("a", "fast"),
+        PublishedCapacity {
+            capacity: 1,
+            maximum_volume_size: None,
+        },
+        &identity(None),
+    );
+    object.metadata.owner_references = Some(vec![
+        owner("Deployment", "csi-controller", "old-uid"),
+        owner("StatefulSet", "someone-else", "x"),
+    ]);
+    let updated = updated_object(
+        &object,
+        PublishedCapacity {
+            capacity: 1,
+            maximum_volume_size: None,
+        },
+        &identity(Some(ours.clone())),
+    )
+    .expect("owner changes");
+    assert_eq!(updated.metadata.owner_references, Some(vec![ours]));
+}
+
+#[test]
+fn foreign_labels_are_kept_and_ours_restored() {
+    let mut object = new_object(
+        &item("a", "fast"),
+        PublishedCapacity {
+            capacity: 1,
+            maximum_volume_size: None,
+        },
+        &identity(None),
+    );
+    let mut l = object.metadata.labels.clone().unwrap_or_default();
+    l.insert("team".into(), "storage".into());
+    l.insert(MANAGED_BY_LABEL.into(), "tampered".into());
+    object.metadata.labels = Some(l);
+    let updated = updated_object(
+        &object,
+        PublishedCapacity {
+            capacity: 1,
+            maximum_volume_size: None,
+        },
+        &identity(None),
+    )
+    .expect("label fixed");
+    let l = updated.metadata.labels.unwrap_or_default();
+    assert_eq!(l.get("team").map(String::as_str), Some("storage"));
+    assert_eq!(l.get(MANAGED_BY_LABEL).map(String::as_str), Some("volplane"));
+}
+
+#[test]
+fn reconciliation_adopts_the_oldest_and_deletes_duplicates_and_obsolete() {
+    let desired: BTreeSet<WorkItem> = [item("a", "fast"), item("b", "fast"), item("c", "fast")].into();
+    let objects = [
+        existing("csisc-new", &item("a", "fast"), 200),
+        existing("csisc-old", &item("a", "fast"), 100),
+        existing("csisc-b", &item("b", "fast"), 100),
+        existing("csisc-gone-class", &item("b", "slow"), 100),
+        existing("csisc-gone-zone", &item("z", "fast"), 100),
+    ];
+    let plan = reconcile_objects(&desired, &objects);
+    assert_eq!(
+        plan.adopt,
+        BTreeMap::from([
+            (item("a", "fast"), "csisc-old".to_string()),
+            (item("b", "fast"), "csisc-b".to_string())
+        ])
+    );
+    let mut deleted = plan.delete.clone();
+    deleted.sort();
+    assert_eq!(deleted, ["csisc-gone-class", "csisc-gone-zone", "csisc-new"]);
+    assert_eq!(plan.missing, [item("c", "fast")].into());
+}
+
+#[test]
+fn objects_with_match_expressions_are_not_ours_in_shape() {
+    let mut object = existing("x", &item("a", "fast"), 1);
+    object.node_topology = Some(LabelSelector {
+        match_labels: None,
+        match_expressions: Some(vec![Default::default()]),
+    });
+    assert_eq!(item_of(&object), None);
+    object.node_topology = None;
+    assert_eq!(item_of(&object), None);
+}
+
+#[test]
+fn managed_by_fits_a_label_value_for_any_node_name() {
+    assert_eq!(managed_by(None), "volplane");
+    assert_eq!(managed_by(Some("worker-1")), "volplane-worker-1");
+    let long = format!("{}.example.internal", "n".repeat(80));
+    let value = managed_by(Some(&long));
+    assert!(value.len() <= 63, "{value}");
+    assert!(value.starts_with("volplane-nnnn"), "{value}");
+    assert_ne!(
+        managed_by(Some(&format!("{long}1"))),
+        managed_by(Some(&format!("{long}2")))
+    );
+}
+
+#[test]
+fn pv_events_refresh_only_matching_items() {
+    let items: BTreeSet<WorkItem> = [item("a", "fast"), item("b", "fast"), item("a", "slow")].into();
+    let pv = |driver: &str, class: Option<&str>, zone: Option<&str>| -> PersistentVolume {
+        let affinity = zone.map(|z| {
+            json!({"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "zone", "operator": "In", "values": [z]}]}]}})
+        });
+        serde_json::from_value(json!({
+            "metadata": {"name": "pv"},
+            "spec": {"csi": {"driver": driver, "volumeHandle": "v"}, "storageClassName": class,
+                     "nodeAffinity": affinity}
+        }))
+        .expect("pv")
+    };
+    assert_eq!(
+        items_for_volume(&pv(DRIVER, Some("fast"), Some("a")), DRIVER, &items),
+        [item("a", "fast")]
+    );
+    assert_eq!(
+        items_for_volume(&pv(DRIVER, Some("fast"), None), DRIVER, &items),
+        [item("a", "fast"), item("b", "fast")]
+    );
+    assert!(items_for_volume(&pv("other", Some("fast"), Some("a")), DRIVER, &items).is_empty());
+    assert!(items_for_volume(&pv(DRIVER, None, Some("a")), DRIVER, &items).is_empty());
+}
+
+fn arb_item() -> impl Strategy<Value = WorkItem> {
+    (0..4u8, 0..3u8).prop_map(|(zone, class)| item(&format!("z{zone}"), &format!("c{class}")))
+}
+
+proptest! {
+    #[test]
+    fn reconciliation_accounts_for_every_object_exactly_once(
+        desired in proptest::collection::btree_set(arb_item(), 0..12),
+        existing_items in proptest::collection::vec((arb_item(), 0..5i64), 0..20),
+    ) {
+        let objects: Vec<CSIStorageCapacity> = existing_items
+            .iter()
+            .enumerate()
+            .map(|(i, (item, t))| existing(&format!("o{i}"), item, *t))
+            .collect();
+        let plan = reconcile_objects(&desired, &objects);
+        // Adopted items are desired and their objects stand for them.
+        for (item, name) in &plan.adopt {
+            prop_assert!(desired.contains(item));
+            let object = objects.iter().find(|o| o.metadata.name.as_deref() == Some(name));
+            prop_assert_eq!(object.and_then(item_of), Some(item.clone()));
+        }
+        // Each object is adopted or deleted, never both, never neither.
+        for object in &objects {
+            let name = object.metadata.name.clone().unwrap_or_default();
+            let adopted = plan.adopt.values().any(|n| *n == name);
+            let deleted = plan.delete.contains(&name);
+            prop_assert!(adopted != deleted, "{} adopted={} deleted={}", name, adopted, deleted);
+        }
+        // Missing is exactly desired minus adopted.
+        let expected: BTreeSet<WorkItem> = desired.iter().filter(|i| !plan.adopt.contains_key(*i)).cloned().collect();
+        prop_assert_eq!(&plan.missing, &expected);
+    }
+
+    #[test]
+    fn an_update_is_idempotent(
+        capacity in 0..i64::MAX,
+        old_capacity in 0..i64::MAX,
+        maximum in proptest::option::of(0..i64::MAX),
+        old_maximum in proptest::option::of(0..i64::MAX),
+        with_owner in any::<bool>(),
+    ) {
+        let ident = identity(with_owner.then(|| owner("Deployment", "d", "u")));
+        let old = new_object(&item("a", "c"), PublishedCapacity { capacity: old_capacity, maximum_volume_size: old_maximum }, &identity(None));
+        let value = PublishedCapacity { capacity, maximum_volume_size: maximum };
+        let once = updated_object(&old, value, &ident).unwrap_or(old);
+        prop_assert_eq!(updated_object(&once, value, &ident), None);
+        prop_assert_eq!(published_capacity(&once), Some(value));
+    }
+
+    #[test]
+    fn managed_by_is_always_a_valid_label_value(node in "[a-z0-9]([a-z0-9.-]{0,200}[a-z0-9])?") {
+        let value = managed_by(Some(&node));
+        prop_assert!(value.len() <= 63);
+        prop_assert!(value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'));
+        prop_assert!(value.as_bytes()[0].is_ascii_alphanumeric());
+        prop_assert!(value.as_bytes()[value.len() - 1].is_ascii_alphanumeric());
+        prop_assert_eq!(value.clone(), managed_by(Some(&node)));
+    }
+}
