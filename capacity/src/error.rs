@@ -1,0 +1,55 @@
+use volplane_csi::CsiError;
+
+/// Result of capacity controller operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong in the capacity controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// GetCapacity failed or answered something unusable.
+    #[error("GetCapacity failed: {0}")]
+    Csi(#[source] CsiError),
+
+    /// A write to the API server failed.
+    #[error("cannot {verb} CSIStorageCapacity: {source}")]
+    Write {
+        verb: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// Reading something the controller needs at startup failed.
+    #[error("{what}: {source}")]
+    Startup {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// The configuration cannot work.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl Error {
+    /// A short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Csi(error) => error.label(),
+            Self::Write { source, .. } => match source {
+                kube::Error::Api(status) if status.code == 409 => "conflict",
+                kube::Error::Api(status) if status.code == 404 => "not_found",
+                kube::Error::Api(status) if status.code == 403 => "forbidden",
+                kube::Error::Api(status) if status.code == 422 => "invalid",
+                _ => "api_error",
+            },
+            Self::Startup { .. } => "startup",
+            Self::Config(_) => "config",
+        }
+    }
+
+    /// The write failed because the object no longer exists.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Write { source: kube::Error::Api(status), .. } if status.code == 404)
+    }
+}

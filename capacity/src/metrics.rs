@@ -1,0 +1,78 @@
+//! Prometheus metrics of the capacity controller.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label set of one label.
+pub type OneLabel = Vec<(&'static str, String)>;
+
+/// The capacity controller's metrics.
+#[derive(Debug)]
+pub struct CapacityMetrics {
+    /// Objects that should exist: segments × classes.
+    pub desired: Gauge,
+    /// Objects that exist and stand for a desired item.
+    pub current: Gauge,
+    /// Objects being deleted as duplicates or for items no longer desired.
+    pub obsolete: Gauge,
+    /// GetCapacity latency by gRPC code (`OK` on success).
+    pub get_capacity_seconds: Family<OneLabel, Histogram>,
+    /// Writes to the API server by verb (create, update, delete).
+    pub api_writes: Family<OneLabel, Counter>,
+    /// Work items waiting or running.
+    pub queue_depth: Gauge,
+}
+
+impl CapacityMetrics {
+    /// Registers the metrics under `volplane_capacity_*`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            desired: Gauge::default(),
+            current: Gauge::default(),
+            obsolete: Gauge::default(),
+            get_capacity_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15))),
+            api_writes: Family::default(),
+            queue_depth: Gauge::default(),
+        };
+        let sub = registry.sub_registry_with_prefix("capacity");
+        sub.register(
+            "objects_desired",
+            "CSIStorageCapacity objects that should exist",
+            metrics.desired.clone(),
+        );
+        sub.register(
+            "objects_current",
+            "CSIStorageCapacity objects that exist for a desired item",
+            metrics.current.clone(),
+        );
+        sub.register(
+            "objects_obsolete",
+            "CSIStorageCapacity objects being deleted (duplicates, gone segments or classes)",
+            metrics.obsolete.clone(),
+        );
+        sub.register(
+            "get_capacity_duration_seconds",
+            "GetCapacity latency by gRPC code",
+            metrics.get_capacity_seconds.clone(),
+        );
+        sub.register(
+            "api_writes",
+            "CSIStorageCapacity writes to the API server by verb",
+            metrics.api_writes.clone(),
+        );
+        sub.register(
+            "queue_depth",
+            "work items waiting or running",
+            metrics.queue_depth.clone(),
+        );
+        metrics
+    }
+
+    /// Counts one API write.
+    pub fn wrote(&self, verb: &'static str) {
+        self.api_writes.get_or_create(&vec![("verb", verb.to_string())]).inc();
+    }
+}

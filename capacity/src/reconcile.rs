@@ -1,0 +1,772 @@
+//! The capacity controller's I/O: watches its inputs, runs the work queue,
+//! calls GetCapacity and writes CSIStorageCapacity objects.
+//!
+//! One task owns all state (no locks): it reacts to watch events and to
+//! finished work, and hands due work items to at most `workers` concurrent
+//! refresh futures, each of which calls GetCapacity once and writes at most
+//! one object.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, FuturesUnordered};
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume};
+use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use volplane_csi::{CapacityQuery, CsiClient};
+
+use crate::error::{Error, Result};
+use crate::metrics::CapacityMetrics;
+use crate::model::{self, Labels, ObjectIdentity, PublishedCapacity, Segment, WorkItem};
+use crate::queue::{self, Backoff, WorkQueue};
+
+/// Where segments come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// From CSINodes and Node labels (central mode, driver with topology).
+    Central,
+    /// One fixed segment (per-node mode, or a driver without topology).
+    Fixed(Segment),
+}
+
+/// Everything the controller needs to know up front.
+#[derive(Clone, Debug)]
+pub struct CapacityConfig {
+    /// The CSI driver name (StorageClass `provisioner`, PV `spec.csi.driver`).
+    pub driver: String,
+    /// Send the segment as `accessible_topology` (driver has VOLUME_ACCESSIBILITY_CONSTRAINTS).
+    pub send_topology: bool,
+    /// Where segments come from.
+    pub topology: Topology,
+    /// Namespace, labels and owner of the objects.
+    pub identity: ObjectIdentity,
+    /// How often each item is refreshed.
+    pub poll_interval: Duration,
+    /// Concurrent refreshes.
+    pub workers: usize,
+    /// Include Immediate-binding classes.
+    pub include_immediate: bool,
+    /// Retry delays after failures.
+    pub backoff: Backoff,
+    /// Where Warning events go (the owner), if anywhere.
+    pub event_target: Option<ObjectReference>,
+    /// `reportingInstance` of events.
+    pub instance: String,
+}
+
+/// The capacity controller.
+pub struct CapacityController {
+    client: kube::Client,
+    csi: CsiClient,
+    config: Arc<CapacityConfig>,
+    metrics: Arc<CapacityMetrics>,
+    ready: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for CapacityController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CapacityController")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+enum Signal {
+    /// A store behind segments or classes changed (`synced`: its initial list finished).
+    Inputs {
+        source: &'static str,
+        synced: bool,
+    },
+    Capacity(Box<Event<CSIStorageCapacity>>),
+    Volume(Box<Event<PersistentVolume>>),
+    WatchFailed {
+        source: &'static str,
+        error: String,
+    },
+}
+
+enum Outcome {
+    Written(Box<CSIStorageCapacity>),
+    Unchanged,
+}
+
+enum Done {
+    Refresh(WorkItem, Result<Outcome>),
+    Deleted(String, std::result::Result<(), kube::Error>),
+}
+
+fn input_signal<K>(source: &'static str, event: std::result::Result<Event<K>, watcher::Error>) -> Option<Signal> {
+    match event {
+        Ok(Event::InitDone) => Some(Signal::Inputs { source, synced: true }),
+        Ok(Event::Apply(_) | Event::Delete(_)) => Some(Signal::Inputs { source, synced: false }),
+        Ok(Event::Init | Event::InitApply(_)) => None,
+        Err(error) => Some(Signal::WatchFailed {
+            source,
+            error: error.to_string(),
+        }),
+    }
+}
+
+fn object_name(object: &CSIStorageCapacity) -> String {
+    object.metadata.name.clone().unwrap_or_default()
+}
+
+fn revision(object: &CSIStorageCapacity) -> Option<u64> {
+    object.metadata.resource_version.as_deref()?.parse().ok()
+}
+
+impl CapacityController {
+    /// A controller; nothing runs until [`CapacityController::run`].
+    pub fn new(client: kube::Client, csi: CsiClient, config: CapacityConfig, metrics: Arc<CapacityMetrics>) -> Self {
+        Self {
+            client,
+            csi,
+            config: Arc::new(config),
+            metrics,
+            ready: watch::channel(false).0,
+        }
+    }
+
+    /// Turns true once every watch listed and the first work was queued.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Runs until `shutdown` completes, then waits for work in flight.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let config = self.config.clone();
+        let mut streams: Vec<BoxStream<'static, Signal>> = Vec::new();
+        let mut required: BTreeSet<&'static str> = ["capacities", "classes", "volumes"].into();
+
+        let capacities: Api<CSIStorageCapacity> = Api::namespaced(self.client.clone(), &config.identity.namespace);
+        let (capacity_store, writer) = reflector::store();
+        let selector = config.identity.selector();
+        streams.push(
+            reflector::reflector(
+                writer,
+                watcher::watcher(capacities, watcher::Config::default().labels(&selector)),
+            )
+            .default_backoff()
+            .filter_map(|event| async move {
+                match event {
+                    Ok(event) => Some(Signal::Capacity(Box::new(event))),
+                    Err(error) => Some(Signal::WatchFailed {
+                        source: "capacities",
+                        error: error.to_string(),
+                    }),
+                }
+            })
+            .boxed(),
+        );
+
+        let (class_store, writer) = reflector::store::<StorageClass>();
+        streams.push(
+            reflector::reflector(
+                writer,
+                watcher::watcher(Api::all(self.client.clone()), watcher::Config::default()),
+            )
+            .default_backoff()
+            .filter_map(|event| async move { input_signal("classes", event) })
+            .boxed(),
+        );
+
+        streams.push(
+            watcher::watcher(
+                Api::<PersistentVolume>::all(self.client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .filter_map(|event| async move {
+                match event {
+                    Ok(event) => Some(Signal::Volume(Box::new(event))),
+                    Err(error) => Some(Signal::WatchFailed {
+                        source: "volumes",
+                        error: error.to_string(),
+                    }),
+                }
+            })
+            .boxed(),
+        );
+
+        let mut topology_stores = None;
+        if config.topology == Topology::Central {
+            required.extend(["nodes", "csinodes"]);
+            let (node_store, writer) = reflector::store();
+            streams.push(
+                reflector::reflector(
+                    writer,
+                    // Metadata only: node labels are all the segments need.
+                    watcher::watcher(
+                        Api::<PartialObjectMeta<Node>>::all(self.client.clone()),
+                        watcher::Config::default(),
+                    ),
+                )
+                .default_backoff()
+                .filter_map(|event| async move { input_signal("nodes", event) })
+                .boxed(),
+            );
+            let (csinode_store, writer) = reflector::store::<CSINode>();
+            streams.push(
+                reflector::reflector(
+                    writer,
+                    watcher::watcher(Api::all(self.client.clone()), watcher::Config::default()),
+                )
+                .default_backoff()
+                .filter_map(|event| async move { input_signal("csinodes", event) })
+                .boxed(),
+            );
+            topology_stores = Some((node_store, csinode_store));
+        }
+
+        let recorder = Recorder::new(
+            self.client.clone(),
+            Reporter {
+                controller: "volplane-capacity".into(),
+                instance: Some(config.instance.clone()),
+            },
+        );
+        let mut state = LoopState {
+            api: Api::namespaced(self.client.clone(), &config.identity.namespace),
+            csi: self.csi.clone(),
+            config: config.clone(),
+            metrics: self.metrics.clone(),
+            recorder,
+            capacity_store,
+            class_store,
+            topology_stores,
+            required,
+            synced_sources: BTreeSet::new(),
+            synced: false,
+            items: BTreeSet::new(),
+            parameters: BTreeMap::new(),
+            objects: BTreeMap::new(),
+            deleting: HashSet::new(),
+            volumes: HashSet::new(),
+            queue: WorkQueue::default(),
+            refreshing: 0,
+            tasks: FuturesUnordered::new(),
+            last_warning: HashMap::new(),
+            start: Instant::now(),
+            ready: self.ready,
+        };
+
+        let mut signals = futures::stream::select_all(streams);
+        let shutdown = shutdown.fuse();
+        tokio::pin!(shutdown);
+        info!(driver = %config.driver, namespace = %config.identity.namespace, managed_by = %config.identity.managed_by,
+              poll_interval = ?config.poll_interval, workers = config.workers, "capacity controller starting");
+        loop {
+            state.dispatch();
+            state.update_gauges();
+            let next_due = state.queue.next_due();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(done) = state.tasks.next(), if !state.tasks.is_empty() => state.finished(done),
+                signal = signals.next() => match signal {
+                    Some(signal) => state.signal(signal),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
+            }
+        }
+        info!(
+            in_flight = state.tasks.len(),
+            "capacity controller stopping; finishing work in flight"
+        );
+        while let Some(done) = state.tasks.next().await {
+            state.finished_on_shutdown(done);
+        }
+        Ok(())
+    }
+}
+
+struct LoopState {
+    api: Api<CSIStorageCapacity>,
+    csi: CsiClient,
+    config: Arc<CapacityConfig>,
+    metrics: Arc<CapacityMetrics>,
+    recorder: Recorder,
+    capacity_store: Store<CSIStorageCapacity>,
+    class_store: Store<StorageClass>,
+    topology_stores: Option<(Store<PartialObjectMeta<Node>>, Store<CSINode>)>,
+    required: BTreeSet<&'static str>,
+    synced_sources: BTreeSet<&'static str>,
+    synced: bool,
+    items: BTreeSet<WorkItem>,
+    parameters: BTreeMap<String, Labels>,
+    objects: BTreeMap<WorkItem, CSIStorageCapacity>,
+    deleting: HashSet<String>,
+    volumes: HashSet<String>,
+    queue: WorkQueue<WorkItem>,
+    refreshing: usize,
+    tasks: FuturesUnordered<BoxFuture<'static, Done>>,
+    last_warning: HashMap<WorkItem, Instant>,
+    start: Instant,
+    ready: watch::Sender<bool>,
+}
+
+impl LoopState {
+    fn signal(&mut self, signal: Signal) {
+        match signal {
+            Signal::Inputs { source, synced } => {
+                if synced {
+                    self.synced_sources.insert(source);
+                }
+                if self.synced {
+                    self.recompute_items();
+                } else {
+                    self.try_initial_sync();
+                }
+            }
+            Signal::Capacity(event) => match *event {
+                Event::InitDone => {
+                    self.synced_sources.insert("capacities");
+                    if self.synced {
+                        self.resync_objects();
+                    } else {
+                        self.try_initial_sync();
+                    }
+                }
+                Event::Apply(object) if self.synced => self.on_object(object),
+                Event::Delete(object) if self.synced => self.on_object_deleted(&object),
+                _ => {}
+            },
+            Signal::Volume(event) => self.on_volume(*event),
+            Signal::WatchFailed { source, error } => {
+                warn!(source, %error, "watch failed; retrying with backoff");
+            }
+        }
+    }
+
+    fn try_initial_sync(&mut self) {
+        if self.synced || !self.required.is_subset(&self.synced_sources) {
+            return;
+        }
+        self.synced = true;
+        self.recompute_items();
+        self.resync_objects();
+        info!(
+            items = self.items.len(),
+            objects = self.objects.len(),
+            "capacity controller synced"
+        );
+        let _ = self.ready.send(true);
+    }
+
+    fn segments(&self) -> BTreeSet<Segment> {
+        match (&self.config.topology, &self.topology_stores) {
+            (Topology::Fixed(segment), _) => [segment.clone()].into(),
+            (Topology::Central, Some((nodes, csinodes))) => {
+                let labels: HashMap<String, Labels> = nodes
+                    .state()
+                    .iter()
+                    .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
+                    .collect();
+                let csinodes = csinodes.state();
+                model::central_segments(&self.config.driver, csinodes.iter().map(|c| c.as_ref()), |name| {
+                    labels.get(name)
+                })
+            }
+            (Topology::Central, None) => BTreeSet::new(),
+        }
+    }
+
+    fn recompute_items(&mut self) {
+        let parameters: BTreeMap<String, Labels> = self
+            .class_store
+            .state()
+            .iter()
+            .filter_map(|class| {
+                let params = model::capacity_parameters(class, &self.config.driver, self.config.include_immediate)?;
+                Some((class.metadata.name.clone()?, params))
+            })
+            .collect();
+        let items = model::work_items(&self.segments(), parameters.keys());
+        let now = Instant::now();
+        for item in items.difference(&self.items) {
+            debug!(%item, "new work item");
+            self.queue.schedule(item.clone(), now);
+        }
+        let removed: Vec<WorkItem> = self.items.difference(&items).cloned().collect();
+        for item in removed {
+            debug!(%item, "work item gone");
+            self.queue.forget(&item);
+            self.last_warning.remove(&item);
+            if let Some(object) = self.objects.remove(&item) {
+                self.delete(&object);
+            }
+        }
+        self.items = items;
+        self.parameters = parameters;
+    }
+
+    /// After the capacity watch (re-)listed: what vanished meanwhile is
+    /// re-created, what appeared is adopted or deleted.
+    fn resync_objects(&mut self) {
+        let listed = self.capacity_store.state();
+        let names: HashSet<String> = listed.iter().map(|o| object_name(o)).collect();
+        let vanished: Vec<CSIStorageCapacity> = self
+            .objects
+            .values()
+            .filter(|o| !names.contains(&object_name(o)))
+            .cloned()
+            .collect();
+        for object in vanished {
+            self.on_object_deleted(&object);
+        }
+        let mut listed: Vec<CSIStorageCapacity> = listed.iter().map(|o| o.as_ref().clone()).collect();
+        listed.sort_by_key(|o| (o.metadata.creation_timestamp.as_ref().map(|t| t.0), object_name(o)));
+        for object in listed {
+            self.on_object(object);
+        }
+        let now = Instant::now();
+        for item in &self.items {
+            if !self.objects.contains_key(item) {
+                self.queue.schedule(item.clone(), now);
+            }
+        }
+    }
+
+    fn on_object(&mut self, object: CSIStorageCapacity) {
+        let name = object_name(&object);
+        if self.deleting.contains(&name) {
+            return;
+        }
+        let Some(item) = model::item_of(&object).filter(|item| self.items.contains(item)) else {
+            self.delete(&object);
+            return;
+        };
+        match self.objects.get(&item) {
+            Some(known) if object_name(known) == name => {
+                if let (Some(seen), Some(mine)) = (revision(&object), revision(known))
+                    && seen < mine
+                {
+                    return; // an older version than the one we wrote
+                }
+                let expected = model::published_capacity(known);
+                let tampered = expected.is_none_or(|value| {
+                    model::published_capacity(&object) != Some(value)
+                        || model::updated_object(&object, value, &self.config.identity).is_some()
+                });
+                self.objects.insert(item.clone(), object);
+                if tampered && !self.queue.is_pending(&item) {
+                    debug!(%item, %name, "object changed by someone else; refreshing");
+                    self.queue.schedule(item, Instant::now());
+                }
+            }
+            Some(_) => {
+                debug!(%item, %name, "duplicate object");
+                self.delete(&object);
+            }
+            None => {
+                debug!(%item, %name, "adopting object");
+                self.objects.insert(item.clone(), object);
+                self.queue.schedule(item, Instant::now());
+            }
+        }
+    }
+
+    fn on_object_deleted(&mut self, object: &CSIStorageCapacity) {
+        let name = object_name(object);
+        self.deleting.remove(&name);
+        let Some(item) = model::item_of(object) else {
+            return;
+        };
+        if self.objects.get(&item).is_some_and(|known| object_name(known) == name) {
+            self.objects.remove(&item);
+            if self.items.contains(&item) {
+                info!(%item, %name, "object deleted by someone else; re-creating");
+                self.queue.schedule(item, Instant::now());
+            }
+        }
+    }
+
+    fn on_volume(&mut self, event: Event<PersistentVolume>) {
+        let ours = |pv: &PersistentVolume| {
+            pv.spec.as_ref().and_then(|s| s.csi.as_ref()).map(|c| c.driver.as_str())
+                == Some(self.config.driver.as_str())
+        };
+        match event {
+            Event::InitApply(pv) if ours(&pv) => {
+                self.volumes.insert(pv.metadata.name.clone().unwrap_or_default());
+            }
+            Event::InitDone => {
+                self.synced_sources.insert("volumes");
+                self.try_initial_sync();
+            }
+            Event::Apply(pv) if ours(&pv) => {
+                let created = self.volumes.insert(pv.metadata.name.clone().unwrap_or_default());
+                if created && self.synced {
+                    self.refresh_for_volume(&pv, "created");
+                }
+            }
+            Event::Delete(pv) if ours(&pv) => {
+                self.volumes.remove(&pv.metadata.name.clone().unwrap_or_default());
+                if self.synced {
+                    self.refresh_for_volume(&pv, "deleted");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn refresh_for_volume(&mut self, pv: &PersistentVolume, what: &str) {
+        let now = Instant::now();
+        for item in model::items_for_volume(pv, &self.config.driver, &self.items) {
+            debug!(%item, pv = ?pv.metadata.name, what, "volume changed; refreshing");
+            self.queue.schedule(item, now);
+        }
+    }
+
+    fn delete(&mut self, object: &CSIStorageCapacity) {
+        let name = object_name(object);
+        if name.is_empty() || !self.deleting.insert(name.clone()) {
+            return;
+        }
+        let api = self.api.clone();
+        let metrics = self.metrics.clone();
+        let params = DeleteParams {
+            preconditions: object.metadata.uid.clone().map(|uid| Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        info!(%name, "deleting obsolete CSIStorageCapacity");
+        self.tasks.push(
+            async move {
+                let mut attempt = 0u32;
+                let result = loop {
+                    attempt += 1;
+                    match api.delete(&name, &params).await {
+                        Ok(_) => {
+                            metrics.wrote("delete");
+                            break Ok(());
+                        }
+                        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => break Ok(()),
+                        Err(error) if attempt >= 5 => break Err(error),
+                        Err(error) => {
+                            warn!(%name, %error, attempt, "delete failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
+                        }
+                    }
+                };
+                Done::Deleted(name, result)
+            }
+            .boxed(),
+        );
+    }
+
+    fn dispatch(&mut self) {
+        if !self.synced {
+            return;
+        }
+        let now = Instant::now();
+        while self.refreshing < self.config.workers.max(1) {
+            let Some(item) = self.queue.pop_due(now) else {
+                break;
+            };
+            let Some(parameters) = self
+                .parameters
+                .get(&item.class)
+                .cloned()
+                .filter(|_| self.items.contains(&item))
+            else {
+                self.queue.finish(&item);
+                continue;
+            };
+            self.refreshing += 1;
+            let current = self.objects.get(&item).cloned();
+            let work = Refresh {
+                api: self.api.clone(),
+                csi: self.csi.clone(),
+                config: self.config.clone(),
+                metrics: self.metrics.clone(),
+            };
+            self.tasks.push(
+                async move {
+                    let result = work.run(&item, parameters, current).await;
+                    Done::Refresh(item, result)
+                }
+                .boxed(),
+            );
+        }
+    }
+
+    fn finished(&mut self, done: Done) {
+        match done {
+            Done::Refresh(item, result) => {
+                self.refreshing -= 1;
+                self.queue.finish(&item);
+                let desired = self.items.contains(&item);
+                match result {
+                    Ok(outcome) => {
+                        self.queue.succeeded(&item);
+                        self.last_warning.remove(&item);
+                        if let Outcome::Written(object) = outcome {
+                            let name = object_name(&object);
+                            match self.objects.get(&item) {
+                                _ if !desired => self.delete(&object),
+                                Some(known) if object_name(known) != name => self.delete(&object),
+                                _ => {
+                                    self.objects.insert(item.clone(), *object);
+                                }
+                            }
+                        }
+                        if desired {
+                            let phase = queue::phase(&item, self.config.poll_interval);
+                            let next = queue::next_poll(Instant::now(), self.start, self.config.poll_interval, phase);
+                            self.queue.schedule(item, next);
+                        }
+                    }
+                    Err(error) if error.is_not_found() => {
+                        // Deleted behind our back between the watch event and the write.
+                        self.objects.remove(&item);
+                        if desired {
+                            self.queue.schedule(item, Instant::now());
+                        }
+                    }
+                    Err(error) => {
+                        let failures = self.queue.failed(&item);
+                        let delay = self.config.backoff.delay(failures);
+                        warn!(%item, error = %error, failures, retry_in = ?delay, "capacity refresh failed; the published value stays");
+                        if matches!(error, Error::Csi(_)) {
+                            self.warn_event(&item, &error);
+                        }
+                        if desired {
+                            self.queue.schedule(item, Instant::now() + delay);
+                        }
+                    }
+                }
+            }
+            Done::Deleted(name, result) => {
+                if let Err(error) = result {
+                    warn!(%name, %error, "cannot delete obsolete CSIStorageCapacity; will retry after the next re-list");
+                    self.deleting.remove(&name);
+                }
+            }
+        }
+    }
+
+    fn finished_on_shutdown(&mut self, done: Done) {
+        if let Done::Refresh(item, Err(error)) = &done {
+            warn!(%item, %error, "refresh failed during shutdown");
+        }
+    }
+
+    /// A Warning event on the owner, at most once per item per poll interval.
+    fn warn_event(&mut self, item: &WorkItem, error: &Error) {
+        let Some(target) = self.config.event_target.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        if self
+            .last_warning
+            .get(item)
+            .is_some_and(|last| now.duration_since(*last) < self.config.poll_interval)
+        {
+            return;
+        }
+        self.last_warning.insert(item.clone(), now);
+        let recorder = self.recorder.clone();
+        let mut note = format!(
+            "GetCapacity for storage class {} in {} failed: {error}",
+            item.class, item.segment
+        );
+        note.truncate(1000);
+        tokio::spawn(async move {
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: "GetCapacityFailed".into(),
+                note: Some(note),
+                action: "GetCapacity".into(),
+                secondary: None,
+            };
+            if let Err(error) = recorder.publish(&event, &target).await {
+                warn!(%error, "cannot publish event");
+            }
+        });
+    }
+
+    fn update_gauges(&self) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.desired.set(gauge(self.items.len()));
+        self.metrics.current.set(gauge(self.objects.len()));
+        self.metrics.obsolete.set(gauge(self.deleting.len()));
+        self.metrics
+            .queue_depth
+            .set(gauge(self.queue.pending() + self.queue.in_flight()));
+    }
+}
+
+/// One refresh: GetCapacity, then create or update the object if needed.
+struct Refresh {
+    api: Api<CSIStorageCapacity>,
+    csi: CsiClient,
+    config: Arc<CapacityConfig>,
+    metrics: Arc<CapacityMetrics>,
+}
+
+impl Refresh {
+    async fn run(&self, item: &WorkItem, parameters: Labels, current: Option<CSIStorageCapacity>) -> Result<Outcome> {
+        let query = CapacityQuery {
+            parameters,
+            topology: self.config.send_topology.then(|| item.segment.0.clone()),
+        };
+        let started = Instant::now();
+        let report = self.csi.get_capacity(&query).await;
+        let code = match &report {
+            Ok(_) => "OK",
+            Err(error) => error.label(),
+        };
+        self.metrics
+            .get_capacity_seconds
+            .get_or_create(&vec![("grpc_code", code.to_string())])
+            .observe(started.elapsed().as_secs_f64());
+        let report = report.map_err(Error::Csi)?;
+        let value = PublishedCapacity {
+            capacity: report.available_capacity,
+            maximum_volume_size: report.maximum_volume_size,
+        };
+        match current {
+            None => {
+                let object = model::new_object(item, value, &self.config.identity);
+                let created = self
+                    .api
+                    .create(&PostParams::default(), &object)
+                    .await
+                    .map_err(|source| Error::Write { verb: "create", source })?;
+                self.metrics.wrote("create");
+                debug!(%item, name = ?created.metadata.name, capacity = value.capacity, "created CSIStorageCapacity");
+                Ok(Outcome::Written(Box::new(created)))
+            }
+            Some(existing) => match model::updated_object(&existing, value, &self.config.identity) {
+                None => Ok(Outcome::Unchanged),
+                Some(updated) => {
+                    let name = object_name(&existing);
+                    let replaced = self
+                        .api
+                        .replace(&name, &PostParams::default(), &updated)
+                        .await
+                        .map_err(|source| Error::Write { verb: "update", source })?;
+                    self.metrics.wrote("update");
+                    debug!(%item, %name, capacity = value.capacity, "updated CSIStorageCapacity");
+                    Ok(Outcome::Written(Box::new(replaced)))
+                }
+            },
+        }
+    }
+}

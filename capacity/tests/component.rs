@@ -1,0 +1,705 @@
+//! The capacity controller with a real kube::Client against the API-server
+//! double and the test CSI driver over a unix socket.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume};
+use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use volplane_capacity::model::{DRIVER_LABEL, MANAGED_BY_LABEL, ObjectIdentity, Segment};
+use volplane_capacity::queue::Backoff;
+use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
+use volplane_csi::CsiMethod;
+use volplane_tests::apiserver::{ApiServerDouble, Verb};
+use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, labels};
+
+const DRIVER: &str = "test.csi.volplane.dev";
+const NS: &str = "storage";
+const GI: i64 = 1 << 30;
+
+struct Harness {
+    double: ApiServerDouble,
+    driver: TestDriver,
+    client: kube::Client,
+    metrics: Arc<CapacityMetrics>,
+    registry: Registry,
+    running: Option<(oneshot::Sender<()>, JoinHandle<volplane_capacity::Result<()>>)>,
+}
+
+fn config(poll: Duration, topology: Topology, send_topology: bool) -> CapacityConfig {
+    CapacityConfig {
+        driver: DRIVER.into(),
+        send_topology,
+        topology,
+        identity: ObjectIdentity {
+            namespace: NS.into(),
+            driver: DRIVER.into(),
+            managed_by: "volplane".into(),
+            owner: None,
+        },
+        poll_interval: poll,
+        workers: 4,
+        include_immediate: false,
+        backoff: Backoff {
+            base: Duration::from_millis(50),
+            max: Duration::from_millis(400),
+        },
+        event_target: None,
+        instance: "test".into(),
+    }
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let double = ApiServerDouble::start().await.expect("double");
+        let driver = TestDriver::start(DriverConfig {
+            name: DRIVER.into(),
+            ..DriverConfig::default()
+        })
+        .await
+        .expect("driver");
+        let client = double.client();
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("namespace");
+        let mut registry = Registry::with_prefix("volplane");
+        let metrics = Arc::new(CapacityMetrics::register(&mut registry));
+        Self {
+            double,
+            driver,
+            client,
+            metrics,
+            registry,
+            running: None,
+        }
+    }
+
+    async fn start(&mut self, config: CapacityConfig) {
+        let controller = CapacityController::new(
+            self.client.clone(),
+            self.driver.client(Duration::from_secs(5)),
+            config,
+            self.metrics.clone(),
+        );
+        let mut ready = controller.readiness();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(controller.run(async {
+            let _ = stopped.await;
+        }));
+        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+            .await
+            .expect("controller syncs within 20s")
+            .expect("readiness channel");
+        self.running = Some((stop, task));
+    }
+
+    async fn stop(&mut self) {
+        if let Some((stop, task)) = self.running.take() {
+            let _ = stop.send(());
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("controller stops")
+                .expect("join")
+                .expect("controller result");
+        }
+    }
+
+    async fn add_node(&self, name: &str, zone: Option<&str>, keys: &[&str]) {
+        let mut node_labels = BTreeMap::from([("kubernetes.io/hostname".to_string(), name.to_string())]);
+        if let Some(zone) = zone {
+            node_labels.insert("zone".into(), zone.into());
+        }
+        let node: Node =
+            serde_json::from_value(json!({"metadata": {"name": name, "labels": node_labels}})).expect("node");
+        Api::<Node>::all(self.client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("create node");
+        let csinode: CSINode = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"drivers": [{"name": DRIVER, "nodeID": name, "topologyKeys": keys}]}
+        }))
+        .expect("csinode");
+        Api::<CSINode>::all(self.client.clone())
+            .create(&PostParams::default(), &csinode)
+            .await
+            .expect("create csinode");
+    }
+
+    async fn remove_node(&self, name: &str) {
+        Api::<CSINode>::all(self.client.clone())
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete csinode");
+        Api::<Node>::all(self.client.clone())
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete node");
+    }
+
+    async fn add_class(&self, name: &str, mode: &str, params: &[(&str, &str)]) {
+        let params: BTreeMap<String, String> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let class: StorageClass = serde_json::from_value(json!({
+            "metadata": {"name": name}, "provisioner": DRIVER, "volumeBindingMode": mode, "parameters": params
+        }))
+        .expect("class");
+        Api::<StorageClass>::all(self.client.clone())
+            .create(&PostParams::default(), &class)
+            .await
+            .expect("create class");
+    }
+
+    fn capacities(&self) -> Api<CSIStorageCapacity> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    /// (class, zone label, capacity, max) per object, sorted.
+    async fn published(&self) -> Vec<(String, Option<String>, String, Option<String>)> {
+        let mut rows: Vec<_> = self
+            .capacities()
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .into_iter()
+            .filter(|o| {
+                let l = o.metadata.labels.clone().unwrap_or_default();
+                l.get(MANAGED_BY_LABEL).map(String::as_str) == Some("volplane")
+                    && l.get(DRIVER_LABEL).map(String::as_str) == Some(DRIVER)
+            })
+            .map(|o| {
+                let zone = o
+                    .node_topology
+                    .as_ref()
+                    .and_then(|t| t.match_labels.as_ref())
+                    .and_then(|l| l.get("zone").cloned());
+                (
+                    o.storage_class_name,
+                    zone,
+                    o.capacity.map(|q| q.0).unwrap_or_default(),
+                    o.maximum_volume_size.map(|q| q.0),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    async fn wait_for_published(&self, what: &str, want: &[(&str, Option<&str>, i64, Option<i64>)]) {
+        let mut want: Vec<(String, Option<String>, String, Option<String>)> = want
+            .iter()
+            .map(|(c, z, cap, max)| {
+                (
+                    c.to_string(),
+                    z.map(str::to_string),
+                    cap.to_string(),
+                    max.map(|m| m.to_string()),
+                )
+            })
+            .collect();
+        want.sort();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.published().await;
+            if got == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: still {got:?}, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode");
+        text
+    }
+}
+
+async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn zone(z: &str) -> BTreeMap<String, String> {
+    labels([("zone", z)])
+}
+
+#[tokio::test]
+async fn converges_from_empty_with_one_object_per_segment_and_class() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_node("n2", Some("a"), &["zone"]).await;
+    h.add_node("n3", Some("b"), &["zone"]).await;
+    h.add_node("no-zone", None, &["zone"]).await;
+    h.add_class(
+        "fast",
+        "WaitForFirstConsumer",
+        &[("type", "ssd"), ("csi.storage.k8s.io/fstype", "xfs")],
+    )
+    .await;
+    h.add_class("slow", "WaitForFirstConsumer", &[("type", "hdd")]).await;
+    h.add_class("early", "Immediate", &[]).await;
+    h.driver.set_capacity(
+        Some(zone("a")),
+        Some(labels([("type", "ssd")])),
+        CapacityAnswer {
+            available: 10 * GI,
+            maximum: Some(2 * GI),
+            minimum: None,
+        },
+    );
+    h.driver
+        .set_capacity(Some(zone("b")), None, CapacityAnswer::available(5 * GI));
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+
+    h.start(config(Duration::from_secs(60), Topology::Central, true)).await;
+    h.wait_for_published(
+        "converged",
+        &[
+            ("fast", Some("a"), 10 * GI, Some(2 * GI)),
+            ("fast", Some("b"), 5 * GI, None),
+            ("slow", Some("a"), GI, None),
+            ("slow", Some("b"), 5 * GI, None),
+        ],
+    )
+    .await;
+
+    let objects = h.capacities().list(&ListParams::default()).await.expect("list").items;
+    for o in &objects {
+        let name = o.metadata.name.clone().unwrap_or_default();
+        assert!(name.starts_with("csisc-"), "{name}");
+        let l = o.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(l.get(DRIVER_LABEL).map(String::as_str), Some(DRIVER));
+        assert_eq!(l.get(MANAGED_BY_LABEL).map(String::as_str), Some("volplane"));
+    }
+    // Reserved parameters never reach the driver; topology always does.
+    let requests = h.driver.capacity_requests();
+    assert_eq!(requests.len(), 4, "one GetCapacity per item");
+    assert!(
+        requests
+            .iter()
+            .all(|r| !r.parameters.contains_key("csi.storage.k8s.io/fstype"))
+    );
+    assert!(requests.iter().all(|r| r.accessible_topology.is_some()));
+    let text = h.metrics_text();
+    assert!(text.contains("volplane_capacity_objects_desired 4"), "{text}");
+    assert!(
+        text.contains("volplane_capacity_api_writes_total{verb=\"create\"} 4"),
+        "{text}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn nodes_and_classes_coming_and_going_add_and_remove_objects() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    h.start(config(Duration::from_secs(60), Topology::Central, true)).await;
+    h.wait_for_published("initial", &[("fast", Some("a"), GI, None)]).await;
+
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.wait_for_published(
+        "node added",
+        &[("fast", Some("a"), GI, None), ("fast", Some("b"), GI, None)],
+    )
+    .await;
+
+    h.add_class("slow", "WaitForFirstConsumer", &[]).await;
+    h.wait_for_published(
+        "class added",
+        &[
+            ("fast", Some("a"), GI, None),
+            ("fast", Some("b"), GI, None),
+            ("slow", Some("a"), GI, None),
+            ("slow", Some("b"), GI, None),
+        ],
+    )
+    .await;
+
+    h.remove_node("n1").await;
+    h.wait_for_published(
+        "node removed",
+        &[("fast", Some("b"), GI, None), ("slow", Some("b"), GI, None)],
+    )
+    .await;
+
+    Api::<StorageClass>::all(h.client.clone())
+        .delete("fast", &DeleteParams::default())
+        .await
+        .expect("delete class");
+    h.wait_for_published("class deleted", &[("slow", Some("b"), GI, None)])
+        .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn capacity_changes_propagate_and_unchanged_polls_write_nothing() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    h.start(config(Duration::from_millis(300), Topology::Central, true))
+        .await;
+    h.wait_for_published(
+        "initial",
+        &[("fast", Some("a"), GI, None), ("fast", Some("b"), GI, None)],
+    )
+    .await;
+
+    // Several polls of each item with nothing changed: no writes at all.
+    let writes = h.double.writes("csistoragecapacities");
+    let calls = h.driver.count(CsiMethod::GetCapacity);
+    eventually(Duration::from_secs(20), "three more polls per item", || {
+        h.driver.count(CsiMethod::GetCapacity) >= calls + 6
+    })
+    .await;
+    assert_eq!(
+        h.double.writes("csistoragecapacities"),
+        writes,
+        "unchanged capacity must not be written"
+    );
+
+    h.driver.set_capacity(
+        Some(zone("b")),
+        None,
+        CapacityAnswer {
+            available: 3 * GI,
+            maximum: Some(GI),
+            minimum: None,
+        },
+    );
+    h.wait_for_published(
+        "changed",
+        &[("fast", Some("a"), GI, None), ("fast", Some("b"), 3 * GI, Some(GI))],
+    )
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn polls_call_get_capacity_once_per_item_per_interval() {
+    let mut h = Harness::new().await;
+    for i in 0..6 {
+        h.add_node(&format!("n{i}"), Some(&format!("z{i}")), &["zone"]).await;
+    }
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.add_class("slow", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    let interval = Duration::from_millis(500);
+    h.start(config(interval, Topology::Central, true)).await;
+    eventually(Duration::from_secs(20), "12 objects", || {
+        h.metrics_text().contains("objects_current 12")
+    })
+    .await;
+
+    // Over four intervals each of the 12 items is polled about four times:
+    // never twice in half an interval, so at most 4 + 1 per item.
+    let before = h.driver.count(CsiMethod::GetCapacity);
+    let started = tokio::time::Instant::now();
+    eventually(Duration::from_secs(20), "four intervals elapsed", || {
+        started.elapsed() >= interval * 4
+    })
+    .await;
+    let calls = h.driver.count(CsiMethod::GetCapacity) - before;
+    assert!(
+        (12 * 3..=12 * 5).contains(&calls),
+        "{calls} GetCapacity calls for 12 items in 4 intervals"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn objects_deleted_by_someone_else_are_recreated_and_foreign_objects_untouched() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    // Objects of another manager and another driver, in the same namespace.
+    for (name, driver, manager) in [
+        ("foreign-1", DRIVER, "someone-else"),
+        ("foreign-2", "other.csi", "volplane"),
+    ] {
+        let object: CSIStorageCapacity = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {DRIVER_LABEL: driver, MANAGED_BY_LABEL: manager}},
+            "storageClassName": "fast", "nodeTopology": {"matchLabels": {"zone": "a"}}, "capacity": "1"
+        }))
+        .expect("object");
+        h.capacities()
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("create foreign");
+    }
+    h.start(config(Duration::from_secs(60), Topology::Central, true)).await;
+    h.wait_for_published("initial", &[("fast", Some("a"), GI, None)]).await;
+
+    let ours = h
+        .capacities()
+        .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}=volplane,{DRIVER_LABEL}={DRIVER}")))
+        .await
+        .expect("list")
+        .items;
+    assert_eq!(ours.len(), 1);
+    let name = ours[0].metadata.name.clone().expect("name");
+    h.capacities()
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    let api = h.capacities();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let items = api
+            .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}=volplane,{DRIVER_LABEL}={DRIVER}")))
+            .await
+            .expect("list")
+            .items;
+        if items.len() == 1 && items[0].metadata.name.as_deref() != Some(name.as_str()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not re-created: {items:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for foreign in ["foreign-1", "foreign-2"] {
+        let o = h.capacities().get(foreign).await.expect("foreign object untouched");
+        assert_eq!(o.capacity.map(|q| q.0).as_deref(), Some("1"));
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn driver_errors_keep_the_last_value_and_are_counted() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    h.start(config(Duration::from_millis(200), Topology::Central, true))
+        .await;
+    h.wait_for_published("initial", &[("fast", Some("a"), GI, None)]).await;
+
+    h.driver
+        .fail_next(CsiMethod::GetCapacity, 3, tonic::Code::Unavailable, "backend down");
+    h.driver.set_default_capacity(CapacityAnswer::available(-5));
+    eventually(Duration::from_secs(20), "failures observed", || {
+        let text = h.metrics_text();
+        text.contains("grpc_code=\"Unavailable\"") && text.contains("grpc_code=\"invalid_response\"")
+    })
+    .await;
+    // Neither an error nor a negative answer replaced the published value.
+    assert_eq!(
+        h.published().await,
+        [("fast".to_string(), Some("a".to_string()), GI.to_string(), None)]
+    );
+
+    h.driver.set_default_capacity(CapacityAnswer::available(2 * GI));
+    h.wait_for_published("recovered", &[("fast", Some("a"), 2 * GI, None)])
+        .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn api_conflicts_and_dropped_watches_heal() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    h.start(config(Duration::from_millis(300), Topology::Central, true))
+        .await;
+    h.wait_for_published("initial", &[("fast", Some("a"), GI, None)]).await;
+
+    h.double
+        .fail_next(Some(Verb::Update), Some("csistoragecapacities"), 2, 409);
+    h.driver.set_default_capacity(CapacityAnswer::available(2 * GI));
+    h.wait_for_published("after conflicts", &[("fast", Some("a"), 2 * GI, None)])
+        .await;
+
+    // While every watch is gone and history expired, a node arrives.
+    h.double.force_relist();
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.wait_for_published(
+        "after re-list",
+        &[("fast", Some("a"), 2 * GI, None), ("fast", Some("b"), 2 * GI, None)],
+    )
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_adopts_existing_objects_instead_of_duplicating() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    h.start(config(Duration::from_secs(60), Topology::Central, true)).await;
+    h.wait_for_published(
+        "first run",
+        &[("fast", Some("a"), GI, None), ("fast", Some("b"), GI, None)],
+    )
+    .await;
+    let names = |items: Vec<CSIStorageCapacity>| {
+        let mut names: Vec<String> = items.into_iter().filter_map(|o| o.metadata.name).collect();
+        names.sort();
+        names
+    };
+    let before = names(h.capacities().list(&ListParams::default()).await.expect("list").items);
+    h.stop().await;
+
+    // A duplicate appears while volplane is down (e.g. an old replica).
+    let duplicate: CSIStorageCapacity = serde_json::from_value(json!({
+        "metadata": {"name": "csisc-duplicate", "labels": {DRIVER_LABEL: DRIVER, MANAGED_BY_LABEL: "volplane"}},
+        "storageClassName": "fast", "nodeTopology": {"matchLabels": {"zone": "a"}}, "capacity": "1"
+    }))
+    .expect("object");
+    h.capacities()
+        .create(&PostParams::default(), &duplicate)
+        .await
+        .expect("duplicate");
+
+    h.double.clear_requests();
+    h.start(config(Duration::from_secs(60), Topology::Central, true)).await;
+    // One object per item again: the duplicate or its twin was deleted, the
+    // rest adopted. (Which twin stays is decided by age, then name.)
+    h.wait_for_published(
+        "restarted",
+        &[("fast", Some("a"), GI, None), ("fast", Some("b"), GI, None)],
+    )
+    .await;
+    let after = names(h.capacities().list(&ListParams::default()).await.expect("list").items);
+    assert!(
+        after.iter().all(|n| before.contains(n) || n == "csisc-duplicate"),
+        "{after:?} vs {before:?}"
+    );
+    assert_eq!(
+        h.double.count(Verb::Create, "csistoragecapacities"),
+        0,
+        "adopted, not re-created"
+    );
+    assert_eq!(
+        h.double.count(Verb::Delete, "csistoragecapacities"),
+        1,
+        "exactly the duplicate pair shrank"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_volume_refreshes_its_segment_and_class_at_once() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(4 * GI));
+    h.start(config(Duration::from_secs(3600), Topology::Central, true))
+        .await;
+    h.wait_for_published(
+        "initial",
+        &[("fast", Some("a"), 4 * GI, None), ("fast", Some("b"), 4 * GI, None)],
+    )
+    .await;
+
+    // A volume was provisioned in zone a: the driver reports less there.
+    h.driver
+        .set_capacity(Some(zone("a")), None, CapacityAnswer::available(3 * GI));
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": "pv-1"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                 "csi": {"driver": DRIVER, "volumeHandle": "vol-1"},
+                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                     {"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
+    }))
+    .expect("pv");
+    let calls = h.driver.count(CsiMethod::GetCapacity);
+    Api::<PersistentVolume>::all(h.client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("pv");
+    // With an hour-long poll interval only the PV event can explain this.
+    h.wait_for_published(
+        "refreshed",
+        &[("fast", Some("a"), 3 * GI, None), ("fast", Some("b"), 4 * GI, None)],
+    )
+    .await;
+    assert_eq!(
+        h.driver.count(CsiMethod::GetCapacity),
+        calls + 1,
+        "only the matching item was refreshed"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_driver_without_topology_gets_one_segment_for_all_nodes() {
+    let mut h = Harness::new().await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    h.start(config(
+        Duration::from_secs(60),
+        Topology::Fixed(Segment::default()),
+        false,
+    ))
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let object = loop {
+        let items = h.capacities().list(&ListParams::default()).await.expect("list").items;
+        if let Some(o) = items.into_iter().next() {
+            break o;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no object");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let selector = object.node_topology.expect("nodeTopology");
+    assert!(
+        selector.match_labels.unwrap_or_default().is_empty(),
+        "selects every node"
+    );
+    let requests = h.driver.capacity_requests();
+    assert!(!requests.is_empty());
+    assert!(
+        requests.iter().all(|r| r.accessible_topology.is_none()),
+        "no topology sent"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn per_node_mode_publishes_the_fixed_segment_of_this_node() {
+    let mut h = Harness::new().await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver
+        .set_capacity(Some(zone("a")), None, CapacityAnswer::available(7 * GI));
+    let mut cfg = config(Duration::from_secs(60), Topology::Fixed(Segment(zone("a"))), true);
+    cfg.identity.managed_by = "volplane-n1".into();
+    h.start(cfg).await;
+    let api = h.capacities();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let items = api
+            .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}=volplane-n1")))
+            .await
+            .expect("list")
+            .items;
+        if items.len() == 1 && items[0].capacity.as_ref().map(|q| q.0.as_str()) == Some(&(7 * GI).to_string()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not published: {items:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    h.stop().await;
+}
