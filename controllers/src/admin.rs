@@ -24,15 +24,20 @@ pub struct Health {
     registry: Registry,
 }
 
+/// A registry with the `volplane_` prefix and `volplane_build_info` in it.
+pub fn registry() -> Registry {
+    let mut registry = Registry::with_prefix("volplane");
+    let build_info = Family::<Vec<(String, String)>, Gauge>::default();
+    build_info
+        .get_or_create(&vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())])
+        .set(1);
+    registry.register("build_info", "volplane build information", build_info);
+    registry
+}
+
 impl Health {
-    /// A registry with volplane's build info; not ready yet.
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("volplane");
-        let build_info = Family::<Vec<(String, String)>, Gauge>::default();
-        build_info
-            .get_or_create(&vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())])
-            .set(1);
-        registry.register("build_info", "volplane build information", build_info);
+    /// Serves `registry`; not ready yet.
+    pub fn new(registry: Registry) -> Self {
         Self {
             ready: AtomicBool::new(false),
             registry,
@@ -54,12 +59,6 @@ impl Health {
         let mut text = String::new();
         encode(&mut text, &self.registry)?;
         Ok(text)
-    }
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

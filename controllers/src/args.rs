@@ -29,6 +29,21 @@ impl Controller {
     }
 }
 
+/// Who owns the CSIStorageCapacity objects (`--capacity-owner`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum CapacityOwner {
+    /// Central mode: the top-most controller of POD_NAME (Deployment,
+    /// StatefulSet, DaemonSet); per-node mode: the Node.
+    #[default]
+    Auto,
+    /// The pod named by POD_NAME.
+    Pod,
+    /// The node named by NODE_NAME (per-node mode).
+    Node,
+    /// No owner reference.
+    None,
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -76,6 +91,36 @@ pub struct Args {
     /// ":8080" or "127.0.0.1:8080". Empty disables it.
     #[arg(long, env = "HTTP_ENDPOINT", value_name = "ADDRESS", default_value = "", value_parser = parse_http_endpoint)]
     pub http_endpoint: HttpEndpoint,
+
+    /// Run per node (DaemonSet): publish capacity for this node's topology
+    /// segment only, from NodeGetInfo. Needs --node-name.
+    #[arg(long, env = "NODE_DEPLOYMENT")]
+    pub node_deployment: bool,
+
+    /// This node's name (downward API `spec.nodeName`), for --node-deployment.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME", value_parser = parse_optional_name)]
+    pub node_name: Option<OptionalName>,
+
+    /// This pod's name (downward API `metadata.name`), for owner references and events.
+    #[arg(long, env = "POD_NAME", value_name = "NAME", value_parser = parse_optional_name)]
+    pub pod_name: Option<OptionalName>,
+
+    /// Owner of the CSIStorageCapacity objects.
+    #[arg(long, env = "CAPACITY_OWNER", value_enum, default_value_t = CapacityOwner::Auto)]
+    pub capacity_owner: CapacityOwner,
+
+    /// How often each (segment, storage class) is refreshed; polls are spread over the interval.
+    #[arg(long, env = "CAPACITY_POLL_INTERVAL", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+    pub capacity_poll_interval: Duration,
+
+    /// Concurrent GetCapacity refreshes.
+    #[arg(long, env = "CAPACITY_WORKERS", value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub capacity_workers: u16,
+
+    /// Also publish capacity for StorageClasses with Immediate binding.
+    #[arg(long, env = "CAPACITY_FOR_IMMEDIATE_BINDING")]
+    pub capacity_for_immediate_binding: bool,
 
     /// Log format; the level comes from RUST_LOG (default: info for volplane,
     /// warn for libraries).
@@ -155,6 +200,15 @@ impl Args {
                 .unwrap_or_default();
             anyhow::bail!("the {name} controller needs --csi-address (or CSI_ADDRESS)");
         }
+        if self.node_deployment && self.node_name_value().is_none() {
+            anyhow::bail!("--node-deployment needs --node-name (or NODE_NAME from the downward API)");
+        }
+        if self.capacity_owner == CapacityOwner::Node && !self.node_deployment {
+            anyhow::bail!("--capacity-owner node needs --node-deployment");
+        }
+        if self.capacity_poll_interval.is_zero() {
+            anyhow::bail!("--capacity-poll-interval must be greater than zero");
+        }
         if self.csi_timeout.is_zero() {
             anyhow::bail!("--csi-timeout must be greater than zero");
         }
@@ -169,6 +223,16 @@ impl Args {
     /// The namespace, if one was given and is not empty.
     pub fn namespace_name(&self) -> Option<&str> {
         self.namespace.as_ref().and_then(|n| n.0.as_deref())
+    }
+
+    /// The node name, if one was given and is not empty.
+    pub fn node_name_value(&self) -> Option<&str> {
+        self.node_name.as_ref().and_then(|n| n.0.as_deref())
+    }
+
+    /// The pod name, if one was given and is not empty.
+    pub fn pod_name_value(&self) -> Option<&str> {
+        self.pod_name.as_ref().and_then(|n| n.0.as_deref())
     }
 
     /// The startup wait for the CSI driver; `None` means forever.
@@ -312,6 +376,26 @@ mod tests {
         let args = parse(&["--kubeconfig", "/k", "--namespace", "kube-system"]).expect("valid");
         assert_eq!(args.kubeconfig_path(), Some(&PathBuf::from("/k")));
         assert_eq!(args.namespace_name(), Some("kube-system"));
+    }
+
+    #[test]
+    fn capacity_flags_have_documented_defaults_and_checks() {
+        let args = parse(&["--csi-address", "/x.sock"]).expect("valid");
+        assert_eq!(args.capacity_poll_interval, Duration::from_secs(60));
+        assert_eq!(args.capacity_workers, 16);
+        assert_eq!(args.capacity_owner, CapacityOwner::Auto);
+        assert!(!args.node_deployment && !args.capacity_for_immediate_binding);
+        let no_node = parse(&["--csi-address", "/x.sock", "--node-deployment"]).expect("parses");
+        assert!(
+            no_node
+                .validate()
+                .expect_err("needs node")
+                .to_string()
+                .contains("--node-name")
+        );
+        let node_owner = parse(&["--csi-address", "/x.sock", "--capacity-owner", "node"]).expect("parses");
+        assert!(node_owner.validate().is_err());
+        assert!(parse(&["--capacity-workers", "0"]).is_err());
     }
 
     #[test]

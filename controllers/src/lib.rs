@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod args;
+pub mod capacity;
 pub mod logging;
 pub mod startup;
 

@@ -1,16 +1,24 @@
-//! The startup sequence: admin server, API server, CSI driver; then wait for
-//! a termination signal.
+//! The startup sequence: admin server, API server, CSI driver, controllers;
+//! then run until SIGTERM or SIGINT.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
-use tracing::info;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+use volplane_capacity::CapacityMetrics;
 use volplane_csi::{CsiClient, DriverInfo};
 
 use crate::admin::{self, Health};
-use crate::args::Args;
+use crate::args::{Args, Controller};
+
+/// How long running controllers get to finish in-flight work after a signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
 /// Runs volplane until SIGTERM or SIGINT.
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -18,10 +26,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let controllers = args.selected_controllers();
     info!(version = env!("CARGO_PKG_VERSION"), ?controllers, "volplane starting");
 
-    let health = Arc::new(Health::new());
+    let mut registry = admin::registry();
+    let capacity_metrics = controllers
+        .contains(&Controller::Capacity)
+        .then(|| Arc::new(CapacityMetrics::register(&mut registry)));
+    let health = Arc::new(Health::new(registry));
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = match args.http_endpoint.0 {
-        Some(address) => Some(admin::serve(address, health.clone(), stop_rx).await?),
+        Some(address) => Some(admin::serve(address, health.clone(), stop_rx.clone()).await?),
         None => None,
     };
 
@@ -31,34 +43,92 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map_or_else(|| client.default_namespace().to_string(), str::to_string);
     info!(%namespace, "namespace for volplane's own objects");
 
-    if controllers.iter().any(|c| c.needs_csi())
-        && let Some(address) = &args.csi_address
-    {
-        let csi = CsiClient::new(address.clone(), args.csi_timeout)?;
-        csi.probe_until_ready(args.csi_startup_limit()).await?;
-        let driver = csi
-            .driver_info()
-            .await
-            .with_context(|| format!("cannot read the identity and capabilities of the CSI driver at {address}"))?;
-        log_driver(&driver);
+    let csi = match (&args.csi_address, controllers.iter().any(|c| c.needs_csi())) {
+        (Some(address), true) => {
+            let csi = CsiClient::new(address.clone(), args.csi_timeout)?;
+            csi.probe_until_ready(args.csi_startup_limit()).await?;
+            let driver = csi
+                .driver_info()
+                .await
+                .with_context(|| format!("cannot read the identity and capabilities of the CSI driver at {address}"))?;
+            log_driver(&driver);
+            Some((csi, driver))
+        }
+        _ => None,
+    };
+
+    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    let mut readiness: Vec<watch::Receiver<bool>> = Vec::new();
+    let stopped = |mut rx: watch::Receiver<bool>| -> BoxFuture<'static, ()> {
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+        .boxed()
+    };
+    for controller in &controllers {
+        match controller {
+            Controller::Capacity => {
+                let (Some((csi, driver)), Some(metrics)) = (&csi, &capacity_metrics) else {
+                    anyhow::bail!("the capacity controller needs --csi-address");
+                };
+                match crate::capacity::build(&client, csi, driver, &args, &namespace, metrics.clone()).await? {
+                    Some(capacity) => {
+                        readiness.push(capacity.readiness());
+                        let shutdown = stopped(stop_rx.clone());
+                        tasks.spawn(
+                            async move { ("capacity", capacity.run(shutdown).await.map_err(anyhow::Error::from)) },
+                        );
+                    }
+                    None => info!("capacity controller idle"),
+                }
+            }
+            Controller::Ephemeral => {
+                warn!("the ephemeral controller is not part of this build yet; it does nothing");
+            }
+        }
     }
 
-    // The controllers themselves are not part of this build yet: volplane
-    // only proves it can reach the API server and the driver.
-    info!(
-        ?controllers,
-        "connected; no controller is implemented in this build yet, waiting for a termination signal"
-    );
-    health.set_ready(true);
+    // Ready once every running controller has synced.
+    let readiness = tokio::spawn({
+        let health = health.clone();
+        async move {
+            for mut ready in readiness {
+                if ready.wait_for(|r| *r).await.is_err() {
+                    return;
+                }
+            }
+            health.set_ready(true);
+            info!("volplane is ready");
+        }
+    });
 
-    wait_for_termination().await?;
-    info!("termination signal received, shutting down");
+    let outcome = tokio::select! {
+        signal = wait_for_termination() => signal.map(|()| info!("termination signal received, shutting down")),
+        Some(joined) = tasks.join_next() => match joined {
+            Ok((name, Ok(()))) => Err(anyhow::anyhow!("the {name} controller stopped unexpectedly")),
+            Ok((name, Err(error))) => Err(error.context(format!("the {name} controller failed"))),
+            Err(error) => Err(anyhow::anyhow!("a controller task panicked: {error}")),
+        },
+    };
+    readiness.abort();
     health.set_ready(false);
     let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((name, Err(error))) = joined {
+                warn!(controller = name, error = %format!("{error:#}"), "controller ended with an error during shutdown");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(grace = ?SHUTDOWN_GRACE, "work still in flight after the grace period; abandoning it");
+        tasks.abort_all();
+    }
     if let Some(admin) = admin {
         let _ = admin.await;
     }
-    Ok(())
+    outcome
 }
 
 async fn connect_kube(args: &Args) -> anyhow::Result<kube::Client> {

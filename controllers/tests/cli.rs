@@ -7,9 +7,13 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
 use tokio::sync::mpsc;
 use volplane_tests::apiserver::ApiServerDouble;
-use volplane_tests::driver::{DriverConfig, TestDriver};
+use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver};
 
 const VOLPLANE: &str = env!("CARGO_BIN_EXE_volplane");
 
@@ -156,6 +160,37 @@ async fn a_missing_kubeconfig_file_is_one_clear_error_line() {
     );
 }
 
+/// A namespace for volplane's objects, one node in zone a with a CSINode
+/// for `driver`, and a WaitForFirstConsumer class of that driver.
+async fn seed_cluster(api: &ApiServerDouble, driver: &str) {
+    let client = api.client();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "volplane-test"}})).expect("ns");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+    let node: Node =
+        serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {"zone": "a"}}})).expect("node");
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("node");
+    let csinode: CSINode = serde_json::from_value(json!({"metadata": {"name": "n1"},
+        "spec": {"drivers": [{"name": driver, "nodeID": "n1", "topologyKeys": ["zone"]}]}}))
+    .expect("csinode");
+    Api::<CSINode>::all(client.clone())
+        .create(&PostParams::default(), &csinode)
+        .await
+        .expect("csinode");
+    let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": "wffc"}, "provisioner": driver,
+        "volumeBindingMode": "WaitForFirstConsumer"}))
+    .expect("class");
+    Api::<StorageClass>::all(client)
+        .create(&PostParams::default(), &class)
+        .await
+        .expect("class");
+}
+
 /// Streams a child's stderr lines into a channel.
 fn stderr_lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -219,6 +254,8 @@ async fn starts_against_api_server_and_driver_then_exits_cleanly_on_sigterm() {
     })
     .await
     .expect("driver");
+    driver.set_default_capacity(CapacityAnswer::available(5 << 30));
+    seed_cluster(&api, "cli.csi.volplane.dev").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = write_kubeconfig(dir.path(), &api.url());
     let mut child = volplane()
@@ -242,13 +279,31 @@ async fn starts_against_api_server_and_driver_then_exits_cleanly_on_sigterm() {
     let found = wait_for_line(&mut lines, "CSI driver found", &mut seen).await;
     assert!(found.contains("cli.csi.volplane.dev"), "{found}");
     assert!(found.contains("GET_CAPACITY"), "{found}");
-    wait_for_line(&mut lines, "waiting for a termination signal", &mut seen).await;
+    wait_for_line(&mut lines, "volplane is ready", &mut seen).await;
 
     assert_eq!(http_get(admin, "/livez").0, 200);
     assert_eq!(http_get(admin, "/readyz").0, 200);
+    // The capacity controller published the one (segment, class) pair.
+    let capacities: Api<CSIStorageCapacity> = Api::namespaced(api.client(), "volplane-test");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let published = loop {
+        let items = capacities.list(&ListParams::default()).await.expect("list").items;
+        if let Some(object) = items.into_iter().next() {
+            break object;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no CSIStorageCapacity published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(published.storage_class_name, "wffc");
+    assert_eq!(published.capacity.map(|q| q.0), Some((5i64 << 30).to_string()));
+
     let (status, metrics) = http_get(admin, "/metrics");
     assert_eq!(status, 200);
     assert!(metrics.contains("volplane_build_info{version=\""), "{metrics}");
+    assert!(metrics.contains("volplane_capacity_objects_desired 1"), "{metrics}");
 
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -264,4 +319,64 @@ async fn starts_against_api_server_and_driver_then_exits_cleanly_on_sigterm() {
     .expect("join")
     .expect("wait");
     assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_without_get_capacity_is_reported_once_and_the_process_stays_up() {
+    let api = api_server().await;
+    let driver = TestDriver::start(DriverConfig {
+        name: "nocap.csi.volplane.dev".into(),
+        controller_capabilities: vec![],
+        ..DriverConfig::default()
+    })
+    .await
+    .expect("driver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_kubeconfig(dir.path(), &api.url());
+    let mut child = volplane()
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--csi-address", &driver.address(), "--http-endpoint", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn volplane");
+    let mut lines = stderr_lines(&mut child);
+    let mut seen = Vec::new();
+    let listening = wait_for_line(&mut lines, "admin server listening", &mut seen).await;
+    let admin: SocketAddr = listening
+        .split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {listening:?}"));
+    let said = wait_for_line(&mut lines, "GET_CAPACITY", &mut seen).await;
+    assert!(
+        said.contains("nocap.csi.volplane.dev") && said.contains("stays idle"),
+        "{said}"
+    );
+    wait_for_line(&mut lines, "volplane is ready", &mut seen).await;
+    assert_eq!(http_get(admin, "/readyz").0, 200);
+    assert_eq!(driver.count(volplane_csi::CsiMethod::GetCapacity), 0);
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let exit = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .expect("volplane exits after SIGTERM")
+    .expect("join")
+    .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+    // Said once, not in a loop.
+    let mentions = seen.iter().filter(|l| l.contains("GET_CAPACITY")).count()
+        + std::iter::from_fn(|| lines.try_recv().ok())
+            .filter(|l| l.contains("GET_CAPACITY"))
+            .count();
+    assert_eq!(mentions, 1);
 }

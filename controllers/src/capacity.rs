@@ -1,0 +1,115 @@
+//! Turns flags and driver facts into a running capacity controller.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tracing::{error, info};
+use volplane_capacity::model::{self, ObjectIdentity};
+use volplane_capacity::owner::{self, OwnerMode};
+use volplane_capacity::queue::Backoff;
+use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
+use volplane_csi::{ControllerCapability, CsiClient, DriverInfo};
+
+use crate::args::{Args, CapacityOwner};
+
+/// Builds the capacity controller, or `None` when the driver cannot report
+/// capacity (said once, clearly; the rest of the process keeps running).
+pub async fn build(
+    client: &kube::Client,
+    csi: &CsiClient,
+    driver: &DriverInfo,
+    args: &Args,
+    namespace: &str,
+    metrics: Arc<CapacityMetrics>,
+) -> anyhow::Result<Option<CapacityController>> {
+    let node = args.node_deployment.then(|| args.node_name_value()).flatten();
+    let mode = match (args.capacity_owner, node.is_some()) {
+        (CapacityOwner::Auto, true) | (CapacityOwner::Node, _) => OwnerMode::Node,
+        (CapacityOwner::Auto, false) => OwnerMode::Auto,
+        (CapacityOwner::Pod, _) => OwnerMode::Pod,
+        (CapacityOwner::None, _) => OwnerMode::None,
+    };
+    let owner = owner::resolve(client, mode, namespace, args.pod_name_value(), node).await?;
+    let event_target = owner.as_ref().map(|o| owner::event_target(o, namespace));
+    let instance = args.pod_name_value().or(node).unwrap_or("volplane").to_string();
+
+    if !driver.has_controller(ControllerCapability::GetCapacity) {
+        let message = format!(
+            "CSI driver {} does not advertise the GET_CAPACITY controller capability; \
+             the capacity controller stays idle (no CSIStorageCapacity objects are published)",
+            driver.name
+        );
+        error!("{message}");
+        if let Some(target) = event_target {
+            let recorder = Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "volplane-capacity".into(),
+                    instance: Some(instance),
+                },
+            );
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "GetCapacityUnsupported".into(),
+                note: Some(message),
+                action: "Startup".into(),
+                secondary: None,
+            };
+            if let Err(error) = recorder.publish(&event, &target).await {
+                error!(%error, "cannot publish the GetCapacityUnsupported event");
+            }
+        }
+        return Ok(None);
+    }
+
+    let topology = match node {
+        Some(node) => {
+            let info = csi.node_get_info().await.context("NodeGetInfo for --node-deployment")?;
+            let reported = driver
+                .supports_topology()
+                .then(|| info.accessible_topology.map(|t| t.segments))
+                .flatten();
+            let segment = model::per_node_segment(node, reported.as_ref());
+            info!(%node, %segment, node_id = %info.node_id, "per-node capacity segment");
+            Topology::Fixed(segment)
+        }
+        None if driver.supports_topology() => Topology::Central,
+        None => Topology::Fixed(model::Segment::default()),
+    };
+    // A segment learnt from the driver is sent back; the hostname fallback is not.
+    let send_topology = driver.supports_topology()
+        && match &topology {
+            Topology::Fixed(segment) => node.is_none_or(|n| {
+                segment.0.get(model::HOSTNAME_LABEL).map(String::as_str) != Some(n) || segment.0.len() != 1
+            }),
+            Topology::Central => true,
+        };
+    let config = CapacityConfig {
+        driver: driver.name.clone(),
+        send_topology,
+        topology,
+        identity: ObjectIdentity {
+            namespace: namespace.to_string(),
+            driver: model::driver_label_value(&driver.name),
+            managed_by: model::managed_by(node),
+            owner,
+        },
+        poll_interval: args.capacity_poll_interval,
+        workers: usize::from(args.capacity_workers),
+        include_immediate: args.capacity_for_immediate_binding,
+        backoff: Backoff {
+            base: Duration::from_millis(500),
+            max: args.capacity_poll_interval.min(Duration::from_secs(300)),
+        },
+        event_target,
+        instance,
+    };
+    Ok(Some(CapacityController::new(
+        client.clone(),
+        csi.clone(),
+        config,
+        metrics,
+    )))
+}
