@@ -109,6 +109,11 @@ impl<T: Ord + Hash + Clone> WorkQueue<T> {
         self.when.contains_key(item)
     }
 
+    /// Whether `item` is being worked on.
+    pub fn is_in_flight(&self, item: &T) -> bool {
+        self.in_flight.contains(item)
+    }
+
     /// Pending items.
     pub fn pending(&self) -> usize {
         self.due.len()

@@ -474,7 +474,11 @@ impl LoopState {
             None => {
                 debug!(%item, %name, "adopting object");
                 self.objects.insert(item.clone(), object);
-                self.queue.schedule(item, Instant::now());
+                // An item in flight is usually creating this very object:
+                // its result arrives next, no second run needed.
+                if !self.queue.is_in_flight(&item) {
+                    self.queue.schedule(item, Instant::now());
+                }
             }
         }
     }

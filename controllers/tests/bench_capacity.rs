@@ -1,0 +1,164 @@
+//! Capacity benchmark: 1,000 segments × 4 classes = 4,000 CSIStorageCapacity
+//! objects, the real `volplane` binary against the API-server double and a
+//! test driver that takes 1 ms per GetCapacity. Prints its figures; asserts
+//! only correctness (no timing assertions).
+//!
+//! ```sh
+//! cargo test --release -p volplane --test bench_capacity -- --ignored --nocapture
+//! ```
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use volplane_csi::CsiMethod;
+use volplane_tests::apiserver::{ApiServerDouble, Verb};
+use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver};
+
+const DRIVER: &str = "bench.csi.volplane.dev";
+const SEGMENTS: usize = 1000;
+const CLASSES: usize = 4;
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored --nocapture (use --release)"]
+async fn capacity_4000_objects() {
+    let double = ApiServerDouble::start().await.expect("double");
+    let driver = TestDriver::start(DriverConfig {
+        name: DRIVER.into(),
+        ..DriverConfig::default()
+    })
+    .await
+    .expect("driver");
+    driver.set_default_capacity(CapacityAnswer::available(100 << 30));
+    driver.set_delay(CsiMethod::GetCapacity, Duration::from_millis(1));
+    let client = double.client();
+
+    let seeding = Instant::now();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "bench"}})).expect("ns");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("ns");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let csinodes: Api<CSINode> = Api::all(client.clone());
+    for i in 0..SEGMENTS {
+        let name = format!("node-{i:04}");
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": name,
+            "labels": {"topology.bench/zone": format!("zone-{i:04}")}}}))
+        .expect("node");
+        nodes.create(&PostParams::default(), &node).await.expect("node");
+        let csinode: CSINode = serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"drivers": [{"name": DRIVER, "nodeID": name, "topologyKeys": ["topology.bench/zone"]}]}}))
+        .expect("csinode");
+        csinodes
+            .create(&PostParams::default(), &csinode)
+            .await
+            .expect("csinode");
+    }
+    for c in 0..CLASSES {
+        let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": format!("class-{c}")},
+            "provisioner": DRIVER, "volumeBindingMode": "WaitForFirstConsumer", "parameters": {"tier": c.to_string()}}))
+        .expect("class");
+        Api::<StorageClass>::all(client.clone())
+            .create(&PostParams::default(), &class)
+            .await
+            .expect("class");
+    }
+    println!(
+        "seeded {SEGMENTS} nodes/CSINodes and {CLASSES} classes in {:?}",
+        seeding.elapsed()
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, double.kubeconfig()).expect("kubeconfig");
+    let poll = Duration::from_secs(10);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_volplane"))
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "--csi-address",
+            &driver.address(),
+            "--namespace",
+            "bench",
+            "--capacity-poll-interval",
+            &format!("{}s", poll.as_secs()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn volplane");
+    let pid = child.id();
+
+    let objects = SEGMENTS * CLASSES;
+    let converged = wait_until(Duration::from_secs(300), "all objects created", || {
+        double.count(Verb::Create, "csistoragecapacities") >= objects
+    })
+    .await;
+    let calls_at_convergence = driver.count(CsiMethod::GetCapacity);
+    println!(
+        "convergence from empty: {objects} objects in {converged:.2?} ({:.0} objects/s), {calls_at_convergence} GetCapacity calls",
+        objects as f64 / converged.as_secs_f64()
+    );
+
+    // Steady state: after one interval of settling (the first polls after
+    // convergence are spread from half an interval on), one full interval
+    // with nothing changed.
+    tokio::time::sleep(poll).await; // a fixed measurement window, not a wait for a condition
+    let writes_before = double.writes("csistoragecapacities");
+    let calls_before = driver.count(CsiMethod::GetCapacity);
+    tokio::time::sleep(poll).await; // measuring a whole interval, not waiting for a condition
+    let writes = double.writes("csistoragecapacities") - writes_before;
+    let calls = driver.count(CsiMethod::GetCapacity) - calls_before;
+    let rss = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let peak = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+    println!(
+        "steady state over one {poll:?} interval: {calls} GetCapacity calls for {objects} items, {writes} API writes"
+    );
+    println!(
+        "volplane memory: RSS {:.1} MiB, peak RSS {:.1} MiB",
+        rss as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    assert_eq!(
+        double.count(Verb::Create, "csistoragecapacities"),
+        objects,
+        "no duplicate creates"
+    );
+    assert_eq!(writes, 0, "unchanged capacities are not written");
+    assert!(
+        calls <= objects + objects / 10,
+        "{calls} calls in one interval for {objects} items"
+    );
+}
