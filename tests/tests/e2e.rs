@@ -81,3 +81,168 @@ async fn control_plane_serves_namespaces_and_schedules_pods() {
     .await;
     assert_eq!(node_name, "node-1");
 }
+
+mod capacity {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
+    use kube::api::ListParams;
+    use volplane_capacity::model::ObjectIdentity;
+    use volplane_capacity::queue::Backoff;
+    use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
+    use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, labels};
+
+    use super::*;
+
+    const DRIVER: &str = "e2e.csi.volplane.dev";
+    const KEY: &str = "topology.volplane.dev/zone";
+
+    async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
+    where
+        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
+    {
+        let object: K = serde_json::from_value(value).expect("object");
+        api.create(&PostParams::default(), &object).await.expect("create")
+    }
+
+    fn claim_and_pod(name: &str, size: &str) -> (serde_json::Value, serde_json::Value) {
+        (
+            json!({"metadata": {"name": name},
+                   "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "e2e-wffc",
+                            "resources": {"requests": {"storage": size}}}}),
+            json!({"metadata": {"name": name},
+                   "spec": {"containers": [{"name": "c", "image": "registry.invalid/none"}],
+                            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name}}]}}),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_scheduler_places_pods_only_where_published_capacity_fits() {
+        let Some(bin_dir) = bin_dir_or_skip("the_scheduler_places_pods_only_where_published_capacity_fits") else {
+            return;
+        };
+        let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
+        let client = plane.client();
+        let ns = "e2e-capacity";
+        create(
+            &Api::<Namespace>::all(client.clone()),
+            json!({"metadata": {"name": ns}}),
+        )
+        .await;
+        create(
+            &Api::<CSIDriver>::all(client.clone()),
+            json!({"metadata": {"name": DRIVER}, "spec": {"storageCapacity": true, "attachRequired": false}}),
+        )
+        .await;
+        create(
+            &Api::<StorageClass>::all(client.clone()),
+            json!({"metadata": {"name": "e2e-wffc"}, "provisioner": DRIVER, "volumeBindingMode": "WaitForFirstConsumer"}),
+        )
+        .await;
+        for node in ["small", "big"] {
+            plane
+                .add_node(node, &labels([(KEY, node)]), Some((DRIVER, &[KEY])))
+                .await
+                .expect("node");
+        }
+
+        let driver = TestDriver::start(DriverConfig {
+            name: DRIVER.into(),
+            ..DriverConfig::default()
+        })
+        .await
+        .expect("driver");
+        driver.set_capacity(Some(labels([(KEY, "small")])), None, CapacityAnswer::available(1 << 30));
+        driver.set_capacity(Some(labels([(KEY, "big")])), None, CapacityAnswer::available(10 << 30));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let controller = CapacityController::new(
+            client.clone(),
+            driver.client(Duration::from_secs(5)),
+            CapacityConfig {
+                driver: DRIVER.into(),
+                send_topology: true,
+                topology: Topology::Central,
+                identity: ObjectIdentity {
+                    namespace: ns.into(),
+                    driver: DRIVER.into(),
+                    managed_by: "volplane".into(),
+                    owner: None,
+                },
+                poll_interval: Duration::from_secs(60),
+                workers: 4,
+                include_immediate: false,
+                backoff: Backoff {
+                    base: Duration::from_millis(200),
+                    max: Duration::from_secs(5),
+                },
+                event_target: None,
+                instance: "e2e".into(),
+            },
+            Arc::new(CapacityMetrics::register(&mut registry)),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(controller.run(async {
+            let _ = stopped.await;
+        }));
+
+        let capacities: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), ns);
+        eventually(Duration::from_secs(60), "two CSIStorageCapacity objects", || {
+            let capacities = capacities.clone();
+            async move {
+                let items = capacities.list(&ListParams::default()).await.ok()?.items;
+                (items.len() == 2).then_some(())
+            }
+        })
+        .await;
+
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let (claim, pod) = claim_and_pod("fits-big", "5Gi");
+        create(&claims, claim).await;
+        create(&pods, pod).await;
+        // With late binding the scheduler records its choice on the claim.
+        let selected = eventually(
+            Duration::from_secs(90),
+            "the scheduler selects a node for the claim",
+            || {
+                let claims = claims.clone();
+                async move {
+                    claims
+                        .get("fits-big")
+                        .await
+                        .ok()?
+                        .metadata
+                        .annotations?
+                        .get("volume.kubernetes.io/selected-node")
+                        .cloned()
+                }
+            },
+        )
+        .await;
+        assert_eq!(selected, "big", "5Gi only fits the node with 10Gi");
+
+        let (claim, pod) = claim_and_pod("fits-nowhere", "50Gi");
+        create(&claims, claim).await;
+        create(&pods, pod).await;
+        let message = eventually(Duration::from_secs(90), "the pod is unschedulable", || {
+            let pods = pods.clone();
+            async move {
+                let pod = pods.get("fits-nowhere").await.ok()?;
+                let condition = pod
+                    .status?
+                    .conditions?
+                    .into_iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+                condition.message
+            }
+        })
+        .await;
+        assert!(message.contains("did not have enough free storage"), "{message}");
+        let pod = pods.get("fits-nowhere").await.expect("pod");
+        assert_eq!(pod.spec.and_then(|s| s.node_name), None);
+
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(20), running).await;
+    }
+}
