@@ -122,6 +122,11 @@ pub struct Args {
     #[arg(long, env = "CAPACITY_FOR_IMMEDIATE_BINDING")]
     pub capacity_for_immediate_binding: bool,
 
+    /// Pods the ephemeral controller reconciles at once.
+    #[arg(long, env = "EPHEMERAL_WORKERS", value_name = "N", default_value_t = 50,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub ephemeral_workers: u16,
+
     /// Log format; the level comes from RUST_LOG (default: info for volplane,
     /// warn for libraries).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]

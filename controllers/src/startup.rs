@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 use volplane_capacity::CapacityMetrics;
 use volplane_csi::{CsiClient, DriverInfo};
+use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
 
 use crate::admin::{self, Health};
 use crate::args::{Args, Controller};
@@ -30,6 +31,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let capacity_metrics = controllers
         .contains(&Controller::Capacity)
         .then(|| Arc::new(CapacityMetrics::register(&mut registry)));
+    let ephemeral_metrics = controllers
+        .contains(&Controller::Ephemeral)
+        .then(|| Arc::new(EphemeralMetrics::register(&mut registry)));
     let health = Arc::new(Health::new(registry));
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = match args.http_endpoint.0 {
@@ -83,7 +87,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
             Controller::Ephemeral => {
-                warn!("the ephemeral controller is not part of this build yet; it does nothing");
+                let Some(metrics) = &ephemeral_metrics else {
+                    anyhow::bail!("ephemeral metrics were not registered");
+                };
+                let ephemeral = EphemeralController::new(
+                    client.clone(),
+                    EphemeralConfig {
+                        workers: args.ephemeral_workers,
+                        instance: args.pod_name_value().unwrap_or("volplane").to_string(),
+                        retry_base: Duration::from_millis(500),
+                    },
+                    metrics.clone(),
+                );
+                readiness.push(ephemeral.readiness());
+                let mut stop = stop_rx.clone();
+                tasks.spawn(async move {
+                    let shutdown = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    ("ephemeral", ephemeral.run(shutdown).await.map_err(anyhow::Error::from))
+                });
             }
         }
     }

@@ -1,0 +1,45 @@
+//! Prometheus metrics of the ephemeral controller.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The ephemeral controller's metrics.
+#[derive(Debug)]
+pub struct EphemeralMetrics {
+    /// PVCs created.
+    pub created: Counter,
+    /// Failures by reason (`conflict`, `forbidden`, `invalid`, `other`).
+    pub failures: Family<Vec<(&'static str, String)>, Counter>,
+    /// Seconds from the pod's creation to its PVC's creation.
+    pub pod_to_claim_seconds: Histogram,
+}
+
+impl EphemeralMetrics {
+    /// Registers the metrics under `volplane_ephemeral_*`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            created: Counter::default(),
+            failures: Family::default(),
+            pod_to_claim_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+        };
+        let sub = registry.sub_registry_with_prefix("ephemeral");
+        sub.register(
+            "claims_created",
+            "PVCs created for generic ephemeral volumes",
+            metrics.created.clone(),
+        );
+        sub.register(
+            "claim_failures",
+            "ephemeral volumes whose PVC could not be ensured, by reason",
+            metrics.failures.clone(),
+        );
+        sub.register(
+            "pod_to_claim_seconds",
+            "time from a pod's creation to the creation of its PVC (second resolution, as Kubernetes timestamps)",
+            metrics.pod_to_claim_seconds.clone(),
+        );
+        metrics
+    }
+}
