@@ -122,6 +122,16 @@ pub struct Args {
     #[arg(long, env = "CAPACITY_FOR_IMMEDIATE_BINDING")]
     pub capacity_for_immediate_binding: bool,
 
+    /// Average client-side limit of requests per second to the API server
+    /// (watches count once, when opened); 0 disables the limit.
+    #[arg(long, env = "KUBE_API_QPS", value_name = "QPS", default_value_t = 150.0)]
+    pub kube_api_qps: f64,
+
+    /// Requests that may go out at once above the average rate.
+    #[arg(long, env = "KUBE_API_BURST", value_name = "N", default_value_t = 300,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub kube_api_burst: u32,
+
     /// Pods the ephemeral controller reconciles at once.
     #[arg(long, env = "EPHEMERAL_WORKERS", value_name = "N", default_value_t = 50,
           value_parser = clap::value_parser!(u16).range(1..))]
@@ -211,6 +221,9 @@ impl Args {
         if self.capacity_owner == CapacityOwner::Node && !self.node_deployment {
             anyhow::bail!("--capacity-owner node needs --node-deployment");
         }
+        if !self.kube_api_qps.is_finite() || self.kube_api_qps < 0.0 {
+            anyhow::bail!("--kube-api-qps must be a number >= 0 (0 disables the limit)");
+        }
         if self.capacity_poll_interval.is_zero() {
             anyhow::bail!("--capacity-poll-interval must be greater than zero");
         }
@@ -238,6 +251,18 @@ impl Args {
     /// The pod name, if one was given and is not empty.
     pub fn pod_name_value(&self) -> Option<&str> {
         self.pod_name.as_ref().and_then(|n| n.0.as_deref())
+    }
+
+    /// The client-side rate limit as "at most N requests per window" (N =
+    /// burst, window = burst / qps), or `None` when disabled.
+    pub fn api_rate_window(&self) -> Option<(u64, Duration)> {
+        (self.kube_api_qps > 0.0).then(|| {
+            let burst = u64::from(self.kube_api_burst);
+            (
+                burst,
+                Duration::from_secs_f64(f64::from(self.kube_api_burst) / self.kube_api_qps),
+            )
+        })
     }
 
     /// The startup wait for the CSI driver; `None` means forever.
@@ -401,6 +426,16 @@ mod tests {
         let node_owner = parse(&["--csi-address", "/x.sock", "--capacity-owner", "node"]).expect("parses");
         assert!(node_owner.validate().is_err());
         assert!(parse(&["--capacity-workers", "0"]).is_err());
+    }
+
+    #[test]
+    fn api_rate_limit_flags() {
+        let args = parse(&[]).expect("valid");
+        assert_eq!((args.kube_api_qps, args.kube_api_burst), (150.0, 300));
+        assert!(parse(&["--kube-api-qps=-1"]).expect("parses").validate().is_err());
+        assert!(parse(&["--kube-api-burst", "0"]).is_err());
+        assert_eq!(args.api_rate_window(), Some((300, Duration::from_secs(2))));
+        assert_eq!(parse(&["--kube-api-qps", "0"]).expect("valid").api_rate_window(), None);
     }
 
     #[test]

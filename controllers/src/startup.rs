@@ -168,7 +168,16 @@ async fn connect_kube(args: &Args) -> anyhow::Result<kube::Client> {
             .context("no Kubernetes configuration found (not in a cluster, no --kubeconfig, no ~/.kube/config)")?,
     };
     let url = config.cluster_url.clone();
-    let client = kube::Client::try_from(config).with_context(|| format!("cannot create a client for {url}"))?;
+    let builder =
+        kube::client::ClientBuilder::try_from(config).with_context(|| format!("cannot create a client for {url}"))?;
+    // Every request of the process passes one limiter: at most `burst`
+    // requests per `burst / qps` seconds.
+    let client = match args.api_rate_window() {
+        Some((burst, window)) => builder
+            .with_layer(&tower::limit::RateLimitLayer::new(burst, window))
+            .build(),
+        None => builder.build(),
+    };
     let version = client
         .apiserver_version()
         .await

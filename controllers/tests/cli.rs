@@ -380,3 +380,66 @@ async fn a_driver_without_get_capacity_is_reported_once_and_the_process_stays_up
             .count();
     assert_eq!(mentions, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_request_passes_the_client_side_rate_limit() {
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+    let api = api_server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_kubeconfig(dir.path(), &api.url());
+    let client = api.client();
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": "volplane-test"}})).expect("ns");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("ns");
+    let mut child = volplane()
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "--controllers",
+            "ephemeral",
+            "--kube-api-qps",
+            "20",
+            "--kube-api-burst",
+            "4",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn volplane");
+    let mut lines = stderr_lines(&mut child);
+    let mut seen = Vec::new();
+    wait_for_line(&mut lines, "volplane is ready", &mut seen).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for i in 0..24 {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("p{i}")},
+            "spec": {"containers": [], "volumes": [{"name": "v", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}]}}))
+        .expect("pod");
+        pods.create(&PostParams::default(), &pod).await.expect("pod");
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while claims.list(&ListParams::default()).await.expect("list").items.len() < 24 {
+        assert!(tokio::time::Instant::now() < deadline, "claims not created");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+
+    // volplane's creates: at most `burst` per `burst / qps` = 4 per 200 ms
+    // window, so any span of n windows holds at most 4·(n + 1) of them.
+    let creates: Vec<std::time::Instant> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "persistentvolumeclaims" && r.verb == volplane_tests::apiserver::Verb::Create)
+        .map(|r| r.at)
+        .collect();
+    assert_eq!(creates.len(), 24);
+    let span = creates[creates.len() - 1].duration_since(creates[0]);
+    let windows = span.as_secs_f64() / 0.2;
+    assert!(
+        24.0 <= 4.0 * (windows.ceil() + 1.0),
+        "24 creates in {span:?} exceed 4 per 200 ms"
+    );
+}

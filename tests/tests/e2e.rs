@@ -246,3 +246,95 @@ mod capacity {
         let _ = tokio::time::timeout(Duration::from_secs(20), running).await;
     }
 }
+
+mod ephemeral {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    use k8s_openapi::api::storage::v1::StorageClass;
+    use kube::api::DeleteParams;
+    use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ephemeral_volume_gets_its_claim_is_scheduled_and_is_collected_with_the_pod() {
+        let Some(bin_dir) =
+            bin_dir_or_skip("an_ephemeral_volume_gets_its_claim_is_scheduled_and_is_collected_with_the_pod")
+        else {
+            return;
+        };
+        let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
+        let client = plane.client();
+        plane.add_node("node-1", &BTreeMap::new(), None).await.expect("node");
+        let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": "e2e-wffc"},
+            "provisioner": "e2e.csi.volplane.dev", "volumeBindingMode": "WaitForFirstConsumer"}))
+        .expect("class");
+        Api::<StorageClass>::all(client.clone())
+            .create(&PostParams::default(), &class)
+            .await
+            .expect("class");
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        let controller = EphemeralController::new(
+            client.clone(),
+            EphemeralConfig {
+                workers: 8,
+                instance: "e2e".into(),
+                retry_base: Duration::from_millis(200),
+            },
+            Arc::new(EphemeralMetrics::register(&mut registry)),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(controller.run(async {
+            let _ = stopped.await;
+        }));
+
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "seed"},
+            "spec": {"containers": [{"name": "c", "image": "registry.invalid/none"}],
+                     "volumes": [{"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {
+                         "accessModes": ["ReadWriteOnce"], "storageClassName": "e2e-wffc",
+                         "resources": {"requests": {"storage": "4Gi"}}}}}}]}}))
+        .expect("pod");
+        let pod = pods.create(&PostParams::default(), &pod).await.expect("pod");
+
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+        let claim = eventually(Duration::from_secs(60), "the claim seed-scratch", || {
+            let claims = claims.clone();
+            async move { claims.get("seed-scratch").await.ok() }
+        })
+        .await;
+        let owner = claim.metadata.owner_references.clone().unwrap_or_default();
+        assert_eq!(owner.len(), 1);
+        assert_eq!(Some(&owner[0].uid), pod.metadata.uid.as_ref());
+        // The scheduler accepted the pod and picked a node for the late-bound claim.
+        let selected = eventually(Duration::from_secs(90), "the scheduler selects a node", || {
+            let claims = claims.clone();
+            async move {
+                claims
+                    .get("seed-scratch")
+                    .await
+                    .ok()?
+                    .metadata
+                    .annotations?
+                    .get("volume.kubernetes.io/selected-node")
+                    .cloned()
+            }
+        })
+        .await;
+        assert_eq!(selected, "node-1");
+
+        // Stop volplane first so only the garbage collector can act.
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(20), running).await;
+        pods.delete("seed", &DeleteParams::default().grace_period(0))
+            .await
+            .expect("delete pod");
+        eventually(Duration::from_secs(120), "the claim is garbage-collected", || {
+            let claims = claims.clone();
+            async move { claims.get("seed-scratch").await.is_err().then_some(()) }
+        })
+        .await;
+    }
+}

@@ -226,6 +226,7 @@ async fn handle(
         namespace: target.namespace.clone(),
         name: target.name.clone(),
         subresource: target.subresource.clone(),
+        at: std::time::Instant::now(),
     });
     let latency = *lock(&shared.latency);
     if !latency.is_zero() {

@@ -74,6 +74,8 @@ pub struct RequestRecord {
     pub name: Option<String>,
     /// The subresource, e.g. `status`.
     pub subresource: Option<String>,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Clone, Debug)]
