@@ -18,6 +18,7 @@ use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Top
 use volplane_csi::CsiMethod;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, labels};
+use volplane_tests::wait::eventually;
 
 const DRIVER: &str = "test.csi.volplane.dev";
 const NS: &str = "storage";
@@ -224,14 +225,6 @@ impl Harness {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode");
         text
-    }
-}
-
-async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

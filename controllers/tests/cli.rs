@@ -191,6 +191,68 @@ async fn seed_cluster(api: &ApiServerDouble, driver: &str) {
         .expect("class");
 }
 
+/// A running volplane with its stderr lines streamed.
+struct Running {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(kubeconfig: &Path, args: &[&str]) -> Self {
+        let mut child = volplane()
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn volplane");
+        let lines = stderr_lines(&mut child);
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    async fn wait_for(&mut self, needle: &str) -> String {
+        wait_for_line(&mut self.lines, needle, &mut self.seen).await
+    }
+
+    /// The admin server's address, from its "listening" log line.
+    async fn admin_address(&mut self) -> SocketAddr {
+        let listening = self.wait_for("admin server listening").await;
+        listening
+            .split("address=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {listening:?}"))
+    }
+
+    /// Sends SIGTERM and returns the exit code (the test fails if it takes over 30 s).
+    async fn terminate(mut self) -> (Option<i32>, Vec<String>) {
+        let kill = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(kill.success());
+        let mut child = self.child;
+        let exit = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::task::spawn_blocking(move || child.wait()),
+        )
+        .await
+        .expect("volplane exits after SIGTERM")
+        .expect("join")
+        .expect("wait");
+        let mut seen = self.seen;
+        seen.extend(std::iter::from_fn(|| self.lines.try_recv().ok()));
+        (exit.code(), seen)
+    }
+}
+
 /// Streams a child's stderr lines into a channel.
 fn stderr_lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -258,28 +320,15 @@ async fn starts_against_api_server_and_driver_then_exits_cleanly_on_sigterm() {
     seed_cluster(&api, "cli.csi.volplane.dev").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = write_kubeconfig(dir.path(), &api.url());
-    let mut child = volplane()
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["--csi-address", &driver.address(), "--http-endpoint", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn volplane");
-    let mut lines = stderr_lines(&mut child);
-    let mut seen = Vec::new();
-
-    let listening = wait_for_line(&mut lines, "admin server listening", &mut seen).await;
-    let admin: SocketAddr = listening
-        .split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {listening:?}"));
-    let found = wait_for_line(&mut lines, "CSI driver found", &mut seen).await;
+    let mut running = Running::start(
+        &kubeconfig,
+        &["--csi-address", &driver.address(), "--http-endpoint", "127.0.0.1:0"],
+    );
+    let admin = running.admin_address().await;
+    let found = running.wait_for("CSI driver found").await;
     assert!(found.contains("cli.csi.volplane.dev"), "{found}");
     assert!(found.contains("GET_CAPACITY"), "{found}");
-    wait_for_line(&mut lines, "volplane is ready", &mut seen).await;
+    running.wait_for("volplane is ready").await;
 
     assert_eq!(http_get(admin, "/livez").0, 200);
     assert_eq!(http_get(admin, "/readyz").0, 200);
@@ -305,20 +354,8 @@ async fn starts_against_api_server_and_driver_then_exits_cleanly_on_sigterm() {
     assert!(metrics.contains("volplane_build_info{version=\""), "{metrics}");
     assert!(metrics.contains("volplane_capacity_objects_desired 1"), "{metrics}");
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    let exit = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || child.wait()),
-    )
-    .await
-    .expect("volplane exits after SIGTERM")
-    .expect("join")
-    .expect("wait");
-    assert_eq!(exit.code(), Some(0));
+    let (code, _) = running.terminate().await;
+    assert_eq!(code, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,52 +370,24 @@ async fn a_driver_without_get_capacity_is_reported_once_and_the_process_stays_up
     .expect("driver");
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = write_kubeconfig(dir.path(), &api.url());
-    let mut child = volplane()
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["--csi-address", &driver.address(), "--http-endpoint", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn volplane");
-    let mut lines = stderr_lines(&mut child);
-    let mut seen = Vec::new();
-    let listening = wait_for_line(&mut lines, "admin server listening", &mut seen).await;
-    let admin: SocketAddr = listening
-        .split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {listening:?}"));
-    let said = wait_for_line(&mut lines, "GET_CAPACITY", &mut seen).await;
+    let mut running = Running::start(
+        &kubeconfig,
+        &["--csi-address", &driver.address(), "--http-endpoint", "127.0.0.1:0"],
+    );
+    let admin = running.admin_address().await;
+    let said = running.wait_for("GET_CAPACITY").await;
     assert!(
         said.contains("nocap.csi.volplane.dev") && said.contains("stays idle"),
         "{said}"
     );
-    wait_for_line(&mut lines, "volplane is ready", &mut seen).await;
+    running.wait_for("volplane is ready").await;
     assert_eq!(http_get(admin, "/readyz").0, 200);
     assert_eq!(driver.count(volplane_csi::CsiMethod::GetCapacity), 0);
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    let exit = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || child.wait()),
-    )
-    .await
-    .expect("volplane exits after SIGTERM")
-    .expect("join")
-    .expect("wait");
-    assert_eq!(exit.code(), Some(0));
+    let (code, seen) = running.terminate().await;
+    assert_eq!(code, Some(0));
     // Said once, not in a loop.
-    let mentions = seen.iter().filter(|l| l.contains("GET_CAPACITY")).count()
-        + std::iter::from_fn(|| lines.try_recv().ok())
-            .filter(|l| l.contains("GET_CAPACITY"))
-            .count();
-    assert_eq!(mentions, 1);
+    assert_eq!(seen.iter().filter(|l| l.contains("GET_CAPACITY")).count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,24 +402,18 @@ async fn every_api_request_passes_the_client_side_rate_limit() {
         .create(&PostParams::default(), &namespace)
         .await
         .expect("ns");
-    let mut child = volplane()
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args([
+    let mut running = Running::start(
+        &kubeconfig,
+        &[
             "--controllers",
             "ephemeral",
             "--kube-api-qps",
             "20",
             "--kube-api-burst",
             "4",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn volplane");
-    let mut lines = stderr_lines(&mut child);
-    let mut seen = Vec::new();
-    wait_for_line(&mut lines, "volplane is ready", &mut seen).await;
+        ],
+    );
+    running.wait_for("volplane is ready").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     for i in 0..24 {
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("p{i}")},
@@ -424,8 +427,8 @@ async fn every_api_request_passes_the_client_side_rate_limit() {
         assert!(tokio::time::Instant::now() < deadline, "claims not created");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let (code, _) = running.terminate().await;
+    assert_eq!(code, Some(0));
 
     // volplane's creates: at most `burst` per `burst / qps` = 4 per 200 ms
     // window, so any span of n windows holds at most 4·(n + 1) of them.

@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
+use volplane_tests::wait::eventually;
 
 type Running = (oneshot::Sender<()>, JoinHandle<Result<(), volplane_ephemeral::Error>>);
 
@@ -140,14 +141,6 @@ impl Harness {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode");
         text
-    }
-}
-
-async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -3,7 +3,9 @@
 //! - [`driver`]: a scriptable CSI driver, a real tonic server on a unix socket.
 //! - [`apiserver`]: an in-process Kubernetes API-server double for `kube::Client`.
 //! - [`e2e`]: a throwaway real control plane, when `VOLPLANE_E2E_BIN_DIR` is set.
+//! - [`wait`]: waiting for conditions with deadlines.
 
 pub mod apiserver;
 pub mod driver;
 pub mod e2e;
+pub mod wait;

@@ -12,22 +12,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, reflector};
 use serde_json::json;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
-
-async fn within<T>(limit: Duration, future: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("did not finish within {limit:?}"),
-    }
-}
-
-/// Polls `condition` every 20ms until it holds, failing the test after `limit`.
-async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !condition() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use volplane_tests::wait::{eventually, within};
 
 fn config_map(name: &str, value: &str) -> ConfigMap {
     ConfigMap {

@@ -7,16 +7,9 @@ use volplane_csi::{
     CapacityQuery, CapacityReport, ControllerCapability, CsiClient, CsiError, CsiMethod, NodeCapability,
 };
 use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, TestVolume, labels};
+use volplane_tests::wait::within;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Fails the test instead of hanging it when `future` does not finish in time.
-async fn within<T>(limit: Duration, future: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("did not finish within {limit:?}"),
-    }
-}
 
 #[tokio::test]
 async fn probe_until_ready_succeeds_when_the_driver_starts_late() {

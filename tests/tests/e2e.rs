@@ -9,25 +9,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ObjectMeta, PostParams};
 use serde_json::json;
 use volplane_tests::e2e::{ControlPlane, bin_dir_or_skip};
-
-/// Polls `check` every 250ms until it returns `Some`, failing after `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
+use volplane_tests::wait::eventually_some as eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_serves_namespaces_and_schedules_pods() {

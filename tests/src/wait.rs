@@ -1,0 +1,45 @@
+//! Waiting in tests: for a condition with a deadline, never for a fixed time.
+
+use std::future::Future;
+use std::time::Duration;
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// Fails the test instead of hanging it when `future` does not finish within `limit`.
+pub async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("did not finish within {limit:?}"),
+    }
+}
+
+/// Polls `condition` until it holds; fails the test naming `what` after `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Polls the async `check` until it yields a value; fails the test naming `what` after `limit`.
+pub async fn eventually_some<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
