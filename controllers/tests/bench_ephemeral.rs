@@ -8,6 +8,9 @@
 //! ```sh
 //! cargo test --release -p volplane --test bench_ephemeral -- --ignored --nocapture
 //! ```
+//!
+//! `VOLPLANE_BENCH_ARGS` adds flags to volplane's command line, e.g.
+//! `--kube-api-qps 0` to measure without the client-side rate limit.
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -43,6 +46,7 @@ async fn ephemeral_1000_pods() {
         .arg("--kubeconfig")
         .arg(&kubeconfig)
         .args(["--controllers", "ephemeral"])
+        .args(std::env::var("VOLPLANE_BENCH_ARGS").unwrap_or_default().split_whitespace())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
