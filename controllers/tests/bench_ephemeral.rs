@@ -46,7 +46,11 @@ async fn ephemeral_1000_pods() {
         .arg("--kubeconfig")
         .arg(&kubeconfig)
         .args(["--controllers", "ephemeral"])
-        .args(std::env::var("VOLPLANE_BENCH_ARGS").unwrap_or_default().split_whitespace())
+        .args(
+            std::env::var("VOLPLANE_BENCH_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -1,0 +1,129 @@
+//! Every manifest in deploy/ parses into typed Kubernetes objects, every
+//! kustomization names files that exist, and the volplane containers'
+//! arguments are flags the binary accepts.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use serde_json::Value;
+use volplane::args::Args;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml") {
+            out.push(path);
+        }
+    }
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_saphyr::from_multiple::<Value>(&text).unwrap_or_else(|e| panic!("{}: invalid YAML: {e}", path.display()))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(path: &Path, doc: &Value) -> T {
+    serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{}: {} does not parse: {e}", path.display(), doc["kind"]))
+}
+
+fn check_volplane_args(path: &Path, spec: &PodSpec) {
+    for container in spec
+        .containers
+        .iter()
+        .filter(|c| c.image.as_deref().is_some_and(|i| i.starts_with("volplane")))
+    {
+        let args = container.args.clone().unwrap_or_default();
+        let parsed = Args::try_parse_from(std::iter::once("volplane".to_string()).chain(args.iter().cloned()));
+        assert!(
+            parsed.is_ok(),
+            "{}: container {} args {args:?}: {:?}",
+            path.display(),
+            container.name,
+            parsed.err()
+        );
+    }
+}
+
+#[test]
+fn every_manifest_parses_into_typed_objects() {
+    let mut files = Vec::new();
+    yaml_files(&deploy_dir(), &mut files);
+    assert!(files.len() >= 10, "found {files:?}");
+    let mut kinds = Vec::new();
+    for path in &files {
+        if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+            continue;
+        }
+        for doc in documents(path) {
+            let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+            match kind.as_str() {
+                "ServiceAccount" => drop(typed::<ServiceAccount>(path, &doc)),
+                "ClusterRole" => drop(typed::<ClusterRole>(path, &doc)),
+                "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(path, &doc)),
+                "Role" => drop(typed::<Role>(path, &doc)),
+                "RoleBinding" => drop(typed::<RoleBinding>(path, &doc)),
+                "Namespace" => drop(typed::<Namespace>(path, &doc)),
+                "CSIDriver" => drop(typed::<CSIDriver>(path, &doc)),
+                "StorageClass" => drop(typed::<StorageClass>(path, &doc)),
+                "Pod" => drop(typed::<Pod>(path, &doc)),
+                "Deployment" => {
+                    let d: Deployment = typed(path, &doc);
+                    let spec = d.spec.and_then(|s| s.template.spec).expect("pod spec");
+                    check_volplane_args(path, &spec);
+                }
+                "DaemonSet" => {
+                    let d: DaemonSet = typed(path, &doc);
+                    let spec = d.spec.and_then(|s| s.template.spec).expect("pod spec");
+                    check_volplane_args(path, &spec);
+                }
+                other => panic!("{}: unexpected kind {other:?}", path.display()),
+            }
+            kinds.push(kind);
+        }
+    }
+    for expected in [
+        "Deployment",
+        "DaemonSet",
+        "CSIDriver",
+        "StorageClass",
+        "Pod",
+        "Role",
+        "ClusterRole",
+    ] {
+        assert!(kinds.iter().any(|k| k == expected), "no {expected} in deploy/");
+    }
+}
+
+#[test]
+fn kustomizations_name_existing_resources() {
+    let mut files = Vec::new();
+    yaml_files(&deploy_dir(), &mut files);
+    let kustomizations: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "kustomization.yaml"))
+        .collect();
+    assert!(kustomizations.len() >= 4);
+    for path in kustomizations {
+        let doc = documents(path).into_iter().next().expect("one document");
+        let dir = path.parent().expect("dir");
+        for resource in doc["resources"].as_array().expect("resources") {
+            let name = resource.as_str().expect("resource path");
+            assert!(dir.join(name).exists(), "{}: {name} does not exist", path.display());
+        }
+    }
+}
