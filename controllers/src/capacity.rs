@@ -64,28 +64,22 @@ pub async fn build(
         return Ok(None);
     }
 
-    let topology = match node {
+    // A segment learnt from the driver is sent back in GetCapacity; the
+    // hostname fallback of a driver without topology is not.
+    let (topology, send_topology) = match node {
         Some(node) => {
             let info = csi.node_get_info().await.context("NodeGetInfo for --node-deployment")?;
-            let reported = driver
-                .supports_topology()
-                .then(|| info.accessible_topology.map(|t| t.segments))
-                .flatten();
+            let reported = info
+                .accessible_topology
+                .map(|t| t.segments)
+                .filter(|segments| driver.supports_topology() && !segments.is_empty());
             let segment = model::per_node_segment(node, reported.as_ref());
             info!(%node, %segment, node_id = %info.node_id, "per-node capacity segment");
-            Topology::Fixed(segment)
+            (Topology::Fixed(segment), reported.is_some())
         }
-        None if driver.supports_topology() => Topology::Central,
-        None => Topology::Fixed(model::Segment::default()),
+        None if driver.supports_topology() => (Topology::Central, true),
+        None => (Topology::Fixed(model::Segment::default()), false),
     };
-    // A segment learnt from the driver is sent back; the hostname fallback is not.
-    let send_topology = driver.supports_topology()
-        && match &topology {
-            Topology::Fixed(segment) => node.is_none_or(|n| {
-                segment.0.get(model::HOSTNAME_LABEL).map(String::as_str) != Some(n) || segment.0.len() != 1
-            }),
-            Topology::Central => true,
-        };
     let config = CapacityConfig {
         driver: driver.name.clone(),
         send_topology,

@@ -446,3 +446,66 @@ async fn every_api_request_passes_the_client_side_rate_limit() {
         "24 creates in {span:?} exceed 4 per 200 ms"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_mode_publishes_this_nodes_segment_owned_by_the_node() {
+    let api = api_server().await;
+    let driver = TestDriver::start(DriverConfig {
+        name: "node.csi.volplane.dev".into(),
+        node_id: "n1".into(),
+        node_topology: Some(volplane_tests::driver::labels([("zone", "a")])),
+        ..DriverConfig::default()
+    })
+    .await
+    .expect("driver");
+    driver.set_default_capacity(CapacityAnswer::available(3 << 30));
+    seed_cluster(&api, "node.csi.volplane.dev").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_kubeconfig(dir.path(), &api.url());
+    let mut running = Running::start(
+        &kubeconfig,
+        &[
+            "--csi-address",
+            &driver.address(),
+            "--node-deployment",
+            "--node-name",
+            "n1",
+        ],
+    );
+    running.wait_for("volplane is ready").await;
+    let capacities: Api<CSIStorageCapacity> = Api::namespaced(api.client(), "volplane-test");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let published = loop {
+        let items = capacities.list(&ListParams::default()).await.expect("list").items;
+        if let Some(object) = items.into_iter().next() {
+            break object;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no CSIStorageCapacity published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (code, _) = running.terminate().await;
+    assert_eq!(code, Some(0));
+
+    let labels = published.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels.get("csi.storage.k8s.io/managed-by").map(String::as_str),
+        Some("volplane-n1")
+    );
+    assert_eq!(
+        published.node_topology.and_then(|t| t.match_labels),
+        Some(volplane_tests::driver::labels([("zone", "a")]))
+    );
+    let owners = published.metadata.owner_references.unwrap_or_default();
+    assert_eq!(owners.len(), 1);
+    assert_eq!((owners[0].kind.as_str(), owners[0].name.as_str()), ("Node", "n1"));
+    // The driver's own segment is sent back to it.
+    let sent = driver.capacity_requests();
+    assert!(
+        sent.iter()
+            .all(|r| r.accessible_topology.as_ref().map(|t| t.segments.clone())
+                == Some(volplane_tests::driver::labels([("zone", "a")])))
+    );
+}
