@@ -153,6 +153,7 @@ struct DriverState {
     delays: HashMap<CsiMethod, Duration>,
     calls: Vec<Call>,
     deadlines: Vec<Option<String>>,
+    received: Vec<std::time::Instant>,
 }
 
 /// Handle to a running test driver; dropping it stops the server.
@@ -188,6 +189,7 @@ impl TestDriver {
             delays: HashMap::new(),
             calls: Vec::new(),
             deadlines: Vec::new(),
+            received: Vec::new(),
         }));
         let service = Service { state: state.clone() };
         let (shutdown, stopped) = oneshot::channel::<()>();
@@ -315,11 +317,26 @@ impl TestDriver {
         self.state().deadlines.clone()
     }
 
+    /// The GetCapacity requests so far with the time each arrived.
+    pub fn timed_capacity_requests(&self) -> Vec<(std::time::Instant, pb::GetCapacityRequest)> {
+        let state = self.state();
+        state
+            .calls
+            .iter()
+            .zip(&state.received)
+            .filter_map(|(call, at)| match call {
+                Call::GetCapacity(request) => Some((*at, request.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Forgets the recorded requests.
     pub fn clear_calls(&self) {
         let mut state = self.state();
         state.calls.clear();
         state.deadlines.clear();
+        state.received.clear();
     }
 
     /// Stops the server and waits until it no longer accepts connections.
@@ -373,6 +390,7 @@ impl Service {
             let mut state = lock(&self.state);
             state.calls.push(call);
             state.deadlines.push(deadline);
+            state.received.push(std::time::Instant::now());
             let delay = state.delays.get(&method).copied();
             let failure = state.failures.get_mut(&method).and_then(VecDeque::pop_front);
             (delay, failure)
