@@ -191,6 +191,24 @@ async fn seed_cluster(api: &ApiServerDouble, driver: &str) {
         .expect("class");
 }
 
+/// The first CSIStorageCapacity in `volplane-test`, waiting up to 20 s for one.
+async fn first_published_capacity(api: &ApiServerDouble) -> CSIStorageCapacity {
+    let capacities: Api<CSIStorageCapacity> = Api::namespaced(api.client(), "volplane-test");
+    volplane_tests::wait::eventually_some(Duration::from_secs(20), "a CSIStorageCapacity is published", || {
+        let capacities = capacities.clone();
+        async move {
+            capacities
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()
+        }
+    })
+    .await
+}
+
 /// A running volplane with its stderr lines streamed.
 struct Running {
     child: Child,
@@ -333,19 +351,7 @@ async fn starts_against_api_server_and_driver_then_exits_cleanly_on_sigterm() {
     assert_eq!(http_get(admin, "/livez").0, 200);
     assert_eq!(http_get(admin, "/readyz").0, 200);
     // The capacity controller published the one (segment, class) pair.
-    let capacities: Api<CSIStorageCapacity> = Api::namespaced(api.client(), "volplane-test");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let published = loop {
-        let items = capacities.list(&ListParams::default()).await.expect("list").items;
-        if let Some(object) = items.into_iter().next() {
-            break object;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no CSIStorageCapacity published"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let published = first_published_capacity(&api).await;
     assert_eq!(published.storage_class_name, "wffc");
     assert_eq!(published.capacity.map(|q| q.0), Some((5i64 << 30).to_string()));
 
@@ -473,19 +479,7 @@ async fn per_node_mode_publishes_this_nodes_segment_owned_by_the_node() {
         ],
     );
     running.wait_for("volplane is ready").await;
-    let capacities: Api<CSIStorageCapacity> = Api::namespaced(api.client(), "volplane-test");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let published = loop {
-        let items = capacities.list(&ListParams::default()).await.expect("list").items;
-        if let Some(object) = items.into_iter().next() {
-            break object;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no CSIStorageCapacity published"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let published = first_published_capacity(&api).await;
     let (code, _) = running.terminate().await;
     assert_eq!(code, Some(0));
 

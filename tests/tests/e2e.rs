@@ -11,6 +11,30 @@ use serde_json::json;
 use volplane_tests::e2e::{ControlPlane, bin_dir_or_skip};
 use volplane_tests::wait::eventually_some as eventually;
 
+/// The node the scheduler picked for a late-bound claim (its
+/// `volume.kubernetes.io/selected-node` annotation), waiting up to 90 s.
+async fn selected_node(
+    claims: &Api<k8s_openapi::api::core::v1::PersistentVolumeClaim>,
+    name: &str,
+    what: &str,
+) -> String {
+    eventually(Duration::from_secs(90), what, || {
+        let claims = claims.clone();
+        let name = name.to_string();
+        async move {
+            claims
+                .get(&name)
+                .await
+                .ok()?
+                .metadata
+                .annotations?
+                .get("volume.kubernetes.io/selected-node")
+                .cloned()
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_serves_namespaces_and_schedules_pods() {
     let Some(bin_dir) = bin_dir_or_skip("control_plane_serves_namespaces_and_schedules_pods") else {
@@ -184,24 +208,7 @@ mod capacity {
         create(&claims, claim).await;
         create(&pods, pod).await;
         // With late binding the scheduler records its choice on the claim.
-        let selected = eventually(
-            Duration::from_secs(90),
-            "the scheduler selects a node for the claim",
-            || {
-                let claims = claims.clone();
-                async move {
-                    claims
-                        .get("fits-big")
-                        .await
-                        .ok()?
-                        .metadata
-                        .annotations?
-                        .get("volume.kubernetes.io/selected-node")
-                        .cloned()
-                }
-            },
-        )
-        .await;
+        let selected = selected_node(&claims, "fits-big", "the scheduler selects a node for the claim").await;
         assert_eq!(selected, "big", "5Gi only fits the node with 10Gi");
 
         let (claim, pod) = claim_and_pod("fits-nowhere", "50Gi");
@@ -291,20 +298,7 @@ mod ephemeral {
         assert_eq!(owner.len(), 1);
         assert_eq!(Some(&owner[0].uid), pod.metadata.uid.as_ref());
         // The scheduler accepted the pod and picked a node for the late-bound claim.
-        let selected = eventually(Duration::from_secs(90), "the scheduler selects a node", || {
-            let claims = claims.clone();
-            async move {
-                claims
-                    .get("seed-scratch")
-                    .await
-                    .ok()?
-                    .metadata
-                    .annotations?
-                    .get("volume.kubernetes.io/selected-node")
-                    .cloned()
-            }
-        })
-        .await;
+        let selected = selected_node(&claims, "seed-scratch", "the scheduler selects a node").await;
         assert_eq!(selected, "node-1");
 
         // Stop volplane first so only the garbage collector can act.
