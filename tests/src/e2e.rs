@@ -12,7 +12,7 @@
 //!   created the moment a namespace exists;
 //! - kube-controller-manager runs every controller except
 //!   `ephemeral-volume-controller` (volplane's is under test) and
-//!   `nodelifecycle` (there are no kubelets: fake nodes stay Ready);
+//!   `node-lifecycle-controller` (there are no kubelets: fake nodes stay Ready);
 //! - kube-scheduler runs with defaults.
 //!
 //! Everything is stopped and deleted when the [`ControlPlane`] is dropped,
@@ -171,13 +171,15 @@ impl ControlPlane {
             &find_binary(bin_dir, "kube-controller-manager")?,
             &[
                 format!("--kubeconfig={}", kubeconfig.display()),
-                "--controllers=*,-ephemeral-volume-controller,-nodelifecycle".into(),
+                "--controllers=*,-ephemeral-volume-controller,-node-lifecycle-controller".into(),
                 "--leader-elect=false".into(),
                 format!("--secure-port={kcm_port}"),
                 "--bind-address=127.0.0.1".into(),
                 format!("--service-account-private-key-file={}", sa_key.display()),
                 "--use-service-account-credentials=false".into(),
                 "--cluster-name=volplane-e2e".into(),
+                format!("--authentication-kubeconfig={}", kubeconfig.display()),
+                format!("--authorization-kubeconfig={}", kubeconfig.display()),
             ],
         )?;
         let scheduler_port = free_port()?;
@@ -189,6 +191,8 @@ impl ControlPlane {
                 "--leader-elect=false".into(),
                 format!("--secure-port={scheduler_port}"),
                 "--bind-address=127.0.0.1".into(),
+                format!("--authentication-kubeconfig={}", kubeconfig.display()),
+                format!("--authorization-kubeconfig={}", kubeconfig.display()),
             ],
         )?;
         Ok(plane)
