@@ -503,3 +503,19 @@ async fn per_node_mode_publishes_this_nodes_segment_owned_by_the_node() {
                 == Some(volplane_tests::driver::labels([("zone", "a")])))
     );
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let mut command = volplane();
+    command.args(["--log-format", "json", "--kubeconfig", "/nonexistent/kubeconfig"]);
+    let output = run_to_exit(command, Duration::from_secs(30)).await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let logs: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("error:")).collect();
+    assert!(!logs.is_empty(), "{stderr}");
+    for line in logs {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(value["level"].is_string() && value["timestamp"].is_string(), "{line}");
+    }
+    assert!(stderr.contains("\"message\":\"volplane starting\""), "{stderr}");
+}
