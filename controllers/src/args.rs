@@ -124,11 +124,11 @@ pub struct Args {
 
     /// Average client-side limit of requests per second to the API server
     /// (watches count once, when opened); 0 disables the limit.
-    #[arg(long, env = "KUBE_API_QPS", value_name = "QPS", default_value_t = 150.0)]
+    #[arg(long, env = "KUBE_API_QPS", value_name = "QPS", default_value_t = 200.0)]
     pub kube_api_qps: f64,
 
     /// Requests that may go out at once above the average rate.
-    #[arg(long, env = "KUBE_API_BURST", value_name = "N", default_value_t = 300,
+    #[arg(long, env = "KUBE_API_BURST", value_name = "N", default_value_t = 400,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub kube_api_burst: u32,
 
@@ -431,10 +431,10 @@ mod tests {
     #[test]
     fn api_rate_limit_flags() {
         let args = parse(&[]).expect("valid");
-        assert_eq!((args.kube_api_qps, args.kube_api_burst), (150.0, 300));
+        assert_eq!((args.kube_api_qps, args.kube_api_burst), (200.0, 400));
         assert!(parse(&["--kube-api-qps=-1"]).expect("parses").validate().is_err());
         assert!(parse(&["--kube-api-burst", "0"]).is_err());
-        assert_eq!(args.api_rate_window(), Some((300, Duration::from_secs(2))));
+        assert_eq!(args.api_rate_window(), Some((400, Duration::from_secs(2))));
         assert_eq!(parse(&["--kube-api-qps", "0"]).expect("valid").api_rate_window(), None);
     }
 
