@@ -6,6 +6,9 @@
 //! ```sh
 //! cargo test --release -p volplane --test bench_capacity -- --ignored --nocapture
 //! ```
+//!
+//! `VOLPLANE_BENCH_ARGS` adds flags to volplane's command line, e.g.
+//! `--kube-api-qps 0` to measure without the client-side rate limit.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -112,6 +115,11 @@ async fn capacity_4000_objects() {
             "--capacity-poll-interval",
             &format!("{}s", poll.as_secs()),
         ])
+        .args(
+            std::env::var("VOLPLANE_BENCH_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
