@@ -5,8 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -63,12 +61,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     let mut readiness: Vec<watch::Receiver<bool>> = Vec::new();
-    let stopped = |mut rx: watch::Receiver<bool>| -> BoxFuture<'static, ()> {
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-        .boxed()
-    };
     for controller in &controllers {
         match controller {
             Controller::Capacity => {
@@ -78,7 +70,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 match crate::capacity::build(&client, csi, driver, &args, &namespace, metrics.clone()).await? {
                     Some(capacity) => {
                         readiness.push(capacity.readiness());
-                        let shutdown = stopped(stop_rx.clone());
+                        let shutdown = stop_requested(stop_rx.clone());
                         tasks.spawn(
                             async move { ("capacity", capacity.run(shutdown).await.map_err(anyhow::Error::from)) },
                         );
@@ -100,13 +92,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     metrics.clone(),
                 );
                 readiness.push(ephemeral.readiness());
-                let mut stop = stop_rx.clone();
-                tasks.spawn(async move {
-                    let shutdown = async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    };
-                    ("ephemeral", ephemeral.run(shutdown).await.map_err(anyhow::Error::from))
-                });
+                let shutdown = stop_requested(stop_rx.clone());
+                tasks.spawn(async move { ("ephemeral", ephemeral.run(shutdown).await.map_err(anyhow::Error::from)) });
             }
         }
     }
@@ -152,6 +139,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let _ = admin.await;
     }
     outcome
+}
+
+/// Completes once a stop was requested (or the sender is gone).
+async fn stop_requested(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 async fn connect_kube(args: &Args) -> anyhow::Result<kube::Client> {

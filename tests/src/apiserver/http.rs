@@ -95,7 +95,7 @@ fn parse_target(group: &str, version: &str, rest: &[&str]) -> Option<Target> {
     })
 }
 
-fn discovery(segments: &[&str], shared: &Shared) -> Option<Value> {
+fn discovery(segments: &[&str]) -> Option<Value> {
     let groups = || {
         let mut seen: Vec<(&str, &str)> = Vec::new();
         for k in KINDS.iter().filter(|k| !k.group.is_empty()) {
@@ -133,7 +133,6 @@ fn discovery(segments: &[&str], shared: &Shared) -> Option<Value> {
             };
             json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
         };
-    let _ = shared;
     match segments {
         ["version"] => Some(json!({
             "major": "1", "minor": "33", "gitVersion": "v1.33.0-volplane-double", "gitCommit": "0",
@@ -179,7 +178,7 @@ async fn handle(
         return "ok".into_response();
     }
     if method == Method::GET
-        && let Some(value) = discovery(&segments, &shared)
+        && let Some(value) = discovery(&segments)
     {
         return json_response(StatusCode::OK, &value);
     }
