@@ -10,15 +10,14 @@ use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use volplane_capacity::model::{DRIVER_LABEL, MANAGED_BY_LABEL, ObjectIdentity, Segment};
 use volplane_capacity::queue::Backoff;
 use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
 use volplane_csi::CsiMethod;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
+use volplane_tests::background::Background;
 use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, labels};
-use volplane_tests::wait::eventually;
+use volplane_tests::wait::{eventually, within};
 
 const DRIVER: &str = "test.csi.volplane.dev";
 const NS: &str = "storage";
@@ -30,7 +29,7 @@ struct Harness {
     client: kube::Client,
     metrics: Arc<CapacityMetrics>,
     registry: Registry,
-    running: Option<(oneshot::Sender<()>, JoinHandle<volplane_capacity::Result<()>>)>,
+    running: Option<Background<volplane_capacity::Result<()>>>,
 }
 
 fn config(poll: Duration, topology: Topology, send_topology: bool) -> CapacityConfig {
@@ -91,25 +90,15 @@ impl Harness {
             self.metrics.clone(),
         );
         let mut ready = controller.readiness();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(controller.run(async {
-            let _ = stopped.await;
-        }));
-        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+        self.running = Some(Background::spawn(|shutdown| controller.run(shutdown)));
+        within(Duration::from_secs(20), ready.wait_for(|r| *r))
             .await
-            .expect("controller syncs within 20s")
             .expect("readiness channel");
-        self.running = Some((stop, task));
     }
 
     async fn stop(&mut self) {
-        if let Some((stop, task)) = self.running.take() {
-            let _ = stop.send(());
-            tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .expect("controller stops")
-                .expect("join")
-                .expect("controller result");
+        if let Some(running) = self.running.take() {
+            running.stop(Duration::from_secs(20)).await.expect("controller result");
         }
     }
 

@@ -8,20 +8,17 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
-use volplane_tests::wait::eventually;
-
-type Running = (oneshot::Sender<()>, JoinHandle<Result<(), volplane_ephemeral::Error>>);
+use volplane_tests::background::Background;
+use volplane_tests::wait::{eventually, within};
 
 struct Harness {
     double: ApiServerDouble,
     client: kube::Client,
     registry: Registry,
     metrics: Arc<EphemeralMetrics>,
-    running: Option<Running>,
+    running: Option<Background<Result<(), volplane_ephemeral::Error>>>,
 }
 
 impl Harness {
@@ -51,25 +48,15 @@ impl Harness {
             self.metrics.clone(),
         );
         let mut ready = controller.readiness();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(controller.run(async {
-            let _ = stopped.await;
-        }));
-        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+        self.running = Some(Background::spawn(|shutdown| controller.run(shutdown)));
+        within(Duration::from_secs(20), ready.wait_for(|r| *r))
             .await
-            .expect("synced within 20s")
             .expect("readiness");
-        self.running = Some((stop, task));
     }
 
     async fn stop(&mut self) {
-        if let Some((stop, task)) = self.running.take() {
-            let _ = stop.send(());
-            tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .expect("stops")
-                .expect("join")
-                .expect("result");
+        if let Some(running) = self.running.take() {
+            running.stop(Duration::from_secs(20)).await.expect("result");
         }
     }
 

@@ -4,8 +4,10 @@
 //! - [`apiserver`]: an in-process Kubernetes API-server double for `kube::Client`.
 //! - [`e2e`]: a throwaway real control plane, when `VOLPLANE_E2E_BIN_DIR` is set.
 //! - [`wait`]: waiting for conditions with deadlines.
+//! - [`background`]: a controller running until the test stops it.
 
 pub mod apiserver;
+pub mod background;
 pub mod driver;
 pub mod e2e;
 pub mod wait;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ObjectMeta, PostParams};
 use serde_json::json;
+use volplane_tests::background::Background;
 use volplane_tests::e2e::{ControlPlane, bin_dir_or_skip};
 use volplane_tests::wait::eventually_some as eventually;
 
@@ -187,10 +188,7 @@ mod capacity {
             },
             Arc::new(CapacityMetrics::register(&mut registry)),
         );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(controller.run(async {
-            let _ = stopped.await;
-        }));
+        let running = Background::spawn(|shutdown| controller.run(shutdown));
 
         let capacities: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), ns);
         eventually(Duration::from_secs(60), "two CSIStorageCapacity objects", || {
@@ -231,8 +229,7 @@ mod capacity {
         let pod = pods.get("fits-nowhere").await.expect("pod");
         assert_eq!(pod.spec.and_then(|s| s.node_name), None);
 
-        let _ = stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(20), running).await;
+        running.stop(Duration::from_secs(20)).await.expect("controller result");
     }
 }
 
@@ -274,10 +271,7 @@ mod ephemeral {
             },
             Arc::new(EphemeralMetrics::register(&mut registry)),
         );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(controller.run(async {
-            let _ = stopped.await;
-        }));
+        let running = Background::spawn(|shutdown| controller.run(shutdown));
 
         let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "seed"},
@@ -302,8 +296,7 @@ mod ephemeral {
         assert_eq!(selected, "node-1");
 
         // Stop volplane first so only the garbage collector can act.
-        let _ = stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(20), running).await;
+        running.stop(Duration::from_secs(20)).await.expect("controller result");
         pods.delete("seed", &DeleteParams::default().grace_period(0))
             .await
             .expect("delete pod");
