@@ -10,7 +10,6 @@
 //! `VOLPLANE_BENCH_ARGS` adds flags to volplane's command line, e.g.
 //! `--kube-api-qps 0` to measure without the client-side rate limit.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Node};
@@ -21,20 +20,11 @@ use volplane_csi::CsiMethod;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver};
 
+mod support;
+
 const DRIVER: &str = "bench.csi.volplane.dev";
 const SEGMENTS: usize = 1000;
 const CLASSES: usize = 4;
-
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
 
 async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
@@ -98,32 +88,18 @@ async fn capacity_4000_objects() {
         seeding.elapsed()
     );
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, double.kubeconfig()).expect("kubeconfig");
     let poll = Duration::from_secs(10);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_volplane"))
-        .env_clear()
-        .env("RUST_LOG", "warn")
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args([
+    let (mut child, _kubeconfig) = support::spawn_volplane(
+        &double,
+        &[
             "--csi-address",
             &driver.address(),
             "--namespace",
             "bench",
             "--capacity-poll-interval",
             &format!("{}s", poll.as_secs()),
-        ])
-        .args(
-            std::env::var("VOLPLANE_BENCH_ARGS")
-                .unwrap_or_default()
-                .split_whitespace(),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn volplane");
+        ],
+    );
     let pid = child.id();
 
     let objects = SEGMENTS * CLASSES;
@@ -146,8 +122,8 @@ async fn capacity_4000_objects() {
     tokio::time::sleep(poll).await; // measuring a whole interval, not waiting for a condition
     let writes = double.writes("csistoragecapacities") - writes_before;
     let calls = driver.count(CsiMethod::GetCapacity) - calls_before;
-    let rss = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
-    let peak = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+    let rss = support::status_kib(pid, "VmRSS:").unwrap_or(0);
+    let peak = support::status_kib(pid, "VmHWM:").unwrap_or(0);
     println!(
         "steady state over one {poll:?} interval: {calls} GetCapacity calls for {objects} items, {writes} API writes"
     );

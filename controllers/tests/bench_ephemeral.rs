@@ -13,7 +13,6 @@
 //! `--kube-api-qps 0` to measure without the client-side rate limit.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,8 @@ use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
+
+mod support;
 
 const PODS: usize = 1000;
 
@@ -37,24 +38,7 @@ async fn ephemeral_1000_pods() {
     let double = ApiServerDouble::start().await.expect("double");
     double.enable_garbage_collection(true);
     let client = double.client();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, double.kubeconfig()).expect("kubeconfig");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_volplane"))
-        .env_clear()
-        .env("RUST_LOG", "warn")
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["--controllers", "ephemeral"])
-        .args(
-            std::env::var("VOLPLANE_BENCH_ARGS")
-                .unwrap_or_default()
-                .split_whitespace(),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn volplane");
+    let (mut child, _kubeconfig) = support::spawn_volplane(&double, &["--controllers", "ephemeral"]);
     let pid = child.id();
 
     // Record when each PVC appears.
@@ -120,10 +104,7 @@ async fn ephemeral_1000_pods() {
         .filter_map(|(claim, pod_time)| seen.get(claim).map(|t| t.saturating_duration_since(*pod_time)))
         .collect();
     latencies.sort();
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .unwrap_or_default();
+    let peak = support::status_kib(pid, "VmHWM:").unwrap_or(0);
     println!(
         "all {PODS} PVCs exist {:.2?} after the last pod ({:.2?} after the first)",
         all_done.saturating_duration_since(last_pod),
@@ -136,10 +117,7 @@ async fn ephemeral_1000_pods() {
         percentile(&latencies, 0.99),
         latencies.last().copied().unwrap_or_default()
     );
-    println!(
-        "volplane peak memory: {}",
-        rss.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")
-    );
+    println!("volplane peak memory: {:.1} MiB", peak as f64 / 1024.0);
     let _ = child.kill();
     let _ = child.wait();
     watch.abort();
