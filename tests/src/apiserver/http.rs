@@ -226,6 +226,11 @@ async fn handle(
         name: target.name.clone(),
         subresource: target.subresource.clone(),
         at: std::time::Instant::now(),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
     });
     let latency = *lock(&shared.latency);
     if !latency.is_zero() {
@@ -246,7 +251,7 @@ async fn handle(
         Verb::Get => get(&shared, &target),
         Verb::Create => create(&shared, &target, &body),
         Verb::Update => update(&shared, &target, &body),
-        Verb::Patch => patch(&shared, &target, &headers, &body),
+        Verb::Patch => patch(&shared, &target, &query, &headers, &body),
         Verb::Delete => delete(&shared, &target, &query, &body),
         Verb::DeleteCollection => delete_collection(&shared, &target, &query),
     };
@@ -364,7 +369,13 @@ fn update(shared: &Shared, target: &Target, body: &Bytes) -> Answer {
     Ok((StatusCode::OK, updated))
 }
 
-fn patch(shared: &Shared, target: &Target, headers: &HeaderMap, body: &Bytes) -> Answer {
+fn patch(
+    shared: &Shared,
+    target: &Target,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Answer {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -378,7 +389,10 @@ fn patch(shared: &Shared, target: &Target, headers: &HeaderMap, body: &Bytes) ->
     let patch = match content_type.as_str() {
         "application/merge-patch+json" | "application/strategic-merge-patch+json" => Patch::Merge(value),
         "application/json-patch+json" => Patch::Json(value),
-        "application/apply-patch+yaml" => Patch::Apply(value),
+        "application/apply-patch+yaml" => Patch::Apply {
+            body: value,
+            force: is_true(query.get("force")),
+        },
         other => {
             return Err(ApiError::new(
                 415,
@@ -391,7 +405,14 @@ fn patch(shared: &Shared, target: &Target, headers: &HeaderMap, body: &Bytes) ->
     };
     let status_only = target.subresource.is_some();
     let patched = mutate(shared, |store| {
-        store.patch(target.kind, namespace_of(target), name_of(target), patch, status_only)
+        store.patch(
+            target.kind,
+            namespace_of(target),
+            name_of(target),
+            patch,
+            status_only,
+            query.get("fieldManager").map(String::as_str),
+        )
     })?;
     Ok((StatusCode::OK, patched))
 }

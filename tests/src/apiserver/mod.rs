@@ -76,6 +76,8 @@ pub struct RequestRecord {
     pub subresource: Option<String>,
     /// When the request arrived.
     pub at: std::time::Instant,
+    /// The client's `User-Agent` header.
+    pub user_agent: String,
 }
 
 #[derive(Clone, Debug)]
@@ -179,6 +181,11 @@ impl ApiServerDouble {
             remaining: times,
             code,
         });
+    }
+
+    /// Drops every pending injected failure.
+    pub fn clear_faults(&self) {
+        lock(&self.shared.faults).clear();
     }
 
     /// Adds `latency` before every request is handled.

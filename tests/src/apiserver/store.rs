@@ -108,8 +108,15 @@ pub enum Patch {
     Merge(Value),
     /// `application/json-patch+json`.
     Json(Value),
-    /// `application/apply-patch+yaml` (approximated as a merge patch that creates when missing).
-    Apply(Value),
+    /// `application/apply-patch+yaml`, approximated as a merge patch that
+    /// creates when missing. Without `force` it is refused with 409 Conflict
+    /// when it would change a field another field manager set last.
+    Apply {
+        /// The applied configuration.
+        body: Value,
+        /// `?force=true`: take fields over from other managers.
+        force: bool,
+    },
 }
 
 /// A watch asked for history that is gone; it must re-list.
@@ -144,6 +151,37 @@ pub struct Store {
     /// Garbage collection of dependents whose owners are all gone.
     pub garbage_collection: bool,
     pending: Vec<Arc<Change>>,
+    /// Field path (JSON pointer) → the field manager that set it last, per
+    /// object; only patches with a `fieldManager` record it.
+    owners: HashMap<Key, BTreeMap<String, String>>,
+}
+
+/// The leaf fields of a patch body outside `apiVersion`, `kind` and
+/// `metadata`, as JSON pointers with their values.
+fn field_leaves(body: &Value) -> Vec<(String, &Value)> {
+    fn walk<'a>(prefix: String, value: &'a Value, out: &mut Vec<(String, &'a Value)>) {
+        match value.as_object() {
+            Some(map) if !map.is_empty() => {
+                for (field, inner) in map {
+                    walk(
+                        format!("{prefix}/{}", field.replace('~', "~0").replace('/', "~1")),
+                        inner,
+                        out,
+                    );
+                }
+            }
+            _ => out.push((prefix, value)),
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(map) = body.as_object() {
+        for (field, value) in map {
+            if !matches!(field.as_str(), "apiVersion" | "kind" | "metadata") {
+                walk(format!("/{field}"), value, &mut out);
+            }
+        }
+    }
+    out
 }
 
 fn now() -> String {
@@ -285,6 +323,7 @@ impl Store {
             seed: RandomState::new(),
             garbage_collection: false,
             pending: Vec::new(),
+            owners: HashMap::new(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let created = store.create(NAMESPACES, "", json!({"metadata": {"name": ns}}));
@@ -630,21 +669,42 @@ impl Store {
         name: &str,
         patch: Patch,
         status_only: bool,
+        manager: Option<&str>,
     ) -> Result<Value, ApiError> {
         let rk = self.check_scope(kind, namespace)?;
+        let key = (kind, namespace.to_string(), name.to_string());
         let current = match self.get(kind, namespace, name) {
             Ok(current) => current,
             Err(error) => {
-                if let Patch::Apply(body) = patch {
+                if let Patch::Apply { body, .. } = patch {
                     // Server-side apply creates what does not exist.
-                    return self.create(kind, namespace, body);
+                    let created = self.create(kind, namespace, body.clone())?;
+                    self.record_owners(&key, &body, manager);
+                    return Ok(created);
                 }
                 return Err(error);
             }
         };
+        if let Patch::Apply { body, force: false } = &patch {
+            let owners = self.owners.get(&key);
+            for (path, value) in field_leaves(body) {
+                let owner = owners.and_then(|o| o.get(&path)).map(String::as_str);
+                let current_value = current.pointer(&path).filter(|v| !v.is_null());
+                if current_value.is_some_and(|v| v != value) && owner.is_some_and(|o| Some(o) != manager) {
+                    return Err(ApiError::new(
+                        409,
+                        "Conflict",
+                        format!(
+                            "Apply failed with 1 conflict: conflict with \"{}\": {path}",
+                            owner.unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+        }
         let mut next = current.clone();
         match &patch {
-            Patch::Merge(body) | Patch::Apply(body) => {
+            Patch::Merge(body) | Patch::Apply { body, .. } => {
                 if !body.is_object() {
                     return Err(ApiError::bad_request("a merge patch must be a JSON object"));
                 }
@@ -658,7 +718,7 @@ impl Store {
         }
         // A resourceVersion in the patch is a precondition, as in the real API server.
         let wanted_rv = match &patch {
-            Patch::Merge(body) | Patch::Apply(body) => meta_str(body, "resourceVersion").map(str::to_string),
+            Patch::Merge(body) | Patch::Apply { body, .. } => meta_str(body, "resourceVersion").map(str::to_string),
             Patch::Json(_) => None,
         };
         match wanted_rv {
@@ -672,7 +732,25 @@ impl Store {
                 }
             }
         }
-        self.update(kind, namespace, name, next, status_only)
+        let patched = self.update(kind, namespace, name, next, status_only)?;
+        if let Patch::Merge(body) | Patch::Apply { body, .. } = &patch {
+            self.record_owners(&key, body, manager);
+        }
+        Ok(patched)
+    }
+
+    fn record_owners(&mut self, key: &Key, body: &Value, manager: Option<&str>) {
+        let Some(manager) = manager else {
+            return;
+        };
+        let owners = self.owners.entry(key.clone()).or_default();
+        for (path, value) in field_leaves(body) {
+            if value.is_null() {
+                owners.remove(&path);
+            } else {
+                owners.insert(path, manager.to_string());
+            }
+        }
     }
 
     /// Deletes an object: removes it, or with finalizers marks it with a
@@ -724,6 +802,7 @@ impl Store {
 
     fn remove(&mut self, key: &Key, last: Value, orphan: bool) {
         self.objects.remove(key);
+        self.owners.remove(key);
         let uid = meta_str(&last, "uid").unwrap_or_default().to_string();
         self.uids.remove(&uid);
         self.record(key.0, &key.1, ChangeType::Deleted, last, None);
@@ -856,9 +935,49 @@ mod tests {
                 "p",
                 Patch::Merge(json!({"status": {"phase": "Running"}})),
                 true,
+                None,
             )
             .expect("status patch");
         assert_eq!(status["status"]["phase"], "Running");
+    }
+
+    #[test]
+    fn apply_without_force_conflicts_with_fields_of_another_manager() {
+        let mut store = Store::new();
+        let leases = KINDS.iter().position(|k| k.plural == "leases").expect("leases");
+        store
+            .create(leases, "default", json!({"metadata": {"name": "l"}, "spec": {}}))
+            .expect("created");
+        let apply = |holder: &str| Patch::Apply {
+            body: json!({"spec": {"holderIdentity": holder, "leaseDurationSeconds": 3}}),
+            force: false,
+        };
+        store
+            .patch(leases, "default", "l", apply("a"), false, Some("manager-a"))
+            .expect("a takes the free lease");
+        let err = store
+            .patch(leases, "default", "l", apply("b"), false, Some("manager-b"))
+            .expect_err("b conflicts");
+        assert_eq!((err.code, err.reason), (409, "Conflict"));
+        // Re-applying the same value is no conflict.
+        store
+            .patch(leases, "default", "l", apply("a"), false, Some("manager-b"))
+            .expect("same value");
+        // Clearing the field (a merge patch by its manager) frees it.
+        store
+            .patch(
+                leases,
+                "default",
+                "l",
+                Patch::Merge(json!({"spec": {"holderIdentity": null}})),
+                false,
+                Some("manager-a"),
+            )
+            .expect("release");
+        let taken = store
+            .patch(leases, "default", "l", apply("b"), false, Some("manager-b"))
+            .expect("b takes the released lease");
+        assert_eq!(taken["spec"]["holderIdentity"], "b");
     }
 
     #[test]
@@ -883,6 +1002,7 @@ mod tests {
                 "c",
                 Patch::Merge(json!({"metadata": {"finalizers": null}})),
                 false,
+                None,
             )
             .expect("patch");
         assert_eq!(store.get(pvcs(), "default", "c").expect_err("gone").code, 404);
