@@ -1,0 +1,364 @@
+//! The elector: takes and renews a Lease with kube-lease-manager, watches
+//! the Lease itself, and publishes the [`Term`] controllers write under.
+//!
+//! kube-lease-manager does the locking (server-side apply, so two
+//! candidates cannot both take a free lease) and renews `retry_period`
+//! after each renewal. Its own view of leadership does not expire when
+//! renewals fail or hang, so the elector only publishes a term backed by
+//! a renewal it has seen on the Lease object: the term ends
+//! `renew_deadline` after the last observed `renewTime`, even if no
+//! message arrives (a paused process cannot write on after resuming).
+//! Watching the Lease also lets a waiting candidate take a released lease
+//! at once instead of sleeping until its old expiry.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::leadership::{Leadership, Term};
+
+/// Settings of one election.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ElectionConfig {
+    /// Lease name, e.g. `volplane-capacity-hostpath-csi-k8s-io`.
+    pub lease_name: String,
+    /// Namespace of the Lease.
+    pub namespace: String,
+    /// This candidate's unique identity (`holderIdentity`).
+    pub identity: String,
+    /// `leaseDurationSeconds`: how long others wait after the last renewal.
+    pub lease_duration: Duration,
+    /// The leader stops writing when its last renewal is this old.
+    pub renew_deadline: Duration,
+    /// Time between renewals, and between attempts to take the lease.
+    pub retry_period: Duration,
+}
+
+impl ElectionConfig {
+    /// Checks the timing: whole seconds (the Lease API counts seconds) and
+    /// `retry_period < renew_deadline < lease_duration`, so that a leader
+    /// stops writing before anybody else may start.
+    pub fn validate(&self) -> Result<(), String> {
+        let whole = |d: Duration| d.subsec_nanos() == 0 && d.as_secs() > 0;
+        if !whole(self.lease_duration) || !whole(self.retry_period) {
+            return Err(format!(
+                "--leader-election-lease-duration ({:?}) and --leader-election-retry-period ({:?}) must be whole seconds of at least 1s",
+                self.lease_duration, self.retry_period
+            ));
+        }
+        if !(self.retry_period < self.renew_deadline && self.renew_deadline < self.lease_duration) {
+            return Err(format!(
+                "leader election needs retry period ({:?}) < renew deadline ({:?}) < lease duration ({:?})",
+                self.retry_period, self.renew_deadline, self.lease_duration
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Leader-election metrics, labelled by lease.
+#[derive(Debug, Default)]
+pub struct ElectionMetrics {
+    leader: Family<Vec<(String, String)>, Gauge>,
+    transitions: Family<Vec<(String, String)>, Counter>,
+}
+
+impl ElectionMetrics {
+    /// Registers `leader_election_*` in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "leader_election_leading",
+            "1 while this process holds the lease and may write, 0 otherwise",
+            metrics.leader.clone(),
+        );
+        registry.register(
+            "leader_election_transitions",
+            "Times this process started or stopped leading",
+            metrics.transitions.clone(),
+        );
+        metrics
+    }
+}
+
+/// What the elector has seen of the Lease object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Observed {
+    holder: Option<String>,
+    renewed: Option<SystemTime>,
+}
+
+impl Observed {
+    fn of(lease: &Lease) -> Self {
+        let spec = lease.spec.as_ref();
+        Self {
+            holder: spec.and_then(|s| s.holder_identity.clone()).filter(|h| !h.is_empty()),
+            renewed: spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0.into()),
+        }
+    }
+}
+
+/// Runs one election and publishes its [`Term`].
+pub struct Elector {
+    lease_client: kube::Client,
+    watch_client: kube::Client,
+    config: ElectionConfig,
+    metrics: Arc<ElectionMetrics>,
+    term: watch::Sender<Term>,
+}
+
+impl std::fmt::Debug for Elector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Elector").field("config", &self.config).finish()
+    }
+}
+
+impl Elector {
+    /// An elector; `lease_client` makes the lock requests (give it timeouts
+    /// shorter than the renew deadline), `watch_client` watches the Lease.
+    pub fn new(
+        lease_client: kube::Client,
+        watch_client: kube::Client,
+        config: ElectionConfig,
+        metrics: Arc<ElectionMetrics>,
+    ) -> Self {
+        Self {
+            lease_client,
+            watch_client,
+            config,
+            metrics,
+            term: watch::channel(Term::Following).0,
+        }
+    }
+
+    /// The leadership controllers of this group write under.
+    pub fn leadership(&self) -> Leadership {
+        Leadership::new(self.term.subscribe())
+    }
+
+    /// Campaigns until `shutdown` completes, then stops leading and
+    /// releases the lease if held, so a successor need not wait for expiry.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let config = &self.config;
+        let labels = vec![("lease".to_string(), config.lease_name.clone())];
+        let leading_gauge = self.metrics.leader.get_or_create(&labels).clone();
+        let transitions = self.metrics.transitions.get_or_create(&labels).clone();
+        let lease_api: Api<Lease> = Api::namespaced(self.lease_client.clone(), &config.namespace);
+        let mut leases = watcher::watcher(
+            Api::<Lease>::namespaced(self.watch_client.clone(), &config.namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", config.lease_name)),
+        )
+        .default_backoff()
+        .boxed();
+
+        let mut state = Campaign {
+            config,
+            term: &self.term,
+            observed: Observed::default(),
+            manager_leads: false,
+            number: 0,
+            published: Term::Following,
+            leading_gauge: &leading_gauge,
+            transitions: &transitions,
+        };
+        let mut manager: Option<LeaseManager> = None;
+        let shutdown = shutdown;
+        tokio::pin!(shutdown);
+        info!(lease = %config.lease_name, namespace = %config.namespace, identity = %config.identity, "leader election starting");
+        loop {
+            let Some(current) = manager.as_ref() else {
+                match self.build_manager().await {
+                    Ok(built) => manager = Some(built),
+                    Err(error) => {
+                        warn!(lease = %config.lease_name, %error, "cannot set up the lease; retrying");
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(config.retry_period) => {}
+                        }
+                    }
+                }
+                continue;
+            };
+            let deadline = state.deadline();
+            let next = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                changed = current.changed() => match changed {
+                    Ok(leads) => {
+                        state.manager_leads = leads;
+                        if leads {
+                            // Read our renewal now rather than wait for the watch.
+                            if let Ok(lease) = lease_api.get(&config.lease_name).await {
+                                state.observed = Observed::of(&lease);
+                            }
+                        }
+                        Next::Keep
+                    }
+                    Err(error) => {
+                        warn!(lease = %config.lease_name, %error, "lease request failed; stepping down until it works again");
+                        state.manager_leads = false;
+                        Next::RebuildLater
+                    }
+                },
+                event = leases.next() => match event {
+                    Some(Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease))) => {
+                        state.observed = Observed::of(&lease);
+                        if state.observed.holder.is_none() && !state.manager_leads {
+                            debug!(lease = %config.lease_name, "lease released; trying to take it now");
+                            Next::Rebuild
+                        } else {
+                            Next::Keep
+                        }
+                    }
+                    Some(Ok(watcher::Event::Delete(_))) => {
+                        state.observed = Observed::default();
+                        state.manager_leads = false;
+                        Next::Rebuild
+                    }
+                    Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => Next::Keep,
+                    Some(Err(error)) => {
+                        warn!(lease = %config.lease_name, %error, "lease watch failed; retrying");
+                        Next::Keep
+                    }
+                    None => break,
+                },
+                () = sleep_until(deadline), if deadline.is_some() => Next::Keep,
+            };
+            state.publish();
+            match next {
+                Next::Keep => {}
+                Next::Rebuild => manager = None,
+                Next::RebuildLater => {
+                    manager = None;
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(config.retry_period) => {}
+                    }
+                }
+            }
+        }
+        state.manager_leads = false;
+        state.publish();
+        if let Some(manager) = manager {
+            match tokio::time::timeout(config.renew_deadline, manager.release()).await {
+                Ok(Ok(())) => info!(lease = %config.lease_name, "lease released"),
+                Ok(Err(error)) => {
+                    warn!(lease = %config.lease_name, %error, "cannot release the lease; it expires by itself")
+                }
+                Err(_) => warn!(lease = %config.lease_name, "releasing the lease timed out; it expires by itself"),
+            }
+        }
+    }
+
+    async fn build_manager(&self) -> Result<LeaseManager, kube_lease_manager::LeaseManagerError> {
+        let config = &self.config;
+        let grace = config
+            .lease_duration
+            .saturating_sub(config.retry_period)
+            .as_secs()
+            .max(1);
+        LeaseManagerBuilder::new(self.lease_client.clone(), &config.lease_name)
+            .with_namespace(&config.namespace)
+            .with_identity(&config.identity)
+            .with_duration(config.lease_duration.as_secs())
+            .with_grace(grace)
+            .with_field_manager(format!("volplane-{}", config.identity))
+            .build()
+            .await
+    }
+}
+
+/// What happens to the lease manager after an event.
+enum Next {
+    Keep,
+    /// A fresh manager re-reads the Lease (its cached expiry would make it wait).
+    Rebuild,
+    /// After a failed request: a fresh manager, one retry period later.
+    RebuildLater,
+}
+
+async fn sleep_until(deadline: Option<SystemTime>) {
+    let wait = deadline
+        .and_then(|d| d.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default();
+    // Wake just after the deadline so that the term has ended by then.
+    tokio::time::sleep(wait + Duration::from_millis(1)).await;
+}
+
+/// The elector's bookkeeping between events.
+struct Campaign<'a> {
+    config: &'a ElectionConfig,
+    term: &'a watch::Sender<Term>,
+    observed: Observed,
+    manager_leads: bool,
+    number: u64,
+    published: Term,
+    leading_gauge: &'a Gauge,
+    transitions: &'a Counter,
+}
+
+impl Campaign<'_> {
+    /// The term the facts support now.
+    fn current(&self) -> Option<SystemTime> {
+        let until = self.observed.renewed? + self.config.renew_deadline;
+        (self.manager_leads
+            && self.observed.holder.as_deref() == Some(self.config.identity.as_str())
+            && SystemTime::now() < until)
+            .then_some(until)
+    }
+
+    /// When the published term ends unless renewed.
+    fn deadline(&self) -> Option<SystemTime> {
+        match self.published {
+            Term::Leading { until, .. } => until,
+            Term::Following => None,
+        }
+    }
+
+    fn publish(&mut self) {
+        let next = match (self.current(), self.published) {
+            (Some(until), Term::Leading { number, .. }) => Term::Leading {
+                number,
+                until: Some(until),
+            },
+            (Some(until), Term::Following) => {
+                self.number += 1;
+                Term::Leading {
+                    number: self.number,
+                    until: Some(until),
+                }
+            }
+            (None, _) => Term::Following,
+        };
+        let was_leading = matches!(self.published, Term::Leading { .. });
+        let leading = matches!(next, Term::Leading { .. });
+        if leading != was_leading {
+            self.transitions.inc();
+            self.leading_gauge.set(i64::from(leading));
+            if leading {
+                info!(lease = %self.config.lease_name, identity = %self.config.identity, "started leading");
+            } else {
+                let why = if !self.manager_leads {
+                    "the lease is not ours"
+                } else {
+                    "the last renewal is older than the renew deadline"
+                };
+                warn!(lease = %self.config.lease_name, why, "stopped leading; no more writes");
+            }
+        }
+        self.published = next;
+        self.term.send_replace(next);
+    }
+}
