@@ -29,6 +29,10 @@ pub enum Error {
     /// The configuration cannot work.
     #[error("{0}")]
     Config(String),
+
+    /// The write was not made (or was abandoned): this process does not lead.
+    #[error("{0}")]
+    NotLeader(#[from] volplane_leader::NotLeader),
 }
 
 impl Error {
@@ -45,6 +49,7 @@ impl Error {
             },
             Self::Startup { .. } => "startup",
             Self::Config(_) => "config",
+            Self::NotLeader(_) => "not_leader",
         }
     }
 

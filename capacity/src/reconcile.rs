@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use volplane_csi::{CapacityQuery, CsiClient};
+use volplane_leader::Leadership;
 
 use crate::error::{Error, Result};
 use crate::metrics::CapacityMetrics;
@@ -66,12 +67,14 @@ pub struct CapacityConfig {
     pub instance: String,
 }
 
-/// The capacity controller.
+/// The capacity controller. It watches whether or not it leads; it calls
+/// the driver and writes only while `leadership` allows.
 pub struct CapacityController {
     client: kube::Client,
     csi: CsiClient,
     config: Arc<CapacityConfig>,
     metrics: Arc<CapacityMetrics>,
+    leadership: Leadership,
     ready: watch::Sender<bool>,
 }
 
@@ -104,7 +107,7 @@ enum Outcome {
 
 enum Done {
     Refresh(WorkItem, Result<Outcome>),
-    Deleted(String, std::result::Result<(), kube::Error>),
+    Deleted(String, Result<()>),
 }
 
 fn input_signal<K>(source: &'static str, event: std::result::Result<Event<K>, watcher::Error>) -> Option<Signal> {
@@ -129,12 +132,19 @@ fn revision(object: &CSIStorageCapacity) -> Option<u64> {
 
 impl CapacityController {
     /// A controller; nothing runs until [`CapacityController::run`].
-    pub fn new(client: kube::Client, csi: CsiClient, config: CapacityConfig, metrics: Arc<CapacityMetrics>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        csi: CsiClient,
+        config: CapacityConfig,
+        metrics: Arc<CapacityMetrics>,
+        leadership: Leadership,
+    ) -> Self {
         Self {
             client,
             csi,
             config: Arc::new(config),
             metrics,
+            leadership,
             ready: watch::channel(false).0,
         }
     }
@@ -259,6 +269,8 @@ impl CapacityController {
             tasks: FuturesUnordered::new(),
             last_warning: HashMap::new(),
             start: Instant::now(),
+            leadership: self.leadership,
+            leading: false,
             ready: self.ready,
         };
 
@@ -268,9 +280,19 @@ impl CapacityController {
         info!(driver = %config.driver, namespace = %config.identity.namespace, managed_by = %config.identity.managed_by,
               poll_interval = ?config.poll_interval, workers = config.workers, "capacity controller starting");
         loop {
+            state.follow_leadership();
             state.dispatch();
             state.update_gauges();
-            let next_due = state.queue.next_due();
+            // Due work waits while another instance leads.
+            let next_due = state.queue.next_due().filter(|_| state.leading);
+            let mut leadership = state.leadership.clone();
+            let leadership_changed = async {
+                if state.leading {
+                    leadership.lost().await;
+                } else {
+                    leadership.gained().await;
+                }
+            };
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -279,6 +301,7 @@ impl CapacityController {
                     Some(signal) => state.signal(signal),
                     None => break,
                 },
+                () = leadership_changed => {}
                 () = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
             }
         }
@@ -315,10 +338,36 @@ struct LoopState {
     tasks: FuturesUnordered<BoxFuture<'static, Done>>,
     last_warning: HashMap<WorkItem, Instant>,
     start: Instant,
+    leadership: Leadership,
+    /// Whether writes were allowed when last looked at.
+    leading: bool,
     ready: watch::Sender<bool>,
 }
 
 impl LoopState {
+    /// Notices a change of leadership. A new leader first settles what
+    /// was skipped while following: obsolete objects go, missing ones are
+    /// created, and every item is refreshed (the work queue kept them).
+    fn follow_leadership(&mut self) {
+        let leading = self.leadership.may_write();
+        if leading == self.leading {
+            return;
+        }
+        self.leading = leading;
+        if leading {
+            info!("leading: publishing capacity");
+            if self.synced {
+                self.recompute_items();
+                self.resync_objects();
+            }
+        } else {
+            info!(
+                in_flight = self.tasks.len(),
+                "not leading: no GetCapacity calls and no writes"
+            );
+        }
+    }
+
     fn signal(&mut self, signal: Signal) {
         match signal {
             Signal::Inputs { source, synced } => {
@@ -537,10 +586,12 @@ impl LoopState {
 
     fn delete(&mut self, object: &CSIStorageCapacity) {
         let name = object_name(object);
-        if name.is_empty() || !self.deleting.insert(name.clone()) {
+        // A follower leaves it to the leader (or to itself once it leads).
+        if name.is_empty() || !self.leading || !self.deleting.insert(name.clone()) {
             return;
         }
         let api = self.api.clone();
+        let leadership = self.leadership.clone();
         let metrics = self.metrics.clone();
         let params = DeleteParams {
             preconditions: object.metadata.uid.clone().map(|uid| Preconditions {
@@ -555,13 +606,21 @@ impl LoopState {
                 let mut attempt = 0u32;
                 let result = loop {
                     attempt += 1;
-                    match api.delete(&name, &params).await {
+                    let Ok(deleted) = leadership.guard(api.delete(&name, &params)).await else {
+                        break Err(Error::NotLeader(volplane_leader::NotLeader));
+                    };
+                    match deleted {
                         Ok(_) => {
                             metrics.wrote("delete");
                             break Ok(());
                         }
                         Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => break Ok(()),
-                        Err(error) if attempt >= 5 => break Err(error),
+                        Err(error) if attempt >= 5 => {
+                            break Err(Error::Write {
+                                verb: "delete",
+                                source: error,
+                            });
+                        }
                         Err(error) => {
                             warn!(%name, %error, attempt, "delete failed; retrying");
                             tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
@@ -575,7 +634,7 @@ impl LoopState {
     }
 
     fn dispatch(&mut self) {
-        if !self.synced {
+        if !self.synced || !self.leading {
             return;
         }
         let now = Instant::now();
@@ -599,6 +658,7 @@ impl LoopState {
                 csi: self.csi.clone(),
                 config: self.config.clone(),
                 metrics: self.metrics.clone(),
+                leadership: self.leadership.clone(),
             };
             self.tasks.push(
                 async move {
@@ -636,6 +696,11 @@ impl LoopState {
                             self.queue.schedule(item, next);
                         }
                     }
+                    Err(Error::NotLeader(_)) => {
+                        // Cut off by a lost lease: done again once leading.
+                        debug!(%item, "refresh abandoned: not leading");
+                        self.queue.schedule(item, Instant::now());
+                    }
                     Err(error) if error.is_not_found() => {
                         // Deleted behind our back between the watch event and the write.
                         self.objects.remove(&item);
@@ -656,12 +721,16 @@ impl LoopState {
                     }
                 }
             }
-            Done::Deleted(name, result) => {
-                if let Err(error) = result {
+            Done::Deleted(name, result) => match result {
+                Ok(()) => {}
+                Err(Error::NotLeader(_)) => {
+                    self.deleting.remove(&name);
+                }
+                Err(error) => {
                     warn!(%name, %error, "cannot delete obsolete CSIStorageCapacity; will retry after the next re-list");
                     self.deleting.remove(&name);
                 }
-            }
+            },
         }
     }
 
@@ -686,6 +755,7 @@ impl LoopState {
         }
         self.last_warning.insert(item.clone(), now);
         let recorder = self.recorder.clone();
+        let leadership = self.leadership.clone();
         let mut note = format!(
             "GetCapacity for storage class {} in {} failed: {error}",
             item.class, item.segment
@@ -699,8 +769,9 @@ impl LoopState {
                 action: "GetCapacity".into(),
                 secondary: None,
             };
-            if let Err(error) = recorder.publish(&event, &target).await {
-                warn!(%error, "cannot publish event");
+            match leadership.guard(recorder.publish(&event, &target)).await {
+                Ok(Ok(())) | Err(_) => {}
+                Ok(Err(error)) => warn!(%error, "cannot publish event"),
             }
         });
     }
@@ -722,6 +793,7 @@ struct Refresh {
     csi: CsiClient,
     config: Arc<CapacityConfig>,
     metrics: Arc<CapacityMetrics>,
+    leadership: Leadership,
 }
 
 impl Refresh {
@@ -749,9 +821,9 @@ impl Refresh {
             None => {
                 let object = model::new_object(item, value, &self.config.identity);
                 let created = self
-                    .api
-                    .create(&PostParams::default(), &object)
-                    .await
+                    .leadership
+                    .guard(self.api.create(&PostParams::default(), &object))
+                    .await?
                     .map_err(|source| Error::Write { verb: "create", source })?;
                 self.metrics.wrote("create");
                 debug!(%item, name = ?created.metadata.name, capacity = value.capacity, "created CSIStorageCapacity");
@@ -762,9 +834,9 @@ impl Refresh {
                 Some(updated) => {
                     let name = object_name(&existing);
                     let replaced = self
-                        .api
-                        .replace(&name, &PostParams::default(), &updated)
-                        .await
+                        .leadership
+                        .guard(self.api.replace(&name, &PostParams::default(), &updated))
+                        .await?
                         .map_err(|source| Error::Write { verb: "update", source })?;
                     self.metrics.wrote("update");
                     debug!(%item, %name, capacity = value.capacity, "updated CSIStorageCapacity");

@@ -14,6 +14,7 @@ use volplane_capacity::model::{DRIVER_LABEL, MANAGED_BY_LABEL, ObjectIdentity, S
 use volplane_capacity::queue::Backoff;
 use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
 use volplane_csi::CsiMethod;
+use volplane_leader::{Leadership, Term};
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::background::Background;
 use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, labels};
@@ -29,6 +30,7 @@ struct Harness {
     client: kube::Client,
     metrics: Arc<CapacityMetrics>,
     registry: Registry,
+    leadership: Leadership,
     running: Option<Background<volplane_capacity::Result<()>>>,
 }
 
@@ -78,8 +80,16 @@ impl Harness {
             client,
             metrics,
             registry,
+            leadership: Leadership::unconditional(),
             running: None,
         }
+    }
+
+    /// Hands leadership to the test: following until the test says otherwise.
+    fn elect_by_hand(&mut self) -> tokio::sync::watch::Sender<Term> {
+        let (term, receiver) = tokio::sync::watch::channel(Term::Following);
+        self.leadership = Leadership::new(receiver);
+        term
     }
 
     async fn start(&mut self, config: CapacityConfig) {
@@ -88,6 +98,7 @@ impl Harness {
             self.driver.client(Duration::from_secs(5)),
             config,
             self.metrics.clone(),
+            self.leadership.clone(),
         );
         let mut ready = controller.readiness();
         self.running = Some(Background::spawn(|shutdown| controller.run(shutdown)));
@@ -371,6 +382,96 @@ async fn capacity_changes_propagate_and_unchanged_polls_write_nothing() {
     h.wait_for_published(
         "changed",
         &[("fast", Some("a"), GI, None), ("fast", Some("b"), 3 * GI, Some(GI))],
+    )
+    .await;
+    h.stop().await;
+}
+
+fn leading(number: u64) -> Term {
+    Term::Leading {
+        number,
+        until: Some(std::time::SystemTime::now() + Duration::from_secs(600)),
+    }
+}
+
+#[tokio::test]
+async fn only_a_leader_calls_the_driver_and_writes_and_a_lost_lease_stops_writes_at_once() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    let term = h.elect_by_hand();
+    h.start(config(Duration::from_millis(200), Topology::Central, true))
+        .await;
+
+    // A synced follower: caches warm, no driver calls, no writes.
+    h.add_class("slow", "WaitForFirstConsumer", &[]).await;
+    let watched = h.double.count(Verb::Watch, "csistoragecapacities");
+    assert!(watched > 0, "a follower watches");
+    eventually(Duration::from_secs(5), "the follower saw the second class", || {
+        h.metrics_text().contains("volplane_capacity_objects_desired 2")
+    })
+    .await;
+    assert_eq!(h.driver.count(CsiMethod::GetCapacity), 0, "a follower calls no driver");
+    assert_eq!(h.double.writes("csistoragecapacities"), 0, "a follower writes nothing");
+
+    term.send_replace(leading(1));
+    h.wait_for_published(
+        "the new leader catches up",
+        &[("fast", Some("a"), GI, None), ("slow", Some("a"), GI, None)],
+    )
+    .await;
+
+    // Refreshes are inside a slow driver call when the lease is lost. The
+    // delay applies before the answer is chosen, so every refresh that sees
+    // the new value is still in the driver at the loss.
+    h.driver.set_delay(CsiMethod::GetCapacity, Duration::from_millis(500));
+    h.driver.set_default_capacity(CapacityAnswer::available(2 * GI));
+    let before = h.driver.count(CsiMethod::GetCapacity);
+    eventually(Duration::from_secs(5), "both items in a slow driver call", || {
+        h.driver.count(CsiMethod::GetCapacity) >= before + 2
+    })
+    .await;
+    term.send_replace(Term::Following);
+    let lost_at = std::time::Instant::now();
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.capacities()
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .expect("someone deletes every object");
+    // The follower has seen the new node and the deletions, and every
+    // driver call has come back (the histogram counts answers).
+    eventually(Duration::from_secs(10), "the follower is up to date and idle", || {
+        let text = h.metrics_text();
+        let answered: usize = text
+            .lines()
+            .filter(|l| l.starts_with("volplane_capacity_get_capacity_duration_seconds_count"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+            .sum();
+        text.contains("volplane_capacity_objects_desired 4")
+            && text.contains("volplane_capacity_objects_current 0")
+            && answered == h.driver.count(CsiMethod::GetCapacity)
+    })
+    .await;
+    let late: Vec<_> = h
+        .double
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "csistoragecapacities" && r.at > lost_at)
+        .filter(|r| matches!(r.verb, Verb::Create | Verb::Update | Verb::Patch | Verb::Delete))
+        .collect();
+    assert!(late.is_empty(), "writes after the lease was lost: {late:?}");
+    h.driver.set_delay(CsiMethod::GetCapacity, Duration::ZERO);
+
+    term.send_replace(leading(2));
+    h.wait_for_published(
+        "the leader again re-creates what is missing, for the new node too",
+        &[
+            ("fast", Some("a"), 2 * GI, None),
+            ("fast", Some("b"), 2 * GI, None),
+            ("slow", Some("a"), 2 * GI, None),
+            ("slow", Some("b"), 2 * GI, None),
+        ],
     )
     .await;
     h.stop().await;

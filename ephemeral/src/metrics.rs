@@ -14,6 +14,15 @@ pub struct EphemeralMetrics {
     pub failures: Family<Vec<(&'static str, String)>, Counter>,
     /// Seconds from the pod's creation to its PVC's creation.
     pub pod_to_claim_seconds: Histogram,
+    /// Pod reconciles by outcome (`ok`, `failed`, `not_leading`).
+    pub reconciles: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+impl EphemeralMetrics {
+    /// Counts one reconcile with `outcome`.
+    pub fn reconciled(&self, outcome: &'static str) {
+        self.reconciles.get_or_create(&vec![("outcome", outcome)]).inc();
+    }
 }
 
 impl EphemeralMetrics {
@@ -23,6 +32,7 @@ impl EphemeralMetrics {
             created: Counter::default(),
             failures: Family::default(),
             pod_to_claim_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            reconciles: Family::default(),
         };
         let sub = registry.sub_registry_with_prefix("ephemeral");
         sub.register(
@@ -39,6 +49,11 @@ impl EphemeralMetrics {
             "pod_to_claim_seconds",
             "time from a pod's creation to the creation of its PVC (second resolution, as Kubernetes timestamps)",
             metrics.pod_to_claim_seconds.clone(),
+        );
+        sub.register(
+            "reconciles",
+            "pod reconciles by outcome: ok, failed, not_leading (skipped; redone when this instance leads)",
+            metrics.reconciles.clone(),
         );
         metrics
     }

@@ -147,6 +147,9 @@ pub enum FailureReason {
     Invalid,
     /// Anything else: webhooks, server errors, timeouts.
     Other,
+    /// Not attempted or cut off: another instance leads. Not a failure of
+    /// the pod; the claim is handled when this instance leads.
+    NotLeader,
 }
 
 impl FailureReason {
@@ -157,6 +160,7 @@ impl FailureReason {
             Self::Forbidden => "forbidden",
             Self::Invalid => "invalid",
             Self::Other => "other",
+            Self::NotLeader => "not_leader",
         }
     }
 

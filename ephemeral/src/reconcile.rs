@@ -20,6 +20,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+use volplane_leader::Leadership;
 
 use crate::error::{ClaimFailure, Error};
 use crate::metrics::EphemeralMetrics;
@@ -36,11 +37,13 @@ pub struct EphemeralConfig {
     pub retry_base: Duration,
 }
 
-/// The ephemeral controller.
+/// The ephemeral controller. Every replica watches; only while
+/// `leadership` allows does it create claims or publish events.
 pub struct EphemeralController {
     client: kube::Client,
     config: EphemeralConfig,
     metrics: Arc<EphemeralMetrics>,
+    leadership: Leadership,
     ready: watch::Sender<bool>,
 }
 
@@ -64,6 +67,7 @@ struct Context {
     blocked: Arc<Mutex<HashMap<ClaimKey, ObjectRef<Pod>>>>,
     failures: Mutex<HashMap<ObjectRef<Pod>, u32>>,
     retry_base: Duration,
+    leadership: Leadership,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -72,11 +76,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl EphemeralController {
     /// A controller; nothing runs until [`EphemeralController::run`].
-    pub fn new(client: kube::Client, config: EphemeralConfig, metrics: Arc<EphemeralMetrics>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        config: EphemeralConfig,
+        metrics: Arc<EphemeralMetrics>,
+        leadership: Leadership,
+    ) -> Self {
         Self {
             client,
             config,
             metrics,
+            leadership,
             ready: watch::channel(false).0,
         }
     }
@@ -134,6 +144,7 @@ impl EphemeralController {
             blocked: blocked.clone(),
             failures: Mutex::default(),
             retry_base: self.config.retry_base,
+            leadership: self.leadership.clone(),
         });
 
         let ready = self.ready;
@@ -150,6 +161,8 @@ impl EphemeralController {
         info!(workers = self.config.workers, "ephemeral controller starting");
         Controller::for_stream(pods, pod_store)
             .watches_stream(claims, move |claim| pods_waiting_for(&claim, &blocked))
+            // Pods skipped while following are all looked at again at each gain.
+            .reconcile_all_on(self.leadership.clone().gains())
             .with_config(ControllerConfig::default().concurrency(self.config.workers))
             .graceful_shutdown_on(shutdown)
             .run(reconcile, error_policy, context)
@@ -195,6 +208,10 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
     // Decide on existing claims only once the claim cache is complete.
     let _ = ctx.claims_ready.clone().wait_for(|r| *r).await;
     let pod_ref = ObjectRef::from_obj(pod.as_ref());
+    if !ctx.leadership.may_write() {
+        ctx.metrics.reconciled("not_leading");
+        return Ok(Action::await_change());
+    }
     let volumes = model::ephemeral_volumes(&pod);
     if !model::is_active(&pod) || volumes.is_empty() {
         ctx.forget(&pod_ref);
@@ -208,6 +225,11 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
     )
     .await;
     let failures: Vec<ClaimFailure> = outcomes.into_iter().filter_map(Result::err).collect();
+    if failures.iter().any(|f| f.reason == FailureReason::NotLeader) {
+        // Leadership ended meanwhile; the next leader (maybe this one) redoes the pod.
+        ctx.metrics.reconciled("not_leading");
+        return Ok(Action::await_change());
+    }
     {
         let mut blocked = lock(&ctx.blocked);
         blocked.retain(|_, waiting| *waiting != pod_ref);
@@ -218,8 +240,10 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
     }
     if failures.is_empty() {
         lock(&ctx.failures).remove(&pod_ref);
+        ctx.metrics.reconciled("ok");
         return Ok(Action::await_change());
     }
+    ctx.metrics.reconciled("failed");
     for failure in &failures {
         ctx.metrics
             .failures
@@ -273,7 +297,10 @@ async fn ensure_claim(
         return Err(failure(FailureReason::Other, "the pod has no UID yet".into()));
     };
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
-    match api.create(&PostParams::default(), &claim).await {
+    let Ok(created) = ctx.leadership.guard(api.create(&PostParams::default(), &claim)).await else {
+        return Err(failure(FailureReason::NotLeader, "not leading".into()));
+    };
+    match created {
         Ok(_) => {
             ctx.metrics.created.inc();
             if let Some(created) = pod.creation_timestamp() {
@@ -327,8 +354,13 @@ impl Context {
             action: "CreateClaim".into(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &pod.object_ref(&())).await {
-            warn!(%error, "cannot publish event");
+        match self
+            .leadership
+            .guard(self.recorder.publish(&event, &pod.object_ref(&())))
+            .await
+        {
+            Ok(Ok(())) | Err(_) => {}
+            Ok(Err(error)) => warn!(%error, "cannot publish event"),
         }
     }
 }
@@ -359,6 +391,7 @@ mod tests {
             blocked: Arc::default(),
             failures: Mutex::default(),
             retry_base: Duration::from_millis(10),
+            leadership: Leadership::unconditional(),
         }
     }
 

@@ -9,6 +9,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
+use volplane_leader::{Leadership, Term};
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::background::Background;
 use volplane_tests::wait::{eventually, within};
@@ -18,6 +19,7 @@ struct Harness {
     client: kube::Client,
     registry: Registry,
     metrics: Arc<EphemeralMetrics>,
+    leadership: Leadership,
     running: Option<Background<Result<(), volplane_ephemeral::Error>>>,
 }
 
@@ -33,8 +35,16 @@ impl Harness {
             client,
             registry,
             metrics,
+            leadership: Leadership::unconditional(),
             running: None,
         }
+    }
+
+    /// Hands leadership to the test: following until the test says otherwise.
+    fn elect_by_hand(&mut self) -> tokio::sync::watch::Sender<Term> {
+        let (term, receiver) = tokio::sync::watch::channel(Term::Following);
+        self.leadership = Leadership::new(receiver);
+        term
     }
 
     async fn start(&mut self, retry_base: Duration) {
@@ -46,6 +56,7 @@ impl Harness {
                 retry_base,
             },
             self.metrics.clone(),
+            self.leadership.clone(),
         );
         let mut ready = controller.readiness();
         self.running = Some(Background::spawn(|shutdown| controller.run(shutdown)));
@@ -129,6 +140,62 @@ impl Harness {
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode");
         text
     }
+}
+
+fn leading(number: u64) -> Term {
+    Term::Leading {
+        number,
+        until: Some(std::time::SystemTime::now() + Duration::from_secs(600)),
+    }
+}
+
+#[tokio::test]
+async fn only_a_leader_creates_claims_and_a_new_leader_catches_up_on_skipped_pods() {
+    let mut h = Harness::new().await;
+    let term = h.elect_by_hand();
+    h.start(Duration::from_millis(50)).await;
+    let skipped = |h: &Harness| -> u64 {
+        h.metrics_text()
+            .lines()
+            .find(|l| l.starts_with("volplane_ephemeral_reconciles_total{outcome=\"not_leading\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    h.create_pod("early", &["data"]).await;
+    eventually(Duration::from_secs(5), "the follower looked at the pod", || {
+        skipped(&h) >= 1
+    })
+    .await;
+    assert!(h.claim_names().await.is_empty(), "a follower creates nothing");
+
+    term.send_replace(leading(1));
+    h.wait_for_claims("the leader catches up", &["early-data"]).await;
+
+    term.send_replace(Term::Following);
+    let lost_at = std::time::Instant::now();
+    let before = skipped(&h);
+    h.create_pod("while-following", &["data"]).await;
+    eventually(Duration::from_secs(5), "the follower skipped the new pod", || {
+        skipped(&h) > before
+    })
+    .await;
+    let creates_since = |h: &Harness| {
+        h.double
+            .requests()
+            .into_iter()
+            .filter(|r| r.resource == "persistentvolumeclaims" && r.verb == Verb::Create && r.at > lost_at)
+            .count()
+    };
+    assert_eq!(creates_since(&h), 0, "no create after the lease was lost");
+
+    term.send_replace(leading(2));
+    h.wait_for_claims(
+        "the next term handles the skipped pod",
+        &["early-data", "while-following-data"],
+    )
+    .await;
+    assert_eq!(creates_since(&h), 1, "exactly one create for the skipped pod");
+    h.stop().await;
 }
 
 #[tokio::test]

@@ -187,6 +187,7 @@ mod capacity {
                 instance: "e2e".into(),
             },
             Arc::new(CapacityMetrics::register(&mut registry)),
+            volplane_leader::Leadership::unconditional(),
         );
         let running = Background::spawn(|shutdown| controller.run(shutdown));
 
@@ -270,6 +271,7 @@ mod ephemeral {
                 retry_base: Duration::from_millis(200),
             },
             Arc::new(EphemeralMetrics::register(&mut registry)),
+            volplane_leader::Leadership::unconditional(),
         );
         let running = Background::spawn(|shutdown| controller.run(shutdown));
 
