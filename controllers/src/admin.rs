@@ -24,15 +24,23 @@ pub struct Health {
     registry: Registry,
 }
 
-/// A registry with the `volplane_` prefix and `volplane_build_info` in it.
+/// The root registry: the standard `process_*` metrics, and
+/// `volplane_build_info`. Register volplane's own metrics in
+/// [`volplane_metrics`].
 pub fn registry() -> Registry {
-    let mut registry = Registry::with_prefix("volplane");
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(crate::process::ProcessCollector));
     let build_info = Family::<Vec<(String, String)>, Gauge>::default();
     build_info
         .get_or_create(&vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())])
         .set(1);
-    registry.register("build_info", "volplane build information", build_info);
+    volplane_metrics(&mut registry).register("build_info", "volplane build information", build_info);
     registry
+}
+
+/// The part of `root` whose metrics are named `volplane_*`.
+pub fn volplane_metrics(root: &mut Registry) -> &mut Registry {
+    root.sub_registry_with_prefix("volplane")
 }
 
 impl Health {

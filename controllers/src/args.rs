@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{Parser, ValueEnum};
 use volplane_csi::CsiAddress;
+use volplane_leader::ElectionConfig;
 
 /// A controller volplane can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
@@ -137,6 +138,33 @@ pub struct Args {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub ephemeral_workers: u16,
 
+    /// Elect one writer per controller group among replicas, on
+    /// coordination.k8s.io Leases (capacity: one per driver; ephemeral: one
+    /// per cluster). Per-node capacity never elects. `--leader-election=false`
+    /// turns it off: then run one replica only.
+    #[arg(long, env = "LEADER_ELECTION", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub leader_election: bool,
+
+    /// Namespace of the Leases. Default: --namespace.
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE", value_name = "NAMESPACE", value_parser = parse_optional_name)]
+    pub leader_election_namespace: Option<OptionalName>,
+
+    /// How long others wait after the holder's last renewal before taking
+    /// the lease (whole seconds).
+    #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION", value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_election_lease_duration: Duration,
+
+    /// The holder stops writing when its last successful renewal is this
+    /// old; must be shorter than the lease duration.
+    #[arg(long, env = "LEADER_ELECTION_RENEW_DEADLINE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub leader_election_renew_deadline: Duration,
+
+    /// Time between renewals, and between attempts to take the lease
+    /// (whole seconds).
+    #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub leader_election_retry_period: Duration,
+
     /// Log format; the level comes from RUST_LOG (default: info for volplane,
     /// warn for libraries).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
@@ -230,7 +258,29 @@ impl Args {
         if self.csi_timeout.is_zero() {
             anyhow::bail!("--csi-timeout must be greater than zero");
         }
+        if self.leader_election {
+            self.election_timing("lease", "default", "identity")
+                .validate()
+                .map_err(anyhow::Error::msg)?;
+        }
         Ok(())
+    }
+
+    /// The election settings for one lease.
+    pub fn election_timing(&self, lease_name: &str, namespace: &str, identity: &str) -> ElectionConfig {
+        ElectionConfig {
+            lease_name: lease_name.to_string(),
+            namespace: namespace.to_string(),
+            identity: identity.to_string(),
+            lease_duration: self.leader_election_lease_duration,
+            renew_deadline: self.leader_election_renew_deadline,
+            retry_period: self.leader_election_retry_period,
+        }
+    }
+
+    /// The Leases' namespace, if one was given and is not empty.
+    pub fn leader_election_namespace_name(&self) -> Option<&str> {
+        self.leader_election_namespace.as_ref().and_then(|n| n.0.as_deref())
     }
 
     /// The kubeconfig path, if one was given and is not empty.
@@ -436,6 +486,30 @@ mod tests {
         assert!(parse(&["--kube-api-burst", "0"]).is_err());
         assert_eq!(args.api_rate_window(), Some((400, Duration::from_secs(2))));
         assert_eq!(parse(&["--kube-api-qps", "0"]).expect("valid").api_rate_window(), None);
+    }
+
+    #[test]
+    fn leader_election_is_on_by_default_with_consistent_timing() {
+        let args = parse(&[]).expect("valid");
+        assert!(args.leader_election);
+        assert_eq!(
+            (
+                args.leader_election_lease_duration,
+                args.leader_election_renew_deadline,
+                args.leader_election_retry_period
+            ),
+            (Duration::from_secs(15), Duration::from_secs(10), Duration::from_secs(2))
+        );
+        assert!(args.validate().is_ok());
+        assert!(!parse(&["--leader-election=false"]).expect("valid").leader_election);
+        assert!(parse(&["--leader-election"]).expect("valid").leader_election);
+        let backwards = parse(&["--leader-election-renew-deadline", "20s"]).expect("parses");
+        let err = backwards.validate().expect_err("renew deadline beyond the lease");
+        assert!(err.to_string().contains("renew deadline"), "{err}");
+        let fractional = parse(&["--leader-election-lease-duration", "1500ms"]).expect("parses");
+        assert!(fractional.validate().is_err(), "the Lease API counts whole seconds");
+        let off = parse(&["--leader-election=false", "--leader-election-renew-deadline", "20s"]).expect("parses");
+        assert!(off.validate().is_ok(), "timing does not matter without election");
     }
 
     #[test]

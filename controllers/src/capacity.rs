@@ -11,6 +11,7 @@ use volplane_capacity::owner::{self, OwnerMode};
 use volplane_capacity::queue::Backoff;
 use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
 use volplane_csi::{ControllerCapability, CsiClient, DriverInfo};
+use volplane_leader::Leadership;
 
 use crate::args::{Args, CapacityOwner};
 
@@ -23,6 +24,7 @@ pub async fn build(
     args: &Args,
     namespace: &str,
     metrics: Arc<CapacityMetrics>,
+    leadership: Leadership,
 ) -> anyhow::Result<Option<CapacityController>> {
     let node = args.node_deployment.then(|| args.node_name_value()).flatten();
     let mode = match (args.capacity_owner, node.is_some()) {
@@ -105,5 +107,6 @@ pub async fn build(
         csi.clone(),
         config,
         metrics,
+        leadership,
     )))
 }

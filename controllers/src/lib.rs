@@ -3,8 +3,10 @@
 
 pub mod admin;
 pub mod args;
+pub mod audit;
 pub mod capacity;
 pub mod logging;
+pub mod process;
 pub mod startup;
 
 use std::process::ExitCode;

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use volplane_capacity::CapacityMetrics;
 use volplane_csi::{CsiClient, DriverInfo};
 use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
+use volplane_leader::{ElectionMetrics, Elector, Leadership};
 
 use crate::admin::{self, Health};
 use crate::args::{Args, Controller};
@@ -26,12 +27,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     info!(version = env!("CARGO_PKG_VERSION"), ?controllers, "volplane starting");
 
     let mut registry = admin::registry();
+    let metrics = admin::volplane_metrics(&mut registry);
     let capacity_metrics = controllers
         .contains(&Controller::Capacity)
-        .then(|| Arc::new(CapacityMetrics::register(&mut registry)));
+        .then(|| Arc::new(CapacityMetrics::register(metrics)));
     let ephemeral_metrics = controllers
         .contains(&Controller::Ephemeral)
-        .then(|| Arc::new(EphemeralMetrics::register(&mut registry)));
+        .then(|| Arc::new(EphemeralMetrics::register(metrics)));
+    let election_metrics = Arc::new(ElectionMetrics::register(metrics));
     let health = Arc::new(Health::new(registry));
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = match args.http_endpoint.0 {
@@ -39,11 +42,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
-    let client = connect_kube(&args).await?;
+    let identity = identity(args.pod_name_value());
+    let (client, config) = connect_kube(&args, &identity).await?;
     let namespace = args
         .namespace_name()
         .map_or_else(|| client.default_namespace().to_string(), str::to_string);
     info!(%namespace, "namespace for volplane's own objects");
+    let mut elections = Elections {
+        lease_client: lease_client(config, &args)?,
+        watch_client: client.clone(),
+        namespace: args.leader_election_namespace_name().unwrap_or(&namespace).to_string(),
+        identity,
+        metrics: election_metrics,
+        stop: watch::channel(false).0,
+        running: JoinSet::new(),
+    };
 
     let csi = match (&args.csi_address, controllers.iter().any(|c| c.needs_csi())) {
         (Some(address), true) => {
@@ -67,7 +80,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 let (Some((csi, driver)), Some(metrics)) = (&csi, &capacity_metrics) else {
                     anyhow::bail!("the capacity controller needs --csi-address");
                 };
-                match crate::capacity::build(&client, csi, driver, &args, &namespace, metrics.clone()).await? {
+                // Per-node instances each own their node's objects: no election.
+                let leadership = if args.node_deployment {
+                    Leadership::unconditional()
+                } else {
+                    elections.join(&args, format!("volplane-capacity-{}", lease_suffix(&driver.name)))
+                };
+                match crate::capacity::build(&client, csi, driver, &args, &namespace, metrics.clone(), leadership)
+                    .await?
+                {
                     Some(capacity) => {
                         readiness.push(capacity.readiness());
                         let shutdown = stop_requested(stop_rx.clone());
@@ -90,6 +111,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         retry_base: Duration::from_millis(500),
                     },
                     metrics.clone(),
+                    elections.join(&args, "volplane-ephemeral".to_string()),
                 );
                 readiness.push(ephemeral.readiness());
                 let shutdown = stop_requested(stop_rx.clone());
@@ -135,6 +157,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         warn!(grace = ?SHUTDOWN_GRACE, "work still in flight after the grace period; abandoning it");
         tasks.abort_all();
     }
+    // Only now, with no write left in flight, give the leases up.
+    elections.release(args.leader_election_renew_deadline).await;
     if let Some(admin) = admin {
         let _ = admin.await;
     }
@@ -146,7 +170,102 @@ async fn stop_requested(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-async fn connect_kube(args: &Args) -> anyhow::Result<kube::Client> {
+/// The elections of this process, one per controller group.
+struct Elections {
+    lease_client: kube::Client,
+    watch_client: kube::Client,
+    namespace: String,
+    identity: String,
+    metrics: Arc<ElectionMetrics>,
+    stop: watch::Sender<bool>,
+    running: JoinSet<()>,
+}
+
+impl Elections {
+    /// Starts campaigning for `lease_name` (or leads unconditionally
+    /// without election).
+    fn join(&mut self, args: &Args, lease_name: String) -> Leadership {
+        if !args.leader_election {
+            return Leadership::unconditional();
+        }
+        let elector = Elector::new(
+            self.lease_client.clone(),
+            self.watch_client.clone(),
+            args.election_timing(&lease_name, &self.namespace, &self.identity),
+            self.metrics.clone(),
+        );
+        let leadership = elector.leadership();
+        self.running.spawn(elector.run(stop_requested(self.stop.subscribe())));
+        leadership
+    }
+
+    /// Stops every election, releasing held leases, within `limit`.
+    async fn release(mut self, limit: Duration) {
+        let _ = self.stop.send(true);
+        let released = tokio::time::timeout(limit + Duration::from_secs(1), async {
+            while self.running.join_next().await.is_some() {}
+        })
+        .await;
+        if released.is_err() {
+            warn!("leases not released in time; they expire by themselves");
+        }
+    }
+}
+
+/// This process's identity in leases and its User-Agent: the pod name
+/// (or host name) and a random part, unique per start.
+fn identity(pod_name: Option<&str>) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let host = pod_name.map(str::to_string).unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "volplane".to_string())
+    });
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    format!("{host}_{:08x}", hasher.finish() as u32)
+}
+
+/// A driver name as part of a Lease name: lower case, other characters
+/// than letters, digits, '-' and '.' become '-'.
+fn lease_suffix(driver: &str) -> String {
+    let name: String = driver
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_string()
+}
+
+/// The client for lease requests: its own small rate budget (renewals
+/// never queue behind controller traffic) and timeouts shorter than the
+/// renew deadline (a hung request fails instead of outliving the term).
+fn lease_client(mut config: kube::Config, args: &Args) -> anyhow::Result<kube::Client> {
+    let timeout = args.leader_election_renew_deadline;
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    config.reset_reader_on_write = true;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("cannot create the leader election client")?
+        .with_layer(&tower::limit::RateLimitLayer::new(LEASE_BURST, Duration::from_secs(1)))
+        .with_layer(&crate::audit::layer())
+        .build();
+    Ok(client)
+}
+
+/// Requests per second leader election may make (a few per lease per retry period).
+const LEASE_BURST: u64 = 10;
+
+async fn connect_kube(args: &Args, identity: &str) -> anyhow::Result<(kube::Client, kube::Config)> {
     let config = match args.kubeconfig_path() {
         Some(path) => {
             let kubeconfig =
@@ -159,23 +278,29 @@ async fn connect_kube(args: &Args) -> anyhow::Result<kube::Client> {
             .await
             .context("no Kubernetes configuration found (not in a cluster, no --kubeconfig, no ~/.kube/config)")?,
     };
+    let mut config = config;
+    let agent = format!("volplane/{} ({identity})", env!("CARGO_PKG_VERSION"));
+    if let Ok(agent) = http::HeaderValue::from_str(&agent) {
+        config.headers.push((http::header::USER_AGENT, agent));
+    }
     let url = config.cluster_url.clone();
-    let builder =
-        kube::client::ClientBuilder::try_from(config).with_context(|| format!("cannot create a client for {url}"))?;
-    // Every request of the process passes one limiter: at most `burst`
+    let builder = kube::client::ClientBuilder::try_from(config.clone())
+        .with_context(|| format!("cannot create a client for {url}"))?;
+    // Every request of the controllers passes one limiter: at most `burst`
     // requests per `burst / qps` seconds.
     let client = match args.api_rate_window() {
         Some((burst, window)) => builder
             .with_layer(&tower::limit::RateLimitLayer::new(burst, window))
+            .with_layer(&crate::audit::layer())
             .build(),
-        None => builder.build(),
+        None => builder.with_layer(&crate::audit::layer()).build(),
     };
     let version = client
         .apiserver_version()
         .await
         .with_context(|| format!("cannot reach the Kubernetes API server at {url}"))?;
     info!(%url, version = %version.git_version, "connected to the Kubernetes API server");
-    Ok(client)
+    Ok((client, config))
 }
 
 fn log_driver(driver: &DriverInfo) {
