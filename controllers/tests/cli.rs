@@ -1,28 +1,20 @@
 //! The `volplane` binary as an operator meets it: flags, startup errors,
 //! startup against an API server and a CSI driver, and SIGTERM.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-use tokio::sync::mpsc;
-use volplane_tests::apiserver::ApiServerDouble;
+use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver};
 
-const VOLPLANE: &str = env!("CARGO_BIN_EXE_volplane");
-
-fn volplane() -> Command {
-    let mut command = Command::new(VOLPLANE);
-    // Only what the test sets: no kubeconfig or CSI settings leak in.
-    command.env_clear().env("RUST_LOG", "info");
-    command
-}
+use support::{Running, http_get, volplane};
 
 fn error_lines(output: &Output) -> Vec<String> {
     String::from_utf8_lossy(&output.stderr)
@@ -162,13 +154,18 @@ async fn a_missing_kubeconfig_file_is_one_clear_error_line() {
 
 /// A namespace for volplane's objects, one node in zone a with a CSINode
 /// for `driver`, and a WaitForFirstConsumer class of that driver.
-async fn seed_cluster(api: &ApiServerDouble, driver: &str) {
-    let client = api.client();
+/// Creates the kubeconfig's namespace, `volplane-test`.
+async fn create_namespace(api: &ApiServerDouble) {
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "volplane-test"}})).expect("ns");
-    Api::<Namespace>::all(client.clone())
+    Api::<Namespace>::all(api.client())
         .create(&PostParams::default(), &ns)
         .await
         .expect("namespace");
+}
+
+async fn seed_cluster(api: &ApiServerDouble, driver: &str) {
+    let client = api.client();
+    create_namespace(api).await;
     let node: Node =
         serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {"zone": "a"}}})).expect("node");
     Api::<Node>::all(client.clone())
@@ -207,122 +204,6 @@ async fn first_published_capacity(api: &ApiServerDouble) -> CSIStorageCapacity {
         }
     })
     .await
-}
-
-/// A running volplane with its stderr lines streamed.
-struct Running {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn start(kubeconfig: &Path, args: &[&str]) -> Self {
-        let mut child = volplane()
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn volplane");
-        let lines = stderr_lines(&mut child);
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    async fn wait_for(&mut self, needle: &str) -> String {
-        wait_for_line(&mut self.lines, needle, &mut self.seen).await
-    }
-
-    /// The admin server's address, from its "listening" log line.
-    async fn admin_address(&mut self) -> SocketAddr {
-        let listening = self.wait_for("admin server listening").await;
-        listening
-            .split("address=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {listening:?}"))
-    }
-
-    /// Sends SIGTERM and returns the exit code (the test fails if it takes over 30 s).
-    async fn terminate(mut self) -> (Option<i32>, Vec<String>) {
-        let kill = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(kill.success());
-        let mut child = self.child;
-        let exit = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::task::spawn_blocking(move || child.wait()),
-        )
-        .await
-        .expect("volplane exits after SIGTERM")
-        .expect("join")
-        .expect("wait");
-        let mut seen = self.seen;
-        seen.extend(std::iter::from_fn(|| self.lines.try_recv().ok()));
-        (exit.code(), seen)
-    }
-}
-
-/// Streams a child's stderr lines into a channel.
-fn stderr_lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let stderr = child.stderr.take().expect("stderr piped");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-async fn wait_for_line(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str, seen: &mut Vec<String>) -> String {
-    let limit = Duration::from_secs(30);
-    let found = tokio::time::timeout(limit, async {
-        while let Some(line) = lines.recv().await {
-            seen.push(line.clone());
-            if line.contains(needle) {
-                return Some(line);
-            }
-        }
-        None
-    })
-    .await;
-    match found {
-        Ok(Some(line)) => line,
-        _ => panic!(
-            "no log line containing {needle:?} within {limit:?}; saw:\n{}",
-            seen.join("\n")
-        ),
-    }
-}
-
-fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).expect("connect admin server");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: volplane\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -518,4 +399,55 @@ async fn json_logs_are_one_object_per_line() {
         assert!(value["level"].is_string() && value["timestamp"].is_string(), "{line}");
     }
     assert!(stderr.contains("\"message\":\"volplane starting\""), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_synced_caches_and_metrics_parse_as_prometheus_text() {
+    let api = api_server().await;
+    create_namespace(&api).await;
+    // The pod list fails until the test lets it through: no sync, not ready.
+    api.fail_next(Some(Verb::List), Some("pods"), 100_000, 500);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_kubeconfig(dir.path(), &api.url());
+    let mut running = Running::start(
+        &kubeconfig,
+        &["--controllers", "ephemeral", "--http-endpoint", "127.0.0.1:0"],
+    );
+    let admin = running.admin_address().await;
+    volplane_tests::wait::eventually(Duration::from_secs(20), "two failed pod lists", || {
+        api.count(Verb::List, "pods") >= 2
+    })
+    .await;
+    assert_eq!(http_get(admin, "/livez").0, 200, "alive while not ready");
+    assert_eq!(http_get(admin, "/readyz").0, 503, "not ready before the caches synced");
+    api.clear_faults();
+    volplane_tests::wait::eventually(Duration::from_secs(20), "/readyz turns 200", || {
+        http_get(admin, "/readyz").0 == 200
+    })
+    .await;
+
+    running.wait_for("started leading").await;
+    let (status, text) = http_get(admin, "/metrics");
+    assert_eq!(status, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text");
+    let value = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert!(value("process_resident_memory_bytes") > 1_000_000.0);
+    assert!(value("process_cpu_seconds_total") > 0.0);
+    assert!(value("process_open_fds") >= 3.0);
+    assert_eq!(value("volplane_build_info"), 1.0);
+    assert_eq!(value("volplane_leader_election_leading"), 1.0, "a lone replica leads");
+    let (code, _) = running.terminate().await;
+    assert_eq!(code, Some(0));
 }

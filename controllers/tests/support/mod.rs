@@ -1,10 +1,16 @@
-//! Shared by the benchmarks: running the real binary against the double and
-//! reading its memory.
+//! Shared by the binary's tests and benchmarks: running the real binary
+//! against the double, reading its log lines, admin endpoints and memory.
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use tempfile::TempDir;
+use tokio::sync::mpsc;
 use volplane_tests::apiserver::ApiServerDouble;
 
 /// Starts `volplane` against `double` with `args`, plus any flags in
@@ -29,12 +35,8 @@ pub fn spawn_volplane(double: &ApiServerDouble, args: &[&str]) -> (Child, TempDi
 }
 
 fn command(kubeconfig: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_volplane"));
-    command
-        .env_clear()
-        .env("RUST_LOG", "warn")
-        .arg("--kubeconfig")
-        .arg(kubeconfig);
+    let mut command = volplane();
+    command.env("RUST_LOG", "warn").arg("--kubeconfig").arg(kubeconfig);
     command
 }
 
@@ -48,4 +50,150 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// `volplane` with a clean environment: only what the test sets leaks in.
+pub fn volplane() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_volplane"));
+    command.env_clear().env("RUST_LOG", "info");
+    command
+}
+
+/// A running volplane with its stderr lines streamed.
+pub struct Running {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    pub fn start(kubeconfig: &Path, args: &[&str]) -> Self {
+        let mut child = volplane()
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn volplane");
+        let lines = stderr_lines(&mut child);
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`, `KILL`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to end after a SIGKILL.
+    pub fn reap(mut self) {
+        let _ = self.child.wait();
+    }
+
+    pub async fn wait_for(&mut self, needle: &str) -> String {
+        wait_for_line(&mut self.lines, needle, &mut self.seen).await
+    }
+
+    /// The admin server's address, from its "listening" log line.
+    pub async fn admin_address(&mut self) -> SocketAddr {
+        let listening = self.wait_for("admin server listening").await;
+        listening
+            .split("address=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {listening:?}"))
+    }
+
+    /// Sends SIGTERM and returns the exit code (the test fails if it takes over 30 s).
+    pub async fn terminate(mut self) -> (Option<i32>, Vec<String>) {
+        let kill = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(kill.success());
+        let mut child = self.child;
+        let exit = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::task::spawn_blocking(move || child.wait()),
+        )
+        .await
+        .expect("volplane exits after SIGTERM")
+        .expect("join")
+        .expect("wait");
+        let mut seen = self.seen;
+        seen.extend(std::iter::from_fn(|| self.lines.try_recv().ok()));
+        (exit.code(), seen)
+    }
+}
+
+/// Streams a child's stderr lines into a channel.
+pub fn stderr_lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stderr = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub async fn wait_for_line(
+    lines: &mut mpsc::UnboundedReceiver<String>,
+    needle: &str,
+    seen: &mut Vec<String>,
+) -> String {
+    let limit = Duration::from_secs(30);
+    let found = tokio::time::timeout(limit, async {
+        while let Some(line) = lines.recv().await {
+            seen.push(line.clone());
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(line)) => line,
+        _ => panic!(
+            "no log line containing {needle:?} within {limit:?}; saw:\n{}",
+            seen.join("\n")
+        ),
+    }
+}
+
+pub fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).expect("connect admin server");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: volplane\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
 }
