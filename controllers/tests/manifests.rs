@@ -56,6 +56,51 @@ fn check_volplane_args(path: &Path, spec: &PodSpec) {
             container.name,
             parsed.err()
         );
+        // Probes on the admin endpoints, at the port the flags open.
+        let where_ = format!("{}: container {}", path.display(), container.name);
+        let port = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--http-endpoint=:"))
+            .unwrap_or_else(|| panic!("{where_}: no --http-endpoint=:<port>"));
+        let admin_port = container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("admin"))
+            .unwrap_or_else(|| panic!("{where_}: no admin port"));
+        assert_eq!(admin_port.container_port.to_string(), port, "{where_}");
+        for (probe, path) in [
+            (&container.liveness_probe, "/livez"),
+            (&container.readiness_probe, "/readyz"),
+        ] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .unwrap_or_else(|| panic!("{where_}: no HTTP probe for {path}"));
+            assert_eq!(get.path.as_deref(), Some(path), "{where_}");
+        }
+        let requests = container.resources.as_ref().and_then(|r| r.requests.as_ref());
+        assert!(
+            requests.is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")),
+            "{where_}: no cpu and memory requests"
+        );
+    }
+}
+
+/// Replicas of Deployments: more than one, so that leader election has a standby.
+fn check_replicas(path: &Path, deployment: &Deployment) {
+    let spec = deployment.spec.as_ref().expect("spec");
+    let volplane = spec.template.spec.as_ref().is_some_and(|s| {
+        s.containers
+            .iter()
+            .any(|c| c.image.as_deref().is_some_and(|i| i.starts_with("volplane")))
+    });
+    if volplane {
+        assert!(
+            spec.replicas.unwrap_or(1) >= 2,
+            "{}: a single replica has no standby",
+            path.display()
+        );
     }
 }
 
@@ -83,6 +128,7 @@ fn every_manifest_parses_into_typed_objects() {
                 "Pod" => drop(typed::<Pod>(path, &doc)),
                 "Deployment" => {
                     let d: Deployment = typed(path, &doc);
+                    check_replicas(path, &d);
                     let spec = d.spec.and_then(|s| s.template.spec).expect("pod spec");
                     check_volplane_args(path, &spec);
                 }

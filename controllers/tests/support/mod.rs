@@ -68,10 +68,14 @@ pub struct Running {
 
 impl Running {
     pub fn start(kubeconfig: &Path, args: &[&str]) -> Self {
-        let mut child = volplane()
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args(args)
+        let mut command = volplane();
+        command.arg("--kubeconfig").arg(kubeconfig).args(args);
+        Self::spawn(command)
+    }
+
+    /// Runs `command` (normally from [`volplane`]) with stderr streamed.
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

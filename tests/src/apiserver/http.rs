@@ -221,6 +221,7 @@ async fn handle(
     };
     lock(&shared.requests).push(RequestRecord {
         verb,
+        group: KINDS[target.kind].group.to_string(),
         resource: KINDS[target.kind].plural.to_string(),
         namespace: target.namespace.clone(),
         name: target.name.clone(),

@@ -66,6 +66,8 @@ pub enum Verb {
 pub struct RequestRecord {
     /// The verb.
     pub verb: Verb,
+    /// The API group, empty for the core group.
+    pub group: String,
     /// The resource's plural, e.g. `csistoragecapacities`.
     pub resource: String,
     /// The namespace in the path, if any.
