@@ -272,6 +272,57 @@ impl ControlPlane {
         &self.token
     }
 
+    /// Creates every object in the YAML file `path` (namespaced ones in
+    /// `namespace`), as `kubectl create -n <namespace> -f` would.
+    pub async fn create_from_file(&self, path: &Path, namespace: &str) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let documents: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&text).with_context(|| format!("parse {}", path.display()))?;
+        for document in documents {
+            let (group, version) = match document["apiVersion"].as_str().unwrap_or_default().split_once('/') {
+                Some((group, version)) => (group.to_string(), version.to_string()),
+                None => (
+                    String::new(),
+                    document["apiVersion"].as_str().unwrap_or_default().to_string(),
+                ),
+            };
+            let kind = document["kind"].as_str().unwrap_or_default().to_string();
+            let gvk = kube::core::GroupVersionKind::gvk(&group, &version, &kind);
+            let (resource, capabilities) = kube::discovery::pinned_kind(&self.client, &gvk)
+                .await
+                .with_context(|| format!("{}: unknown kind {kind}", path.display()))?;
+            let object: kube::api::DynamicObject = serde_json::from_value(document)?;
+            let api: Api<kube::api::DynamicObject> = match capabilities.scope {
+                kube::discovery::Scope::Namespaced => Api::namespaced_with(self.client(), namespace, &resource),
+                kube::discovery::Scope::Cluster => Api::all_with(self.client(), &resource),
+            };
+            api.create(&PostParams::default(), &object)
+                .await
+                .with_context(|| format!("{}: create {kind} {:?}", path.display(), object.metadata.name))?;
+        }
+        Ok(())
+    }
+
+    /// A kubeconfig that authenticates as the ServiceAccount
+    /// `namespace/name` with a token from the TokenRequest API (not admin).
+    pub async fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> anyhow::Result<PathBuf> {
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(self.client(), namespace);
+        let request: TokenRequest =
+            serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))?;
+        let issued = accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("TokenRequest for {namespace}/{name}"))?;
+        let token = issued.status.map(|s| s.token).context("TokenRequest without a token")?;
+        let path = self.scratch("kubeconfigs")?.join(format!("{namespace}-{name}"));
+        std::fs::write(
+            &path,
+            kubeconfig_text(&self.url, &token).replace("namespace: default", &format!("namespace: {namespace}")),
+        )?;
+        Ok(path)
+    }
+
     /// A scratch directory inside the control plane's temporary directory.
     pub fn scratch(&self, name: &str) -> anyhow::Result<PathBuf> {
         let path = self.root().join(name);

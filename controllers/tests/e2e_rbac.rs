@@ -1,0 +1,168 @@
+//! e2e: deploy/'s RBAC on a real control plane, and the volplane binary
+//! running with ServiceAccount tokens bound to it (not admin). Skipped
+//! with a message unless `VOLPLANE_E2E_BIN_DIR` is set; see README.md.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+use support::Running;
+use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, labels};
+use volplane_tests::e2e::{ControlPlane, bin_dir_or_skip};
+use volplane_tests::wait::eventually_some;
+
+const NAMESPACE: &str = "volplane";
+const DRIVER: &str = "e2e-rbac.csi.volplane.dev";
+const KEY: &str = "topology.volplane.dev/zone";
+
+fn deploy(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file)
+}
+
+async fn client_of(kubeconfig: &Path) -> kube::Client {
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig"),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("config");
+    kube::Client::try_from(config).expect("client")
+}
+
+fn is_forbidden<T: std::fmt::Debug>(result: &Result<T, kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(status)) if status.code == 403)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
+    let Some(bin_dir) = bin_dir_or_skip("volplane_works_with_the_deploy_rbac_and_nothing_more") else {
+        return;
+    };
+    let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
+    let admin = plane.client();
+    plane
+        .create_from_file(&deploy("namespace.yaml"), NAMESPACE)
+        .await
+        .expect("namespace");
+    for rbac in ["capacity/rbac.yaml", "ephemeral/rbac.yaml"] {
+        plane.create_from_file(&deploy(rbac), NAMESPACE).await.expect(rbac);
+    }
+    let storage_class: StorageClass = serde_json::from_value(
+        json!({"metadata": {"name": "e2e-rbac"}, "provisioner": DRIVER, "volumeBindingMode": "WaitForFirstConsumer"}),
+    )
+    .expect("class");
+    Api::<StorageClass>::all(admin.clone())
+        .create(&PostParams::default(), &storage_class)
+        .await
+        .expect("class");
+    plane
+        .add_node("n1", &labels([(KEY, "a")]), Some((DRIVER, &[KEY])))
+        .await
+        .expect("node");
+
+    // Ephemeral, as the volplane-ephemeral ServiceAccount.
+    let ephemeral_kubeconfig = plane
+        .service_account_kubeconfig(NAMESPACE, "volplane-ephemeral")
+        .await
+        .expect("token");
+    let mut ephemeral = Running::start(
+        &ephemeral_kubeconfig,
+        &[
+            "--controllers=ephemeral",
+            "--namespace",
+            NAMESPACE,
+            "--pod-name",
+            "volplane-ephemeral-e2e",
+        ],
+    );
+    ephemeral.wait_for("started leading").await;
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "e2e-rbac"},
+        "spec": {"containers": [{"name": "c", "image": "registry.invalid/none"}],
+                 "volumes": [{"name": "data", "ephemeral": {"volumeClaimTemplate": {"spec": {
+                     "accessModes": ["ReadWriteOnce"], "storageClassName": "e2e-rbac",
+                     "resources": {"requests": {"storage": "1Gi"}}}}}}]}}))
+    .expect("pod");
+    Api::<Pod>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), "default");
+    let claim = eventually_some(Duration::from_secs(60), "the ephemeral claim", || {
+        let claims = claims.clone();
+        async move { claims.get("e2e-rbac-data").await.ok() }
+    })
+    .await;
+
+    // Capacity, as the volplane-capacity ServiceAccount.
+    let driver = TestDriver::start(DriverConfig {
+        name: DRIVER.into(),
+        ..DriverConfig::default()
+    })
+    .await
+    .expect("driver");
+    driver.set_default_capacity(CapacityAnswer::available(1 << 30));
+    let capacity_kubeconfig = plane
+        .service_account_kubeconfig(NAMESPACE, "volplane-capacity")
+        .await
+        .expect("token");
+    let mut capacity = Running::start(
+        &capacity_kubeconfig,
+        &[
+            "--controllers=capacity",
+            "--csi-address",
+            &driver.address(),
+            "--namespace",
+            NAMESPACE,
+            "--capacity-owner",
+            "none",
+        ],
+    );
+    capacity.wait_for("started leading").await;
+    let capacities: Api<CSIStorageCapacity> = Api::namespaced(admin.clone(), NAMESPACE);
+    eventually_some(Duration::from_secs(60), "a CSIStorageCapacity", || {
+        let capacities = capacities.clone();
+        async move {
+            let items = capacities.list(&ListParams::default()).await.ok()?.items;
+            items.into_iter().find(|c| c.storage_class_name == "e2e-rbac")
+        }
+    })
+    .await;
+
+    // Writes outside the grants are refused by the API server.
+    let as_capacity = client_of(&capacity_kubeconfig).await;
+    let mut elsewhere: CSIStorageCapacity = serde_json::from_value(json!({"metadata": {"generateName": "csisc-"},
+        "storageClassName": "e2e-rbac", "capacity": "1Gi"}))
+    .expect("object");
+    elsewhere.metadata.namespace = Some("default".into());
+    let refused = Api::<CSIStorageCapacity>::namespaced(as_capacity.clone(), "default")
+        .create(&PostParams::default(), &elsewhere)
+        .await;
+    assert!(
+        is_forbidden(&refused),
+        "CSIStorageCapacity outside its namespace: {refused:?}"
+    );
+    let as_ephemeral = client_of(&ephemeral_kubeconfig).await;
+    let refused = Api::<PersistentVolumeClaim>::namespaced(as_ephemeral, "default")
+        .replace("e2e-rbac-data", &PostParams::default(), &claim)
+        .await;
+    assert!(is_forbidden(&refused), "updating a PVC: {refused:?}");
+    let refused = Api::<Pod>::namespaced(as_capacity, "default")
+        .delete("e2e-rbac", &Default::default())
+        .await;
+    assert!(is_forbidden(&refused), "deleting a pod: {refused:?}");
+
+    for running in [ephemeral, capacity] {
+        let (code, lines) = running.terminate().await;
+        assert_eq!(code, Some(0), "{}", lines.join("\n"));
+        assert!(
+            !lines.iter().any(|l| l.contains("Forbidden") || l.contains("forbidden")),
+            "volplane hit a permission error:\n{}",
+            lines.join("\n")
+        );
+    }
+}
