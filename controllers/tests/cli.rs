@@ -451,3 +451,42 @@ async fn readyz_waits_for_synced_caches_and_metrics_parse_as_prometheus_text() {
     let (code, _) = running.terminate().await;
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_write_is_one_debug_line_naming_verb_resource_and_object() {
+    use k8s_openapi::api::core::v1::Pod;
+    let api = api_server().await;
+    create_namespace(&api).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_kubeconfig(dir.path(), &api.url());
+    let mut command = volplane();
+    command
+        .env("RUST_LOG", "info,volplane::audit=debug")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--controllers", "ephemeral", "--leader-election=false"]);
+    let mut running = Running::spawn(command);
+    running.wait_for("volplane is ready").await;
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "audited"},
+        "spec": {"containers": [], "volumes": [{"name": "v", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}]}}))
+    .expect("pod");
+    Api::<Pod>::namespaced(api.client(), "default")
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let line = running.wait_for("API write").await;
+    for part in [
+        "verb=\"create\"",
+        "resource=persistentvolumeclaims",
+        "namespace=\"default\"",
+    ] {
+        assert!(line.contains(part), "{part} missing in {line}");
+    }
+    let (code, lines) = running.terminate().await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("API write")).count(),
+        1,
+        "exactly one write (no leases without election): {lines:#?}"
+    );
+}
