@@ -317,6 +317,17 @@ impl TestDriver {
         self.state().deadlines.clone()
     }
 
+    /// Every request so far with the time it arrived, oldest first.
+    pub fn timed_calls(&self) -> Vec<(Call, std::time::Instant)> {
+        let state = self.state();
+        state
+            .calls
+            .iter()
+            .cloned()
+            .zip(state.received.iter().copied())
+            .collect()
+    }
+
     /// The GetCapacity requests so far with the time each arrived.
     pub fn timed_capacity_requests(&self) -> Vec<(std::time::Instant, pb::GetCapacityRequest)> {
         let state = self.state();

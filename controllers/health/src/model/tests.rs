@@ -1,0 +1,203 @@
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, Pod};
+use serde_json::json;
+
+use super::*;
+
+fn pv(name: &str, driver: &str, phase: &str, claim: Option<(&str, &str)>) -> PersistentVolume {
+    let mut spec = json!({"csi": {"driver": driver, "volumeHandle": format!("h-{name}")}});
+    if let Some((ns, claim)) = claim {
+        spec["claimRef"] = json!({"namespace": ns, "name": claim, "uid": format!("uid-{claim}")});
+    }
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec, "status": {"phase": phase}})).expect("pv")
+}
+
+fn node(ready: Option<(&str, i64)>) -> Node {
+    let conditions = match ready {
+        Some((status, at)) => json!([{"type": "Ready", "status": status,
+            "lastTransitionTime": k8s_openapi::jiff::Timestamp::from_second(at).expect("time").to_string()}]),
+        None => json!([]),
+    };
+    serde_json::from_value(json!({"metadata": {"name": "n1"}, "status": {"conditions": conditions}})).expect("node")
+}
+
+fn at(seconds: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
+}
+
+#[test]
+fn only_changes_are_announced() {
+    let abnormal = |m: &str| Condition::Abnormal(m.to_string());
+    // A first normal reading is silent; a first abnormal one is a warning.
+    assert_eq!(announcement(None, &Condition::Normal), None);
+    let first = announcement(None, &abnormal("disk gone")).expect("warning");
+    assert!(first.warning);
+    assert_eq!((first.reason, first.note.as_str()), (REASON_ABNORMAL, "disk gone"));
+    // Still abnormal with the same message: nothing again.
+    assert_eq!(announcement(Some(&abnormal("disk gone")), &abnormal("disk gone")), None);
+    // A different message is a change.
+    assert_eq!(
+        announcement(Some(&abnormal("disk gone")), &abnormal("disk back, fs read-only")).map(|a| a.reason),
+        Some(REASON_ABNORMAL)
+    );
+    // Recovery: once, Normal.
+    let recovered = announcement(Some(&abnormal("x")), &Condition::Normal).expect("normal");
+    assert!(!recovered.warning);
+    assert_eq!(recovered.reason, REASON_NORMAL);
+    assert_eq!(announcement(Some(&Condition::Normal), &Condition::Normal), None);
+}
+
+#[test]
+fn observations_map_to_conditions() {
+    assert_eq!(condition_of(false, "ignored"), Condition::Normal);
+    assert_eq!(condition_of(true, "bad"), Condition::Abnormal("bad".into()));
+    assert!(matches!(condition_of(true, " "), Condition::Abnormal(m) if m.contains("no message")));
+    let missing = Observation::Missing {
+        how: "missing from ListVolumes",
+    };
+    match missing.condition("h-1", "d.example") {
+        Some(Condition::Abnormal(message)) => {
+            assert!(
+                message.contains("h-1") && message.contains("d.example") && message.contains("ListVolumes"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(Observation::Silent.condition("h", "d"), None, "no condition, no change");
+    assert_eq!(missing.label(), "missing");
+}
+
+#[test]
+fn the_annotation_round_trips_and_a_normal_condition_removes_it() {
+    let mut volume = pv("p", "d", "Bound", Some(("ns", "c")));
+    assert_eq!(announced(&volume), None);
+    let patch = annotation_patch(&Condition::Abnormal("bad".into()));
+    assert_eq!(patch["metadata"]["annotations"][ABNORMAL_ANNOTATION], "bad");
+    volume.metadata.annotations = Some([(ABNORMAL_ANNOTATION.to_string(), "bad".to_string())].into());
+    assert_eq!(announced(&volume), Some(Condition::Abnormal("bad".into())));
+    assert!(annotation_patch(&Condition::Normal)["metadata"]["annotations"][ABNORMAL_ANNOTATION].is_null());
+    let long = "é".repeat(2000);
+    let patch = annotation_patch(&Condition::Abnormal(long));
+    assert!(
+        patch["metadata"]["annotations"][ABNORMAL_ANNOTATION]
+            .as_str()
+            .expect("str")
+            .len()
+            <= 1000
+    );
+}
+
+#[test]
+fn only_bound_csi_volumes_of_the_driver_are_watched() {
+    let bound = watched(&pv("p1", "d", "Bound", Some(("ns", "c1"))), "d").expect("watched");
+    assert_eq!(
+        (
+            bound.pv.as_str(),
+            bound.volume_handle.as_str(),
+            bound.namespace.as_str(),
+            bound.claim.as_str()
+        ),
+        ("p1", "h-p1", "ns", "c1")
+    );
+    assert_eq!(bound.claim_reference().uid.as_deref(), Some("uid-c1"));
+    assert_eq!(watched(&pv("p2", "other", "Bound", Some(("ns", "c"))), "d"), None);
+    assert_eq!(watched(&pv("p3", "d", "Available", None), "d"), None);
+    assert_eq!(watched(&pv("p4", "d", "Released", Some(("ns", "c"))), "d"), None);
+    let in_tree: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": "p5"},
+        "spec": {"hostPath": {"path": "/x"}, "claimRef": {"namespace": "ns", "name": "c"}}, "status": {"phase": "Bound"}}))
+    .expect("pv");
+    assert_eq!(watched(&in_tree, "d"), None);
+}
+
+#[test]
+fn node_failure_is_timed_from_the_ready_transition() {
+    let threshold = Duration::from_secs(300);
+    assert_eq!(
+        node_verdict(&node(Some(("True", 100))), threshold, at(10_000)),
+        NodeVerdict::Healthy
+    );
+    assert_eq!(
+        node_verdict(&node(Some(("False", 1_000))), threshold, at(1_299)),
+        NodeVerdict::Suspect { fails_at: at(1_300) }
+    );
+    assert_eq!(
+        node_verdict(&node(Some(("Unknown", 1_000))), threshold, at(1_300)),
+        NodeVerdict::Failed { since: at(1_000) }
+    );
+    // No Ready condition at all: never reported Ready.
+    assert!(matches!(
+        node_verdict(&node(None), threshold, at(10_000)),
+        NodeVerdict::Failed { .. }
+    ));
+}
+
+#[test]
+fn volumes_on_a_node_are_found_through_pods_and_their_claims() {
+    let pod = |name: &str, node: &str, claim: &str| -> Pod {
+        serde_json::from_value(
+            json!({"metadata": {"name": name, "namespace": "ns"}, "spec": {"nodeName": node,
+            "containers": [], "volumes": [
+                {"name": "data", "persistentVolumeClaim": {"claimName": claim}},
+                {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}},
+                {"name": "cfg", "configMap": {"name": "x"}}]}}),
+        )
+        .expect("pod")
+    };
+    let pods = [pod("a", "n1", "c1"), pod("b", "n1", "c1"), pod("c", "n2", "c2")];
+    let mut by_claim = BTreeMap::new();
+    for (claim, pv_name) in [("c1", "p1"), ("c2", "p2"), ("a-scratch", "p3")] {
+        let w = watched(&pv(pv_name, "d", "Bound", Some(("ns", claim))), "d").expect("watched");
+        by_claim.insert(("ns".to_string(), claim.to_string()), w);
+    }
+    let on_n1 = volumes_on_node("n1", &pods, &by_claim);
+    let summary: Vec<(String, Vec<String>)> = on_n1
+        .iter()
+        .map(|(w, pods)| (w.pv.clone(), pods.iter().cloned().collect()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("p1".to_string(), vec!["ns/a".to_string(), "ns/b".to_string()]),
+            ("p3".to_string(), vec!["ns/a".to_string()]),
+        ]
+    );
+    let note = node_failed_note("n1", at(0), &on_n1.values().next().cloned().expect("pods"));
+    assert!(
+        note.contains("n1") && note.contains("ns/a, ns/b") && note.contains("1970-01-01T00:00:00Z"),
+        "{note}"
+    );
+}
+
+#[test]
+fn trimmed_pods_keep_node_and_claims() {
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "a", "namespace": "ns", "uid": "u",
+        "labels": {"x": "y"}}, "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}],
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "c1"}}, {"name": "cfg", "configMap": {"name": "x"}}]},
+        "status": {"phase": "Running"}}))
+    .expect("pod");
+    let before = pod_claims(&pod);
+    let trimmed = trim_pod(pod);
+    assert_eq!(pod_claims(&trimmed), before);
+    assert_eq!(trimmed.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some("n1"));
+    assert_eq!(trimmed.metadata.uid.as_deref(), Some("u"));
+    assert!(trimmed.status.is_none() && trimmed.metadata.labels.is_none());
+}
+
+#[test]
+fn phases_spread_within_the_interval_and_are_stable() {
+    let interval = Duration::from_secs(60);
+    let phases: Vec<Duration> = (0..1000).map(|i| phase(&format!("pv-{i}"), interval)).collect();
+    assert!(phases.iter().all(|p| *p < interval));
+    assert_eq!(phase("pv-1", interval), phase("pv-1", interval));
+    let first_half = phases.iter().filter(|p| **p < interval / 2).count();
+    assert!(
+        (350..650).contains(&first_half),
+        "{first_half} of 1000 in the first half"
+    );
+    assert_eq!(
+        published_path("/var/lib/kubelet/", "uid-1", "pv-1"),
+        "/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~csi/pv-1/mount"
+    );
+}

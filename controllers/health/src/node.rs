@@ -1,0 +1,357 @@
+//! The node side (`--node-deployment`): NodeGetVolumeStats for every
+//! volume of this driver that pods on this node use, every interval.
+//! Usage becomes metrics; a condition change becomes an event on each pod
+//! using the volume. Runs on every node, no election.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, Pod};
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use volplane_csi::CsiClient;
+use volplane_csi::csi::v1 as pb;
+
+use crate::metrics::{HealthMetrics, claim_labels};
+use crate::model::{self, Condition, Watched};
+
+/// Settings of the node side.
+#[derive(Clone, Debug)]
+pub struct NodeHealthConfig {
+    /// The driver name.
+    pub driver: String,
+    /// This node.
+    pub node: String,
+    /// The kubelet's root directory (volume paths are under it).
+    pub kubelet_dir: String,
+    /// Time between rounds of NodeGetVolumeStats.
+    pub interval: Duration,
+    /// Calls in flight at most.
+    pub workers: usize,
+    /// Whether the driver reports conditions (VOLUME_CONDITION).
+    pub conditions: bool,
+    /// `reportingInstance` of events.
+    pub instance: String,
+}
+
+/// The node-side health agent.
+pub struct NodeHealthAgent {
+    client: kube::Client,
+    csi: CsiClient,
+    config: Arc<NodeHealthConfig>,
+    metrics: Arc<HealthMetrics>,
+    ready: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for NodeHealthAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHealthAgent").field("config", &self.config).finish()
+    }
+}
+
+/// A volume published on this node and the pods using it.
+#[derive(Clone, Debug)]
+struct Published {
+    volume: Watched,
+    /// (pod reference, kubelet path of the volume for that pod).
+    pods: Vec<(ObjectReference, String)>,
+}
+
+impl NodeHealthAgent {
+    /// An agent; nothing runs until [`NodeHealthAgent::run`].
+    pub fn new(client: kube::Client, csi: CsiClient, config: NodeHealthConfig, metrics: Arc<HealthMetrics>) -> Self {
+        Self {
+            client,
+            csi,
+            config: Arc::new(config),
+            metrics,
+            ready: watch::channel(false).0,
+        }
+    }
+
+    /// Turns true once the pod and PV caches are filled.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), crate::Error> {
+        let config = self.config.clone();
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let (pvs, pv_writer) = reflector::store::<PersistentVolume>();
+        let (pods_listed, mut pods_ready) = watch::channel(false);
+        let (pvs_listed, mut pvs_ready) = watch::channel(false);
+        let pod_watch = watcher::watcher(
+            Api::<Pod>::all(self.client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={}", config.node)),
+        )
+        .default_backoff()
+        .modify(|pod| *pod = model::trim_pod(std::mem::take(pod)))
+        .reflect(pod_writer)
+        .for_each(move |event| {
+            if matches!(event, Ok(Event::InitDone)) {
+                pods_listed.send_replace(true);
+            }
+            async {}
+        });
+        let pv_watch = reflector::reflector(
+            pv_writer,
+            watcher::watcher(
+                Api::<PersistentVolume>::all(self.client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .for_each(move |event| {
+            if matches!(event, Ok(Event::InitDone)) {
+                pvs_listed.send_replace(true);
+            }
+            async {}
+        });
+        let watches = tokio::spawn(async move {
+            tokio::join!(pod_watch, pv_watch);
+        });
+        let ready = self.ready;
+        let recorder = Recorder::new(
+            self.client.clone(),
+            Reporter {
+                controller: "volplane-health-node".into(),
+                instance: Some(config.instance.clone()),
+            },
+        );
+        let shutdown = shutdown.fuse();
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => {
+                watches.abort();
+                return Ok(());
+            }
+            () = async {
+                let pods = async { pods_ready.wait_for(|r| *r).await.is_ok() };
+                let pvs = async { pvs_ready.wait_for(|r| *r).await.is_ok() };
+                tokio::join!(pods, pvs);
+            } => {}
+        }
+        ready.send_replace(true);
+        info!(node = %config.node, driver = %config.driver, interval = ?config.interval, "node health agent synced");
+
+        let mut round = Round {
+            config: config.clone(),
+            csi: self.csi.clone(),
+            metrics: self.metrics.clone(),
+            recorder,
+            conditions: HashMap::new(),
+            labelled: BTreeSet::new(),
+        };
+        let mut ticker = tokio::time::interval(config.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                _ = ticker.tick() => {
+                    let published = published(&config, &pods, &pvs);
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = round.run(published) => {}
+                    }
+                }
+            }
+        }
+        watches.abort();
+        info!("node health agent stopped");
+        Ok(())
+    }
+}
+
+/// The volumes of this driver that pods on this node use, by PV name.
+fn published(
+    config: &NodeHealthConfig,
+    pods: &Store<Pod>,
+    pvs: &Store<PersistentVolume>,
+) -> BTreeMap<String, Published> {
+    let by_claim: BTreeMap<(String, String), Watched> = pvs
+        .state()
+        .iter()
+        .filter_map(|pv| model::watched(pv, &config.driver))
+        .map(|w| ((w.namespace.clone(), w.claim.clone()), w))
+        .collect();
+    let mut out: BTreeMap<String, Published> = BTreeMap::new();
+    for pod in pods.state() {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            continue;
+        };
+        let running = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(config.node.as_str());
+        if !running {
+            continue;
+        }
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: pod.metadata.namespace.clone(),
+            name: pod.metadata.name.clone(),
+            uid: Some(uid.clone()),
+            ..ObjectReference::default()
+        };
+        for claim in model::pod_claims(&pod) {
+            let Some(volume) = by_claim.get(&claim) else {
+                continue;
+            };
+            let path = model::published_path(&config.kubelet_dir, &uid, &volume.pv);
+            out.entry(volume.pv.clone())
+                .or_insert_with(|| Published {
+                    volume: volume.clone(),
+                    pods: Vec::new(),
+                })
+                .pods
+                .push((reference.clone(), path));
+        }
+    }
+    out
+}
+
+/// One round's bookkeeping, kept between rounds.
+struct Round {
+    config: Arc<NodeHealthConfig>,
+    csi: CsiClient,
+    metrics: Arc<HealthMetrics>,
+    recorder: Recorder,
+    /// Last announced condition per (pod UID, PV).
+    conditions: HashMap<(String, String), Condition>,
+    /// PVCs that have usage metrics (to drop them when the volume goes).
+    labelled: BTreeSet<(String, String)>,
+}
+
+impl Round {
+    async fn run(&mut self, published: BTreeMap<String, Published>) {
+        let mut calls = FuturesUnordered::new();
+        let mut pending = published.into_values();
+        let mut results = Vec::new();
+        loop {
+            while calls.len() < self.config.workers.max(1) {
+                let Some(volume) = pending.next() else {
+                    break;
+                };
+                let csi = self.csi.clone();
+                calls.push(async move {
+                    // Any pod's path will do: the stats are the volume's.
+                    let path = volume.pods.first().map(|(_, p)| p.clone()).unwrap_or_default();
+                    let result = csi.node_get_volume_stats(&volume.volume.volume_handle, &path).await;
+                    (volume, result)
+                });
+            }
+            match calls.next().await {
+                Some(result) => results.push(result),
+                None => break,
+            }
+        }
+        let mut seen = BTreeSet::new();
+        let mut live_pvs = BTreeSet::new();
+        for (volume, result) in results {
+            let claim = (volume.volume.namespace.clone(), volume.volume.claim.clone());
+            seen.insert(claim.clone());
+            live_pvs.insert(volume.volume.pv.clone());
+            match result {
+                Ok(stats) => self.record(&volume, &stats).await,
+                Err(error) => {
+                    self.metrics.checked("error");
+                    debug!(pv = %volume.volume.pv, %error, "NodeGetVolumeStats failed");
+                }
+            }
+        }
+        // Volumes no longer on this node: their series go.
+        let gone: Vec<(String, String)> = self.labelled.difference(&seen).cloned().collect();
+        for (namespace, claim) in gone {
+            self.forget_metrics(&namespace, &claim);
+            self.labelled.remove(&(namespace, claim));
+        }
+        self.conditions.retain(|(_, pv), _| live_pvs.contains(pv));
+    }
+
+    async fn record(&mut self, volume: &Published, stats: &pb::NodeGetVolumeStatsResponse) {
+        use pb::volume_usage::Unit;
+        let (namespace, claim) = (&volume.volume.namespace, &volume.volume.claim);
+        self.labelled.insert((namespace.clone(), claim.clone()));
+        for usage in &stats.usage {
+            let family = match Unit::try_from(usage.unit) {
+                Ok(Unit::Bytes) => &self.metrics.volume_bytes,
+                Ok(Unit::Inodes) => &self.metrics.volume_inodes,
+                _ => continue,
+            };
+            for (kind, value) in [
+                ("used", usage.used),
+                ("available", usage.available),
+                ("total", usage.total),
+            ] {
+                let mut labels = claim_labels(namespace, claim);
+                labels.push(("usage", kind.to_string()));
+                family.get_or_create(&labels).set(value);
+            }
+        }
+        if !self.config.conditions {
+            self.metrics.checked("no_condition");
+            return;
+        }
+        let Some(reported) = stats.volume_condition.as_ref() else {
+            self.metrics.checked("no_condition");
+            return;
+        };
+        let condition = model::condition_of(reported.abnormal, &reported.message);
+        self.metrics
+            .checked(if reported.abnormal { "abnormal" } else { "normal" });
+        self.metrics
+            .node_abnormal
+            .get_or_create(&claim_labels(namespace, claim))
+            .set(i64::from(reported.abnormal));
+        for (pod, _) in &volume.pods {
+            let key = (pod.uid.clone().unwrap_or_default(), volume.volume.pv.clone());
+            let Some(announcement) = model::announcement(self.conditions.get(&key), &condition) else {
+                continue;
+            };
+            let event = KubeEvent {
+                type_: if announcement.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: announcement.reason.into(),
+                note: Some(format!(
+                    "volume {} (PVC {namespace}/{claim}): {}",
+                    volume.volume.pv, announcement.note
+                )),
+                action: "CheckVolumeHealth".into(),
+                secondary: None,
+            };
+            match self.recorder.publish(&event, pod).await {
+                Ok(()) => {
+                    self.metrics
+                        .events
+                        .get_or_create(&vec![("reason", announcement.reason)])
+                        .inc();
+                    self.conditions.insert(key, condition.clone());
+                }
+                Err(error) => warn!(%error, pod = ?pod.name, "cannot publish event; the next round retries"),
+            }
+        }
+    }
+
+    fn forget_metrics(&self, namespace: &str, claim: &str) {
+        self.metrics.node_abnormal.remove(&claim_labels(namespace, claim));
+        for family in [&self.metrics.volume_bytes, &self.metrics.volume_inodes] {
+            for kind in ["used", "available", "total"] {
+                let mut labels = claim_labels(namespace, claim);
+                labels.push(("usage", kind.to_string()));
+                family.remove(&labels);
+            }
+        }
+    }
+}

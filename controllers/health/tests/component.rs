@@ -1,0 +1,739 @@
+//! The health controllers with a real kube::Client against the API-server
+//! double and the test CSI driver over a unix socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, Pod};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use volplane_csi::{ControllerCapability, CsiMethod, NodeCapability};
+use volplane_health::model::{
+    ABNORMAL_ANNOTATION, REASON_ABNORMAL, REASON_NODE_FAILED, REASON_NODE_RECOVERED, REASON_NORMAL,
+};
+use volplane_health::{HealthConfig, HealthController, HealthMetrics, NodeHealthAgent, NodeHealthConfig, Source};
+use volplane_leader::Leadership;
+use volplane_tests::apiserver::{ApiServerDouble, Verb};
+use volplane_tests::background::Background;
+use volplane_tests::driver::{DriverConfig, TestDriver, TestVolume};
+use volplane_tests::wait::{eventually, within};
+
+const DRIVER: &str = "health.csi.volplane.dev";
+const NS: &str = "apps";
+
+struct Harness {
+    double: ApiServerDouble,
+    driver: TestDriver,
+    client: kube::Client,
+    registry: Registry,
+    metrics: Arc<HealthMetrics>,
+    /// The controller's fallback source.
+    fallback: Option<Source>,
+    running: Option<Background<Result<(), volplane_health::Error>>>,
+}
+
+fn driver_config(capabilities: Vec<ControllerCapability>) -> DriverConfig {
+    DriverConfig {
+        name: DRIVER.into(),
+        controller_capabilities: capabilities,
+        node_capabilities: Some(vec![NodeCapability::GetVolumeStats, NodeCapability::VolumeCondition]),
+        node_id: "n1".into(),
+        ..DriverConfig::default()
+    }
+}
+
+fn healthy() -> TestVolume {
+    TestVolume {
+        capacity_bytes: 1 << 30,
+        condition: Some((false, String::new())),
+        published_node_ids: vec![],
+        bytes: Some((700, 1000, 300)),
+        inodes: Some((90, 100, 10)),
+    }
+}
+
+fn sick(message: &str) -> TestVolume {
+    TestVolume {
+        condition: Some((true, message.to_string())),
+        ..healthy()
+    }
+}
+
+impl Harness {
+    async fn new(capabilities: Vec<ControllerCapability>) -> Self {
+        let double = ApiServerDouble::start().await.expect("double");
+        let driver = TestDriver::start(driver_config(capabilities)).await.expect("driver");
+        let client = double.client();
+        let ns: k8s_openapi::api::core::v1::Namespace =
+            serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
+        Api::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("namespace");
+        let mut registry = Registry::with_prefix("volplane");
+        let metrics = Arc::new(HealthMetrics::register(&mut registry));
+        Self {
+            double,
+            driver,
+            client,
+            registry,
+            metrics,
+            fallback: None,
+            running: None,
+        }
+    }
+
+    async fn start(&mut self, source: Source, node_failure_threshold: Option<Duration>, leadership: Leadership) {
+        let controller = HealthController::new(
+            self.client.clone(),
+            self.driver.client(Duration::from_millis(500)),
+            HealthConfig {
+                driver: DRIVER.into(),
+                source,
+                fallback: self.fallback.clone(),
+                node_failure_threshold,
+                instance: "test".into(),
+            },
+            self.metrics.clone(),
+            leadership,
+        );
+        let mut ready = controller.readiness();
+        self.running = Some(Background::spawn(|shutdown| controller.run(shutdown)));
+        within(Duration::from_secs(20), ready.wait_for(|r| *r))
+            .await
+            .expect("ready");
+    }
+
+    async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop(Duration::from_secs(20)).await.expect("result");
+        }
+    }
+
+    /// A bound PV of `driver` for the claim `claim` (handle `h-<pv>`).
+    async fn bound_pv(&self, pv: &str, driver: &str, claim: &str) {
+        let object: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": pv},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                     "csi": {"driver": driver, "volumeHandle": format!("h-{pv}")},
+                     "claimRef": {"namespace": NS, "name": claim, "uid": format!("uid-{claim}")}}}))
+        .expect("pv");
+        let api: Api<PersistentVolume> = Api::all(self.client.clone());
+        api.create(&PostParams::default(), &object).await.expect("create pv");
+        self.set_phase(pv, "Bound").await;
+    }
+
+    async fn set_phase(&self, pv: &str, phase: &str) {
+        Api::<PersistentVolume>::all(self.client.clone())
+            .patch_status(
+                pv,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"phase": phase}})),
+            )
+            .await
+            .expect("pv status");
+    }
+
+    /// (reason, object name, note) of every occurrence of an event, oldest
+    /// first: an event repeated as a series (the recorder folds identical
+    /// events into one object) counts once per occurrence.
+    async fn events(&self) -> Vec<(String, String, String)> {
+        Api::<Event>::namespaced(self.client.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .flat_map(|e| {
+                let occurrences = e.series.as_ref().map_or(1, |s| usize::try_from(s.count).unwrap_or(1));
+                let occurrence = (
+                    e.reason.unwrap_or_default(),
+                    e.regarding.and_then(|r| r.name).unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                );
+                std::iter::repeat_n(occurrence, occurrences)
+            })
+            .collect()
+    }
+
+    async fn wait_for_events(&self, what: &str, reason: &str, count: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = self.events().await;
+            if events.iter().filter(|(r, _, _)| r == reason).count() >= count {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what}: {events:#?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn count_events(&self, reason: &str) -> usize {
+        self.events().await.iter().filter(|(r, _, _)| r == reason).count()
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode");
+        text
+    }
+
+    /// Waits until `sweeps` more complete ListVolumes sweeps have run.
+    async fn wait_for_sweeps(&self, sweeps: u64) {
+        let count = |text: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with("volplane_health_sweep_duration_seconds_count"))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let start = count(&self.metrics_text());
+        eventually(Duration::from_secs(30), "more sweeps", || {
+            count(&self.metrics_text()) >= start + sweeps
+        })
+        .await;
+    }
+}
+
+fn list_mode(interval_ms: u64, page_size: i32) -> Source {
+    Source::ListVolumes {
+        interval: Duration::from_millis(interval_ms),
+        page_size,
+    }
+}
+
+#[tokio::test]
+async fn paged_sweeps_over_10000_volumes_announce_each_change_once() {
+    let mut h = Harness::new(vec![
+        ControllerCapability::ListVolumes,
+        ControllerCapability::VolumeCondition,
+    ])
+    .await;
+    for i in 0..10_000 {
+        h.driver.put_volume(&format!("h-bulk-{i:05}"), healthy());
+    }
+    for i in 0..5 {
+        h.driver.put_volume(&format!("h-pv-{i}"), healthy());
+        h.bound_pv(&format!("pv-{i}"), DRIVER, &format!("claim-{i}")).await;
+    }
+    h.driver.put_volume("h-pv-0", sick("disk failed"));
+    h.driver.put_volume("h-pv-1", sick("fs read-only"));
+    // Volumes of another driver, unbound PVs and in-tree PVs are ignored.
+    h.bound_pv("other", "other.csi.example", "other-claim").await;
+    h.bound_pv("unbound", DRIVER, "unbound-claim").await;
+    h.set_phase("unbound", "Available").await;
+
+    h.start(list_mode(200, 500), None, Leadership::unconditional()).await;
+    h.wait_for_events("two abnormal volumes", REASON_ABNORMAL, 2).await;
+    let events = h.events().await;
+    let mut abnormal: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|(r, _, _)| r == REASON_ABNORMAL)
+        .map(|(_, claim, note)| (claim.as_str(), note.as_str()))
+        .collect();
+    abnormal.sort_unstable();
+    assert_eq!(abnormal, [("claim-0", "disk failed"), ("claim-1", "fs read-only")]);
+    // Every page was asked with the bound and followed to the end.
+    let pages = h
+        .driver
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, volplane_tests::driver::Call::ListVolumes(r) if r.max_entries == 500))
+        .count();
+    assert!(pages >= 21, "10,005 volumes take 21 pages of 500 (saw {pages} calls)");
+
+    // Unchanged conditions over more sweeps: no more events.
+    h.wait_for_sweeps(3).await;
+    assert_eq!(h.events().await.len(), 2, "{:#?}", h.events().await);
+    let text = h.metrics_text();
+    assert!(
+        text.contains("volplane_health_abnormal_volumes{namespace=\"apps\",persistentvolumeclaim=\"claim-0\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("persistentvolumeclaim=\"claim-2\""), "{text}");
+    let pv: PersistentVolume = Api::all(h.client.clone()).get("pv-0").await.expect("pv");
+    assert_eq!(
+        pv.metadata
+            .annotations
+            .unwrap_or_default()
+            .get(ABNORMAL_ANNOTATION)
+            .map(String::as_str),
+        Some("disk failed")
+    );
+
+    // Recovery: one Normal event; the annotation and the gauge go.
+    h.driver.put_volume("h-pv-0", healthy());
+    h.wait_for_events("recovery", REASON_NORMAL, 1).await;
+    h.wait_for_sweeps(3).await;
+    assert_eq!(h.count_events(REASON_NORMAL).await, 1);
+    assert_eq!(h.count_events(REASON_ABNORMAL).await, 2);
+    let pv: PersistentVolume = Api::all(h.client.clone()).get("pv-0").await.expect("pv");
+    assert!(
+        !pv.metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(ABNORMAL_ANNOTATION)
+    );
+    assert!(!h.metrics_text().contains("persistentvolumeclaim=\"claim-0\"} 1"));
+
+    // A volume the driver forgot is abnormal, with a clear message.
+    assert!(h.driver.remove_volume("h-pv-2"));
+    h.wait_for_events("vanished volume", REASON_ABNORMAL, 3).await;
+    let events = h.events().await;
+    let (_, claim, note) = events.iter().rfind(|(r, _, _)| r == REASON_ABNORMAL).expect("event");
+    assert_eq!(claim, "claim-2");
+    assert!(
+        note.contains("h-pv-2") && note.contains("missing from ListVolumes"),
+        "{note}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_controller_does_not_announce_known_conditions_again() {
+    let mut h = Harness::new(vec![
+        ControllerCapability::ListVolumes,
+        ControllerCapability::VolumeCondition,
+    ])
+    .await;
+    h.driver.put_volume("h-pv-0", sick("disk failed"));
+    h.bound_pv("pv-0", DRIVER, "claim-0").await;
+    h.start(list_mode(100, 0), None, Leadership::unconditional()).await;
+    h.wait_for_events("abnormal", REASON_ABNORMAL, 1).await;
+    eventually(Duration::from_secs(10), "the annotation is written", || {
+        h.double.count(Verb::Patch, "persistentvolumes") >= 1
+    })
+    .await;
+    h.stop().await;
+
+    h.start(list_mode(100, 0), None, Leadership::unconditional()).await;
+    h.wait_for_sweeps(3).await;
+    assert_eq!(h.count_events(REASON_ABNORMAL).await, 1, "{:#?}", h.events().await);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn stale_tokens_restart_the_sweep_and_errors_keep_conditions() {
+    let mut h = Harness::new(vec![
+        ControllerCapability::ListVolumes,
+        ControllerCapability::VolumeCondition,
+    ])
+    .await;
+    for i in 0..30 {
+        h.driver.put_volume(&format!("h-pv-{i}"), healthy());
+    }
+    h.driver.put_volume("h-pv-0", sick("bad"));
+    h.bound_pv("pv-0", DRIVER, "claim-0").await;
+    // The first sweep fails on its second page (ABORTED: restart), the
+    // next one times out: no false "missing" in either case.
+    h.driver
+        .fail_next(CsiMethod::ListVolumes, 1, tonic::Code::Aborted, "token expired");
+    h.start(list_mode(100, 10), None, Leadership::unconditional()).await;
+    h.wait_for_events("abnormal after a restarted sweep", REASON_ABNORMAL, 1)
+        .await;
+    h.driver.set_delay(CsiMethod::ListVolumes, Duration::from_millis(700));
+    eventually(Duration::from_secs(10), "a failed sweep is counted", || {
+        h.metrics_text()
+            .contains("volplane_health_checks_total{result=\"error\"}")
+    })
+    .await;
+    h.driver.set_delay(CsiMethod::ListVolumes, Duration::ZERO);
+    h.wait_for_sweeps(2).await;
+    let events = h.events().await;
+    assert_eq!(events.len(), 1, "nothing announced from failed sweeps: {events:#?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_unimplemented_list_falls_back_to_get_volume_and_is_not_called_again() {
+    let mut h = Harness::new(vec![
+        ControllerCapability::ListVolumes,
+        ControllerCapability::GetVolume,
+        ControllerCapability::VolumeCondition,
+    ])
+    .await;
+    h.driver.put_volume("h-pv-0", sick("bad"));
+    h.bound_pv("pv-0", DRIVER, "claim-0").await;
+    h.driver
+        .fail_next(CsiMethod::ListVolumes, 100, tonic::Code::Unimplemented, "no");
+    h.fallback = Some(Source::GetVolume {
+        interval: Duration::from_millis(50),
+        workers: 2,
+    });
+    h.start(list_mode(50, 0), None, Leadership::unconditional()).await;
+    h.wait_for_events("abnormal through the fallback", REASON_ABNORMAL, 1)
+        .await;
+    // Ten fallback checks take at least ten list intervals: ListVolumes
+    // was asked once only.
+    eventually(Duration::from_secs(10), "ten fallback checks", || {
+        h.driver.count(CsiMethod::ControllerGetVolume) >= 10
+    })
+    .await;
+    assert_eq!(h.driver.count(CsiMethod::ListVolumes), 1);
+    let text = h.metrics_text();
+    assert!(
+        text.contains("volplane_health_source{source=\"get_volume\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("volplane_health_checks_total{result=\"unimplemented\"} 1"),
+        "{text}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_unimplemented_driver_stops_checks_and_the_controller_stays_up() {
+    let mut h = Harness::new(vec![
+        ControllerCapability::GetVolume,
+        ControllerCapability::VolumeCondition,
+    ])
+    .await;
+    for i in 0..3 {
+        h.driver.put_volume(&format!("h-pv-{i}"), healthy());
+        h.bound_pv(&format!("pv-{i}"), DRIVER, &format!("claim-{i}")).await;
+    }
+    // pv-0 was announced abnormal by an earlier run (its annotation).
+    Api::<PersistentVolume>::all(h.client.clone())
+        .patch(
+            "pv-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {ABNORMAL_ANNOTATION: "old"}}})),
+        )
+        .await
+        .expect("annotate");
+    h.driver
+        .fail_next(CsiMethod::ControllerGetVolume, 100, tonic::Code::Unimplemented, "no");
+    h.start(
+        Source::GetVolume {
+            interval: Duration::from_millis(50),
+            workers: 1,
+        },
+        None,
+        Leadership::unconditional(),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "checks stopped", || {
+        h.metrics_text().contains("volplane_health_source{source=\"none\"} 1")
+    })
+    .await;
+    // Still serving: a volume that is released leaves the gauge.
+    assert!(h.metrics_text().contains("persistentvolumeclaim=\"claim-0\"} 1"));
+    h.set_phase("pv-0", "Released").await;
+    eventually(Duration::from_secs(10), "the released volume is forgotten", || {
+        !h.metrics_text().contains("persistentvolumeclaim=\"claim-0\"")
+    })
+    .await;
+    // One worker: the first call failed and no other followed.
+    assert_eq!(h.driver.count(CsiMethod::ControllerGetVolume), 1);
+    assert!(h.events().await.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn get_volume_checks_each_bound_volume_once_per_interval() {
+    let mut h = Harness::new(vec![
+        ControllerCapability::GetVolume,
+        ControllerCapability::VolumeCondition,
+    ])
+    .await;
+    for i in 0..20 {
+        h.driver.put_volume(&format!("h-pv-{i}"), healthy());
+        h.bound_pv(&format!("pv-{i}"), DRIVER, &format!("claim-{i}")).await;
+    }
+    h.driver.put_volume("h-pv-3", sick("slow disk"));
+    let interval = Duration::from_millis(400);
+    h.start(
+        Source::GetVolume { interval, workers: 4 },
+        None,
+        Leadership::unconditional(),
+    )
+    .await;
+    h.wait_for_events("abnormal", REASON_ABNORMAL, 1).await;
+    // Missing: NotFound from ControllerGetVolume.
+    assert!(h.driver.remove_volume("h-pv-5"));
+    h.wait_for_events("missing", REASON_ABNORMAL, 2).await;
+    let events = h.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|(_, claim, note)| claim == "claim-5" && note.contains("NotFound")),
+        "{events:#?}"
+    );
+
+    // An unbound volume is not checked; bound again, it is.
+    h.set_phase("pv-7", "Released").await;
+    let calls_for = |h: &Harness, handle: &str| {
+        h.driver
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c, volplane_tests::driver::Call::ControllerGetVolume(r) if r.volume_id == handle))
+            .count()
+    };
+    let before = h.driver.count(CsiMethod::ControllerGetVolume);
+    eventually(Duration::from_secs(10), "three more intervals", || {
+        h.driver.count(CsiMethod::ControllerGetVolume) >= before + 3 * 19
+    })
+    .await;
+    let released = calls_for(&h, "h-pv-7");
+    h.set_phase("pv-7", "Bound").await;
+    eventually(Duration::from_secs(10), "checked again once bound", || {
+        calls_for(&h, "h-pv-7") > released
+    })
+    .await;
+
+    // Timing: calls to one volume are at least an interval apart.
+    let timed: Vec<std::time::Instant> = h
+        .driver
+        .timed_calls()
+        .into_iter()
+        .filter(|(c, _)| matches!(c, volplane_tests::driver::Call::ControllerGetVolume(r) if r.volume_id == "h-pv-1"))
+        .map(|(_, at)| at)
+        .collect();
+    assert!(timed.len() >= 3, "{timed:?}");
+    for pair in timed.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= interval - Duration::from_millis(20),
+            "checked twice within an interval: {timed:?}"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_follower_calls_no_driver() {
+    let mut h = Harness::new(vec![
+        ControllerCapability::ListVolumes,
+        ControllerCapability::VolumeCondition,
+    ])
+    .await;
+    h.driver.put_volume("h-pv-0", sick("bad"));
+    h.bound_pv("pv-0", DRIVER, "claim-0").await;
+    let (term, receiver) = tokio::sync::watch::channel(volplane_leader::Term::Following);
+    h.start(list_mode(50, 0), None, Leadership::new(receiver)).await;
+    // Synced while following: no call. Then leading: the sweep starts.
+    assert_eq!(h.driver.count(CsiMethod::ListVolumes), 0);
+    term.send_replace(volplane_leader::Term::Leading {
+        number: 1,
+        until: Some(std::time::SystemTime::now() + Duration::from_secs(600)),
+    });
+    h.wait_for_events("abnormal once leading", REASON_ABNORMAL, 1).await;
+    h.stop().await;
+}
+
+async fn node(client: &kube::Client, name: &str, ready: &str, since_secs_ago: i64) {
+    let at = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(since_secs_ago);
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": name}})).expect("node");
+    let nodes: Api<Node> = Api::all(client.clone());
+    if nodes.get_opt(name).await.expect("get").is_none() {
+        nodes.create(&PostParams::default(), &node).await.expect("node");
+    }
+    nodes
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"conditions": [{"type": "Ready", "status": ready,
+                "lastTransitionTime": at.to_string()}]}})),
+        )
+        .await
+        .expect("node status");
+}
+
+async fn pod_on(client: &kube::Client, name: &str, node: &str, claims: &[&str]) {
+    let volumes: Vec<serde_json::Value> = claims
+        .iter()
+        .enumerate()
+        .map(|(i, c)| json!({"name": format!("v{i}"), "persistentVolumeClaim": {"claimName": c}}))
+        .collect();
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name, "namespace": NS},
+        "spec": {"nodeName": node, "containers": [], "volumes": volumes}}))
+    .expect("pod");
+    Api::<Pod>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+}
+
+#[tokio::test]
+async fn a_node_not_ready_past_the_threshold_is_reported_on_its_volumes_only() {
+    let mut h = Harness::new(vec![
+        ControllerCapability::ListVolumes,
+        ControllerCapability::VolumeCondition,
+    ])
+    .await;
+    for i in 0..3 {
+        h.driver.put_volume(&format!("h-pv-{i}"), healthy());
+        h.bound_pv(&format!("pv-{i}"), DRIVER, &format!("claim-{i}")).await;
+    }
+    h.bound_pv("foreign", "other.csi.example", "foreign-claim").await;
+    node(&h.client, "n1", "True", 3600).await;
+    node(&h.client, "n2", "True", 3600).await;
+    pod_on(&h.client, "web-1", "n1", &["claim-0", "foreign-claim"]).await;
+    pod_on(&h.client, "web-2", "n1", &["claim-0", "claim-1"]).await;
+    pod_on(&h.client, "db", "n2", &["claim-2"]).await;
+    h.start(
+        list_mode(60_000, 0),
+        Some(Duration::from_millis(500)),
+        Leadership::unconditional(),
+    )
+    .await;
+
+    // n1 stops reporting; the threshold counts from the transition.
+    node(&h.client, "n1", "Unknown", 0).await;
+    h.wait_for_events("NodeFailed on n1's volumes", REASON_NODE_FAILED, 2)
+        .await;
+    let events = h.events().await;
+    let mut failed: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|(r, _, _)| r == REASON_NODE_FAILED)
+        .map(|(_, claim, note)| (claim.as_str(), note.as_str()))
+        .collect();
+    failed.sort_unstable();
+    assert_eq!(failed.len(), 2, "{events:#?}");
+    assert_eq!(failed[0].0, "claim-0");
+    assert!(
+        failed[0].1.contains("apps/web-1, apps/web-2") && failed[0].1.contains("n1"),
+        "{}",
+        failed[0].1
+    );
+    assert_eq!(failed[1].0, "claim-1");
+    // A pod that turns up there later: only its new volume is reported.
+    h.driver.put_volume("h-pv-3", healthy());
+    h.bound_pv("pv-3", DRIVER, "claim-3").await;
+    pod_on(&h.client, "web-3", "n1", &["claim-1", "claim-3"]).await;
+    h.wait_for_events("NodeFailed on the new volume", REASON_NODE_FAILED, 3)
+        .await;
+    let events = h.events().await;
+    let failed: Vec<&str> = events
+        .iter()
+        .filter(|(r, _, _)| r == REASON_NODE_FAILED)
+        .map(|(_, claim, _)| claim.as_str())
+        .collect();
+    assert_eq!(failed.iter().filter(|c| **c == "claim-1").count(), 1, "{events:#?}");
+    assert_eq!(failed.iter().filter(|c| **c == "claim-3").count(), 1, "{events:#?}");
+
+    // Back to Ready: one NodeRecovered per volume.
+    node(&h.client, "n1", "True", 0).await;
+    h.wait_for_events("NodeRecovered", REASON_NODE_RECOVERED, 3).await;
+    assert_eq!(h.count_events(REASON_NODE_FAILED).await, 3);
+
+    // A failed node that is deleted: no panic, no recovery event.
+    node(&h.client, "n2", "False", 10).await;
+    h.wait_for_events("NodeFailed on n2", REASON_NODE_FAILED, 4).await;
+    assert!(h.metrics_text().contains("volplane_health_failed_nodes 1"));
+    Api::<Node>::all(h.client.clone())
+        .delete("n2", &DeleteParams::default())
+        .await
+        .expect("delete node");
+    Api::<Pod>::namespaced(h.client.clone(), NS)
+        .delete("db", &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    eventually(Duration::from_secs(10), "the deleted node is forgotten", || {
+        h.metrics_text().contains("volplane_health_failed_nodes 0")
+    })
+    .await;
+    // Back under the same name and Ready: nothing to recover.
+    node(&h.client, "n2", "True", 0).await;
+    node(&h.client, "n3", "False", 0).await;
+    h.stop().await;
+    // Everything dispatched has been written now: one of each per volume.
+    let mut reported: Vec<(String, String)> = h
+        .events()
+        .await
+        .into_iter()
+        .filter(|(r, _, _)| r == REASON_NODE_FAILED || r == REASON_NODE_RECOVERED)
+        .map(|(r, claim, _)| (r, claim))
+        .collect();
+    reported.sort_unstable();
+    let expected: Vec<(String, String)> = [
+        (REASON_NODE_FAILED, "claim-0"),
+        (REASON_NODE_FAILED, "claim-1"),
+        (REASON_NODE_FAILED, "claim-2"),
+        (REASON_NODE_FAILED, "claim-3"),
+        (REASON_NODE_RECOVERED, "claim-0"),
+        (REASON_NODE_RECOVERED, "claim-1"),
+        (REASON_NODE_RECOVERED, "claim-3"),
+    ]
+    .into_iter()
+    .map(|(r, c)| (r.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(reported, expected);
+}
+
+#[tokio::test]
+async fn the_node_agent_reports_usage_and_warns_each_pod_once_per_change() {
+    let h = Harness::new(vec![]).await;
+    for i in 0..2 {
+        h.driver.put_volume(&format!("h-pv-{i}"), healthy());
+        h.bound_pv(&format!("pv-{i}"), DRIVER, &format!("claim-{i}")).await;
+    }
+    pod_on(&h.client, "a", "n1", &["claim-0"]).await;
+    pod_on(&h.client, "b", "n1", &["claim-0", "claim-1"]).await;
+    pod_on(&h.client, "elsewhere", "n2", &["claim-1"]).await;
+    let agent = NodeHealthAgent::new(
+        h.client.clone(),
+        h.driver.client(Duration::from_secs(2)),
+        NodeHealthConfig {
+            driver: DRIVER.into(),
+            node: "n1".into(),
+            kubelet_dir: "/var/lib/kubelet".into(),
+            interval: Duration::from_millis(100),
+            workers: 4,
+            conditions: true,
+            instance: "n1".into(),
+        },
+        h.metrics.clone(),
+    );
+    let mut ready = agent.readiness();
+    let running = Background::spawn(|shutdown| agent.run(shutdown));
+    within(Duration::from_secs(20), ready.wait_for(|r| *r))
+        .await
+        .expect("ready");
+    eventually(Duration::from_secs(10), "usage metrics", || {
+        let text = h.metrics_text();
+        text.contains(
+            "volplane_health_volume_bytes{namespace=\"apps\",persistentvolumeclaim=\"claim-0\",usage=\"used\"} 300",
+        ) && text.contains(
+            "volplane_health_volume_inodes{namespace=\"apps\",persistentvolumeclaim=\"claim-1\",usage=\"total\"} 100",
+        )
+    })
+    .await;
+    let paths: Vec<String> = h
+        .driver
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            volplane_tests::driver::Call::NodeGetVolumeStats(r) => Some(r.volume_path),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        paths
+            .iter()
+            .all(|p| p.starts_with("/var/lib/kubelet/pods/") && p.ends_with("/mount")),
+        "{paths:?}"
+    );
+
+    h.driver.put_volume("h-pv-0", sick("I/O errors"));
+    h.wait_for_events("a warning on each pod using the volume", REASON_ABNORMAL, 2)
+        .await;
+    let before = h.driver.count(CsiMethod::NodeGetVolumeStats);
+    eventually(Duration::from_secs(10), "more rounds", || {
+        h.driver.count(CsiMethod::NodeGetVolumeStats) >= before + 6
+    })
+    .await;
+    let events = h.events().await;
+    let pods: Vec<&str> = events
+        .iter()
+        .filter(|(r, _, _)| r == REASON_ABNORMAL)
+        .map(|(_, target, _)| target.as_str())
+        .collect();
+    assert_eq!(pods.len(), 2, "once per pod: {events:#?}");
+    assert!(pods.contains(&"a") && pods.contains(&"b"), "{pods:?}");
+    assert!(
+        h.metrics_text()
+            .contains("volplane_health_node_volume_abnormal{namespace=\"apps\",persistentvolumeclaim=\"claim-0\"} 1")
+    );
+    running.stop(Duration::from_secs(10)).await.expect("result");
+}
