@@ -18,13 +18,16 @@ pub enum Controller {
     Capacity,
     /// Create the PVCs of generic ephemeral volumes.
     Ephemeral,
+    /// Report CSI volume conditions as events (needs --csi-address); with
+    /// --node-deployment, the node side (NodeGetVolumeStats).
+    Health,
 }
 
 impl Controller {
     /// Whether the controller talks to a CSI driver.
     pub fn needs_csi(self) -> bool {
         match self {
-            Self::Capacity => true,
+            Self::Capacity | Self::Health => true,
             Self::Ephemeral => false,
         }
     }
@@ -138,9 +141,43 @@ pub struct Args {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub ephemeral_workers: u16,
 
+    /// Time between ListVolumes sweeps of the health controller.
+    #[arg(long, env = "HEALTH_LIST_INTERVAL", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub health_list_interval: Duration,
+
+    /// Entries per ListVolumes page (`max_entries`); 0 lets the driver choose.
+    #[arg(long, env = "HEALTH_LIST_PAGE_SIZE", value_name = "N", default_value_t = 500,
+          value_parser = clap::value_parser!(i32).range(0..))]
+    pub health_list_page_size: i32,
+
+    /// Time between checks of one volume with ControllerGetVolume, and
+    /// between NodeGetVolumeStats rounds on the node side.
+    #[arg(long, env = "HEALTH_MONITOR_INTERVAL", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+    pub health_monitor_interval: Duration,
+
+    /// ControllerGetVolume (or NodeGetVolumeStats) calls in flight at most.
+    #[arg(long, env = "HEALTH_WORKERS", value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub health_workers: u16,
+
+    /// Also watch nodes: report NodeFailed on the PVCs of this driver used
+    /// by pods on a node that has not been Ready for the threshold.
+    #[arg(long, env = "HEALTH_NODE_WATCHER")]
+    pub health_node_watcher: bool,
+
+    /// How long a node must be NotReady or Unknown (from its Ready
+    /// condition's lastTransitionTime) before NodeFailed.
+    #[arg(long, env = "HEALTH_NODE_FAILURE_THRESHOLD", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub health_node_failure_threshold: Duration,
+
+    /// The kubelet's root directory, for the volume paths the node side
+    /// passes to NodeGetVolumeStats.
+    #[arg(long, env = "KUBELET_DIR", value_name = "PATH", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+
     /// Elect one writer per controller group among replicas, on
-    /// coordination.k8s.io Leases (capacity: one per driver; ephemeral: one
-    /// per cluster). Per-node capacity never elects. `--leader-election=false`
+    /// coordination.k8s.io Leases (capacity and health: one per driver;
+    /// ephemeral: one per cluster). Per-node instances never elect. `--leader-election=false`
     /// turns it off: then run one replica only.
     #[arg(long, env = "LEADER_ELECTION", value_name = "BOOL", default_value_t = true,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -257,6 +294,15 @@ impl Args {
         }
         if self.csi_timeout.is_zero() {
             anyhow::bail!("--csi-timeout must be greater than zero");
+        }
+        for (flag, value) in [
+            ("--health-list-interval", self.health_list_interval),
+            ("--health-monitor-interval", self.health_monitor_interval),
+            ("--health-node-failure-threshold", self.health_node_failure_threshold),
+        ] {
+            if value.is_zero() {
+                anyhow::bail!("{flag} must be greater than zero");
+            }
         }
         if self.leader_election {
             self.election_timing("lease", "default", "identity")
@@ -439,7 +485,10 @@ mod tests {
         let line = one_line(&err.render().to_string());
         assert!(!line.contains('\n'), "{line}");
         assert!(line.starts_with("error: invalid value 'frobnicate'"), "{line}");
-        assert!(line.contains("[possible values: capacity, ephemeral]"), "{line}");
+        assert!(
+            line.contains("[possible values: capacity, ephemeral, health]"),
+            "{line}"
+        );
         let err = parse(&["--bogus-flag"]).expect_err("unknown flag");
         let line = one_line(&err.render().to_string());
         assert_eq!(
@@ -510,6 +559,49 @@ mod tests {
         assert!(fractional.validate().is_err(), "the Lease API counts whole seconds");
         let off = parse(&["--leader-election=false", "--leader-election-renew-deadline", "20s"]).expect("parses");
         assert!(off.validate().is_ok(), "timing does not matter without election");
+    }
+
+    #[test]
+    fn health_flags_have_documented_defaults_and_checks() {
+        let args = parse(&["--controllers", "health", "--csi-address", "/x.sock"]).expect("valid");
+        assert_eq!(args.selected_controllers(), [Controller::Health]);
+        assert!(args.validate().is_ok());
+        assert_eq!(
+            (
+                args.health_list_interval,
+                args.health_list_page_size,
+                args.health_monitor_interval,
+                args.health_workers,
+                args.health_node_watcher,
+                args.health_node_failure_threshold,
+            ),
+            (
+                Duration::from_secs(300),
+                500,
+                Duration::from_secs(60),
+                10,
+                false,
+                Duration::from_secs(300)
+            )
+        );
+        assert_eq!(args.kubelet_dir, PathBuf::from("/var/lib/kubelet"));
+        let err = parse(&["--controllers", "health"])
+            .expect("parses")
+            .validate()
+            .expect_err("needs csi");
+        assert!(
+            err.to_string().contains("health controller needs --csi-address"),
+            "{err}"
+        );
+        assert!(parse(&["--health-list-page-size=-1"]).is_err());
+        assert!(parse(&["--health-workers", "0"]).is_err());
+        let zero = parse(&["--health-monitor-interval", "0s"]).expect("parses");
+        assert!(
+            zero.validate()
+                .expect_err("zero")
+                .to_string()
+                .contains("--health-monitor-interval")
+        );
     }
 
     #[test]

@@ -5,8 +5,7 @@ use tracing_subscriber::EnvFilter;
 use crate::args::LogFormat;
 
 /// The filter used when `RUST_LOG` is unset.
-pub const DEFAULT_FILTER: &str =
-    "warn,volplane=info,volplane_csi=info,volplane_capacity=info,volplane_ephemeral=info,volplane_leader=info";
+pub const DEFAULT_FILTER: &str = "warn,volplane=info,volplane_csi=info,volplane_capacity=info,volplane_ephemeral=info,volplane_health=info,volplane_leader=info";
 
 /// Installs the global subscriber.
 pub fn init(format: LogFormat) -> anyhow::Result<()> {

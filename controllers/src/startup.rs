@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use volplane_capacity::CapacityMetrics;
 use volplane_csi::{CsiClient, DriverInfo};
 use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
+use volplane_health::HealthMetrics;
 use volplane_leader::{ElectionMetrics, Elector, Leadership};
 
 use crate::admin::{self, Health};
@@ -34,6 +35,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let ephemeral_metrics = controllers
         .contains(&Controller::Ephemeral)
         .then(|| Arc::new(EphemeralMetrics::register(metrics)));
+    let health_metrics = controllers
+        .contains(&Controller::Health)
+        .then(|| Arc::new(HealthMetrics::register(metrics)));
     let election_metrics = Arc::new(ElectionMetrics::register(metrics));
     let health = Arc::new(Health::new(registry));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -97,6 +101,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         );
                     }
                     None => info!("capacity controller idle"),
+                }
+            }
+            Controller::Health => {
+                let (Some((csi, driver)), Some(metrics)) = (&csi, &health_metrics) else {
+                    anyhow::bail!("the health controller needs --csi-address");
+                };
+                // The node side runs on every node: no election.
+                let lease = format!("volplane-health-{}", lease_suffix(&driver.name));
+                match crate::health::build(&client, csi, driver, &args, metrics.clone(), || {
+                    elections.join(&args, lease)
+                }) {
+                    Some(health) => {
+                        readiness.push(health.readiness());
+                        let shutdown = stop_requested(stop_rx.clone());
+                        tasks.spawn(async move { ("health", health.run(shutdown).await.map_err(anyhow::Error::from)) });
+                    }
+                    None => info!("health controller idle"),
                 }
             }
             Controller::Ephemeral => {

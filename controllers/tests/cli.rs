@@ -79,7 +79,10 @@ async fn an_unknown_controller_names_the_valid_ones() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("[possible values: capacity, ephemeral]"), "{stderr}");
+    assert!(
+        stderr.contains("[possible values: capacity, ephemeral, health]"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod model;
 mod monitor;
 mod node;
+pub mod plan;
 
 pub use metrics::HealthMetrics;
 pub use monitor::{HealthConfig, HealthController, Source};

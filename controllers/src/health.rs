@@ -1,0 +1,118 @@
+//! Turns flags and driver facts into the health controller (central) or
+//! the node-side health agent (`--node-deployment`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{error, info};
+use volplane_csi::{CsiClient, DriverInfo};
+use volplane_health::plan::{self, Timing};
+use volplane_health::{HealthConfig, HealthController, HealthMetrics, NodeHealthAgent, NodeHealthConfig};
+use volplane_leader::Leadership;
+
+use crate::args::Args;
+
+/// The health side this process runs.
+#[derive(Debug)]
+pub enum Health {
+    /// Conditions from the controller service, events on PVCs.
+    Controller(HealthController),
+    /// Stats and conditions from the node service, events on pods.
+    Node(NodeHealthAgent),
+}
+
+impl Health {
+    /// Turns true once the caches are filled.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        match self {
+            Self::Controller(controller) => controller.readiness(),
+            Self::Node(agent) => agent.readiness(),
+        }
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), volplane_health::Error> {
+        match self {
+            Self::Controller(controller) => controller.run(shutdown).await,
+            Self::Node(agent) => agent.run(shutdown).await,
+        }
+    }
+}
+
+/// Builds the health side, or `None` when the driver lacks what it needs
+/// (said once, clearly; the rest of the process keeps running). The
+/// leadership is asked for only when the central controller will run.
+pub fn build(
+    client: &kube::Client,
+    csi: &CsiClient,
+    driver: &DriverInfo,
+    args: &Args,
+    metrics: Arc<HealthMetrics>,
+    leadership: impl FnOnce() -> Leadership,
+) -> Option<Health> {
+    let instance = args
+        .pod_name_value()
+        .or(args.node_name_value())
+        .unwrap_or("volplane")
+        .to_string();
+    if args.node_deployment {
+        let node = args.node_name_value()?.to_string();
+        let conditions = match plan::node_conditions(driver) {
+            Ok(conditions) => conditions,
+            Err(message) => {
+                error!("{message}");
+                return None;
+            }
+        };
+        if !conditions {
+            info!(driver = %driver.name, "the node service does not advertise VOLUME_CONDITION: usage metrics only");
+        }
+        let config = NodeHealthConfig {
+            driver: driver.name.clone(),
+            node,
+            kubelet_dir: args.kubelet_dir.to_string_lossy().into_owned(),
+            interval: args.health_monitor_interval,
+            workers: usize::from(args.health_workers),
+            conditions,
+            instance,
+        };
+        return Some(Health::Node(NodeHealthAgent::new(
+            client.clone(),
+            csi.clone(),
+            config,
+            metrics,
+        )));
+    }
+    let timing = Timing {
+        list_interval: args.health_list_interval,
+        page_size: args.health_list_page_size,
+        get_interval: args.health_monitor_interval,
+        workers: usize::from(args.health_workers),
+    };
+    let chosen = match plan::controller_plan(driver, timing) {
+        Ok(chosen) => chosen,
+        Err(message) => {
+            error!("{message}");
+            return None;
+        }
+    };
+    let config = HealthConfig {
+        driver: driver.name.clone(),
+        source: chosen.source,
+        fallback: chosen.fallback,
+        node_failure_threshold: args
+            .health_node_watcher
+            .then_some(args.health_node_failure_threshold)
+            .filter(|t| *t > Duration::ZERO),
+        instance,
+    };
+    Some(Health::Controller(HealthController::new(
+        client.clone(),
+        csi.clone(),
+        config,
+        metrics,
+        leadership(),
+    )))
+}
