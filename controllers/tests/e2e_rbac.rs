@@ -7,17 +7,19 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use support::Running;
-use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, labels};
+use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, TestVolume, labels};
 use volplane_tests::e2e::{ControlPlane, bin_dir_or_skip};
 use volplane_tests::wait::eventually_some;
 
 const NAMESPACE: &str = "volplane";
 const DRIVER: &str = "e2e-rbac.csi.volplane.dev";
+const HEALTH_DRIVER: &str = "e2e-rbac-health.csi.volplane.dev";
 const KEY: &str = "topology.volplane.dev/zone";
 
 fn deploy(file: &str) -> PathBuf {
@@ -49,7 +51,7 @@ async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
         .create_from_file(&deploy("namespace.yaml"), NAMESPACE)
         .await
         .expect("namespace");
-    for rbac in ["capacity/rbac.yaml", "ephemeral/rbac.yaml"] {
+    for rbac in ["capacity/rbac.yaml", "ephemeral/rbac.yaml", "health/rbac.yaml"] {
         plane.create_from_file(&deploy(rbac), NAMESPACE).await.expect(rbac);
     }
     let storage_class: StorageClass = serde_json::from_value(
@@ -156,7 +158,82 @@ async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
         .await;
     assert!(is_forbidden(&refused), "deleting a pod: {refused:?}");
 
-    for running in [ephemeral, capacity] {
+    // Health, as the volplane-health ServiceAccount: a pre-provisioned
+    // volume the driver reports abnormal, bound by kube-controller-manager.
+    let health_driver = TestDriver::start(DriverConfig {
+        name: HEALTH_DRIVER.into(),
+        controller_capabilities: vec![
+            volplane_csi::ControllerCapability::ListVolumes,
+            volplane_csi::ControllerCapability::VolumeCondition,
+        ],
+        ..DriverConfig::default()
+    })
+    .await
+    .expect("driver");
+    health_driver.put_volume(
+        "vol-health",
+        TestVolume {
+            capacity_bytes: 1 << 30,
+            condition: Some((true, "e2e: disk failed".into())),
+            published_node_ids: vec![],
+            bytes: None,
+            inodes: None,
+        },
+    );
+    let pv: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": "e2e-rbac-health"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                 "csi": {"driver": HEALTH_DRIVER, "volumeHandle": "vol-health"},
+                 "claimRef": {"namespace": "default", "name": "health"}}}))
+    .expect("pv");
+    Api::<PersistentVolume>::all(admin.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("pv");
+    let health_claim: PersistentVolumeClaim = serde_json::from_value(json!({"metadata": {"name": "health"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": "e2e-rbac-health",
+                 "resources": {"requests": {"storage": "1Gi"}}}}))
+    .expect("claim");
+    claims
+        .create(&PostParams::default(), &health_claim)
+        .await
+        .expect("claim");
+    let health_kubeconfig = plane
+        .service_account_kubeconfig(NAMESPACE, "volplane-health")
+        .await
+        .expect("token");
+    let mut health = Running::start(
+        &health_kubeconfig,
+        &[
+            "--controllers=health",
+            "--csi-address",
+            &health_driver.address(),
+            "--namespace",
+            NAMESPACE,
+            "--health-list-interval",
+            "1s",
+            "--health-node-watcher",
+        ],
+    );
+    health.wait_for("started leading").await;
+    let events: Api<Event> = Api::namespaced(admin.clone(), "default");
+    eventually_some(Duration::from_secs(60), "VolumeConditionAbnormal on the claim", || {
+        let events = events.clone();
+        async move {
+            let items = events.list(&ListParams::default()).await.ok()?.items;
+            items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("VolumeConditionAbnormal")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("health")
+            })
+        }
+    })
+    .await;
+    let as_health = client_of(&health_kubeconfig).await;
+    let refused = Api::<PersistentVolume>::all(as_health)
+        .delete("e2e-rbac-health", &Default::default())
+        .await;
+    assert!(is_forbidden(&refused), "deleting a PV: {refused:?}");
+
+    for running in [ephemeral, capacity, health] {
         let (code, lines) = running.terminate().await;
         assert_eq!(code, Some(0), "{}", lines.join("\n"));
         assert!(

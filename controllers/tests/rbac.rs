@@ -466,3 +466,128 @@ async fn the_ephemeral_deployment_rbac_covers_every_request() {
     assert_eq!(code, Some(0));
     assert_covered(&double, &Grants::of("ephemeral/rbac.yaml", &account), "ephemeral");
 }
+
+/// A PV of the test driver bound to `apps/data`, handle `h-data`, used by
+/// the pod `apps/user` on n1.
+async fn bound_volume_in_use(client: &kube::Client) {
+    create(
+        client,
+        "v1",
+        "Namespace",
+        "namespaces",
+        json!({"metadata": {"name": "apps"}}),
+    )
+    .await;
+    create(
+        client,
+        "v1",
+        "PersistentVolume",
+        "persistentvolumes",
+        json!({"metadata": {"name": "pv-data"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "csi": {"driver": DRIVER, "volumeHandle": "h-data"},
+                 "claimRef": {"namespace": "apps", "name": "data", "uid": "uid-data"}},
+        "status": {"phase": "Bound"}}),
+    )
+    .await;
+    create(
+        client,
+        "v1",
+        "Pod",
+        "pods",
+        json!({"metadata": {"name": "user", "namespace": "apps"},
+        "spec": {"nodeName": "n1", "containers": [],
+                 "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "data"}}]}}),
+    )
+    .await;
+}
+
+fn sick_volume() -> volplane_tests::driver::TestVolume {
+    volplane_tests::driver::TestVolume {
+        capacity_bytes: 1 << 30,
+        condition: Some((true, "disk failed".into())),
+        published_node_ids: vec!["n1".into()],
+        bytes: Some((1, 2, 1)),
+        inodes: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_deployment_rbac_covers_every_request() {
+    let (double, _dir, kubeconfig) = cluster().await;
+    bound_volume_in_use(&double.client()).await;
+    let driver = TestDriver::start(DriverConfig {
+        name: DRIVER.into(),
+        controller_capabilities: vec![
+            volplane_csi::ControllerCapability::ListVolumes,
+            volplane_csi::ControllerCapability::VolumeCondition,
+        ],
+        ..DriverConfig::default()
+    })
+    .await
+    .expect("driver");
+    driver.put_volume("h-data", sick_volume());
+    let docs = documents(&deploy("health/deployment.yaml"));
+    let workload: Deployment = of_kind(&docs, "Deployment").remove(0);
+    let spec = workload.spec.and_then(|s| s.template.spec).expect("pod spec");
+    let account = spec.service_account_name.clone().expect("service account");
+    let mut running = run_as_deployed(
+        &kubeconfig,
+        &volplane_container(&spec),
+        Some(&driver.address()),
+        "csi-controller-health-x1",
+    );
+    running.wait_for("started leading").await;
+    eventually(Duration::from_secs(20), "an event and the PV annotation", || {
+        write_verbs(&double, "events") == ["create"] && write_verbs(&double, "persistentvolumes") == ["patch"]
+    })
+    .await;
+    let (code, _) = running.terminate().await;
+    assert_eq!(code, Some(0));
+    assert!(write_verbs(&double, "leases").contains(&"patch"));
+    assert_covered(&double, &Grants::of("health/rbac.yaml", &account), "health");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_node_daemonset_rbac_covers_every_request() {
+    let (double, _dir, kubeconfig) = cluster().await;
+    bound_volume_in_use(&double.client()).await;
+    let driver = TestDriver::start(DriverConfig {
+        name: DRIVER.into(),
+        node_id: "n1".into(),
+        node_capabilities: Some(vec![
+            volplane_csi::NodeCapability::GetVolumeStats,
+            volplane_csi::NodeCapability::VolumeCondition,
+        ]),
+        ..DriverConfig::default()
+    })
+    .await
+    .expect("driver");
+    driver.put_volume("h-data", sick_volume());
+    let docs = documents(&deploy("health-node/daemonset.yaml"));
+    let workload: DaemonSet = of_kind(&docs, "DaemonSet").remove(0);
+    let spec = workload.spec.and_then(|s| s.template.spec).expect("pod spec");
+    let account = spec.service_account_name.clone().expect("service account");
+    let mut running = run_as_deployed(
+        &kubeconfig,
+        &volplane_container(&spec),
+        Some(&driver.address()),
+        "volplane-health-node-x1",
+    );
+    running.wait_for("volplane is ready").await;
+    eventually(Duration::from_secs(20), "an event on the pod", || {
+        write_verbs(&double, "events") == ["create"]
+    })
+    .await;
+    let (code, _) = running.terminate().await;
+    assert_eq!(code, Some(0));
+    assert!(
+        write_verbs(&double, "leases").is_empty(),
+        "per-node mode does not elect"
+    );
+    assert_covered(
+        &double,
+        &Grants::of("health-node/rbac.yaml", &account),
+        "health node side",
+    );
+}

@@ -309,3 +309,202 @@ mod ephemeral {
         .await;
     }
 }
+
+mod health {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    use k8s_openapi::api::events::v1::Event;
+    use kube::api::{ListParams, Patch, PatchParams};
+    use volplane_csi::ControllerCapability;
+    use volplane_health::model::{
+        ABNORMAL_ANNOTATION, REASON_ABNORMAL, REASON_NODE_FAILED, REASON_NODE_RECOVERED, REASON_NORMAL,
+    };
+    use volplane_health::{HealthConfig, HealthController, HealthMetrics, Source};
+    use volplane_tests::driver::{DriverConfig, TestDriver, TestVolume};
+
+    use super::*;
+
+    const DRIVER: &str = "e2e-health.csi.volplane.dev";
+    const NS: &str = "e2e-health";
+
+    fn volume(abnormal: Option<&str>) -> TestVolume {
+        TestVolume {
+            capacity_bytes: 1 << 30,
+            condition: Some((abnormal.is_some(), abnormal.unwrap_or_default().to_string())),
+            published_node_ids: vec![],
+            bytes: None,
+            inodes: None,
+        }
+    }
+
+    /// (reason, regarding name, note) of every occurrence of an event in
+    /// the namespace (a series counts once per occurrence).
+    async fn events(client: &kube::Client) -> Vec<(String, String, String)> {
+        Api::<Event>::namespaced(client.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .map(|list| list.items)
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|e| {
+                let occurrences = e.series.as_ref().map_or(1, |s| usize::try_from(s.count).unwrap_or(1));
+                let occurrence = (
+                    e.reason.unwrap_or_default(),
+                    e.regarding.and_then(|r| r.name).unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                );
+                std::iter::repeat_n(occurrence, occurrences)
+            })
+            .collect()
+    }
+
+    async fn wait_for_event(client: &kube::Client, reason: &str, what: &str) -> (String, String, String) {
+        eventually(Duration::from_secs(60), what, || {
+            let client = client.clone();
+            let reason = reason.to_string();
+            async move { events(&client).await.into_iter().find(|(r, _, _)| *r == reason) }
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flipped_volume_condition_and_a_failed_node_become_events_on_the_claim() {
+        let Some(bin_dir) = bin_dir_or_skip("a_flipped_volume_condition_and_a_failed_node_become_events_on_the_claim")
+        else {
+            return;
+        };
+        let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
+        let client = plane.client();
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("namespace");
+        plane.add_node("node-1", &BTreeMap::new(), None).await.expect("node");
+
+        // A pre-provisioned PV and its claim: kube-controller-manager binds them.
+        let pv: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": "e2e-health-pv"},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                     "persistentVolumeReclaimPolicy": "Retain",
+                     "csi": {"driver": DRIVER, "volumeHandle": "vol-1"},
+                     "claimRef": {"namespace": NS, "name": "data"}}}))
+        .expect("pv");
+        Api::<PersistentVolume>::all(client.clone())
+            .create(&PostParams::default(), &pv)
+            .await
+            .expect("pv");
+        let claim: PersistentVolumeClaim = serde_json::from_value(json!({"metadata": {"name": "data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": "e2e-health-pv",
+                     "resources": {"requests": {"storage": "1Gi"}}}}))
+        .expect("claim");
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
+        claims.create(&PostParams::default(), &claim).await.expect("claim");
+        eventually(Duration::from_secs(60), "the PV is bound", || {
+            let pvs: Api<PersistentVolume> = Api::all(client.clone());
+            async move {
+                let pv = pvs.get("e2e-health-pv").await.ok()?;
+                (pv.status?.phase.as_deref() == Some("Bound")).then_some(())
+            }
+        })
+        .await;
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "user"},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "registry.invalid/none"}],
+                     "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}}))
+        .expect("pod");
+        Api::<Pod>::namespaced(client.clone(), NS)
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("pod");
+
+        let driver = TestDriver::start(DriverConfig {
+            name: DRIVER.into(),
+            controller_capabilities: vec![ControllerCapability::ListVolumes, ControllerCapability::VolumeCondition],
+            ..DriverConfig::default()
+        })
+        .await
+        .expect("driver");
+        driver.put_volume("vol-1", volume(Some("e2e: disk failed")));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let controller = HealthController::new(
+            client.clone(),
+            driver.client(Duration::from_secs(5)),
+            HealthConfig {
+                driver: DRIVER.into(),
+                source: Source::ListVolumes {
+                    interval: Duration::from_millis(500),
+                    page_size: 100,
+                },
+                fallback: None,
+                node_failure_threshold: Some(Duration::from_secs(2)),
+                instance: "e2e".into(),
+            },
+            Arc::new(HealthMetrics::register(&mut registry)),
+            volplane_leader::Leadership::unconditional(),
+        );
+        let running = Background::spawn(|shutdown| controller.run(shutdown));
+
+        let (_, regarding, note) =
+            wait_for_event(&client, REASON_ABNORMAL, "VolumeConditionAbnormal on the claim").await;
+        assert_eq!((regarding.as_str(), note.as_str()), ("data", "e2e: disk failed"));
+        eventually(Duration::from_secs(30), "the PV annotation", || {
+            let pvs: Api<PersistentVolume> = Api::all(client.clone());
+            async move {
+                let pv = pvs.get("e2e-health-pv").await.ok()?;
+                pv.metadata.annotations?.get(ABNORMAL_ANNOTATION).cloned()
+            }
+        })
+        .await;
+
+        driver.put_volume("vol-1", volume(None));
+        let (_, regarding, _) = wait_for_event(&client, REASON_NORMAL, "VolumeConditionNormal on the claim").await;
+        assert_eq!(regarding, "data");
+
+        // The node stops reporting: past the threshold, NodeFailed on the
+        // claim its pod uses; back to Ready, NodeRecovered.
+        let nodes: Api<Node> = Api::all(client.clone());
+        let long_ago = humantime::format_rfc3339_seconds(std::time::SystemTime::now() - Duration::from_secs(3600));
+        nodes
+            .patch_status(
+                "node-1",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"status": {"conditions": [{"type": "Ready", "status": "Unknown",
+                    "reason": "NodeStatusUnknown", "lastTransitionTime": long_ago.to_string(),
+                    "lastHeartbeatTime": long_ago.to_string()}]}})),
+            )
+            .await
+            .expect("node unknown");
+        let (_, regarding, note) = wait_for_event(&client, REASON_NODE_FAILED, "NodeFailed on the claim").await;
+        assert_eq!(regarding, "data");
+        assert!(
+            note.contains("node-1") && note.contains(&format!("{NS}/user")),
+            "{note}"
+        );
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        nodes
+            .patch_status(
+                "node-1",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"status": {"conditions": [{"type": "Ready", "status": "True",
+                    "reason": "KubeletReady", "lastTransitionTime": now, "lastHeartbeatTime": now}]}})),
+            )
+            .await
+            .expect("node ready");
+        wait_for_event(&client, REASON_NODE_RECOVERED, "NodeRecovered on the claim").await;
+
+        running.stop(Duration::from_secs(20)).await.expect("controller result");
+        let reasons: Vec<String> = events(&client).await.into_iter().map(|(r, _, _)| r).collect();
+        for reason in [
+            REASON_ABNORMAL,
+            REASON_NORMAL,
+            REASON_NODE_FAILED,
+            REASON_NODE_RECOVERED,
+        ] {
+            assert_eq!(
+                reasons.iter().filter(|r| *r == reason).count(),
+                1,
+                "{reason} once: {reasons:?}"
+            );
+        }
+    }
+}
