@@ -12,6 +12,12 @@ use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, Pod};
 /// controller knows what it already said.
 pub const ABNORMAL_ANNOTATION: &str = "health.volplane.dev/abnormal";
 
+/// The PV annotation naming the failed node announced for its volume
+/// (`NodeFailed`), removed with `NodeRecovered`: like
+/// [`ABNORMAL_ANNOTATION`], it spares a restarted controller announcing a
+/// node failure again.
+pub const NODE_FAILED_ANNOTATION: &str = "health.volplane.dev/node-failed";
+
 /// Event reasons.
 pub const REASON_ABNORMAL: &str = "VolumeConditionAbnormal";
 /// Event reason on recovery.
@@ -133,6 +139,22 @@ pub fn annotation_patch(condition: &Condition) -> serde_json::Value {
         Condition::Abnormal(message) => serde_json::Value::String(truncate(message)),
     };
     serde_json::json!({"metadata": {"annotations": {ABNORMAL_ANNOTATION: value}}})
+}
+
+/// The failed node announced for this PV, if any.
+pub fn announced_node_failure(pv: &PersistentVolume) -> Option<String> {
+    pv.metadata
+        .annotations
+        .as_ref()?
+        .get(NODE_FAILED_ANNOTATION)
+        .filter(|node| !node.is_empty())
+        .cloned()
+}
+
+/// The merge patch that records (`Some(node)`) or clears (`None`) an
+/// announced node failure on a PV.
+pub fn node_failure_patch(node: Option<&str>) -> serde_json::Value {
+    serde_json::json!({"metadata": {"annotations": {NODE_FAILED_ANNOTATION: node}}})
 }
 
 /// Event notes are limited to 1 kB by the API server.

@@ -220,6 +220,8 @@ impl HealthController {
             checking: HashSet::new(),
             stores,
             failed_nodes: BTreeMap::new(),
+            node_failure_annotations: HashMap::new(),
+            reseed_failed_nodes: true,
             next_node_check: None,
         };
         state.metrics.set_source(config.source.label());
@@ -307,6 +309,13 @@ struct State {
     stores: Option<(Store<Node>, Store<Pod>)>,
     /// Failed nodes with the volumes (and pods) announced for them.
     failed_nodes: BTreeMap<String, BTreeMap<Watched, BTreeSet<String>>>,
+    /// The failed node each PV's annotation names (what some leader
+    /// announced), by PV name.
+    node_failure_annotations: HashMap<String, String>,
+    /// Rebuild `failed_nodes` from the annotations before the next node
+    /// check (at start and on every new term: another replica may have
+    /// announced failures meanwhile).
+    reseed_failed_nodes: bool,
     next_node_check: Option<Instant>,
 }
 
@@ -323,6 +332,7 @@ impl State {
         self.leading = leading;
         if leading {
             info!("leading: checking volume health");
+            self.reseed_failed_nodes = true;
             self.next_sweep = Some(Instant::now());
             self.next_node_check = Some(Instant::now());
         } else {
@@ -381,6 +391,10 @@ impl State {
                     self.next_check.insert(name.clone(), at);
                     self.due.insert((at, name.clone()));
                 }
+                match model::announced_node_failure(pv) {
+                    Some(node) => self.node_failure_annotations.insert(name.clone(), node),
+                    None => self.node_failure_annotations.remove(&name),
+                };
                 self.volumes.insert(name, watched);
             }
             // Unbound, released or not ours (any more): not watched.
@@ -395,6 +409,7 @@ impl State {
                 .remove(&claim_labels(&watched.namespace, &watched.claim));
         }
         self.announced.remove(name);
+        self.node_failure_annotations.remove(name);
         self.queued.remove(name);
         if let Some(at) = self.next_check.remove(name) {
             self.due.remove(&(at, name.to_string()));
@@ -637,9 +652,20 @@ impl State {
     /// The node watcher: a node not Ready for the threshold gets one
     /// NodeFailed event per PVC its pods use; its return one NodeRecovered.
     fn check_nodes(&mut self) {
-        let (Some(threshold), Some((nodes, pods))) = (self.config.node_failure_threshold, self.stores.as_ref()) else {
+        let (Some(threshold), Some((nodes, pods))) = (self.config.node_failure_threshold, self.stores.clone()) else {
             return;
         };
+        if std::mem::take(&mut self.reseed_failed_nodes) {
+            self.failed_nodes.clear();
+            for (pv, node) in &self.node_failure_annotations {
+                if let Some(volume) = self.volumes.get(pv) {
+                    self.failed_nodes
+                        .entry(node.clone())
+                        .or_default()
+                        .insert(volume.clone(), BTreeSet::new());
+                }
+            }
+        }
         let now = SystemTime::now();
         let nodes = nodes.state();
         let mut wake: Option<SystemTime> = None;
@@ -668,7 +694,9 @@ impl State {
             .collect();
         for node in gone {
             info!(%node, "failed node deleted; no recovery to report");
-            self.failed_nodes.remove(&node);
+            for volume in self.failed_nodes.remove(&node).unwrap_or_default().into_keys() {
+                self.node_note(volume, NodeNote::Forgotten);
+            }
         }
         let by_claim: BTreeMap<(String, String), Watched> = self
             .volumes
@@ -690,7 +718,13 @@ impl State {
                     continue;
                 }
                 let note = model::node_failed_note(&node, since, &pods);
-                self.note(volume.claim_reference(), true, model::REASON_NODE_FAILED, note);
+                self.node_note(
+                    volume.clone(),
+                    NodeNote::Failed {
+                        node: node.clone(),
+                        note,
+                    },
+                );
                 announced.insert(volume, pods);
             }
             self.failed_nodes.insert(node, announced);
@@ -700,9 +734,9 @@ impl State {
                 continue;
             };
             info!(%node, volumes = volumes.len(), "node recovered");
-            for volume in volumes.keys() {
+            for volume in volumes.into_keys() {
                 let note = format!("node {node} is Ready again");
-                self.note(volume.claim_reference(), false, model::REASON_NODE_RECOVERED, note);
+                self.node_note(volume, NodeNote::Recovered { note });
             }
         }
         self.metrics
@@ -710,31 +744,68 @@ impl State {
             .set(i64::try_from(self.failed_nodes.len()).unwrap_or(i64::MAX));
     }
 
-    fn note(&mut self, target: ObjectReference, warning: bool, reason: &'static str, note: String) {
+    /// Publishes a node watcher event on the volume's PVC, then records
+    /// (or clears) the failed node in the PV's annotation.
+    fn node_note(&mut self, volume: Watched, note: NodeNote) {
         let recorder = self.recorder.clone();
         let leadership = self.leadership.clone();
         let metrics = self.metrics.clone();
+        let pvs = self.pvs.clone();
         self.tasks.push(
             async move {
-                let event = KubeEvent {
-                    type_: if warning { EventType::Warning } else { EventType::Normal },
-                    reason: reason.into(),
-                    note: Some(note),
-                    action: "WatchNode".into(),
-                    secondary: None,
-                };
-                match leadership.guard(recorder.publish(&event, &target)).await {
-                    Ok(Ok(())) => {
-                        metrics.events.get_or_create(&vec![("reason", reason)]).inc();
+                let (event, node) = match note {
+                    NodeNote::Failed { node, note } => {
+                        (Some((EventType::Warning, model::REASON_NODE_FAILED, note)), Some(node))
                     }
-                    Ok(Err(error)) => warn!(%error, reason, "cannot publish event"),
-                    Err(_) => {}
+                    NodeNote::Recovered { note } => {
+                        (Some((EventType::Normal, model::REASON_NODE_RECOVERED, note)), None)
+                    }
+                    NodeNote::Forgotten => (None, None),
+                };
+                if let Some((type_, reason, note)) = event {
+                    let event = KubeEvent {
+                        type_,
+                        reason: reason.into(),
+                        note: Some(note),
+                        action: "WatchNode".into(),
+                        secondary: None,
+                    };
+                    match leadership
+                        .guard(recorder.publish(&event, &volume.claim_reference()))
+                        .await
+                    {
+                        Ok(Ok(())) => {
+                            metrics.events.get_or_create(&vec![("reason", reason)]).inc();
+                        }
+                        Ok(Err(error)) => {
+                            warn!(%error, reason, pv = %volume.pv, "cannot publish event");
+                            return Done::Noted;
+                        }
+                        Err(_) => return Done::Noted,
+                    }
+                }
+                let patch = Patch::Merge(model::node_failure_patch(node.as_deref()));
+                if let Ok(Err(error)) = leadership
+                    .guard(pvs.patch(&volume.pv, &PatchParams::default(), &patch))
+                    .await
+                {
+                    warn!(%error, pv = %volume.pv, "cannot record the node failure on the PV");
                 }
                 Done::Noted
             }
             .boxed(),
         );
     }
+}
+
+/// What the node watcher says about a volume.
+enum NodeNote {
+    /// `node` failed: NodeFailed, and the annotation names it.
+    Failed { node: String, note: String },
+    /// Its node is Ready again: NodeRecovered, and the annotation goes.
+    Recovered { note: String },
+    /// Its failed node was deleted: the annotation goes, no event.
+    Forgotten,
 }
 
 /// One full ListVolumes sweep: every page, restarted on ABORTED.

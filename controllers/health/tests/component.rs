@@ -612,6 +612,27 @@ async fn a_node_not_ready_past_the_threshold_is_reported_on_its_volumes_only() {
     assert_eq!(failed.iter().filter(|c| **c == "claim-1").count(), 1, "{events:#?}");
     assert_eq!(failed.iter().filter(|c| **c == "claim-3").count(), 1, "{events:#?}");
 
+    // A restarted controller takes the announced failures from the PV
+    // annotations: no second NodeFailed, and the recovery is still reported.
+    eventually(Duration::from_secs(10), "the failures are recorded on the PVs", || {
+        h.double.count(Verb::Patch, "persistentvolumes") >= 3
+    })
+    .await;
+    h.stop().await;
+    h.metrics.failed_nodes.set(-1);
+    h.start(
+        list_mode(60_000, 0),
+        Some(Duration::from_millis(500)),
+        Leadership::unconditional(),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the restarted controller knows n1 failed",
+        || h.metrics_text().contains("volplane_health_failed_nodes 1"),
+    )
+    .await;
+
     // Back to Ready: one NodeRecovered per volume.
     node(&h.client, "n1", "True", 0).await;
     h.wait_for_events("NodeRecovered", REASON_NODE_RECOVERED, 3).await;
@@ -659,6 +680,20 @@ async fn a_node_not_ready_past_the_threshold_is_reported_on_its_volumes_only() {
     .map(|(r, c)| (r.to_string(), c.to_string()))
     .collect();
     assert_eq!(reported, expected);
+    // Recovered and deleted nodes leave no annotation behind.
+    for pv in Api::<PersistentVolume>::all(h.client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("pvs")
+        .items
+    {
+        assert_eq!(
+            volplane_health::model::announced_node_failure(&pv),
+            None,
+            "{:?}",
+            pv.metadata.name
+        );
+    }
 }
 
 #[tokio::test]

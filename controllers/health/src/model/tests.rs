@@ -90,6 +90,19 @@ fn the_annotation_round_trips_and_a_normal_condition_removes_it() {
 }
 
 #[test]
+fn an_announced_node_failure_round_trips_through_the_pv() {
+    let mut volume = pv("p", "d", "Bound", Some(("ns", "c")));
+    assert_eq!(announced_node_failure(&volume), None);
+    let patch = node_failure_patch(Some("n1"));
+    assert_eq!(patch["metadata"]["annotations"][NODE_FAILED_ANNOTATION], "n1");
+    volume.metadata.annotations = Some([(NODE_FAILED_ANNOTATION.to_string(), "n1".to_string())].into());
+    assert_eq!(announced_node_failure(&volume).as_deref(), Some("n1"));
+    assert!(node_failure_patch(None)["metadata"]["annotations"][NODE_FAILED_ANNOTATION].is_null());
+    volume.metadata.annotations = Some([(NODE_FAILED_ANNOTATION.to_string(), String::new())].into());
+    assert_eq!(announced_node_failure(&volume), None, "an empty value names no node");
+}
+
+#[test]
 fn only_bound_csi_volumes_of_the_driver_are_watched() {
     let bound = watched(&pv("p1", "d", "Bound", Some(("ns", "c1"))), "d").expect("watched");
     assert_eq!(
