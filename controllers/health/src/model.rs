@@ -56,9 +56,9 @@ impl Observation {
     pub fn condition(&self, volume_handle: &str, driver: &str) -> Option<Condition> {
         match self {
             Self::Reported(condition) => Some(condition.clone()),
-            Self::Missing { how } => Some(Condition::Abnormal(format!(
+            Self::Missing { how } => Some(Condition::Abnormal(truncate(&format!(
                 "the CSI driver {driver} does not know volume {volume_handle} any more ({how})"
-            ))),
+            )))),
             Self::Silent => None,
         }
     }
@@ -77,10 +77,12 @@ impl Observation {
 /// Reads a CSI `VolumeCondition` (abnormal flag and message).
 pub fn condition_of(abnormal: bool, message: &str) -> Condition {
     if abnormal {
+        // Truncated here, so that the message in the PV annotation (which
+        // is limited) compares equal to the next report.
         let message = if message.trim().is_empty() {
             "the CSI driver reports the volume abnormal (no message)".to_string()
         } else {
-            message.to_string()
+            truncate(message)
         };
         Condition::Abnormal(message)
     } else {

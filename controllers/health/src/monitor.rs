@@ -211,6 +211,7 @@ impl HealthController {
             announced: HashMap::new(),
             writing: HashSet::new(),
             queued: BTreeMap::new(),
+            recorded: HashMap::new(),
             tasks: FuturesUnordered::new(),
             source: Some(config.source.clone()),
             next_sweep: None,
@@ -297,7 +298,11 @@ struct State {
     /// PVs with an announcement being written.
     writing: HashSet<String>,
     /// Announcements waiting for a writer.
-    queued: BTreeMap<String, (Watched, Condition, Announcement)>,
+    /// Announcements waiting for a writer; `None`: only the annotation is
+    /// behind (its patch failed after the event went out).
+    queued: BTreeMap<String, (Watched, Condition, Option<Announcement>)>,
+    /// What each watched PV's annotation says now (from the watch).
+    recorded: HashMap<String, Option<Condition>>,
     tasks: FuturesUnordered<BoxFuture<'static, Done>>,
     /// `None` once the source turned out unusable (Unimplemented).
     source: Option<Source>,
@@ -391,6 +396,7 @@ impl State {
                     self.next_check.insert(name.clone(), at);
                     self.due.insert((at, name.clone()));
                 }
+                self.recorded.insert(name.clone(), model::announced(pv));
                 match model::announced_node_failure(pv) {
                     Some(node) => self.node_failure_annotations.insert(name.clone(), node),
                     None => self.node_failure_annotations.remove(&name),
@@ -409,6 +415,7 @@ impl State {
                 .remove(&claim_labels(&watched.namespace, &watched.claim));
         }
         self.announced.remove(name);
+        self.recorded.remove(name);
         self.node_failure_annotations.remove(name);
         self.queued.remove(name);
         if let Some(at) = self.next_check.remove(name) {
@@ -606,10 +613,17 @@ impl State {
         match model::announcement(self.announced.get(&volume.pv), &condition) {
             Some(announcement) => {
                 self.queued
-                    .insert(volume.pv.clone(), (volume.clone(), condition, announcement));
+                    .insert(volume.pv.clone(), (volume.clone(), condition, Some(announcement)));
             }
             None => {
-                self.queued.remove(&volume.pv);
+                let recorded = self.recorded.get(&volume.pv).cloned().flatten();
+                let wanted = matches!(condition, Condition::Abnormal(_)).then(|| condition.clone());
+                if recorded != wanted && !self.writing.contains(&volume.pv) {
+                    debug!(pv = %volume.pv, "the PV annotation is behind the announced condition; writing it again");
+                    self.queued.insert(volume.pv.clone(), (volume.clone(), condition, None));
+                } else {
+                    self.queued.remove(&volume.pv);
+                }
             }
         }
     }
@@ -628,20 +642,25 @@ impl State {
                 continue;
             };
             self.writing.insert(pv.clone());
-            info!(pv = %pv, namespace = %volume.namespace, claim = %volume.claim, reason = announcement.reason, note = %announcement.note, "volume condition changed");
+            if let Some(announcement) = &announcement {
+                info!(pv = %pv, namespace = %volume.namespace, claim = %volume.claim, reason = announcement.reason, note = %announcement.note, "volume condition changed");
+            }
             let recorder = self.recorder.clone();
             let leadership = self.leadership.clone();
             let pvs = self.pvs.clone();
             let metrics = self.metrics.clone();
             self.tasks.push(
                 async move {
-                    let result = announce(&recorder, &leadership, &pvs, &volume, &condition, &announcement).await;
-                    if result.is_ok() {
-                        metrics
-                            .events
-                            .get_or_create(&vec![("reason", announcement.reason)])
-                            .inc();
-                    }
+                    let result = announce(
+                        &recorder,
+                        &leadership,
+                        &pvs,
+                        &volume,
+                        &condition,
+                        announcement.as_ref(),
+                        &metrics,
+                    )
+                    .await;
                     Done::Announced { pv, condition, result }
                 }
                 .boxed(),
@@ -859,41 +878,57 @@ async fn check(csi: &CsiClient, volume_handle: &str) -> Result<Observation, CsiE
     }
 }
 
-/// Publishes the event on the PVC, then records the condition on the PV.
+/// Publishes the event on the PVC (if there is one), then records the
+/// condition on the PV. `Err` only when the event did not go out: a failed
+/// annotation is written again after the next check, never the event.
 async fn announce(
     recorder: &Recorder,
     leadership: &Leadership,
     pvs: &Api<PersistentVolume>,
     volume: &Watched,
     condition: &Condition,
-    announcement: &Announcement,
+    announcement: Option<&Announcement>,
+    metrics: &HealthMetrics,
 ) -> Result<(), String> {
-    let event = KubeEvent {
-        type_: if announcement.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: announcement.reason.into(),
-        note: Some(announcement.note.clone()),
-        action: "CheckVolumeHealth".into(),
-        secondary: Some(ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("PersistentVolume".into()),
-            name: Some(volume.pv.clone()),
-            ..ObjectReference::default()
-        }),
-    };
-    leadership
-        .guard(recorder.publish(&event, &volume.claim_reference()))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("event on PVC {}/{}: {e}", volume.namespace, volume.claim))?;
+    if let Some(announcement) = announcement {
+        let event = KubeEvent {
+            type_: if announcement.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: announcement.reason.into(),
+            note: Some(announcement.note.clone()),
+            action: "CheckVolumeHealth".into(),
+            secondary: Some(ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("PersistentVolume".into()),
+                name: Some(volume.pv.clone()),
+                ..ObjectReference::default()
+            }),
+        };
+        leadership
+            .guard(recorder.publish(&event, &volume.claim_reference()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("event on PVC {}/{}: {e}", volume.namespace, volume.claim))?;
+        metrics
+            .events
+            .get_or_create(&vec![("reason", announcement.reason)])
+            .inc();
+    }
     let patch = Patch::Merge(model::annotation_patch(condition));
-    leadership
+    match leadership
         .guard(pvs.patch(&volume.pv, &PatchParams::default(), &patch))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("annotation on PV {}: {e}", volume.pv))?;
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            warn!(pv = %volume.pv, %error, "cannot record the announced condition on the PV; retried after the next check")
+        }
+        // Not leading any more: the next leader judges from the annotation.
+        Err(_) if announcement.is_none() => {}
+        Err(error) => warn!(pv = %volume.pv, %error, "term ended before the PV annotation was written"),
+    }
     Ok(())
 }

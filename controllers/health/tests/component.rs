@@ -296,19 +296,36 @@ async fn a_restarted_controller_does_not_announce_known_conditions_again() {
         ControllerCapability::VolumeCondition,
     ])
     .await;
-    h.driver.put_volume("h-pv-0", sick("disk failed"));
+    // A message longer than an annotation keeps: compared truncated.
+    let long = format!("disk failed: {}", "x".repeat(1500));
+    h.driver.put_volume("h-pv-0", sick(&long));
     h.bound_pv("pv-0", DRIVER, "claim-0").await;
+    // The first annotation write fails after the event went out: it is
+    // written again after the next check, the event is not.
+    h.double.fail_next(Some(Verb::Patch), Some("persistentvolumes"), 1, 500);
     h.start(list_mode(100, 0), None, Leadership::unconditional()).await;
     h.wait_for_events("abnormal", REASON_ABNORMAL, 1).await;
-    eventually(Duration::from_secs(10), "the annotation is written", || {
-        h.double.count(Verb::Patch, "persistentvolumes") >= 1
+    let pvs: Api<PersistentVolume> = Api::all(h.client.clone());
+    let recorded = volplane_tests::wait::eventually_some(Duration::from_secs(10), "the annotation is written", || {
+        let pvs = pvs.clone();
+        async move { volplane_health::model::announced(&pvs.get("pv-0").await.ok()?) }
     })
     .await;
+    assert!(
+        matches!(&recorded, volplane_health::model::Condition::Abnormal(m) if m.starts_with("disk failed: xxx") && m.len() <= 1000),
+        "{recorded:?}"
+    );
     h.stop().await;
+    let patches = h.double.count(Verb::Patch, "persistentvolumes");
 
     h.start(list_mode(100, 0), None, Leadership::unconditional()).await;
     h.wait_for_sweeps(3).await;
     assert_eq!(h.count_events(REASON_ABNORMAL).await, 1, "{:#?}", h.events().await);
+    assert_eq!(
+        h.double.count(Verb::Patch, "persistentvolumes"),
+        patches,
+        "an annotation that matches is not written again"
+    );
     h.stop().await;
 }
 
