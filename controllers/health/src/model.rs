@@ -266,6 +266,31 @@ pub fn trim_pod(mut pod: Pod) -> Pod {
     pod
 }
 
+/// Keeps what the node watcher reads of a node: its name and Ready
+/// condition (nodes carry image lists, addresses and more, per node).
+pub fn trim_node(node: Node) -> Node {
+    let ready = node
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.type_ == "Ready")
+        .collect();
+    Node {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: node.metadata.name,
+            uid: node.metadata.uid,
+            resource_version: node.metadata.resource_version,
+            ..Default::default()
+        },
+        spec: None,
+        status: Some(k8s_openapi::api::core::v1::NodeStatus {
+            conditions: Some(ready),
+            ..Default::default()
+        }),
+    }
+}
+
 /// Since when a node has not been Ready (Ready is False or Unknown, or
 /// missing), from the condition's lastTransitionTime. `None` when Ready.
 pub fn not_ready_since(node: &Node) -> Option<SystemTime> {

@@ -86,6 +86,8 @@ impl std::fmt::Debug for HealthController {
 
 /// Sweeps restarted after ABORTED (a stale token) before the sweep fails.
 const SWEEP_RESTARTS: usize = 3;
+/// How long node and pod changes gather before the node watcher looks.
+const NODE_CHECK_DELAY: Duration = Duration::from_millis(500);
 /// Announcements written at once.
 const WRITERS: usize = 16;
 
@@ -170,13 +172,12 @@ impl HealthController {
             required.extend(["nodes", "pods"]);
             let (nodes, writer) = reflector::store::<Node>();
             streams.push(
-                reflector::reflector(
-                    writer,
-                    watcher::watcher(Api::<Node>::all(self.client.clone()), watcher::Config::default()),
-                )
-                .default_backoff()
-                .map(|event| store_signal("nodes", event))
-                .boxed(),
+                watcher::watcher(Api::<Node>::all(self.client.clone()), watcher::Config::default())
+                    .default_backoff()
+                    .modify(|node| *node = model::trim_node(std::mem::take(node)))
+                    .reflect(writer)
+                    .map(|event| store_signal("nodes", event))
+                    .boxed(),
             );
             let (pods, writer) = reflector::store::<Pod>();
             streams.push(
@@ -365,9 +366,12 @@ impl State {
                 }
             }
             Signal::Changed => {
-                // Nodes or pods changed: look at the nodes again now.
+                // Nodes or pods changed: look at the nodes again soon. One
+                // look covers every change of the last NODE_CHECK_DELAY, so a
+                // busy cluster costs at most one scan per that delay.
                 if self.stores.is_some() {
-                    self.next_node_check = Some(Instant::now());
+                    let soon = Instant::now() + NODE_CHECK_DELAY;
+                    self.next_node_check = Some(self.next_node_check.map_or(soon, |at| at.min(soon)));
                 }
             }
             Signal::WatchFailed(source, error) => warn!(source, %error, "watch failed; retrying with backoff"),

@@ -199,6 +199,28 @@ fn trimmed_pods_keep_node_and_claims() {
 }
 
 #[test]
+fn trimmed_nodes_keep_name_and_readiness() {
+    let since = "2026-01-01T00:00:00Z";
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {"a": "b"}},
+        "spec": {"podCIDR": "10.0.0.0/24"},
+        "status": {"conditions": [
+            {"type": "MemoryPressure", "status": "False"},
+            {"type": "Ready", "status": "Unknown", "lastTransitionTime": since}],
+            "images": [{"names": ["registry.example/big:1"], "sizeBytes": 1}]}}))
+    .expect("node");
+    let now = SystemTime::now();
+    let threshold = Duration::from_secs(60);
+    let verdict = node_verdict(&node, threshold, now);
+    let trimmed = trim_node(node);
+    assert_eq!(node_verdict(&trimmed, threshold, now), verdict);
+    assert_eq!(trimmed.metadata.name.as_deref(), Some("n1"));
+    assert!(trimmed.spec.is_none() && trimmed.metadata.labels.is_none());
+    let status = trimmed.status.expect("status");
+    assert!(status.images.is_none());
+    assert_eq!(status.conditions.map(|c| c.len()), Some(1));
+}
+
+#[test]
 fn phases_spread_within_the_interval_and_are_stable() {
     let interval = Duration::from_secs(60);
     let phases: Vec<Duration> = (0..1000).map(|i| phase(&format!("pv-{i}"), interval)).collect();
