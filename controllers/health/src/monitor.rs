@@ -213,6 +213,7 @@ impl HealthController {
             writing: HashSet::new(),
             queued: BTreeMap::new(),
             recorded: HashMap::new(),
+            watched_since: HashMap::new(),
             tasks: FuturesUnordered::new(),
             source: Some(config.source.clone()),
             next_sweep: None,
@@ -304,6 +305,10 @@ struct State {
     queued: BTreeMap<String, (Watched, Condition, Option<Announcement>)>,
     /// What each watched PV's annotation says now (from the watch).
     recorded: HashMap<String, Option<Condition>>,
+    /// When each PV started being watched: a sweep that began earlier
+    /// may have listed the driver before the volume existed, so it cannot
+    /// call the volume missing.
+    watched_since: HashMap<String, Instant>,
     tasks: FuturesUnordered<BoxFuture<'static, Done>>,
     /// `None` once the source turned out unusable (Unimplemented).
     source: Option<Source>,
@@ -401,6 +406,7 @@ impl State {
                     self.due.insert((at, name.clone()));
                 }
                 self.recorded.insert(name.clone(), model::announced(pv));
+                self.watched_since.entry(name.clone()).or_insert_with(Instant::now);
                 match model::announced_node_failure(pv) {
                     Some(node) => self.node_failure_annotations.insert(name.clone(), node),
                     None => self.node_failure_annotations.remove(&name),
@@ -420,6 +426,7 @@ impl State {
         }
         self.announced.remove(name);
         self.recorded.remove(name);
+        self.watched_since.remove(name);
         self.node_failure_annotations.remove(name);
         self.queued.remove(name);
         if let Some(at) = self.next_check.remove(name) {
@@ -515,6 +522,10 @@ impl State {
                             let observation = match listed.get(&volume.volume_handle) {
                                 Some(Some(condition)) => Observation::Reported(condition.clone()),
                                 Some(None) => Observation::Silent,
+                                // Bound after the sweep began: the next one judges.
+                                None if self.watched_since.get(&volume.pv).is_some_and(|at| *at > started) => {
+                                    continue;
+                                }
                                 None => Observation::Missing {
                                     how: "missing from ListVolumes",
                                 },

@@ -330,6 +330,41 @@ async fn a_restarted_controller_does_not_announce_known_conditions_again() {
 }
 
 #[tokio::test]
+async fn a_volume_bound_during_a_sweep_is_judged_by_the_next_one() {
+    let mut h = Harness::new(vec![
+        ControllerCapability::ListVolumes,
+        ControllerCapability::VolumeCondition,
+    ])
+    .await;
+    h.driver.put_volume("h-pv-0", healthy());
+    h.bound_pv("pv-0", DRIVER, "claim-0").await;
+    h.driver.set_delay(CsiMethod::ListVolumes, Duration::from_millis(300));
+    h.start(list_mode(1000, 0), None, Leadership::unconditional()).await;
+    h.wait_for_sweeps(1).await;
+    // A sweep is in flight (300 ms per page) when the PV appears; its
+    // volume is not in that listing (nor in any later one).
+    let listed = h.driver.count(CsiMethod::ListVolumes);
+    eventually(Duration::from_secs(10), "the next sweep starts", || {
+        h.driver.count(CsiMethod::ListVolumes) > listed
+    })
+    .await;
+    h.bound_pv("pv-late", DRIVER, "claim-late").await;
+    h.wait_for_sweeps(1).await;
+    assert!(
+        !h.metrics_text().contains("result=\"missing\""),
+        "the sweep that began before the volume was bound judged it: {}",
+        h.metrics_text()
+    );
+    assert!(h.events().await.is_empty());
+    // The next sweep began after: missing, reported once.
+    h.wait_for_events("missing after a whole sweep", REASON_ABNORMAL, 1)
+        .await;
+    let events = h.events().await;
+    assert_eq!(events[0].1, "claim-late");
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn stale_tokens_restart_the_sweep_and_errors_keep_conditions() {
     let mut h = Harness::new(vec![
         ControllerCapability::ListVolumes,
