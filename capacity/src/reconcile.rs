@@ -285,14 +285,8 @@ impl CapacityController {
             state.update_gauges();
             // Due work waits while another instance leads.
             let next_due = state.queue.next_due().filter(|_| state.leading);
-            let mut leadership = state.leadership.clone();
-            let leadership_changed = async {
-                if state.leading {
-                    leadership.lost().await;
-                } else {
-                    leadership.gained().await;
-                }
-            };
+            let leadership = state.leadership.clone();
+            let leadership_changed = leadership.changed_from(state.leading);
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,

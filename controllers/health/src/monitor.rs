@@ -237,15 +237,8 @@ impl HealthController {
             state.follow_leadership();
             state.dispatch();
             let wake = state.next_wake();
-            let mut leadership = state.leadership.clone();
-            let leading = state.leading;
-            let leadership_changed = async move {
-                if leading {
-                    leadership.lost().await;
-                } else {
-                    leadership.gained().await;
-                }
-            };
+            let leadership = state.leadership.clone();
+            let leadership_changed = leadership.changed_from(state.leading);
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,

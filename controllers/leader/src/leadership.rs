@@ -113,6 +113,18 @@ impl Leadership {
         }
     }
 
+    /// Completes once leadership differs from `leading` (what the caller
+    /// last acted on): [`Leadership::lost`] when it was leading, else
+    /// [`Leadership::gained`]. For a controller loop's wake-up.
+    pub async fn changed_from(&self, leading: bool) {
+        let mut watcher = self.clone();
+        if leading {
+            watcher.lost().await;
+        } else {
+            watcher.gained().await;
+        }
+    }
+
     /// Runs the write `write` if leading, and abandons it (dropping the
     /// request) the moment leadership ends.
     pub async fn guard<F: Future>(&self, write: F) -> Result<F::Output, NotLeader> {
