@@ -19,24 +19,13 @@ use serde_json::json;
 use volplane_csi::CsiMethod;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver};
+use volplane_tests::wait::timed;
 
 mod support;
 
 const DRIVER: &str = "bench.csi.volplane.dev";
 const SEGMENTS: usize = 1000;
 const CLASSES: usize = 4;
-
-async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    started.elapsed()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --ignored --nocapture (use --release)"]
@@ -103,7 +92,7 @@ async fn capacity_4000_objects() {
     let pid = child.id();
 
     let objects = SEGMENTS * CLASSES;
-    let converged = wait_until(Duration::from_secs(300), "all objects created", || {
+    let converged = timed(Duration::from_secs(300), "all objects created", || {
         double.count(Verb::Create, "csistoragecapacities") >= objects
     })
     .await;

@@ -19,6 +19,7 @@ use serde_json::json;
 use volplane_csi::{ControllerCapability, CsiMethod};
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::driver::{Call, DriverConfig, TestDriver, TestVolume};
+use volplane_tests::wait::timed;
 
 mod support;
 
@@ -43,18 +44,6 @@ fn volume(abnormal: bool) -> TestVolume {
         bytes: None,
         inodes: None,
     }
-}
-
-async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    started.elapsed()
 }
 
 /// The first-page ListVolumes calls (no token): one per sweep started.
@@ -145,12 +134,12 @@ async fn health_10000_volumes_list_mode() {
     // The first sweep: from its first page to every abnormal volume
     // announced (event written and PV annotated).
     let abnormal = VOLUMES / ABNORMAL_EVERY;
-    wait_until(Duration::from_secs(60), "the first sweep starts", || {
+    timed(Duration::from_secs(60), "the first sweep starts", || {
         !sweeps_started(&driver).is_empty()
     })
     .await;
     let first = sweeps_started(&driver)[0];
-    wait_until(Duration::from_secs(120), "every abnormal volume announced", || {
+    timed(Duration::from_secs(120), "every abnormal volume announced", || {
         double.count(Verb::Create, "events") >= abnormal && double.count(Verb::Patch, "persistentvolumes") >= abnormal
     })
     .await;
@@ -175,7 +164,7 @@ async fn health_10000_volumes_list_mode() {
     let sweeps_before = sweeps_started(&driver).len();
     let steady = Instant::now();
     // The fourth sweep starting means the three before it are complete.
-    wait_until(interval * 8, "three more sweeps", || {
+    timed(interval * 8, "three more sweeps", || {
         sweeps_started(&driver).len() >= sweeps_before + 4
     })
     .await;

@@ -25,6 +25,20 @@ pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut()
     }
 }
 
+/// Like [`eventually`], polling every 5 ms, and returns how long the
+/// condition took to hold: for benchmarks that measure it.
+pub async fn timed(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = tokio::time::Instant::now();
+    while !condition() {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    started.elapsed()
+}
+
 /// Polls the async `check` until it yields a value; fails the test naming `what` after `limit`.
 pub async fn eventually_some<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where
