@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, Pod};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tempfile::TempDir;
@@ -64,20 +63,9 @@ fn kubeconfig(api: &ApiServerDouble) -> (TempDir, std::path::PathBuf) {
 }
 
 async fn reasons(api: &ApiServerDouble) -> Vec<(String, String, String)> {
-    Api::<Event>::namespaced(api.client(), "apps")
-        .list(&ListParams::default())
+    volplane_tests::events::occurrences(&api.client(), "apps")
         .await
         .expect("events")
-        .items
-        .into_iter()
-        .map(|e| {
-            (
-                e.reason.unwrap_or_default(),
-                e.regarding.and_then(|r| r.name).unwrap_or_default(),
-                e.note.unwrap_or_default(),
-            )
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

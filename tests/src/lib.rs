@@ -2,6 +2,7 @@
 //!
 //! - [`driver`]: a scriptable CSI driver, a real tonic server on a unix socket.
 //! - [`apiserver`]: an in-process Kubernetes API-server double for `kube::Client`.
+//! - [`events`]: events read back, one entry per occurrence.
 //! - [`e2e`]: a throwaway real control plane, when `VOLPLANE_E2E_BIN_DIR` is set.
 //! - [`wait`]: waiting for conditions with deadlines.
 //! - [`background`]: a controller running until the test stops it.
@@ -10,4 +11,5 @@ pub mod apiserver;
 pub mod background;
 pub mod driver;
 pub mod e2e;
+pub mod events;
 pub mod wait;

@@ -314,8 +314,7 @@ mod health {
     use std::sync::Arc;
 
     use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-    use k8s_openapi::api::events::v1::Event;
-    use kube::api::{ListParams, Patch, PatchParams};
+    use kube::api::{Patch, PatchParams};
     use volplane_csi::ControllerCapability;
     use volplane_health::model::{
         ABNORMAL_ANNOTATION, REASON_ABNORMAL, REASON_NODE_FAILED, REASON_NODE_RECOVERED, REASON_NORMAL,
@@ -339,24 +338,11 @@ mod health {
     }
 
     /// (reason, regarding name, note) of every occurrence of an event in
-    /// the namespace (a series counts once per occurrence).
+    /// the namespace; none while the API server does not answer.
     async fn events(client: &kube::Client) -> Vec<(String, String, String)> {
-        Api::<Event>::namespaced(client.clone(), NS)
-            .list(&ListParams::default())
+        volplane_tests::events::occurrences(client, NS)
             .await
-            .map(|list| list.items)
             .unwrap_or_default()
-            .into_iter()
-            .flat_map(|e| {
-                let occurrences = e.series.as_ref().map_or(1, |s| usize::try_from(s.count).unwrap_or(1));
-                let occurrence = (
-                    e.reason.unwrap_or_default(),
-                    e.regarding.and_then(|r| r.name).unwrap_or_default(),
-                    e.note.unwrap_or_default(),
-                );
-                std::iter::repeat_n(occurrence, occurrences)
-            })
-            .collect()
     }
 
     async fn wait_for_event(client: &kube::Client, reason: &str, what: &str) -> (String, String, String) {

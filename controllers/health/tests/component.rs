@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, Pod};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -135,26 +134,11 @@ impl Harness {
             .expect("pv status");
     }
 
-    /// (reason, object name, note) of every occurrence of an event, oldest
-    /// first: an event repeated as a series (the recorder folds identical
-    /// events into one object) counts once per occurrence.
+    /// (reason, object name, note) of every occurrence of an event.
     async fn events(&self) -> Vec<(String, String, String)> {
-        Api::<Event>::namespaced(self.client.clone(), NS)
-            .list(&ListParams::default())
+        volplane_tests::events::occurrences(&self.client, NS)
             .await
             .expect("events")
-            .items
-            .into_iter()
-            .flat_map(|e| {
-                let occurrences = e.series.as_ref().map_or(1, |s| usize::try_from(s.count).unwrap_or(1));
-                let occurrence = (
-                    e.reason.unwrap_or_default(),
-                    e.regarding.and_then(|r| r.name).unwrap_or_default(),
-                    e.note.unwrap_or_default(),
-                );
-                std::iter::repeat_n(occurrence, occurrences)
-            })
-            .collect()
     }
 
     async fn wait_for_events(&self, what: &str, reason: &str, count: usize) {
