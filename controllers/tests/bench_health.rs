@@ -19,6 +19,7 @@ use serde_json::json;
 use volplane_csi::{ControllerCapability, CsiMethod};
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::driver::{Call, DriverConfig, TestDriver, TestVolume};
+use volplane_tests::objects;
 use volplane_tests::wait::timed;
 
 mod support;
@@ -28,23 +29,6 @@ const VOLUMES: usize = 10_000;
 const FOREIGN: usize = 1_000;
 const ABNORMAL_EVERY: usize = 100;
 const PAGE: i32 = 500;
-
-fn volume(abnormal: bool) -> TestVolume {
-    TestVolume {
-        capacity_bytes: 1 << 30,
-        condition: Some((
-            abnormal,
-            if abnormal {
-                "bench: disk failed".into()
-            } else {
-                String::new()
-            },
-        )),
-        published_node_ids: vec![],
-        bytes: None,
-        inodes: None,
-    }
-}
 
 /// The first-page ListVolumes calls (no token): one per sweep started.
 fn sweeps_started(driver: &TestDriver) -> Vec<Instant> {
@@ -82,19 +66,19 @@ async fn health_10000_volumes_list_mode() {
             .expect("ns");
     }
     for i in 0..VOLUMES {
-        driver.put_volume(&format!("h-{i:05}"), volume(i % ABNORMAL_EVERY == 0));
+        let volume = if i % ABNORMAL_EVERY == 0 {
+            TestVolume::abnormal("bench: disk failed")
+        } else {
+            TestVolume::healthy()
+        };
+        driver.put_volume(&format!("h-pv-{i:05}"), volume);
     }
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     futures::stream::iter((0..VOLUMES + FOREIGN).map(|i| {
         let pvs = pvs.clone();
         async move {
             let driver = if i < VOLUMES { DRIVER } else { "other.csi.example" };
-            let pv: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": format!("pv-{i:05}")},
-                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                         "csi": {"driver": driver, "volumeHandle": format!("h-{i:05}")},
-                         "claimRef": {"namespace": "apps", "name": format!("claim-{i:05}"), "uid": format!("uid-{i}")}},
-                "status": {"phase": "Bound"}}))
-            .expect("pv");
+            let pv = objects::bound_pv(&format!("pv-{i:05}"), driver, "apps", &format!("claim-{i:05}"));
             pvs.create(&PostParams::default(), &pv).await.expect("pv");
         }
     }))

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use tempfile::TempDir;
 use volplane_csi::{ControllerCapability, CsiMethod, NodeCapability};
 use volplane_tests::apiserver::ApiServerDouble;
 use volplane_tests::driver::{DriverConfig, TestDriver, TestVolume};
+use volplane_tests::objects;
 use volplane_tests::wait::{eventually, eventually_some};
 
 use support::{Running, http_get};
@@ -29,29 +30,19 @@ async fn namespace(api: &ApiServerDouble, name: &str) {
 
 /// A PV of `DRIVER` bound to `apps/<claim>`, handle `h-<pv>`.
 async fn bound_pv(api: &ApiServerDouble, pv: &str, claim: &str) {
-    let object: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": pv},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                 "csi": {"driver": DRIVER, "volumeHandle": format!("h-{pv}")},
-                 "claimRef": {"namespace": "apps", "name": claim, "uid": format!("uid-{claim}")}}}))
-    .expect("pv");
-    let pvs: Api<PersistentVolume> = Api::all(api.client());
-    pvs.create(&PostParams::default(), &object).await.expect("pv");
-    pvs.patch_status(
-        pv,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Bound"}})),
-    )
-    .await
-    .expect("bound");
+    Api::<PersistentVolume>::all(api.client())
+        .create(&PostParams::default(), &objects::bound_pv(pv, DRIVER, "apps", claim))
+        .await
+        .expect("pv");
 }
 
+/// Abnormal with `abnormal`'s message, else healthy; 400 of 1000 bytes and
+/// 50 of 100 inodes used.
 fn volume(abnormal: Option<&str>) -> TestVolume {
     TestVolume {
-        capacity_bytes: 1 << 30,
-        condition: Some((abnormal.is_some(), abnormal.unwrap_or_default().to_string())),
-        published_node_ids: vec![],
         bytes: Some((600, 1000, 400)),
         inodes: Some((50, 100, 50)),
+        ..abnormal.map_or_else(TestVolume::healthy, TestVolume::abnormal)
     }
 }
 
@@ -206,12 +197,11 @@ async fn the_node_side_reports_usage_and_warns_the_pods_on_its_node() {
     driver.put_volume("h-pv-0", volume(Some("read-only file system")));
     bound_pv(&api, "pv-0", "data").await;
     for (name, node) in [("here", "n1"), ("there", "n2")] {
-        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name, "namespace": "apps"},
-            "spec": {"nodeName": node, "containers": [],
-                     "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "data"}}]}}))
-        .expect("pod");
         Api::<Pod>::namespaced(api.client(), "apps")
-            .create(&PostParams::default(), &pod)
+            .create(
+                &PostParams::default(),
+                &objects::pod_using(name, "apps", node, &["data"]),
+            )
             .await
             .expect("pod");
     }

@@ -170,16 +170,7 @@ async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
     })
     .await
     .expect("driver");
-    health_driver.put_volume(
-        "vol-health",
-        TestVolume {
-            capacity_bytes: 1 << 30,
-            condition: Some((true, "e2e: disk failed".into())),
-            published_node_ids: vec![],
-            bytes: None,
-            inodes: None,
-        },
-    );
+    health_driver.put_volume("vol-health", TestVolume::abnormal("e2e: disk failed"));
     let pv: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": "e2e-rbac-health"},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
                  "csi": {"driver": HEALTH_DRIVER, "volumeHandle": "vol-health"},

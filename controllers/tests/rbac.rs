@@ -467,8 +467,8 @@ async fn the_ephemeral_deployment_rbac_covers_every_request() {
     assert_covered(&double, &Grants::of("ephemeral/rbac.yaml", &account), "ephemeral");
 }
 
-/// A PV of the test driver bound to `apps/data`, handle `h-data`, used by
-/// the pod `apps/user` on n1.
+/// A PV of the test driver bound to `apps/data`, handle `h-pv-data`, used
+/// by the pod `apps/user` on n1.
 async fn bound_volume_in_use(client: &kube::Client) {
     create(
         client,
@@ -478,37 +478,24 @@ async fn bound_volume_in_use(client: &kube::Client) {
         json!({"metadata": {"name": "apps"}}),
     )
     .await;
+    let pv = volplane_tests::objects::bound_pv("pv-data", DRIVER, "apps", "data");
     create(
         client,
         "v1",
         "PersistentVolume",
         "persistentvolumes",
-        json!({"metadata": {"name": "pv-data"},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                 "csi": {"driver": DRIVER, "volumeHandle": "h-data"},
-                 "claimRef": {"namespace": "apps", "name": "data", "uid": "uid-data"}},
-        "status": {"phase": "Bound"}}),
+        serde_json::to_value(pv).expect("json"),
     )
     .await;
-    create(
-        client,
-        "v1",
-        "Pod",
-        "pods",
-        json!({"metadata": {"name": "user", "namespace": "apps"},
-        "spec": {"nodeName": "n1", "containers": [],
-                 "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "data"}}]}}),
-    )
-    .await;
+    let pod = volplane_tests::objects::pod_using("user", "apps", "n1", &["data"]);
+    create(client, "v1", "Pod", "pods", serde_json::to_value(pod).expect("json")).await;
 }
 
 fn sick_volume() -> volplane_tests::driver::TestVolume {
     volplane_tests::driver::TestVolume {
-        capacity_bytes: 1 << 30,
-        condition: Some((true, "disk failed".into())),
         published_node_ids: vec!["n1".into()],
         bytes: Some((1, 2, 1)),
-        inodes: None,
+        ..volplane_tests::driver::TestVolume::abnormal("disk failed")
     }
 }
 
@@ -526,7 +513,7 @@ async fn the_health_deployment_rbac_covers_every_request() {
     })
     .await
     .expect("driver");
-    driver.put_volume("h-data", sick_volume());
+    driver.put_volume("h-pv-data", sick_volume());
     let docs = documents(&deploy("health/deployment.yaml"));
     let workload: Deployment = of_kind(&docs, "Deployment").remove(0);
     let spec = workload.spec.and_then(|s| s.template.spec).expect("pod spec");
@@ -563,7 +550,7 @@ async fn the_health_node_daemonset_rbac_covers_every_request() {
     })
     .await
     .expect("driver");
-    driver.put_volume("h-data", sick_volume());
+    driver.put_volume("h-pv-data", sick_volume());
     let docs = documents(&deploy("health-node/daemonset.yaml"));
     let workload: DaemonSet = of_kind(&docs, "DaemonSet").remove(0);
     let spec = workload.spec.and_then(|s| s.template.spec).expect("pod spec");

@@ -109,6 +109,25 @@ pub struct TestVolume {
     pub inodes: Option<(i64, i64, i64)>,
 }
 
+impl TestVolume {
+    /// A 1 GiB volume the driver reports healthy (no usage figures).
+    pub fn healthy() -> Self {
+        Self {
+            capacity_bytes: 1 << 30,
+            condition: Some((false, String::new())),
+            ..Self::default()
+        }
+    }
+
+    /// A 1 GiB volume the driver reports abnormal with `message`.
+    pub fn abnormal(message: &str) -> Self {
+        Self {
+            condition: Some((true, message.to_string())),
+            ..Self::healthy()
+        }
+    }
+}
+
 /// One request the driver received, with its payload where it has one.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Call {

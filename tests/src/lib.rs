@@ -4,6 +4,7 @@
 //! - [`apiserver`]: an in-process Kubernetes API-server double for `kube::Client`.
 //! - [`events`]: events read back, one entry per occurrence.
 //! - [`e2e`]: a throwaway real control plane, when `VOLPLANE_E2E_BIN_DIR` is set.
+//! - [`objects`]: bound PVs and pods using them, as test fixtures.
 //! - [`wait`]: waiting for conditions with deadlines.
 //! - [`background`]: a controller running until the test stops it.
 
@@ -12,4 +13,5 @@ pub mod background;
 pub mod driver;
 pub mod e2e;
 pub mod events;
+pub mod objects;
 pub mod wait;

@@ -327,16 +327,6 @@ mod health {
     const DRIVER: &str = "e2e-health.csi.volplane.dev";
     const NS: &str = "e2e-health";
 
-    fn volume(abnormal: Option<&str>) -> TestVolume {
-        TestVolume {
-            capacity_bytes: 1 << 30,
-            condition: Some((abnormal.is_some(), abnormal.unwrap_or_default().to_string())),
-            published_node_ids: vec![],
-            bytes: None,
-            inodes: None,
-        }
-    }
-
     /// (reason, regarding name, note) of every occurrence of an event in
     /// the namespace; none while the API server does not answer.
     async fn events(client: &kube::Client) -> Vec<(String, String, String)> {
@@ -410,7 +400,7 @@ mod health {
         })
         .await
         .expect("driver");
-        driver.put_volume("vol-1", volume(Some("e2e: disk failed")));
+        driver.put_volume("vol-1", TestVolume::abnormal("e2e: disk failed"));
         let mut registry = prometheus_client::registry::Registry::default();
         let controller = HealthController::new(
             client.clone(),
@@ -442,7 +432,7 @@ mod health {
         })
         .await;
 
-        driver.put_volume("vol-1", volume(None));
+        driver.put_volume("vol-1", TestVolume::healthy());
         let (_, regarding, _) = wait_for_event(&client, REASON_NORMAL, "VolumeConditionNormal on the claim").await;
         assert_eq!(regarding, "data");
 

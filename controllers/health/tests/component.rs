@@ -17,6 +17,7 @@ use volplane_leader::Leadership;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::background::Background;
 use volplane_tests::driver::{DriverConfig, TestDriver, TestVolume};
+use volplane_tests::objects;
 use volplane_tests::wait::{eventually, within};
 
 const DRIVER: &str = "health.csi.volplane.dev";
@@ -43,19 +44,18 @@ fn driver_config(capabilities: Vec<ControllerCapability>) -> DriverConfig {
     }
 }
 
+/// Healthy, 300 of 1000 bytes and 10 of 100 inodes used.
 fn healthy() -> TestVolume {
     TestVolume {
-        capacity_bytes: 1 << 30,
-        condition: Some((false, String::new())),
-        published_node_ids: vec![],
         bytes: Some((700, 1000, 300)),
         inodes: Some((90, 100, 10)),
+        ..TestVolume::healthy()
     }
 }
 
 fn sick(message: &str) -> TestVolume {
     TestVolume {
-        condition: Some((true, message.to_string())),
+        condition: TestVolume::abnormal(message).condition,
         ..healthy()
     }
 }
@@ -113,14 +113,10 @@ impl Harness {
 
     /// A bound PV of `driver` for the claim `claim` (handle `h-<pv>`).
     async fn bound_pv(&self, pv: &str, driver: &str, claim: &str) {
-        let object: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": pv},
-            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                     "csi": {"driver": driver, "volumeHandle": format!("h-{pv}")},
-                     "claimRef": {"namespace": NS, "name": claim, "uid": format!("uid-{claim}")}}}))
-        .expect("pv");
-        let api: Api<PersistentVolume> = Api::all(self.client.clone());
-        api.create(&PostParams::default(), &object).await.expect("create pv");
-        self.set_phase(pv, "Bound").await;
+        Api::<PersistentVolume>::all(self.client.clone())
+            .create(&PostParams::default(), &objects::bound_pv(pv, driver, NS, claim))
+            .await
+            .expect("create pv");
     }
 
     async fn set_phase(&self, pv: &str, phase: &str) {
@@ -576,16 +572,8 @@ async fn node(client: &kube::Client, name: &str, ready: &str, since_secs_ago: i6
 }
 
 async fn pod_on(client: &kube::Client, name: &str, node: &str, claims: &[&str]) {
-    let volumes: Vec<serde_json::Value> = claims
-        .iter()
-        .enumerate()
-        .map(|(i, c)| json!({"name": format!("v{i}"), "persistentVolumeClaim": {"claimName": c}}))
-        .collect();
-    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name, "namespace": NS},
-        "spec": {"nodeName": node, "containers": [], "volumes": volumes}}))
-    .expect("pod");
     Api::<Pod>::namespaced(client.clone(), NS)
-        .create(&PostParams::default(), &pod)
+        .create(&PostParams::default(), &objects::pod_using(name, NS, node, claims))
         .await
         .expect("pod");
 }

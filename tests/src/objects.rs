@@ -1,0 +1,29 @@
+//! Kubernetes objects the test suites create again and again.
+
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
+use serde_json::json;
+
+/// A 1Gi PV of `driver` named `name`, with volume handle `h-<name>`,
+/// bound to the claim `namespace/claim` (claim UID `uid-<claim>`), its
+/// status `Bound` (the API-server double keeps status given at create).
+pub fn bound_pv(name: &str, driver: &str, namespace: &str, claim: &str) -> PersistentVolume {
+    serde_json::from_value(json!({"metadata": {"name": name},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "csi": {"driver": driver, "volumeHandle": format!("h-{name}")},
+                 "claimRef": {"namespace": namespace, "name": claim, "uid": format!("uid-{claim}")}},
+        "status": {"phase": "Bound"}}))
+    .expect("a valid PersistentVolume")
+}
+
+/// A pod `namespace/name` assigned to `node` that mounts each of `claims`
+/// (volumes `v0`, `v1`, …), with no containers.
+pub fn pod_using(name: &str, namespace: &str, node: &str, claims: &[&str]) -> Pod {
+    let volumes: Vec<serde_json::Value> = claims
+        .iter()
+        .enumerate()
+        .map(|(i, claim)| json!({"name": format!("v{i}"), "persistentVolumeClaim": {"claimName": claim}}))
+        .collect();
+    serde_json::from_value(json!({"metadata": {"name": name, "namespace": namespace},
+        "spec": {"nodeName": node, "containers": [], "volumes": volumes}}))
+    .expect("a valid Pod")
+}
