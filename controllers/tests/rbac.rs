@@ -119,6 +119,25 @@ fn verb_name(verb: Verb) -> &'static str {
     }
 }
 
+/// The pod template of the one Deployment or DaemonSet in `file`, and
+/// the ServiceAccount it runs as.
+fn workload(file: &str) -> (PodSpec, String) {
+    let docs = documents(&deploy(file));
+    let template = of_kind::<Deployment>(&docs, "Deployment")
+        .into_iter()
+        .filter_map(|d| d.spec.map(|s| s.template))
+        .chain(
+            of_kind::<DaemonSet>(&docs, "DaemonSet")
+                .into_iter()
+                .filter_map(|d| d.spec.map(|s| s.template)),
+        )
+        .next()
+        .unwrap_or_else(|| panic!("{file}: no Deployment or DaemonSet"));
+    let spec = template.spec.expect("pod spec");
+    let account = spec.service_account_name.clone().expect("service account");
+    (spec, account)
+}
+
 /// The volplane container of a workload manifest.
 fn volplane_container(spec: &PodSpec) -> Container {
     spec.containers
@@ -326,10 +345,7 @@ async fn the_capacity_sidecar_deployment_rbac_covers_every_request() {
         "warming up",
     );
 
-    let docs = documents(&deploy("capacity/deployment.yaml"));
-    let workload: Deployment = of_kind(&docs, "Deployment").remove(0);
-    let spec = workload.spec.and_then(|s| s.template.spec).expect("pod spec");
-    let account = spec.service_account_name.clone().expect("service account");
+    let (spec, account) = workload("capacity/deployment.yaml");
     let mut running = run_as_deployed(
         &kubeconfig,
         &volplane_container(&spec),
@@ -398,10 +414,7 @@ async fn the_per_node_daemonset_rbac_covers_every_request() {
         tonic::Code::Unavailable,
         "warming up",
     );
-    let docs = documents(&deploy("capacity-per-node/daemonset.yaml"));
-    let workload: DaemonSet = of_kind(&docs, "DaemonSet").remove(0);
-    let spec = workload.spec.and_then(|s| s.template.spec).expect("pod spec");
-    let account = spec.service_account_name.clone().expect("service account");
+    let (spec, account) = workload("capacity-per-node/daemonset.yaml");
     let mut running = run_as_deployed(
         &kubeconfig,
         &volplane_container(&spec),
@@ -431,10 +444,7 @@ async fn the_per_node_daemonset_rbac_covers_every_request() {
 async fn the_ephemeral_deployment_rbac_covers_every_request() {
     let (double, _dir, kubeconfig) = cluster().await;
     let client = double.client();
-    let docs = documents(&deploy("ephemeral/deployment.yaml"));
-    let workload: Deployment = of_kind(&docs, "Deployment").remove(0);
-    let spec = workload.spec.and_then(|s| s.template.spec).expect("pod spec");
-    let account = spec.service_account_name.clone().expect("service account");
+    let (spec, account) = workload("ephemeral/deployment.yaml");
     let mut running = run_as_deployed(&kubeconfig, &volplane_container(&spec), None, "volplane-ephemeral-x1");
     running.wait_for("started leading").await;
     create(
@@ -514,10 +524,7 @@ async fn the_health_deployment_rbac_covers_every_request() {
     .await
     .expect("driver");
     driver.put_volume("h-pv-data", sick_volume());
-    let docs = documents(&deploy("health/deployment.yaml"));
-    let workload: Deployment = of_kind(&docs, "Deployment").remove(0);
-    let spec = workload.spec.and_then(|s| s.template.spec).expect("pod spec");
-    let account = spec.service_account_name.clone().expect("service account");
+    let (spec, account) = workload("health/deployment.yaml");
     let mut running = run_as_deployed(
         &kubeconfig,
         &volplane_container(&spec),
@@ -551,10 +558,7 @@ async fn the_health_node_daemonset_rbac_covers_every_request() {
     .await
     .expect("driver");
     driver.put_volume("h-pv-data", sick_volume());
-    let docs = documents(&deploy("health-node/daemonset.yaml"));
-    let workload: DaemonSet = of_kind(&docs, "DaemonSet").remove(0);
-    let spec = workload.spec.and_then(|s| s.template.spec).expect("pod spec");
-    let account = spec.service_account_name.clone().expect("service account");
+    let (spec, account) = workload("health-node/daemonset.yaml");
     let mut running = run_as_deployed(
         &kubeconfig,
         &volplane_container(&spec),
