@@ -103,14 +103,13 @@ impl NodeHealthAgent {
             }
             async {}
         });
-        let pv_watch = reflector::reflector(
-            pv_writer,
-            watcher::watcher(
-                Api::<PersistentVolume>::all(self.client.clone()),
-                watcher::Config::default(),
-            ),
+        let pv_watch = watcher::watcher(
+            Api::<PersistentVolume>::all(self.client.clone()),
+            watcher::Config::default(),
         )
         .default_backoff()
+        .modify(|pv| *pv = model::trim_pv(std::mem::take(pv)))
+        .reflect(pv_writer)
         .for_each(move |event| {
             if matches!(event, Ok(Event::InitDone)) {
                 pvs_listed.send_replace(true);
