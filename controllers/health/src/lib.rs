@@ -13,11 +13,8 @@ pub use metrics::HealthMetrics;
 pub use monitor::{HealthConfig, HealthController, Source};
 pub use node::{NodeHealthAgent, NodeHealthConfig};
 
-/// What the health controllers can fail with (they log and retry
-/// everything at run time; this is for the caller's signature).
+/// What the health controllers can fail with: nothing so far. They log and
+/// retry everything at run time; the type keeps their `run` signature in
+/// line with the other controllers.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Setting up failed.
-    #[error("{0}")]
-    Setup(String),
-}
+pub enum Error {}
