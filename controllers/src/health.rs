@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -102,10 +101,8 @@ pub fn build(
         driver: driver.name.clone(),
         source: chosen.source,
         fallback: chosen.fallback,
-        node_failure_threshold: args
-            .health_node_watcher
-            .then_some(args.health_node_failure_threshold)
-            .filter(|t| *t > Duration::ZERO),
+        // Never zero: Args::validate refuses it.
+        node_failure_threshold: args.health_node_watcher.then_some(args.health_node_failure_threshold),
         instance,
     };
     Some(Health::Controller(HealthController::new(
