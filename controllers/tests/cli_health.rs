@@ -242,14 +242,7 @@ async fn the_node_side_reports_usage_and_warns_the_pods_on_its_node() {
     assert_eq!(events[0].0, "VolumeConditionAbnormal");
     assert_eq!(events[0].1, "here", "only the pod on this node");
     assert!(events[0].2.contains("read-only file system"), "{}", events[0].2);
-    let paths: Vec<String> = driver
-        .calls()
-        .into_iter()
-        .filter_map(|c| match c {
-            volplane_tests::driver::Call::NodeGetVolumeStats(r) => Some(r.volume_path),
-            _ => None,
-        })
-        .collect();
+    let paths: Vec<String> = driver.volume_stats_paths();
     assert!(
         paths
             .iter()

@@ -336,6 +336,17 @@ impl TestDriver {
         self.state().deadlines.clone()
     }
 
+    /// The `volume_path` of every NodeGetVolumeStats request so far.
+    pub fn volume_stats_paths(&self) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter_map(|call| match call {
+                Call::NodeGetVolumeStats(request) => Some(request.volume_path),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Every request so far with the time it arrived, oldest first.
     pub fn timed_calls(&self) -> Vec<(Call, std::time::Instant)> {
         let state = self.state();

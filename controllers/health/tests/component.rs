@@ -758,15 +758,7 @@ async fn the_node_agent_reports_usage_and_warns_each_pod_once_per_change() {
         )
     })
     .await;
-    let paths: Vec<String> = h
-        .driver
-        .calls()
-        .into_iter()
-        .filter_map(|c| match c {
-            volplane_tests::driver::Call::NodeGetVolumeStats(r) => Some(r.volume_path),
-            _ => None,
-        })
-        .collect();
+    let paths: Vec<String> = h.driver.volume_stats_paths();
     assert!(
         paths
             .iter()
