@@ -14,7 +14,7 @@ use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use support::Running;
 use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, TestVolume, labels};
-use volplane_tests::e2e::{ControlPlane, bin_dir_or_skip};
+use volplane_tests::e2e::{ControlPlane, bin_dir};
 use volplane_tests::wait::eventually_some;
 
 const NAMESPACE: &str = "volplane";
@@ -40,11 +40,10 @@ fn is_forbidden<T: std::fmt::Debug>(result: &Result<T, kube::Error>) -> bool {
     matches!(result, Err(kube::Error::Api(status)) if status.code == 403)
 }
 
+#[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
-    let Some(bin_dir) = bin_dir_or_skip("volplane_works_with_the_deploy_rbac_and_nothing_more") else {
-        return;
-    };
+    let bin_dir = bin_dir();
     let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
     let admin = plane.client();
     plane

@@ -11,23 +11,31 @@
 //!   certificate; the ServiceAccount admission plugin is off so pods can be
 //!   created the moment a namespace exists;
 //! - kube-controller-manager runs every controller except
-//!   `ephemeral-volume-controller` (volplane's is under test) and
-//!   `node-lifecycle-controller` (there are no kubelets: fake nodes stay Ready);
+//!   `node-lifecycle-controller` (there are no kubelets: fake nodes stay
+//!   Ready) and, unless [`Options::kcm_ephemeral`] asks for it,
+//!   `ephemeral-volume-controller` (volplane's is under test);
 //! - kube-scheduler runs with defaults.
 //!
-//! Everything is stopped and deleted when the [`ControlPlane`] is dropped,
-//! also when a test fails (set `VOLPLANE_E2E_KEEP=1` to keep the directory
-//! and its logs). Control planes in one test binary run one at a time.
+//! Every process is a [`Process`]: it dies with the test, also when the test
+//! binary is killed. A watchdog fails every wait of the test at once, with
+//! the tail of its log, when one of them exits. Everything is stopped and the
+//! directory deleted when the [`ControlPlane`] is dropped, also when a test
+//! fails (set `VOLPLANE_E2E_KEEP=1` to keep the directory and its logs);
+//! directories of test binaries that were killed are removed by the next
+//! start. Control planes in one test binary run one at a time.
 //!
-//! Without `VOLPLANE_E2E_BIN_DIR`, [`bin_dir_or_skip`] prints one line saying
-//! the test was skipped and why, and the test passes.
+//! The e2e tests are marked `#[cfg_attr(not(volplane_e2e), ignore = ...)]`:
+//! the build scripts of the test crates set `volplane_e2e` when
+//! `VOLPLANE_E2E_BIN_DIR` is set at build time, so without it they are
+//! listed as ignored, never as passed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -35,40 +43,33 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tokio::process::{Child, Command};
 use tokio::sync::{Mutex, MutexGuard};
+
+use crate::process::Process;
 
 /// Environment variable naming the directory with the control-plane binaries.
 pub const BIN_DIR_ENV: &str = "VOLPLANE_E2E_BIN_DIR";
-/// Optional: a real CSI driver binary to use instead of the test driver.
-pub const CSI_DRIVER_ENV: &str = "VOLPLANE_E2E_CSI_DRIVER";
-/// Optional: arguments for that driver; `{endpoint}` and `{node}` are replaced.
-pub const CSI_DRIVER_ARGS_ENV: &str = "VOLPLANE_E2E_CSI_DRIVER_ARGS";
+
+const TEMP_PREFIX: &str = "volplane-e2e-";
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
-/// The binaries directory, or `None` after printing why `test` is skipped.
-pub fn bin_dir_or_skip(test: &str) -> Option<PathBuf> {
-    match std::env::var_os(BIN_DIR_ENV).filter(|v| !v.is_empty()) {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            // Written to stderr directly, not through print!, so the test
-            // runner's output capture does not hide it.
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipped e2e test {test}: {BIN_DIR_ENV} is not set (point it at a directory with etcd, \
-                 kube-apiserver, kube-controller-manager and kube-scheduler to run it)"
-            );
-            None
-        }
-    }
+/// The binaries directory from `VOLPLANE_E2E_BIN_DIR` (at run time, else
+/// as it was at build time). Only e2e tests, which are ignored without it, call this.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os(BIN_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| option_env!("VOLPLANE_E2E_BIN_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| panic!("{BIN_DIR_ENV} is not set"))
 }
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn find_binary(bin_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+/// `name` in `bin_dir`, else on `PATH`.
+pub fn find_binary(bin_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let candidate = bin_dir.join(name);
     if candidate.is_file() {
         return Ok(candidate);
@@ -84,10 +85,93 @@ fn find_binary(bin_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     bail!("{name} not found in {} or on PATH", bin_dir.display())
 }
 
+/// Removes the directories of earlier e2e runs whose test binary is gone
+/// (killed before it could clean up).
+fn remove_abandoned_directories() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(TEMP_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// How the control plane is set up.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Keep kube-controller-manager's own ephemeral-volume-controller on.
+    pub kcm_ephemeral: bool,
+}
+
+/// The processes of a control plane, watched for unexpected exits.
+#[derive(Debug, Default)]
+struct Processes {
+    list: SyncMutex<Vec<Process>>,
+    stopping: AtomicBool,
+}
+
+impl Processes {
+    fn push(&self, process: Process) {
+        if let Ok(mut list) = self.list.lock() {
+            list.push(process);
+        }
+    }
+
+    /// The first process that has exited, with its status and log tail.
+    fn first_exit(&self) -> Option<String> {
+        let mut list = self.list.lock().ok()?;
+        list.iter_mut().find_map(|p| {
+            let status = p.exited()?;
+            Some(format!(
+                "{} exited with {status}; last lines of its log:\n{}",
+                p.name(),
+                p.log_tail(30)
+            ))
+        })
+    }
+
+    /// Watches every 100 ms until stopped; on an exit, fails the test's waits.
+    fn watch(self: Arc<Self>) {
+        std::thread::spawn(move || {
+            while !self.stopping.load(Ordering::Relaxed) {
+                if let Some(message) = self.first_exit() {
+                    if !self.stopping.load(Ordering::Relaxed) {
+                        eprintln!("e2e: {message}");
+                        crate::wait::fail_waits(format!("e2e control plane failed: {message}"));
+                    }
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
+
+    /// Kills everything, the last started first (etcd last).
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        if let Ok(mut list) = self.list.lock() {
+            while let Some(mut process) = list.pop() {
+                process.kill();
+            }
+        }
+    }
+}
+
 /// A running control plane.
 pub struct ControlPlane {
     dir: Option<tempfile::TempDir>,
-    processes: Vec<(String, Child)>,
+    bin_dir: PathBuf,
+    processes: Arc<Processes>,
     url: String,
     token: String,
     kubeconfig: PathBuf,
@@ -99,145 +183,221 @@ impl ControlPlane {
     /// Starts etcd, kube-apiserver, kube-controller-manager and kube-scheduler
     /// from `bin_dir` and waits until the API server is ready.
     pub async fn start(bin_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(bin_dir, Options::default()).await
+    }
+
+    /// [`ControlPlane::start`] with `options`.
+    pub async fn start_with(bin_dir: &Path, options: Options) -> anyhow::Result<Self> {
         let turn = ONE_AT_A_TIME.lock().await;
-        let dir = tempfile::Builder::new().prefix("volplane-e2e-").tempdir()?;
+        crate::wait::clear_failure();
+        remove_abandoned_directories();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+            .tempdir()?;
         let root = dir.path().to_path_buf();
-        let etcd_port = free_port()?;
-        let peer_port = free_port()?;
         let api_port = free_port()?;
         let token = "volplane-e2e-admin-token".to_string();
-
-        let key = rcgen::KeyPair::generate().context("generate the service-account key")?;
-        let sa_key = root.join("sa.key");
-        std::fs::write(&sa_key, key.serialize_pem())?;
-        let tokens = root.join("tokens.csv");
-        std::fs::write(
-            &tokens,
-            format!("{token},volplane-e2e-admin,volplane-e2e-admin,system:masters\n"),
-        )?;
         let url = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = root.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_text(&url, &token))?;
-
+        let processes = Arc::new(Processes::default());
+        Arc::clone(&processes).watch();
         let mut plane = Self {
             dir: Some(dir),
-            processes: Vec::new(),
-            url: url.clone(),
+            bin_dir: bin_dir.to_path_buf(),
+            processes,
+            url,
             token,
-            kubeconfig: kubeconfig.clone(),
-            client: client_for(&kubeconfig).await?,
+            kubeconfig,
+            client: client_for(&root.join("kubeconfig")).await?,
             _turn: turn,
         };
+        let keys = plane.write_credentials()?;
+        let etcd_url = plane.start_etcd()?;
+        plane.start_api_server(&etcd_url, api_port, &keys)?;
+        plane.wait_until_ready(Duration::from_secs(90)).await?;
+        plane.start_controller_manager(&keys, &options)?;
+        plane.start_scheduler()?;
+        Ok(plane)
+    }
 
-        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        plane.spawn(
+    /// Writes the service-account key pair and the static token file.
+    fn write_credentials(&self) -> anyhow::Result<Credentials> {
+        // kube-apiserver 1.36 reads verification keys only as PEM public keys
+        // (or RSA/EC private keys), not as PKCS#8: give it the public half.
+        let key = rcgen::KeyPair::generate().context("generate the service-account key")?;
+        let signing_key = self.root().join("sa.key");
+        std::fs::write(&signing_key, key.serialize_pem())?;
+        let public_key = self.root().join("sa.pub");
+        std::fs::write(&public_key, key.public_key_pem())?;
+        let tokens = self.root().join("tokens.csv");
+        std::fs::write(
+            &tokens,
+            format!("{},volplane-e2e-admin,volplane-e2e-admin,system:masters\n", self.token),
+        )?;
+        Ok(Credentials {
+            signing_key,
+            public_key,
+            tokens,
+        })
+    }
+
+    fn start_etcd(&self) -> anyhow::Result<String> {
+        let etcd_url = format!("http://127.0.0.1:{}", free_port()?);
+        let peer_url = format!("http://127.0.0.1:{}", free_port()?);
+        self.spawn(
             "etcd",
-            &find_binary(bin_dir, "etcd")?,
             &[
                 "--name=volplane-e2e".into(),
-                format!("--data-dir={}", root.join("etcd").display()),
+                format!("--data-dir={}", self.root().join("etcd").display()),
                 format!("--listen-client-urls={etcd_url}"),
                 format!("--advertise-client-urls={etcd_url}"),
                 format!("--listen-peer-urls={peer_url}"),
                 format!("--initial-advertise-peer-urls={peer_url}"),
                 format!("--initial-cluster=volplane-e2e={peer_url}"),
+                "--unsafe-no-fsync=true".into(),
             ],
         )?;
-        plane.spawn(
+        Ok(etcd_url)
+    }
+
+    fn start_api_server(&self, etcd_url: &str, port: u16, keys: &Credentials) -> anyhow::Result<()> {
+        self.spawn(
             "kube-apiserver",
-            &find_binary(bin_dir, "kube-apiserver")?,
             &[
                 format!("--etcd-servers={etcd_url}"),
-                format!("--secure-port={api_port}"),
+                format!("--secure-port={port}"),
                 "--bind-address=127.0.0.1".into(),
                 "--advertise-address=127.0.0.1".into(),
-                format!("--cert-dir={}", root.join("apiserver-certs").display()),
+                format!("--cert-dir={}", self.root().join("apiserver-certs").display()),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", sa_key.display()),
-                format!("--service-account-signing-key-file={}", sa_key.display()),
-                format!("--token-auth-file={}", tokens.display()),
+                format!("--service-account-key-file={}", keys.public_key.display()),
+                format!("--service-account-signing-key-file={}", keys.signing_key.display()),
+                format!("--token-auth-file={}", keys.tokens.display()),
                 "--authorization-mode=RBAC".into(),
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
                 "--disable-admission-plugins=ServiceAccount".into(),
                 "--allow-privileged=true".into(),
             ],
-        )?;
-        plane.wait_until_ready(Duration::from_secs(90)).await?;
+        )
+    }
 
-        let kcm_port = free_port()?;
-        plane.spawn(
+    fn start_controller_manager(&self, keys: &Credentials, options: &Options) -> anyhow::Result<()> {
+        let controllers = if options.kcm_ephemeral {
+            "--controllers=*,-node-lifecycle-controller"
+        } else {
+            "--controllers=*,-ephemeral-volume-controller,-node-lifecycle-controller"
+        };
+        let kubeconfig = self.kubeconfig.display();
+        self.spawn(
             "kube-controller-manager",
-            &find_binary(bin_dir, "kube-controller-manager")?,
             &[
-                format!("--kubeconfig={}", kubeconfig.display()),
-                "--controllers=*,-ephemeral-volume-controller,-node-lifecycle-controller".into(),
+                format!("--kubeconfig={kubeconfig}"),
+                controllers.into(),
                 "--leader-elect=false".into(),
-                format!("--secure-port={kcm_port}"),
+                format!("--secure-port={}", free_port()?),
                 "--bind-address=127.0.0.1".into(),
-                format!("--service-account-private-key-file={}", sa_key.display()),
+                format!("--service-account-private-key-file={}", keys.signing_key.display()),
                 "--use-service-account-credentials=false".into(),
                 "--cluster-name=volplane-e2e".into(),
-                format!("--authentication-kubeconfig={}", kubeconfig.display()),
-                format!("--authorization-kubeconfig={}", kubeconfig.display()),
+                format!("--authentication-kubeconfig={kubeconfig}"),
+                format!("--authorization-kubeconfig={kubeconfig}"),
             ],
-        )?;
-        let scheduler_port = free_port()?;
-        plane.spawn(
+        )
+    }
+
+    fn start_scheduler(&self) -> anyhow::Result<()> {
+        let kubeconfig = self.kubeconfig.display();
+        self.spawn(
             "kube-scheduler",
-            &find_binary(bin_dir, "kube-scheduler")?,
             &[
-                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--kubeconfig={kubeconfig}"),
                 "--leader-elect=false".into(),
-                format!("--secure-port={scheduler_port}"),
+                format!("--secure-port={}", free_port()?),
                 "--bind-address=127.0.0.1".into(),
-                format!("--authentication-kubeconfig={}", kubeconfig.display()),
-                format!("--authorization-kubeconfig={}", kubeconfig.display()),
+                format!("--authentication-kubeconfig={kubeconfig}"),
+                format!("--authorization-kubeconfig={kubeconfig}"),
             ],
-        )?;
-        Ok(plane)
+        )
     }
 
     fn root(&self) -> &Path {
         self.dir.as_ref().map_or(Path::new("/nonexistent"), |d| d.path())
     }
 
-    fn spawn(&mut self, name: &str, binary: &Path, args: &[String]) -> anyhow::Result<()> {
-        let log_path = self.root().join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(binary)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        self.processes.push((name.to_string(), child));
+    /// Starts a control-plane component `name` from the binaries directory;
+    /// its exit fails the test.
+    fn spawn(&self, name: &str, args: &[String]) -> anyhow::Result<()> {
+        let binary = find_binary(&self.bin_dir, name)?;
+        let process = Process::spawn(name, &binary, args, self.log_path(name))?;
+        self.processes.push(process);
         Ok(())
+    }
+
+    /// Starts `binary` (a name in the binaries directory, or a path) as a
+    /// helper of the test, logging into the control plane's directory.
+    /// Unlike the control plane itself, it may exit: the test owns it.
+    pub fn start_process(&self, name: &str, binary: &str, args: &[String]) -> anyhow::Result<Process> {
+        let program = if binary.contains('/') {
+            PathBuf::from(binary)
+        } else {
+            find_binary(&self.bin_dir, binary)?
+        };
+        Process::spawn(name, &program, args, self.log_path(name))
+    }
+
+    /// The log file of the process started as `name`.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.root().join(format!("{name}.log"))
     }
 
     /// The last lines of a component's log, for error messages.
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.root().join(format!("{name}.log"))).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        crate::process::log_tail(&self.log_path(name), lines)
+    }
+
+    /// The binaries directory.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// Runs the shipped `kubectl` with the admin kubeconfig and `args`.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let kubectl = find_binary(&self.bin_dir, "kubectl")?;
+        let mut command = std::process::Command::new(kubectl);
+        command
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args);
+        let output = crate::process::dies_with_test(&mut command)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("run kubectl")?;
+        Ok(output)
+    }
+
+    /// Runs kubectl and returns its stdout; fails with its stderr when it fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.kubectl(args)?;
+        if !output.status.success() {
+            bail!(
+                "kubectl {} failed ({}): {}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     async fn wait_until_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            for (name, child) in &mut self.processes {
-                if let Some(status) = child.try_wait()? {
-                    let name = name.clone();
-                    bail!(
-                        "{name} exited with {status} while starting:\n{}",
-                        self.log_tail(&name, 30)
-                    );
-                }
+            if let Some(exit) = self.processes.first_exit() {
+                bail!("while starting the control plane: {exit}");
             }
             let request = http::Request::get("/readyz").body(Vec::new())?;
-            if let Ok(text) = self.client.request_text(request).await
+            let answer = tokio::time::timeout(Duration::from_secs(5), self.client.request_text(request)).await;
+            if let Ok(Ok(text)) = answer
                 && text.trim() == "ok"
             {
                 return Ok(());
@@ -384,34 +544,27 @@ impl ControlPlane {
     }
 }
 
+/// The files [`ControlPlane::write_credentials`] wrote.
+#[derive(Debug)]
+struct Credentials {
+    signing_key: PathBuf,
+    public_key: PathBuf,
+    tokens: PathBuf,
+}
+
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlPlane")
             .field("url", &self.url)
             .field("dir", &self.dir.as_ref().map(|d| d.path().to_path_buf()))
-            .field(
-                "processes",
-                &self.processes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-            )
             .finish()
     }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        // Stop in reverse order of start: etcd last.
-        for (_, child) in self.processes.iter_mut().rev() {
-            let _ = child.start_kill();
-        }
-        for (_, child) in self.processes.iter_mut().rev() {
-            if let Some(pid) = child.id() {
-                // Reap synchronously so no process outlives the test.
-                let _ = std::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(format!("while kill -0 {pid} 2>/dev/null; do sleep 0.05; done"))
-                    .status();
-            }
-        }
+        self.processes.stop();
+        crate::wait::clear_failure();
         if std::env::var_os("VOLPLANE_E2E_KEEP").is_some()
             && let Some(dir) = self.dir.take()
         {
@@ -437,17 +590,4 @@ async fn client_for(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     )
     .await?;
     Ok(kube::Client::try_from(config)?)
-}
-
-/// A real CSI driver binary named by `VOLPLANE_E2E_CSI_DRIVER`, if any:
-/// the program and its arguments for `endpoint` and `node`.
-pub fn real_csi_driver(endpoint: &str, node: &str) -> Option<(PathBuf, Vec<String>)> {
-    let binary = std::env::var_os(CSI_DRIVER_ENV).filter(|v| !v.is_empty())?;
-    let template =
-        std::env::var(CSI_DRIVER_ARGS_ENV).unwrap_or_else(|_| "--endpoint={endpoint} --nodeid={node}".into());
-    let args = template
-        .split_whitespace()
-        .map(|a| a.replace("{endpoint}", endpoint).replace("{node}", node))
-        .collect();
-    Some((PathBuf::from(binary), args))
 }

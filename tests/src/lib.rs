@@ -5,6 +5,7 @@
 //! - [`events`]: events read back, one entry per occurrence.
 //! - [`e2e`]: a throwaway real control plane, when `VOLPLANE_E2E_BIN_DIR` is set.
 //! - [`objects`]: bound PVs and pods using them, as test fixtures.
+//! - [`process`]: child processes that die with their test.
 //! - [`wait`]: waiting for conditions with deadlines.
 //! - [`background`]: a controller running until the test stops it.
 
@@ -14,4 +15,5 @@ pub mod driver;
 pub mod e2e;
 pub mod events;
 pub mod objects;
+pub mod process;
 pub mod wait;

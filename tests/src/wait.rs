@@ -1,13 +1,48 @@
 //! Waiting in tests: for a condition with a deadline, never for a fixed time.
 
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::Duration;
 
 const POLL: Duration = Duration::from_millis(20);
 
+/// Why every wait must fail now (a control-plane process died), if it must.
+static FAILURE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Makes every wait in this test binary fail at once with `message`, until
+/// [`clear_failure`]: the e2e harness calls it when a process it depends on exits.
+pub fn fail_waits(message: String) {
+    if let Ok(mut failure) = FAILURE.lock() {
+        failure.get_or_insert(message);
+    }
+}
+
+/// Ends what [`fail_waits`] started.
+pub fn clear_failure() {
+    if let Ok(mut failure) = FAILURE.lock() {
+        *failure = None;
+    }
+}
+
+fn check_failure() {
+    let failure = FAILURE.lock().ok().and_then(|f| f.clone());
+    if let Some(message) = failure {
+        panic!("{message}");
+    }
+}
+
 /// Fails the test instead of hanging it when `future` does not finish within `limit`.
 pub async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, future).await {
+    let watched = async {
+        tokio::pin!(future);
+        loop {
+            tokio::select! {
+                value = &mut future => return value,
+                () = tokio::time::sleep(POLL) => check_failure(),
+            }
+        }
+    };
+    match tokio::time::timeout(limit, watched).await {
         Ok(value) => value,
         Err(_) => panic!("did not finish within {limit:?}"),
     }
@@ -17,6 +52,7 @@ pub async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> T {
 pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !condition() {
+        check_failure();
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out after {limit:?} waiting for: {what}"
@@ -30,6 +66,7 @@ pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut()
 pub async fn timed(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
     let started = tokio::time::Instant::now();
     while !condition() {
+        check_failure();
         assert!(
             started.elapsed() < limit,
             "timed out after {limit:?} waiting for: {what}"
@@ -50,6 +87,7 @@ where
         if let Some(value) = check().await {
             return value;
         }
+        check_failure();
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out after {limit:?} waiting for: {what}"

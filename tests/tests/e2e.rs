@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ObjectMeta, PostParams};
 use serde_json::json;
 use volplane_tests::background::Background;
-use volplane_tests::e2e::{ControlPlane, bin_dir_or_skip};
+use volplane_tests::e2e::{ControlPlane, bin_dir};
 use volplane_tests::wait::eventually_some as eventually;
 
 /// The node the scheduler picked for a late-bound claim (its
@@ -36,11 +36,10 @@ async fn selected_node(
     .await
 }
 
+#[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_serves_namespaces_and_schedules_pods() {
-    let Some(bin_dir) = bin_dir_or_skip("control_plane_serves_namespaces_and_schedules_pods") else {
-        return;
-    };
+    let bin_dir = bin_dir();
     let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
     let client = plane.client();
 
@@ -124,11 +123,10 @@ mod capacity {
         )
     }
 
+    #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_scheduler_places_pods_only_where_published_capacity_fits() {
-        let Some(bin_dir) = bin_dir_or_skip("the_scheduler_places_pods_only_where_published_capacity_fits") else {
-            return;
-        };
+        let bin_dir = bin_dir();
         let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
         let client = plane.client();
         let ns = "e2e-capacity";
@@ -244,13 +242,10 @@ mod ephemeral {
 
     use super::*;
 
+    #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_ephemeral_volume_gets_its_claim_is_scheduled_and_is_collected_with_the_pod() {
-        let Some(bin_dir) =
-            bin_dir_or_skip("an_ephemeral_volume_gets_its_claim_is_scheduled_and_is_collected_with_the_pod")
-        else {
-            return;
-        };
+        let bin_dir = bin_dir();
         let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
         let client = plane.client();
         plane.add_node("node-1", &BTreeMap::new(), None).await.expect("node");
@@ -344,12 +339,10 @@ mod health {
         .await
     }
 
+    #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flipped_volume_condition_and_a_failed_node_become_events_on_the_claim() {
-        let Some(bin_dir) = bin_dir_or_skip("a_flipped_volume_condition_and_a_failed_node_become_events_on_the_claim")
-        else {
-            return;
-        };
+        let bin_dir = bin_dir();
         let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
         let client = plane.client();
         let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).expect("ns");

@@ -53,9 +53,11 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
 }
 
 /// `volplane` with a clean environment: only what the test sets leaks in.
+/// It dies with the test thread that spawns it.
 pub fn volplane() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_volplane"));
     command.env_clear().env("RUST_LOG", "info");
+    volplane_tests::process::dies_with_test(&mut command);
     command
 }
 
@@ -107,6 +109,11 @@ impl Running {
         let _ = self.child.wait();
     }
 
+    /// Whether the process has ended.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     pub async fn wait_for(&mut self, needle: &str) -> String {
         wait_for_line(&mut self.lines, needle, &mut self.seen).await
     }
@@ -129,18 +136,22 @@ impl Running {
             .status()
             .expect("kill");
         assert!(kill.success());
-        let mut child = self.child;
-        let exit = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::task::spawn_blocking(move || child.wait()),
-        )
-        .await
-        .expect("volplane exits after SIGTERM")
-        .expect("join")
-        .expect("wait");
-        let mut seen = self.seen;
+        let exit =
+            volplane_tests::wait::eventually_some(Duration::from_secs(30), "volplane exits after SIGTERM", || {
+                std::future::ready(self.child.try_wait().expect("wait"))
+            })
+            .await;
+        let mut seen = std::mem::take(&mut self.seen);
         seen.extend(std::iter::from_fn(|| self.lines.try_recv().ok()));
         (exit.code(), seen)
+    }
+}
+
+impl Drop for Running {
+    /// A test that fails half-way leaves no volplane behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
