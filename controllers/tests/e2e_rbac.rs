@@ -1,6 +1,8 @@
-//! e2e: deploy/'s RBAC on a real control plane, and the volplane binary
-//! running with ServiceAccount tokens bound to it (not admin). Skipped
-//! with a message unless `VOLPLANE_E2E_BIN_DIR` is set; see README.md.
+//! e2e: every kustomization in deploy/ rendered and applied with the shipped
+//! kubectl on a real control plane, the volplane binary running with the
+//! ServiceAccount tokens it creates (not admin), and every kubectl
+//! go-template in README.md and deploy/README.md run against what it wrote.
+//! Ignored unless `VOLPLANE_E2E_BIN_DIR` is set; see README.md.
 
 mod support;
 
@@ -36,6 +38,85 @@ async fn client_of(kubeconfig: &Path) -> kube::Client {
     kube::Client::try_from(config).expect("client")
 }
 
+/// Every directory of deploy/ (the top one included) with a kustomization.yaml.
+fn kustomizations() -> Vec<PathBuf> {
+    let root = deploy("");
+    let mut found: Vec<PathBuf> = std::iter::once(root.clone())
+        .chain(std::fs::read_dir(&root).expect("deploy/").flatten().map(|e| e.path()))
+        .filter(|dir| dir.join("kustomization.yaml").is_file())
+        .collect();
+    found.sort();
+    assert!(found.len() > 5, "kustomizations: {found:?}");
+    found
+}
+
+/// Every `kubectl … go-template=…` command line in the READMEs.
+fn readme_templates() -> Vec<String> {
+    ["../README.md", "../deploy/README.md"]
+        .iter()
+        .flat_map(|file| {
+            let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).expect(file);
+            text.lines()
+                .map(str::trim)
+                .filter(|line| line.starts_with("kubectl ") && line.contains("go-template="))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// What each README template must print here, by a word of its command.
+fn expected_output(command: &str) -> &'static [&'static str] {
+    if command.contains("get leases") {
+        &[
+            "volplane-ephemeral\tvolplane-ephemeral-e2e_",
+            "volplane-capacity-e2e-rbac.csi.volplane.dev\t",
+        ]
+    } else if command.contains("get csistoragecapacities") {
+        &["\te2e-rbac\ttopology.volplane.dev/zone=a \t"]
+    } else if command.contains("events") && command.contains("volplane-health") {
+        &["default/health\tVolumeConditionAbnormal\te2e: disk failed\n"]
+    } else if command.contains("health.volplane.dev/abnormal") {
+        &["e2e-rbac-health\t"]
+    } else {
+        &[]
+    }
+}
+
+/// Runs each README go-template with the shipped kubectl, as a user would
+/// paste it into a shell, and checks what it prints.
+fn check_readme_templates(plane: &ControlPlane) {
+    let templates = readme_templates();
+    assert!(templates.len() >= 4, "README templates: {templates:?}");
+    let path = format!(
+        "{}:{}",
+        plane.bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for command in templates {
+        let expected = expected_output(&command);
+        assert!(!expected.is_empty(), "no expected output for README's {command}");
+        let output = std::process::Command::new("sh")
+            .args(["-c", &command])
+            .env("PATH", &path)
+            .env("KUBECONFIG", plane.kubeconfig())
+            .output()
+            .expect("sh");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for line in expected {
+            assert!(
+                stdout.contains(line),
+                "{command}\nprinted:\n{stdout}\nmissing: {line:?}"
+            );
+        }
+    }
+}
+
 fn is_forbidden<T: std::fmt::Debug>(result: &Result<T, kube::Error>) -> bool {
     matches!(result, Err(kube::Error::Api(status)) if status.code == 403)
 }
@@ -46,12 +127,11 @@ async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
     let bin_dir = bin_dir();
     let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
     let admin = plane.client();
-    plane
-        .create_from_file(&deploy("namespace.yaml"), NAMESPACE)
-        .await
-        .expect("namespace");
-    for rbac in ["capacity/rbac.yaml", "ephemeral/rbac.yaml", "health/rbac.yaml"] {
-        plane.create_from_file(&deploy(rbac), NAMESPACE).await.expect(rbac);
+    for kustomization in kustomizations() {
+        let dir = kustomization.to_string_lossy().into_owned();
+        let rendered = plane.kubectl_ok(&["kustomize", &dir]).expect("kubectl kustomize");
+        assert!(rendered.contains("kind: "), "{dir} renders to nothing");
+        plane.kubectl_ok(&["apply", "-k", &dir]).expect("kubectl apply -k");
     }
     let storage_class: StorageClass = serde_json::from_value(
         json!({"metadata": {"name": "e2e-rbac"}, "provisioner": DRIVER, "volumeBindingMode": "WaitForFirstConsumer"}),
@@ -222,6 +302,18 @@ async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
         .delete("e2e-rbac-health", &Default::default())
         .await;
     assert!(is_forbidden(&refused), "deleting a PV: {refused:?}");
+    eventually_some(Duration::from_secs(30), "the abnormal annotation on the PV", || {
+        let pvs: Api<PersistentVolume> = Api::all(admin.clone());
+        async move {
+            let pv = pvs.get("e2e-rbac-health").await.ok()?;
+            pv.metadata
+                .annotations?
+                .get(volplane_health::model::ABNORMAL_ANNOTATION)
+                .cloned()
+        }
+    })
+    .await;
+    check_readme_templates(&plane);
 
     for running in [ephemeral, capacity, health] {
         let (code, lines) = running.terminate().await;
