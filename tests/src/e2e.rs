@@ -591,3 +591,107 @@ async fn client_for(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     .await?;
     Ok(kube::Client::try_from(config)?)
 }
+
+/// The real CSI driver `hostpathplugin` (csi-driver-host-path) for one node.
+#[derive(Debug)]
+pub struct HostPath {
+    node: String,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    process: Process,
+}
+
+impl HostPath {
+    /// The driver name hostpathplugin registers.
+    pub const DRIVER: &'static str = "hostpath.csi.k8s.io";
+    /// The topology key of its NodeGetInfo, valued with the node name.
+    pub const TOPOLOGY_KEY: &'static str = "topology.hostpath.csi/node";
+
+    /// The node it serves.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The socket address, as volplane's `--csi-address` takes it.
+    pub fn address(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Where the driver keeps its volumes: one directory per volume id.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Whether the driver process has ended.
+    pub fn exited(&mut self) -> bool {
+        self.process.exited().is_some()
+    }
+}
+
+impl ControlPlane {
+    /// Starts hostpathplugin for `node` with pools `capacities` (`kind` →
+    /// quantity, e.g. `("fast", "100Gi")`), serving on a socket in the
+    /// control plane's directory, and waits for its socket.
+    pub async fn start_hostpath(&self, node: &str, capacities: &[(&str, &str)]) -> anyhow::Result<HostPath> {
+        let dir = self.scratch(&format!("hostpath-{node}"))?;
+        let socket = dir.join("csi.sock");
+        let state_dir = dir.join("state");
+        self.run_hostpath(node, socket, state_dir, capacities).await
+    }
+
+    /// Stops `driver` and starts it again on the same socket and state with
+    /// new `capacities`, as a driver upgrade or node restart would.
+    pub async fn restart_hostpath(&self, driver: HostPath, capacities: &[(&str, &str)]) -> anyhow::Result<HostPath> {
+        let HostPath {
+            node,
+            socket,
+            state_dir,
+            mut process,
+        } = driver;
+        process.kill();
+        self.run_hostpath(&node, socket, state_dir, capacities).await
+    }
+
+    async fn run_hostpath(
+        &self,
+        node: &str,
+        socket: PathBuf,
+        state_dir: PathBuf,
+        capacities: &[(&str, &str)],
+    ) -> anyhow::Result<HostPath> {
+        let _ = std::fs::remove_file(&socket);
+        let mut args = vec![
+            format!("--endpoint=unix://{}", socket.display()),
+            format!("--nodeid={node}"),
+            format!("--statedir={}", state_dir.display()),
+        ];
+        args.extend(
+            capacities
+                .iter()
+                .map(|(kind, size)| format!("--capacity={kind}={size}")),
+        );
+        let name = format!("hostpathplugin-{node}");
+        let mut process = self.start_process(&name, "hostpathplugin", &args)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Some(status) = process.exited() {
+                bail!("{name} exited with {status}:\n{}", process.log_tail(30));
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{name} did not create {} within 30s", socket.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(HostPath {
+            node: node.to_string(),
+            socket,
+            state_dir,
+            process,
+        })
+    }
+}

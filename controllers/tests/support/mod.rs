@@ -212,3 +212,22 @@ pub fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
     (status, body)
 }
+
+/// The sum of the samples of `metric` whose labels include `labels`, scraped
+/// from the admin server at `address` (0 when there are none).
+pub fn metric_value(address: SocketAddr, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let (status, text) = http_get(address, "/metrics");
+    assert_eq!(status, 200, "/metrics: {text}");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
