@@ -303,6 +303,151 @@ mod ephemeral {
         })
         .await;
     }
+    /// volplane's events in `namespace`: (type, reason, regarding, note).
+    async fn volplane_events(client: &kube::Client, namespace: &str) -> Vec<(String, String, String, String)> {
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), namespace)
+            .list(&kube::api::ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.reporting_controller.as_deref() == Some("volplane-ephemeral"))
+            .map(|e| {
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.regarding.and_then(|r| r.name).unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    fn ephemeral_pod(name: &str) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": "registry.invalid/none"}],
+                     "volumes": [{"name": "data", "ephemeral": {"volumeClaimTemplate": {
+                         "metadata": {"labels": {"app": "e2e"}},
+                         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "e2e-wffc",
+                                  "resources": {"requests": {"storage": "1Gi"}}}}}}]}}))
+        .expect("pod")
+    }
+
+    #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn beside_the_controller_managers_own_controller_each_pod_gets_one_claim_and_a_foreign_claim_is_left_alone() {
+        let options = volplane_tests::e2e::Options { kcm_ephemeral: true };
+        let plane = ControlPlane::start_with(&bin_dir(), options)
+            .await
+            .expect("control plane starts");
+        let client = plane.client();
+        plane.add_node("node-1", &BTreeMap::new(), None).await.expect("node");
+        let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": "e2e-wffc"},
+            "provisioner": "e2e.csi.volplane.dev", "volumeBindingMode": "WaitForFirstConsumer"}))
+        .expect("class");
+        Api::<StorageClass>::all(client.clone())
+            .create(&PostParams::default(), &class)
+            .await
+            .expect("class");
+        let mut registry = prometheus_client::registry::Registry::default();
+        let controller = EphemeralController::new(
+            client.clone(),
+            EphemeralConfig {
+                workers: 8,
+                instance: "e2e".into(),
+                retry_base: Duration::from_millis(200),
+            },
+            Arc::new(EphemeralMetrics::register(&mut registry)),
+            volplane_leader::Leadership::unconditional(),
+        );
+        let running = Background::spawn(|shutdown| controller.run(shutdown));
+
+        // A claim that belongs to no pod, and a pod whose volume would be it.
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+        let foreign: PersistentVolumeClaim = serde_json::from_value(json!({"metadata": {"name": "foreign-data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "e2e-wffc",
+                     "resources": {"requests": {"storage": "2Gi"}}}}))
+        .expect("claim");
+        let foreign = claims.create(&PostParams::default(), &foreign).await.expect("claim");
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let mut created = Vec::new();
+        for i in 0..20 {
+            created.push(
+                pods.create(&PostParams::default(), &ephemeral_pod(&format!("pod-{i}")))
+                    .await
+                    .expect("pod"),
+            );
+        }
+        pods.create(&PostParams::default(), &ephemeral_pod("foreign"))
+            .await
+            .expect("pod");
+
+        for pod in &created {
+            let name = format!("{}-data", pod.metadata.name.as_deref().unwrap_or_default());
+            let claim = eventually(Duration::from_secs(60), "every pod's claim", || {
+                let claims = claims.clone();
+                let name = name.clone();
+                async move { claims.get(&name).await.ok() }
+            })
+            .await;
+            let owners = claim.metadata.owner_references.unwrap_or_default();
+            assert_eq!(owners.len(), 1, "{name}: {owners:?}");
+            let owner = &owners[0];
+            assert_eq!(
+                (
+                    owner.api_version.as_str(),
+                    owner.kind.as_str(),
+                    Some(&owner.name),
+                    Some(&owner.uid)
+                ),
+                ("v1", "Pod", pod.metadata.name.as_ref(), pod.metadata.uid.as_ref())
+            );
+            assert_eq!((owner.controller, owner.block_owner_deletion), (Some(true), Some(true)));
+            assert_eq!(
+                claim.metadata.labels.unwrap_or_default().get("app").map(String::as_str),
+                Some("e2e")
+            );
+        }
+        let warning = eventually(
+            Duration::from_secs(60),
+            "a Warning on the pod of the foreign claim",
+            || {
+                let client = client.clone();
+                async move {
+                    volplane_events(&client, "default")
+                        .await
+                        .into_iter()
+                        .find(|(type_, _, regarding, _)| type_ == "Warning" && regarding == "foreign")
+                }
+            },
+        )
+        .await;
+        assert!(warning.3.contains("foreign-data"), "{warning:?}");
+
+        // Nothing else: one claim per pod (no generateName twins), the foreign
+        // claim untouched, and no Warning about the pods both controllers served.
+        let all = claims
+            .list(&kube::api::ListParams::default())
+            .await
+            .expect("claims")
+            .items;
+        assert_eq!(
+            all.len(),
+            created.len() + 1,
+            "{:?}",
+            all.iter().map(|c| &c.metadata.name).collect::<Vec<_>>()
+        );
+        let untouched = claims.get("foreign-data").await.expect("foreign claim");
+        assert_eq!(untouched.metadata.resource_version, foreign.metadata.resource_version);
+        assert_eq!(untouched.metadata.owner_references, None);
+        let spurious: Vec<_> = volplane_events(&client, "default")
+            .await
+            .into_iter()
+            .filter(|(type_, _, regarding, _)| type_ == "Warning" && regarding != "foreign")
+            .collect();
+        assert!(spurious.is_empty(), "{spurious:?}");
+        running.stop(Duration::from_secs(20)).await.expect("controller result");
+    }
 }
 
 mod health {
