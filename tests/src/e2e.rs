@@ -412,6 +412,33 @@ impl ControlPlane {
         }
     }
 
+    /// A new admin client with its own connections (for parallel load).
+    pub async fn new_client(&self) -> anyhow::Result<kube::Client> {
+        client_for(&self.kubeconfig).await
+    }
+
+    /// Starts an extra kube-controller-manager running only `controllers`,
+    /// with `extra` flags (e.g. `--kube-api-qps=200`), as a test helper.
+    pub fn start_controller_manager_with(
+        &self,
+        name: &str,
+        controllers: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Process> {
+        let kubeconfig = self.kubeconfig.display();
+        let mut args = vec![
+            format!("--kubeconfig={kubeconfig}"),
+            format!("--controllers={controllers}"),
+            "--leader-elect=false".into(),
+            format!("--secure-port={}", free_port()?),
+            "--bind-address=127.0.0.1".into(),
+            format!("--authentication-kubeconfig={kubeconfig}"),
+            format!("--authorization-kubeconfig={kubeconfig}"),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        self.start_process(name, "kube-controller-manager", &args)
+    }
+
     /// An admin client.
     pub fn client(&self) -> kube::Client {
         self.client.clone()
