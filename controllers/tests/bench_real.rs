@@ -18,11 +18,12 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::watcher;
 use serde_json::json;
 use support::{Running, status_kib};
 use volplane_tests::e2e::{ControlPlane, HostPath, bin_dir};
+use volplane_tests::objects::create;
 use volplane_tests::process::Process;
 use volplane_tests::wait::eventually_some;
 
@@ -31,14 +32,6 @@ const LIMIT: Duration = Duration::from_secs(600);
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
-where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
-{
-    let object: K = serde_json::from_value(value).expect("object");
-    api.create(&PostParams::default(), &object).await.expect("create")
 }
 
 async fn namespace(client: &kube::Client, name: &str) {

@@ -10,25 +10,18 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 use support::{Running, metric_value};
 use volplane_capacity::quantity::parse_bytes;
 use volplane_csi::{CapacityQuery, CsiClient};
 use volplane_tests::driver::labels;
 use volplane_tests::e2e::{ControlPlane, HostPath, bin_dir};
+use volplane_tests::objects::create;
 use volplane_tests::wait::eventually_some;
 
 const NAMESPACE: &str = "volplane";
 const KEY: &str = HostPath::TOPOLOGY_KEY;
-
-async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
-where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
-{
-    let object: K = serde_json::from_value(value).expect("object");
-    api.create(&PostParams::default(), &object).await.expect("create")
-}
 
 /// The namespace, a CSIDriver with `storageCapacity: true`, and two
 /// WaitForFirstConsumer classes selecting hostpath's pools `fast` and `slow`.

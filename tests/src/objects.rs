@@ -27,3 +27,18 @@ pub fn pod_using(name: &str, namespace: &str, node: &str, claims: &[&str]) -> Po
         "spec": {"nodeName": node, "containers": [], "volumes": volumes}}))
     .expect("a valid Pod")
 }
+
+/// Creates the object `value` (JSON in the API's shape) through `api`; fails the test if the API server refuses.
+pub async fn create<K>(api: &kube::Api<K>, value: serde_json::Value) -> K
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::de::DeserializeOwned
+        + k8s_openapi::serde::Serialize,
+{
+    let object: K = serde_json::from_value(value).expect("object");
+    api.create(&kube::api::PostParams::default(), &object)
+        .await
+        .expect("create")
+}

@@ -104,13 +104,7 @@ mod capacity {
     const DRIVER: &str = "e2e.csi.volplane.dev";
     const KEY: &str = "topology.volplane.dev/zone";
 
-    async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
-    where
-        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
-    {
-        let object: K = serde_json::from_value(value).expect("object");
-        api.create(&PostParams::default(), &object).await.expect("create")
-    }
+    use volplane_tests::objects::create;
 
     fn claim_and_pod(name: &str, size: &str) -> (serde_json::Value, serde_json::Value) {
         (
