@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
+use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
 use kube::api::{Api, ListParams};
 use kube::runtime::watcher;
 use serde_json::json;
@@ -131,29 +131,10 @@ async fn capacity_process_start_to_all_objects_published() {
     let want = nodes * 2;
     let plane = ControlPlane::start(&bin_dir()).await.expect("control plane");
     let client = plane.client();
-    create(
-        &Api::<CSIDriver>::all(client.clone()),
-        json!({"metadata": {"name": HostPath::DRIVER}, "spec": {"storageCapacity": true, "attachRequired": false}}),
-    )
-    .await;
-    for kind in ["fast", "slow"] {
-        create(
-            &Api::<StorageClass>::all(client.clone()),
-            json!({"metadata": {"name": kind}, "provisioner": HostPath::DRIVER,
-                   "volumeBindingMode": "WaitForFirstConsumer", "parameters": {"kind": kind}}),
-        )
-        .await;
-    }
+    plane.create_hostpath_classes().await.expect("CSIDriver and classes");
     let node_names: Vec<String> = (0..nodes).map(|i| format!("node-{i}")).collect();
     for node in &node_names {
-        plane
-            .add_node(
-                node,
-                &volplane_tests::driver::labels([(HostPath::TOPOLOGY_KEY, node.as_str())]),
-                Some((HostPath::DRIVER, &[HostPath::TOPOLOGY_KEY])),
-            )
-            .await
-            .expect("node");
+        plane.add_hostpath_node(node).await.expect("node");
     }
     let driver = plane
         .start_hostpath("controller", &[("fast", "100Gi"), ("slow", "10Gi")])
@@ -398,14 +379,7 @@ async fn health_events_per_abnormal_volume_over_a_window() {
     let ns = "bench-health";
     namespace(&client, ns).await;
     namespace(&client, "volplane").await;
-    plane
-        .add_node(
-            "node-1",
-            &volplane_tests::driver::labels([(HostPath::TOPOLOGY_KEY, "node-1")]),
-            Some((HostPath::DRIVER, &[HostPath::TOPOLOGY_KEY])),
-        )
-        .await
-        .expect("node");
+    plane.add_hostpath_node("node-1").await.expect("node");
     create(
         &Api::<StorageClass>::all(client.clone()),
         json!({"metadata": {"name": "hostpath"}, "provisioner": HostPath::DRIVER, "volumeBindingMode": "Immediate"}),

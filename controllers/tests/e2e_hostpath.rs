@@ -9,13 +9,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
+use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::json;
 use support::{Running, metric_value};
 use volplane_capacity::quantity::parse_bytes;
 use volplane_csi::{CapacityQuery, CsiClient};
-use volplane_tests::driver::labels;
 use volplane_tests::e2e::{ControlPlane, HostPath, bin_dir};
 use volplane_tests::objects::create;
 use volplane_tests::wait::eventually_some;
@@ -23,36 +22,14 @@ use volplane_tests::wait::eventually_some;
 const NAMESPACE: &str = "volplane";
 const KEY: &str = HostPath::TOPOLOGY_KEY;
 
-/// The namespace, a CSIDriver with `storageCapacity: true`, and two
-/// WaitForFirstConsumer classes selecting hostpath's pools `fast` and `slow`.
+/// The namespace, hostpathplugin's CSIDriver and its `fast` and `slow` classes.
 async fn storage_setup(plane: &ControlPlane) {
-    let client = plane.client();
     create(
-        &Api::<Namespace>::all(client.clone()),
+        &Api::<Namespace>::all(plane.client()),
         json!({"metadata": {"name": NAMESPACE}}),
     )
     .await;
-    create(
-        &Api::<CSIDriver>::all(client.clone()),
-        json!({"metadata": {"name": HostPath::DRIVER}, "spec": {"storageCapacity": true, "attachRequired": false}}),
-    )
-    .await;
-    for kind in ["fast", "slow"] {
-        create(
-            &Api::<StorageClass>::all(client.clone()),
-            json!({"metadata": {"name": kind}, "provisioner": HostPath::DRIVER,
-                   "volumeBindingMode": "WaitForFirstConsumer", "parameters": {"kind": kind}}),
-        )
-        .await;
-    }
-}
-
-/// A fake node whose hostpath topology label and CSINode match hostpathplugin's.
-async fn add_hostpath_node(plane: &ControlPlane, name: &str) {
-    plane
-        .add_node(name, &labels([(KEY, name)]), Some((HostPath::DRIVER, &[KEY])))
-        .await
-        .expect("node");
+    plane.create_hostpath_classes().await.expect("CSIDriver and classes");
 }
 
 fn csi_client(driver: &HostPath) -> CsiClient {
@@ -177,7 +154,7 @@ async fn per_node_capacity_follows_the_real_driver_places_pods_and_goes_with_its
     let mut drivers = Vec::new();
     let mut volplanes = Vec::new();
     for (node, capacities) in &pools {
-        add_hostpath_node(&plane, node).await;
+        plane.add_hostpath_node(node).await.expect("node");
         let driver = plane.start_hostpath(node, capacities).await.expect("hostpathplugin");
         volplanes.push(Running::start(
             plane.kubeconfig(),
@@ -249,7 +226,7 @@ async fn central_capacity_covers_every_segment_and_drops_a_removed_node() {
     let client = plane.client();
     storage_setup(&plane).await;
     for node in ["node-0", "node-1", "node-2"] {
-        add_hostpath_node(&plane, node).await;
+        plane.add_hostpath_node(node).await.expect("node");
     }
     let driver = plane
         .start_hostpath("controller", &[("fast", "40Gi"), ("slow", "4Gi")])
@@ -323,7 +300,7 @@ mod health {
             json!({"metadata": {"name": NS}}),
         )
         .await;
-        add_hostpath_node(&plane, "node-1").await;
+        plane.add_hostpath_node("node-1").await.expect("node");
         create(
             &Api::<StorageClass>::all(client.clone()),
             json!({"metadata": {"name": "hostpath"}, "provisioner": HostPath::DRIVER, "volumeBindingMode": "Immediate"}),
@@ -413,15 +390,9 @@ mod health {
         assert_eq!(count(&client, REASON_ABNORMAL, "data").await, 1);
 
         // The node goes NotReady: one NodeFailed on the claim its pod uses.
-        let long_ago = humantime::format_rfc3339_seconds(std::time::SystemTime::now() - Duration::from_secs(3600));
-        Api::<Node>::all(client.clone())
-            .patch_status(
-                "node-1",
-                &PatchParams::default(),
-                &Patch::Strategic(json!({"status": {"conditions": [{"type": "Ready", "status": "False",
-                    "reason": "KubeletNotReady", "lastTransitionTime": long_ago.to_string(),
-                    "lastHeartbeatTime": long_ago.to_string()}]}})),
-            )
+        let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        plane
+            .set_node_ready("node-1", "False", "KubeletNotReady", an_hour_ago)
             .await
             .expect("node not ready");
         eventually_some(Duration::from_secs(30), "NodeFailed", || async {

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-use support::Running;
+use support::{Running, lease_holder};
 use volplane_tests::e2e::{ControlPlane, bin_dir};
 use volplane_tests::wait::eventually_some;
 
@@ -39,16 +39,6 @@ fn replica(plane: &ControlPlane, name: &str) -> Running {
             "1s",
         ],
     )
-}
-
-async fn holder(leases: &Api<Lease>) -> Option<String> {
-    leases
-        .get(LEASE)
-        .await
-        .ok()?
-        .spec?
-        .holder_identity
-        .filter(|h| !h.is_empty())
 }
 
 /// Creates `PODS` pods with a generic ephemeral volume, eight at a time.
@@ -103,7 +93,7 @@ async fn a_killed_leader_is_replaced_within_the_lease_duration_and_no_claim_is_l
         (count >= 20).then_some(())
     })
     .await;
-    let leader = holder(&leases).await.expect("a holder");
+    let leader = lease_holder(&leases, LEASE).await.expect("a holder");
     let (leader_name, standby_name) = if leader.starts_with("replica-a") {
         ("replica-a", "replica-b")
     } else {
@@ -115,7 +105,9 @@ async fn a_killed_leader_is_replaced_within_the_lease_duration_and_no_claim_is_l
     killed.reap();
 
     let new_holder = eventually_some(Duration::from_secs(30), "the standby takes the lease", || async {
-        holder(&leases).await.filter(|h| h.starts_with(standby_name))
+        lease_holder(&leases, LEASE)
+            .await
+            .filter(|h| h.starts_with(standby_name))
     })
     .await;
     let takeover = killed_at.elapsed();

@@ -55,15 +55,7 @@ impl Cluster {
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), "default");
         eventually_some(limit, "a lease holder", || {
             let leases = leases.clone();
-            async move {
-                leases
-                    .get(LEASE)
-                    .await
-                    .ok()?
-                    .spec?
-                    .holder_identity
-                    .filter(|h| !h.is_empty())
-            }
+            async move { support::lease_holder(&leases, LEASE).await }
         })
         .await
     }

@@ -579,6 +579,62 @@ struct Credentials {
     tokens: PathBuf,
 }
 
+impl ControlPlane {
+    /// Sets node `name`'s Ready condition to `status` (`True`, `False`,
+    /// `Unknown`) with `reason`, as changed at `since` — what a kubelet, or
+    /// its silence, would report.
+    pub async fn set_node_ready(
+        &self,
+        name: &str,
+        status: &str,
+        reason: &str,
+        since: std::time::SystemTime,
+    ) -> anyhow::Result<()> {
+        let since = humantime::format_rfc3339_seconds(since).to_string();
+        Api::<Node>::all(self.client())
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"status": {"conditions": [{"type": "Ready", "status": status,
+                    "reason": reason, "lastTransitionTime": since, "lastHeartbeatTime": since}]}})),
+            )
+            .await
+            .with_context(|| format!("set node {name} Ready={status}"))?;
+        Ok(())
+    }
+
+    /// A fake node whose topology label and CSINode match hostpathplugin's for `name`.
+    pub async fn add_hostpath_node(&self, name: &str) -> anyhow::Result<()> {
+        let labels = BTreeMap::from([(HostPath::TOPOLOGY_KEY.to_string(), name.to_string())]);
+        self.add_node(name, &labels, Some((HostPath::DRIVER, &[HostPath::TOPOLOGY_KEY])))
+            .await
+    }
+
+    /// hostpathplugin's CSIDriver with `storageCapacity: true` and two
+    /// WaitForFirstConsumer StorageClasses, `fast` and `slow`, selecting its
+    /// pools of those names.
+    pub async fn create_hostpath_classes(&self) -> anyhow::Result<()> {
+        use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+        let driver: CSIDriver = serde_json::from_value(
+            json!({"metadata": {"name": HostPath::DRIVER}, "spec": {"storageCapacity": true, "attachRequired": false}}),
+        )?;
+        Api::<CSIDriver>::all(self.client())
+            .create(&PostParams::default(), &driver)
+            .await
+            .context("create the CSIDriver")?;
+        for kind in ["fast", "slow"] {
+            let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": kind},
+                "provisioner": HostPath::DRIVER, "volumeBindingMode": "WaitForFirstConsumer",
+                "parameters": {"kind": kind}}))?;
+            Api::<StorageClass>::all(self.client())
+                .create(&PostParams::default(), &class)
+                .await
+                .with_context(|| format!("create StorageClass {kind}"))?;
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlPlane")

@@ -233,6 +233,7 @@ mod ephemeral {
     use k8s_openapi::api::storage::v1::StorageClass;
     use kube::api::DeleteParams;
     use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
+    use volplane_tests::objects::create;
 
     use super::*;
 
@@ -242,27 +243,7 @@ mod ephemeral {
         let bin_dir = bin_dir();
         let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
         let client = plane.client();
-        plane.add_node("node-1", &BTreeMap::new(), None).await.expect("node");
-        let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": "e2e-wffc"},
-            "provisioner": "e2e.csi.volplane.dev", "volumeBindingMode": "WaitForFirstConsumer"}))
-        .expect("class");
-        Api::<StorageClass>::all(client.clone())
-            .create(&PostParams::default(), &class)
-            .await
-            .expect("class");
-
-        let mut registry = prometheus_client::registry::Registry::default();
-        let controller = EphemeralController::new(
-            client.clone(),
-            EphemeralConfig {
-                workers: 8,
-                instance: "e2e".into(),
-                retry_base: Duration::from_millis(200),
-            },
-            Arc::new(EphemeralMetrics::register(&mut registry)),
-            volplane_leader::Leadership::unconditional(),
-        );
-        let running = Background::spawn(|shutdown| controller.run(shutdown));
+        let running = start_ephemeral(&plane).await;
 
         let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "seed"},
@@ -297,6 +278,31 @@ mod ephemeral {
         })
         .await;
     }
+    /// A node, the WaitForFirstConsumer class `e2e-wffc`, and volplane's
+    /// ephemeral controller running in the background.
+    async fn start_ephemeral(plane: &ControlPlane) -> Background<Result<(), volplane_ephemeral::Error>> {
+        let client = plane.client();
+        plane.add_node("node-1", &BTreeMap::new(), None).await.expect("node");
+        create(
+            &Api::<StorageClass>::all(client.clone()),
+            json!({"metadata": {"name": "e2e-wffc"}, "provisioner": "e2e.csi.volplane.dev",
+                   "volumeBindingMode": "WaitForFirstConsumer"}),
+        )
+        .await;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let controller = EphemeralController::new(
+            client,
+            EphemeralConfig {
+                workers: 8,
+                instance: "e2e".into(),
+                retry_base: Duration::from_millis(200),
+            },
+            Arc::new(EphemeralMetrics::register(&mut registry)),
+            volplane_leader::Leadership::unconditional(),
+        );
+        Background::spawn(|shutdown| controller.run(shutdown))
+    }
+
     /// volplane's events in `namespace`: (type, reason, regarding, note).
     async fn volplane_events(client: &kube::Client, namespace: &str) -> Vec<(String, String, String, String)> {
         Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), namespace)
@@ -335,26 +341,7 @@ mod ephemeral {
             .await
             .expect("control plane starts");
         let client = plane.client();
-        plane.add_node("node-1", &BTreeMap::new(), None).await.expect("node");
-        let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": "e2e-wffc"},
-            "provisioner": "e2e.csi.volplane.dev", "volumeBindingMode": "WaitForFirstConsumer"}))
-        .expect("class");
-        Api::<StorageClass>::all(client.clone())
-            .create(&PostParams::default(), &class)
-            .await
-            .expect("class");
-        let mut registry = prometheus_client::registry::Registry::default();
-        let controller = EphemeralController::new(
-            client.clone(),
-            EphemeralConfig {
-                workers: 8,
-                instance: "e2e".into(),
-                retry_base: Duration::from_millis(200),
-            },
-            Arc::new(EphemeralMetrics::register(&mut registry)),
-            volplane_leader::Leadership::unconditional(),
-        );
-        let running = Background::spawn(|shutdown| controller.run(shutdown));
+        let running = start_ephemeral(&plane).await;
 
         // A claim that belongs to no pod, and a pod whose volume would be it.
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
@@ -448,7 +435,6 @@ mod health {
     use std::sync::Arc;
 
     use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-    use kube::api::{Patch, PatchParams};
     use volplane_csi::ControllerCapability;
     use volplane_health::model::{
         ABNORMAL_ANNOTATION, REASON_ABNORMAL, REASON_NODE_FAILED, REASON_NODE_RECOVERED, REASON_NORMAL,
@@ -570,16 +556,9 @@ mod health {
 
         // The node stops reporting: past the threshold, NodeFailed on the
         // claim its pod uses; back to Ready, NodeRecovered.
-        let nodes: Api<Node> = Api::all(client.clone());
-        let long_ago = humantime::format_rfc3339_seconds(std::time::SystemTime::now() - Duration::from_secs(3600));
-        nodes
-            .patch_status(
-                "node-1",
-                &PatchParams::default(),
-                &Patch::Strategic(json!({"status": {"conditions": [{"type": "Ready", "status": "Unknown",
-                    "reason": "NodeStatusUnknown", "lastTransitionTime": long_ago.to_string(),
-                    "lastHeartbeatTime": long_ago.to_string()}]}})),
-            )
+        let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        plane
+            .set_node_ready("node-1", "Unknown", "NodeStatusUnknown", an_hour_ago)
             .await
             .expect("node unknown");
         let (_, regarding, note) = wait_for_event(&client, REASON_NODE_FAILED, "NodeFailed on the claim").await;
@@ -588,14 +567,8 @@ mod health {
             note.contains("node-1") && note.contains(&format!("{NS}/user")),
             "{note}"
         );
-        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-        nodes
-            .patch_status(
-                "node-1",
-                &PatchParams::default(),
-                &Patch::Strategic(json!({"status": {"conditions": [{"type": "Ready", "status": "True",
-                    "reason": "KubeletReady", "lastTransitionTime": now, "lastHeartbeatTime": now}]}})),
-            )
+        plane
+            .set_node_ready("node-1", "True", "KubeletReady", std::time::SystemTime::now())
             .await
             .expect("node ready");
         wait_for_event(&client, REASON_NODE_RECOVERED, "NodeRecovered on the claim").await;

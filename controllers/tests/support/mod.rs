@@ -231,3 +231,14 @@ pub fn metric_value(address: SocketAddr, metric: &str, labels: &[(&str, &str)]) 
         })
         .sum()
 }
+
+/// The holder of Lease `name`, if it has one.
+pub async fn lease_holder(leases: &kube::Api<k8s_openapi::api::coordination::v1::Lease>, name: &str) -> Option<String> {
+    leases
+        .get(name)
+        .await
+        .ok()?
+        .spec?
+        .holder_identity
+        .filter(|h| !h.is_empty())
+}
