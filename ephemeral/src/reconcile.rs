@@ -345,8 +345,7 @@ impl Context {
             FailureReason::Conflict => "EphemeralClaimConflict",
             _ => "EphemeralClaimFailed",
         };
-        let mut note = failure.message.clone();
-        note.truncate(1000);
+        let note = failure.note();
         let event = KubeEvent {
             type_: EventType::Warning,
             reason: reason.into(),

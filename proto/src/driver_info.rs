@@ -77,13 +77,30 @@ pub struct DriverInfo {
 }
 
 impl DriverInfo {
-    /// Validates `GetPluginInfo`'s answer: the name is required by the specification.
+    /// Validates `GetPluginInfo`'s answer. The specification requires the
+    /// name, at most 63 characters, alphanumeric at both ends with `-` and
+    /// `.` between; Kubernetes uses it as a CSIDriver name and label value.
     pub(crate) fn check_name(response: &pb::GetPluginInfoResponse) -> Result<()> {
-        if response.name.is_empty() {
-            return Err(CsiError::InvalidResponse {
-                method: CsiMethod::GetPluginInfo,
-                reason: "the driver name is empty".into(),
-            });
+        let name = response.name.as_str();
+        let invalid = |why: &str| CsiError::InvalidResponse {
+            method: CsiMethod::GetPluginInfo,
+            reason: format!("the driver name {:?} {why}", volplane_runtime::text::cut(name, 100)),
+        };
+        if name.is_empty() {
+            return Err(invalid("is empty"));
+        }
+        if name.len() > 63 {
+            return Err(invalid("is longer than 63 characters"));
+        }
+        let inner_ok = name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        let ends_ok = name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+        if !inner_ok || !ends_ok {
+            return Err(invalid(
+                "must consist of alphanumerics, '-' and '.', and begin and end alphanumeric",
+            ));
         }
         Ok(())
     }
@@ -168,6 +185,32 @@ mod tests {
             caps.into_iter().collect::<Vec<_>>(),
             vec![ControllerCapability::GetCapacity, ControllerCapability::VolumeCondition]
         );
+    }
+
+    #[test]
+    fn driver_names_follow_the_specification() {
+        let check = |name: &str| {
+            DriverInfo::check_name(&pb::GetPluginInfoResponse {
+                name: name.into(),
+                ..Default::default()
+            })
+        };
+        assert!(check("hostpath.csi.k8s.io").is_ok());
+        assert!(check(&"a".repeat(63)).is_ok());
+        for bad in [
+            "-driver",
+            "driver.",
+            "dri ver",
+            "drïver",
+            "ü",
+            "🦀🦀🦀",
+            &"a".repeat(64),
+            &"é".repeat(5000),
+        ] {
+            let error = check(bad).expect_err(bad);
+            // Quoted, cut on a character boundary: the message stays readable.
+            assert!(error.to_string().len() < 400, "{error}");
+        }
     }
 
     #[test]

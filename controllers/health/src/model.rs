@@ -159,17 +159,11 @@ pub fn node_failure_patch(node: Option<&str>) -> serde_json::Value {
     serde_json::json!({"metadata": {"annotations": {NODE_FAILED_ANNOTATION: node}}})
 }
 
-/// Event notes are limited to 1 kB by the API server.
+/// Messages go into event notes and PV annotations: cut to fit both, on a
+/// character boundary. Cutting again changes nothing, so a recorded message
+/// compares equal to the next report of the same condition.
 fn truncate(message: &str) -> String {
-    const MAX: usize = 1000;
-    if message.len() <= MAX {
-        return message.to_string();
-    }
-    let mut end = MAX;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    message[..end].to_string()
+    volplane_runtime::text::cut(message, volplane_runtime::text::ANNOTATION_VALUE_MAX_BYTES).into_owned()
 }
 
 /// A PV volplane monitors: bound, CSI, of this driver.

@@ -793,7 +793,7 @@ impl State {
                     let event = KubeEvent {
                         type_,
                         reason: reason.into(),
-                        note: Some(note),
+                        note: Some(volplane_runtime::text::event_note(&note)),
                         action: "WatchNode".into(),
                         secondary: None,
                     };

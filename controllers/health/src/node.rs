@@ -323,10 +323,11 @@ impl Round {
                     EventType::Normal
                 },
                 reason: announcement.reason.into(),
-                note: Some(format!(
+                // The prefix makes a note at the limit longer: cut again.
+                note: Some(volplane_runtime::text::event_note(&format!(
                     "volume {} (PVC {namespace}/{claim}): {}",
                     volume.volume.pv, announcement.note
-                )),
+                ))),
                 action: "CheckVolumeHealth".into(),
                 secondary: None,
             };

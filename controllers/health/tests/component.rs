@@ -292,7 +292,7 @@ async fn a_restarted_controller_does_not_announce_known_conditions_again() {
     })
     .await;
     assert!(
-        matches!(&recorded, volplane_health::model::Condition::Abnormal(m) if m.starts_with("disk failed: xxx") && m.len() <= 1000),
+        matches!(&recorded, volplane_health::model::Condition::Abnormal(m) if m.starts_with("disk failed: xxx") && m.len() <= volplane_runtime::text::ANNOTATION_VALUE_MAX_BYTES && m.ends_with(volplane_runtime::text::CUT_MARKER)),
         "{recorded:?}"
     );
     h.stop().await;

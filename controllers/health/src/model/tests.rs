@@ -85,8 +85,51 @@ fn the_annotation_round_trips_and_a_normal_condition_removes_it() {
             .as_str()
             .expect("str")
             .len()
-            <= 1000
+            <= volplane_runtime::text::ANNOTATION_VALUE_MAX_BYTES
     );
+}
+
+mod any_text {
+    use proptest::prelude::*;
+    use volplane_runtime::text::{ANNOTATION_VALUE_MAX_BYTES, EVENT_NOTE_MAX_BYTES};
+
+    use super::*;
+
+    fn annotation(condition: &Condition) -> String {
+        annotation_patch(condition)["metadata"]["annotations"][ABNORMAL_ANNOTATION]
+            .as_str()
+            .expect("an abnormal condition is recorded")
+            .to_string()
+    }
+
+    proptest! {
+        /// Whatever the driver says, the note and the annotation fit, and
+        /// the recorded message compares equal to the next same report
+        /// (no second announcement).
+        #[test]
+        fn driver_messages_fit_and_are_announced_once(message in any::<String>(), repeat in 1usize..600) {
+            let message = message.repeat(repeat);
+            let condition = condition_of(true, &message);
+            let announced_now = announcement(None, &condition).expect("abnormal is announced");
+            prop_assert!(announced_now.note.len() <= EVENT_NOTE_MAX_BYTES);
+            let recorded = annotation(&condition);
+            prop_assert!(recorded.len() <= ANNOTATION_VALUE_MAX_BYTES);
+            let mut volume = pv("p", "d", "Bound", Some(("ns", "c")));
+            volume.metadata.annotations = Some([(ABNORMAL_ANNOTATION.to_string(), recorded)].into());
+            let last = announced(&volume);
+            prop_assert_eq!(announcement(last.as_ref(), &condition_of(true, &message)), None);
+        }
+
+        #[test]
+        fn missing_volume_and_node_failure_notes_fit(handle in any::<String>(), driver in any::<String>(),
+                                                      node in any::<String>(), pods in proptest::collection::btree_set(any::<String>(), 0..80)) {
+            let missing = Observation::Missing { how: "absent from ListVolumes" }.condition(&handle.repeat(50), &driver);
+            let Some(Condition::Abnormal(note)) = missing else { panic!("missing is abnormal") };
+            prop_assert!(note.len() <= EVENT_NOTE_MAX_BYTES);
+            let pods: BTreeSet<String> = pods.into_iter().map(|p| p.repeat(20)).collect();
+            prop_assert!(node_failed_note(&node, at(0), &pods).len() <= EVENT_NOTE_MAX_BYTES);
+        }
+    }
 }
 
 #[test]
