@@ -53,6 +53,27 @@ impl Error {
         }
     }
 
+    /// Retrying soon cannot help: the driver's answer or the API server's
+    /// verdict will be the same until something changes (a permanent gRPC
+    /// code, an answer with negative sizes, an object the API server rejects). Such an
+    /// item waits for its next poll instead of backing off from 500 ms.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Csi(error) => !error.is_retryable(),
+            Self::Write {
+                source: kube::Error::Api(status),
+                ..
+            } => matches!(status.code, 400 | 422),
+            _ => false,
+        }
+    }
+
+    /// Whether the owner should hear about it (a Warning event): the driver
+    /// failed or answered nonsense, or the API server rejects the object.
+    pub fn is_announced(&self) -> bool {
+        matches!(self, Self::Csi(_)) || self.is_permanent()
+    }
+
     /// The write failed because the object no longer exists.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::Write { source: kube::Error::Api(status), .. } if status.code == 404)

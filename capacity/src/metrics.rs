@@ -24,6 +24,8 @@ pub struct CapacityMetrics {
     pub api_writes: Family<OneLabel, Counter>,
     /// Work items waiting or running.
     pub queue_depth: Gauge,
+    /// 1 while capacity is tracked (see `--capacity-enablement`), else 0.
+    pub enabled: Gauge,
 }
 
 impl CapacityMetrics {
@@ -36,6 +38,7 @@ impl CapacityMetrics {
             get_capacity_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15))),
             api_writes: Family::default(),
             queue_depth: Gauge::default(),
+            enabled: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("capacity");
         sub.register(
@@ -67,6 +70,11 @@ impl CapacityMetrics {
             "queue_depth",
             "work items waiting or running",
             metrics.queue_depth.clone(),
+        );
+        sub.register(
+            "enabled",
+            "1 while capacity is tracked for the driver (CSIDriver spec.storageCapacity, or --capacity-enablement always)",
+            metrics.enabled.clone(),
         );
         metrics
     }

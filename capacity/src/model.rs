@@ -4,13 +4,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Node, PersistentVolume};
-use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
+use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use sha2::{Digest, Sha256};
 
 use crate::quantity::{format_bytes, parse_bytes};
+use volplane_runtime::text;
 
 /// Label naming the CSI driver of a CSIStorageCapacity object.
 pub const DRIVER_LABEL: &str = "csi.storage.k8s.io/drivername";
@@ -45,6 +46,79 @@ impl std::fmt::Display for Segment {
         }
         let pairs: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
         write!(f, "{{{}}}", pairs.join(","))
+    }
+}
+
+/// What turns capacity tracking on (`--capacity-enablement`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Enablement {
+    /// The driver's CSIDriver object: `spec.storageCapacity: true`, the
+    /// switch kube-scheduler reads.
+    #[default]
+    CsiDriver,
+    /// Always publish (external-provisioner's behaviour), e.g. to have every
+    /// object in place before the switch is flipped.
+    Always,
+}
+
+/// Whether capacity is tracked now, and if not, why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracking {
+    /// Objects are published.
+    Enabled,
+    /// There is no CSIDriver object named after the driver.
+    NoCsiDriver,
+    /// The CSIDriver has `spec.storageCapacity` false or unset.
+    SwitchedOff,
+}
+
+/// Whether capacity is tracked, given the enablement and the driver's
+/// CSIDriver object (if there is one).
+pub fn tracking(enablement: Enablement, csidriver: Option<&CSIDriver>) -> Tracking {
+    match (enablement, csidriver) {
+        (Enablement::Always, _) => Tracking::Enabled,
+        (Enablement::CsiDriver, None) => Tracking::NoCsiDriver,
+        (Enablement::CsiDriver, Some(object)) if object.spec.storage_capacity == Some(true) => Tracking::Enabled,
+        (Enablement::CsiDriver, Some(_)) => Tracking::SwitchedOff,
+    }
+}
+
+impl Tracking {
+    /// Whether objects are published.
+    pub fn enabled(self) -> bool {
+        self == Self::Enabled
+    }
+
+    /// For logs and events: what volplane does now, why, and how to change it.
+    pub fn explanation(self, driver: &str) -> String {
+        let enable = format!(
+            "enable it with `kubectl patch csidriver {driver} --type merge -p '{{\"spec\":{{\"storageCapacity\":true}}}}'` \
+             (or run volplane with --capacity-enablement always)"
+        );
+        match self {
+            Self::Enabled => format!(
+                "capacity tracking is on for CSI driver {driver}: CSIStorageCapacity objects are published \
+                 and kube-scheduler places pods with late-bound volumes on them"
+            ),
+            Self::NoCsiDriver => text::event_note(&format!(
+                "capacity tracking is off for CSI driver {driver}: there is no CSIDriver object named {driver}, \
+                 so kube-scheduler ignores storage capacity; volplane publishes no CSIStorageCapacity objects \
+                 and deletes its own. Create the CSIDriver with spec.storageCapacity: true"
+            )),
+            Self::SwitchedOff => text::event_note(&format!(
+                "capacity tracking is off for CSI driver {driver}: its CSIDriver has spec.storageCapacity false, \
+                 so kube-scheduler ignores storage capacity; volplane publishes no CSIStorageCapacity objects \
+                 and deletes its own; {enable}"
+            )),
+        }
+    }
+
+    /// The event reason announcing this state.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Enabled => "CapacityTrackingEnabled",
+            Self::NoCsiDriver | Self::SwitchedOff => "CapacityTrackingDisabled",
+        }
     }
 }
 
@@ -101,11 +175,6 @@ pub fn central_segments<'a>(
     segments
 }
 
-/// The labels of a Node, for [`central_segments`].
-pub fn node_labels(node: &Node) -> Option<&Labels> {
-    node.metadata.labels.as_ref()
-}
-
 /// The per-node segment: the driver's `NodeGetInfo` topology, or — for a
 /// driver without topology support or topology — just this node.
 pub fn per_node_segment(node: &str, accessible_topology: Option<&Labels>) -> Segment {
@@ -113,6 +182,75 @@ pub fn per_node_segment(node: &str, accessible_topology: Option<&Labels>) -> Seg
         Some(topology) => Segment(topology.clone()),
         None => Segment(Labels::from([(HOSTNAME_LABEL.to_string(), node.to_string())])),
     }
+}
+
+/// Why `segment` cannot be a CSIStorageCapacity `nodeTopology` (the API
+/// server would reject every object for it), or `None` when it can: each
+/// key a qualified name, each value a label value.
+pub fn invalid_segment(segment: &Segment) -> Option<String> {
+    segment.0.iter().find_map(|(key, value)| {
+        if let Some(why) = invalid_label_key(key) {
+            return Some(format!(
+                "topology key {:?} is not a valid label key: {why}",
+                text::cut(key, 300)
+            ));
+        }
+        invalid_label_value(value).map(|why| {
+            format!(
+                "topology value {:?} of key {key} is not a valid label value: {why}",
+                text::cut(value, 300)
+            )
+        })
+    })
+}
+
+/// Kubernetes' rule for a label value: at most 63 characters, empty or
+/// alphanumeric at both ends with `-`, `_` and `.` between.
+fn invalid_label_value(value: &str) -> Option<&'static str> {
+    if value.is_empty() {
+        return None;
+    }
+    invalid_name_part(value)
+}
+
+/// Kubernetes' rule for a label key: an optional DNS subdomain prefix and
+/// `/`, then a name part as for values (not empty).
+fn invalid_label_key(key: &str) -> Option<&'static str> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        let label_ok = |label: &str| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        };
+        if prefix.len() > 253 || !prefix.split('.').all(label_ok) {
+            return Some("its prefix must be a lower-case DNS subdomain of at most 253 characters");
+        }
+    }
+    if name.is_empty() {
+        return Some("its name part must not be empty");
+    }
+    invalid_name_part(name)
+}
+
+fn invalid_name_part(part: &str) -> Option<&'static str> {
+    if part.len() > 63 {
+        return Some("it must be at most 63 characters");
+    }
+    let inner_ok = part
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    let ends_ok = part.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && part.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    (!inner_ok || !ends_ok)
+        .then_some("it must consist of alphanumerics, '-', '_' or '.', and begin and end alphanumeric")
 }
 
 /// The GetCapacity parameters of `class` if volplane publishes capacity for
@@ -166,9 +304,8 @@ pub fn managed_by(node: Option<&str>) -> String {
     }
     let digest = Sha256::digest(node.as_bytes());
     let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    // Node names are DNS subdomains: ASCII, so byte slicing is safe.
     let keep = MAX - hash.len() - 1;
-    format!("{}-{hash}", &full[..keep.min(full.len())])
+    format!("{}-{hash}", text::prefix(&full, keep))
 }
 
 /// The `drivername` label value: the driver name when it is a valid label
@@ -179,7 +316,7 @@ pub fn driver_label_value(driver: &str) -> String {
     }
     let digest = Sha256::digest(driver.as_bytes());
     let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    format!("{}-{hash}", &driver[..54])
+    format!("{}-{hash}", text::prefix(driver, 54))
 }
 
 /// A capacity as published: bytes, both sizes.
@@ -189,6 +326,14 @@ pub struct PublishedCapacity {
     pub capacity: i64,
     /// `.maximumVolumeSize`, omitted when unset.
     pub maximum_volume_size: Option<i64>,
+}
+
+/// The note of the Warning event for a refresh of `item` that failed.
+pub fn refresh_failure_note(item: &WorkItem, error: &dyn std::fmt::Display) -> String {
+    text::event_note(&format!(
+        "GetCapacity for storage class {} in {} failed: {error}",
+        item.class, item.segment
+    ))
 }
 
 /// What every object volplane writes carries besides its item and capacity.
@@ -243,7 +388,7 @@ pub fn new_object(item: &WorkItem, value: PublishedCapacity, identity: &ObjectId
 }
 
 /// The replacement for `existing` when anything volplane owns differs —
-/// capacity, maximum volume size, its two labels, the owner reference — or
+/// capacity, maximum volume size (value or spelling), its two labels, the owner reference — or
 /// `None` when it is already right (no write needed). Other labels and
 /// metadata are kept; owner references are replaced, never appended to.
 pub fn updated_object(
@@ -251,9 +396,10 @@ pub fn updated_object(
     value: PublishedCapacity,
     identity: &ObjectIdentity,
 ) -> Option<CSIStorageCapacity> {
-    let capacity_ok = existing.capacity.as_ref().and_then(|q| parse_bytes(&q.0)) == Some(value.capacity);
-    let maximum_ok =
-        existing.maximum_volume_size.as_ref().map(|q| parse_bytes(&q.0)) == value.maximum_volume_size.map(Some);
+    // Equal values in another spelling are rewritten once, to the form the
+    // API server keeps; after that the text matches and nothing is written.
+    let capacity_ok = existing.capacity.as_ref() == Some(&quantity(value.capacity));
+    let maximum_ok = existing.maximum_volume_size == value.maximum_volume_size.map(quantity);
     let labels = existing.metadata.labels.clone().unwrap_or_default();
     let labels_ok = labels.get(DRIVER_LABEL) == Some(&identity.driver)
         && labels.get(MANAGED_BY_LABEL) == Some(&identity.managed_by);

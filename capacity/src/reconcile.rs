@@ -15,7 +15,8 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume};
-use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
+use kube::Resource;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
@@ -30,7 +31,7 @@ use volplane_leader::Leadership;
 
 use crate::error::{Error, Result};
 use crate::metrics::CapacityMetrics;
-use crate::model::{self, Labels, ObjectIdentity, PublishedCapacity, Segment, WorkItem};
+use crate::model::{self, Enablement, Labels, ObjectIdentity, PublishedCapacity, Segment, Tracking, WorkItem};
 use crate::queue::{self, Backoff, WorkQueue};
 
 /// Where segments come from.
@@ -59,6 +60,8 @@ pub struct CapacityConfig {
     pub workers: usize,
     /// Include Immediate-binding classes.
     pub include_immediate: bool,
+    /// What turns publishing on: the CSIDriver's `storageCapacity`, or always.
+    pub enablement: Enablement,
     /// Retry delays after failures.
     pub backoff: Backoff,
     /// Where Warning events go (the owner), if anywhere.
@@ -101,8 +104,16 @@ enum Signal {
 }
 
 enum Outcome {
-    Written(Box<CSIStorageCapacity>),
-    Unchanged,
+    Written(Box<CSIStorageCapacity>, PublishedCapacity),
+    Unchanged(PublishedCapacity),
+}
+
+impl Outcome {
+    fn published(&self) -> PublishedCapacity {
+        match self {
+            Self::Written(_, value) | Self::Unchanged(value) => *value,
+        }
+    }
 }
 
 enum Done {
@@ -124,6 +135,41 @@ fn input_signal<K>(source: &'static str, event: std::result::Result<Event<K>, wa
 
 fn object_name(object: &CSIStorageCapacity) -> String {
     object.metadata.name.clone().unwrap_or_default()
+}
+
+/// What an event says; published on each of several objects.
+struct Announcement {
+    type_: EventType,
+    reason: &'static str,
+    note: String,
+    action: &'static str,
+}
+
+/// An event under the leadership guard, in the background; a follower
+/// publishes nothing.
+fn publish_event(
+    recorder: &Recorder,
+    leadership: &Leadership,
+    announcement: &Announcement,
+    targets: impl IntoIterator<Item = ObjectReference>,
+) {
+    for target in targets {
+        let recorder = recorder.clone();
+        let leadership = leadership.clone();
+        let event = KubeEvent {
+            type_: announcement.type_,
+            reason: announcement.reason.into(),
+            note: Some(announcement.note.clone()),
+            action: announcement.action.into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            match leadership.guard(recorder.publish(&event, &target)).await {
+                Ok(Ok(())) | Err(_) => {}
+                Ok(Err(error)) => warn!(%error, reason = %event.reason, "cannot publish event"),
+            }
+        });
+    }
 }
 
 fn revision(object: &CSIStorageCapacity) -> Option<u64> {
@@ -210,6 +256,20 @@ impl CapacityController {
             .boxed(),
         );
 
+        let mut driver_store = None;
+        if config.enablement == Enablement::CsiDriver {
+            required.insert("csidriver");
+            let (store, writer) = reflector::store::<CSIDriver>();
+            let by_name = watcher::Config::default().fields(&format!("metadata.name={}", config.driver));
+            streams.push(
+                reflector::reflector(writer, watcher::watcher(Api::all(self.client.clone()), by_name))
+                    .default_backoff()
+                    .filter_map(|event| async move { input_signal("csidriver", event) })
+                    .boxed(),
+            );
+            driver_store = Some(store);
+        }
+
         let mut topology_stores = None;
         if config.topology == Topology::Central {
             required.extend(["nodes", "csinodes"]);
@@ -256,6 +316,9 @@ impl CapacityController {
             capacity_store,
             class_store,
             topology_stores,
+            driver_store,
+            tracking: None,
+            oversized: HashSet::new(),
             required,
             synced_sources: BTreeSet::new(),
             synced: false,
@@ -319,6 +382,12 @@ struct LoopState {
     capacity_store: Store<CSIStorageCapacity>,
     class_store: Store<StorageClass>,
     topology_stores: Option<(Store<PartialObjectMeta<Node>>, Store<CSINode>)>,
+    /// The driver's CSIDriver object (`--capacity-enablement csidriver`).
+    driver_store: Option<Store<CSIDriver>>,
+    /// Whether capacity is tracked, as last announced.
+    tracking: Option<Tracking>,
+    /// Items whose maximum volume size was reported above their capacity (said once).
+    oversized: HashSet<WorkItem>,
     required: BTreeSet<&'static str>,
     synced_sources: BTreeSet<&'static str>,
     synced: bool,
@@ -427,7 +496,52 @@ impl LoopState {
         }
     }
 
+    /// Follows the enablement switch: says so once per change (log, metric,
+    /// events on the owner and the CSIDriver), and returns whether to publish.
+    fn follow_tracking(&mut self) -> bool {
+        let csidriver = self
+            .driver_store
+            .as_ref()
+            .and_then(|store| store.state().into_iter().next());
+        let tracking = model::tracking(self.config.enablement, csidriver.as_deref());
+        if self.tracking == Some(tracking) {
+            return tracking.enabled();
+        }
+        let first = self.tracking.is_none();
+        self.tracking = Some(tracking);
+        self.metrics.enabled.set(i64::from(tracking.enabled()));
+        let explanation = tracking.explanation(&self.config.driver);
+        if tracking.enabled() {
+            info!(enablement = ?self.config.enablement, "{explanation}");
+        } else {
+            warn!(enablement = ?self.config.enablement, "{explanation}");
+        }
+        // Turning on at startup is the normal case: no event for it.
+        if first && tracking.enabled() {
+            return true;
+        }
+        let announcement = Announcement {
+            type_: if tracking.enabled() {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: tracking.reason(),
+            note: explanation,
+            action: "Enablement",
+        };
+        let on_driver = csidriver.map(|object| object.object_ref(&()));
+        publish_event(
+            &self.recorder,
+            &self.leadership,
+            &announcement,
+            self.config.event_target.clone().into_iter().chain(on_driver),
+        );
+        tracking.enabled()
+    }
+
     fn recompute_items(&mut self) {
+        let tracked = self.follow_tracking();
         let parameters: BTreeMap<String, Labels> = self
             .class_store
             .state()
@@ -437,7 +551,12 @@ impl LoopState {
                 Some((class.metadata.name.clone()?, params))
             })
             .collect();
-        let items = model::work_items(&self.segments(), parameters.keys());
+        // Switched off, nothing is desired: every object goes, no GetCapacity calls.
+        let items = if tracked {
+            model::work_items(&self.segments(), parameters.keys())
+        } else {
+            BTreeSet::new()
+        };
         let now = Instant::now();
         for item in items.difference(&self.items) {
             debug!(%item, "new work item");
@@ -448,6 +567,7 @@ impl LoopState {
             debug!(%item, "work item gone");
             self.queue.forget(&item);
             self.last_warning.remove(&item);
+            self.oversized.remove(&item);
             if let Some(object) = self.objects.remove(&item) {
                 self.delete(&object);
             }
@@ -674,7 +794,8 @@ impl LoopState {
                     Ok(outcome) => {
                         self.queue.succeeded(&item);
                         self.last_warning.remove(&item);
-                        if let Outcome::Written(object) = outcome {
+                        self.note_oversized(&item, outcome.published());
+                        if let Outcome::Written(object, _) = outcome {
                             let name = object_name(&object);
                             match self.objects.get(&item) {
                                 _ if !desired => self.delete(&object),
@@ -704,13 +825,21 @@ impl LoopState {
                     }
                     Err(error) => {
                         let failures = self.queue.failed(&item);
-                        let delay = self.config.backoff.delay(failures);
-                        warn!(%item, error = %error, failures, retry_in = ?delay, "capacity refresh failed; the published value stays");
-                        if matches!(error, Error::Csi(_)) {
+                        // Permanent: the same answer until something changes; wait a poll.
+                        let retry_at = if error.is_permanent() {
+                            let phase = queue::phase(&item, self.config.poll_interval);
+                            queue::next_poll(Instant::now(), self.start, self.config.poll_interval, phase)
+                        } else {
+                            Instant::now() + self.config.backoff.delay(failures)
+                        };
+                        warn!(%item, error = %error, failures, permanent = error.is_permanent(),
+                              retry_in = ?retry_at.saturating_duration_since(Instant::now()),
+                              "capacity refresh failed; the published value stays");
+                        if error.is_announced() {
                             self.warn_event(&item, &error);
                         }
                         if desired {
-                            self.queue.schedule(item, Instant::now() + delay);
+                            self.queue.schedule(item, retry_at);
                         }
                     }
                 }
@@ -748,26 +877,31 @@ impl LoopState {
             return;
         }
         self.last_warning.insert(item.clone(), now);
-        let recorder = self.recorder.clone();
-        let leadership = self.leadership.clone();
-        let mut note = format!(
-            "GetCapacity for storage class {} in {} failed: {error}",
-            item.class, item.segment
-        );
-        note.truncate(1000);
-        tokio::spawn(async move {
-            let event = KubeEvent {
-                type_: EventType::Warning,
-                reason: "GetCapacityFailed".into(),
-                note: Some(note),
-                action: "GetCapacity".into(),
-                secondary: None,
-            };
-            match leadership.guard(recorder.publish(&event, &target)).await {
-                Ok(Ok(())) | Err(_) => {}
-                Ok(Err(error)) => warn!(%error, "cannot publish event"),
-            }
-        });
+        let reason = match error {
+            Error::Write { .. } => "CapacityRejected",
+            _ => "GetCapacityFailed",
+        };
+        let announcement = Announcement {
+            type_: EventType::Warning,
+            reason,
+            note: model::refresh_failure_note(item, error),
+            action: "GetCapacity",
+        };
+        publish_event(&self.recorder, &self.leadership, &announcement, [target]);
+    }
+
+    /// Says once per item that its maximum volume size exceeds its capacity
+    /// (published as reported; the scheduler trusts the maximum).
+    fn note_oversized(&mut self, item: &WorkItem, value: PublishedCapacity) {
+        let oversized = value
+            .maximum_volume_size
+            .is_some_and(|maximum| maximum > value.capacity);
+        if !oversized {
+            self.oversized.remove(item);
+        } else if self.oversized.insert(item.clone()) {
+            info!(%item, capacity = value.capacity, maximum_volume_size = ?value.maximum_volume_size,
+                  "the driver reports a maximum volume size above the available capacity; published as reported");
+        }
     }
 
     fn update_gauges(&self) {
@@ -821,10 +955,10 @@ impl Refresh {
                     .map_err(|source| Error::Write { verb: "create", source })?;
                 self.metrics.wrote("create");
                 debug!(%item, name = ?created.metadata.name, capacity = value.capacity, "created CSIStorageCapacity");
-                Ok(Outcome::Written(Box::new(created)))
+                Ok(Outcome::Written(Box::new(created), value))
             }
             Some(existing) => match model::updated_object(&existing, value, &self.config.identity) {
-                None => Ok(Outcome::Unchanged),
+                None => Ok(Outcome::Unchanged(value)),
                 Some(updated) => {
                     let name = object_name(&existing);
                     let replaced = self
@@ -834,7 +968,7 @@ impl Refresh {
                         .map_err(|source| Error::Write { verb: "update", source })?;
                     self.metrics.wrote("update");
                     debug!(%item, %name, capacity = value.capacity, "updated CSIStorageCapacity");
-                    Ok(Outcome::Written(Box::new(replaced)))
+                    Ok(Outcome::Written(Box::new(replaced), value))
                 }
             },
         }

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume};
-use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use volplane_capacity::model::{DRIVER_LABEL, MANAGED_BY_LABEL, ObjectIdentity, Segment};
+use volplane_capacity::model::{DRIVER_LABEL, Enablement, MANAGED_BY_LABEL, ObjectIdentity, Segment};
+use volplane_capacity::quantity::format_bytes;
 use volplane_capacity::queue::Backoff;
 use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
 use volplane_csi::CsiMethod;
@@ -18,7 +19,7 @@ use volplane_leader::{Leadership, Term};
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::background::Background;
 use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, labels};
-use volplane_tests::wait::{eventually, within};
+use volplane_tests::wait::{eventually, eventually_some, within};
 
 const DRIVER: &str = "test.csi.volplane.dev";
 const NS: &str = "storage";
@@ -48,6 +49,7 @@ fn config(poll: Duration, topology: Topology, send_topology: bool) -> CapacityCo
         poll_interval: poll,
         workers: 4,
         include_immediate: false,
+        enablement: Enablement::Always,
         backoff: Backoff {
             base: Duration::from_millis(50),
             max: Duration::from_millis(400),
@@ -201,8 +203,8 @@ impl Harness {
                 (
                     c.to_string(),
                     z.map(str::to_string),
-                    cap.to_string(),
-                    max.map(|m| m.to_string()),
+                    format_bytes(*cap),
+                    max.map(format_bytes),
                 )
             })
             .collect();
@@ -598,7 +600,7 @@ async fn driver_errors_keep_the_last_value_and_are_counted() {
     // Neither an error nor a negative answer replaced the published value.
     assert_eq!(
         h.published().await,
-        [("fast".to_string(), Some("a".to_string()), GI.to_string(), None)]
+        [("fast".to_string(), Some("a".to_string()), format_bytes(GI), None)]
     );
 
     h.driver.set_default_capacity(CapacityAnswer::available(2 * GI));
@@ -789,11 +791,200 @@ async fn per_node_mode_publishes_the_fixed_segment_of_this_node() {
             .await
             .expect("list")
             .items;
-        if items.len() == 1 && items[0].capacity.as_ref().map(|q| q.0.as_str()) == Some(&(7 * GI).to_string()) {
+        if items.len() == 1 && items[0].capacity.as_ref().map(|q| q.0.as_str()) == Some("7Gi") {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "not published: {items:?}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    h.stop().await;
+}
+
+/// The owner the events of these tests go to.
+fn owner_target() -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("apps/v1".into()),
+        kind: Some("Deployment".into()),
+        name: Some("csi-controller".into()),
+        namespace: Some(NS.into()),
+        uid: Some("deployment-uid".into()),
+        ..Default::default()
+    }
+}
+
+/// How often `reason` was published about `regarding` in `namespace`.
+async fn events(client: &kube::Client, namespace: &str, reason: &str, regarding: &str) -> usize {
+    volplane_tests::events::occurrences(client, namespace)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(r, about, _)| r == reason && about == regarding)
+        .count()
+}
+
+async fn set_storage_capacity(client: &kube::Client, enabled: bool) {
+    Api::<CSIDriver>::all(client.clone())
+        .patch(
+            DRIVER,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"storageCapacity": enabled}})),
+        )
+        .await
+        .expect("patch CSIDriver");
+}
+
+#[tokio::test]
+async fn the_csidriver_switch_turns_publishing_on_and_off_without_a_restart() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.add_class("slow", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    // An hour between polls: whatever is published comes from the switch itself.
+    let mut cfg = config(Duration::from_secs(3600), Topology::Central, true);
+    cfg.enablement = Enablement::CsiDriver;
+    cfg.event_target = Some(owner_target());
+    h.start(cfg).await;
+
+    // No CSIDriver: ready, idle, said once.
+    eventually_some(
+        Duration::from_secs(20),
+        "CapacityTrackingDisabled on the owner",
+        || async { (events(&h.client, NS, "CapacityTrackingDisabled", "csi-controller").await == 1).then_some(()) },
+    )
+    .await;
+    assert!(
+        h.metrics_text().contains("volplane_capacity_enabled 0"),
+        "{}",
+        h.metrics_text()
+    );
+    assert!(h.published().await.is_empty());
+    assert_eq!(h.driver.count(CsiMethod::GetCapacity), 0);
+
+    // Switched on: every (segment, class) at once.
+    volplane_tests::objects::create(
+        &Api::<CSIDriver>::all(h.client.clone()),
+        json!({"metadata": {"name": DRIVER}, "spec": {"storageCapacity": true}}),
+    )
+    .await;
+    let all = [
+        ("fast", Some("a"), GI, None),
+        ("fast", Some("b"), GI, None),
+        ("slow", Some("a"), GI, None),
+        ("slow", Some("b"), GI, None),
+    ];
+    h.wait_for_published("every item once the switch is on", &all).await;
+    assert!(h.metrics_text().contains("volplane_capacity_enabled 1"));
+    eventually_some(
+        Duration::from_secs(20),
+        "CapacityTrackingEnabled on owner and CSIDriver",
+        || async {
+            (events(&h.client, NS, "CapacityTrackingEnabled", "csi-controller").await == 1
+                && events(&h.client, "default", "CapacityTrackingEnabled", DRIVER).await == 1)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Switched off: volplane's objects go, a foreign one stays.
+    h.capacities()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "foreign", "labels": {DRIVER_LABEL: DRIVER, MANAGED_BY_LABEL: "someone-else"}},
+                "storageClassName": "fast", "capacity": "1Ki"}))
+            .expect("object"),
+        )
+        .await
+        .expect("foreign object");
+    set_storage_capacity(&h.client, false).await;
+    eventually_some(Duration::from_secs(20), "only the foreign object is left", || async {
+        let names: Vec<String> = h
+            .capacities()
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items.into_iter().filter_map(|o| o.metadata.name).collect())
+            .unwrap_or_default();
+        (names == ["foreign"]).then_some(())
+    })
+    .await;
+    assert!(h.metrics_text().contains("volplane_capacity_enabled 0"));
+    eventually_some(
+        Duration::from_secs(20),
+        "CapacityTrackingDisabled on the CSIDriver",
+        || async { (events(&h.client, "default", "CapacityTrackingDisabled", DRIVER).await == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        events(&h.client, NS, "CapacityTrackingDisabled", "csi-controller").await,
+        2
+    );
+    assert_eq!(
+        h.driver.count(CsiMethod::GetCapacity),
+        4,
+        "one call per item, none while off"
+    );
+
+    // And on again, still without a restart.
+    set_storage_capacity(&h.client, true).await;
+    h.wait_for_published("every item again", &all).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_permanent_driver_error_waits_for_the_next_poll_and_a_transient_one_backs_off() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    let interval = Duration::from_secs(1);
+    let mut cfg = config(interval, Topology::Central, true);
+    cfg.backoff = Backoff {
+        base: Duration::from_millis(10),
+        max: interval,
+    };
+    cfg.event_target = Some(owner_target());
+    let gap_after_failure = |h: &Harness| {
+        let times: Vec<_> = h
+            .driver
+            .timed_capacity_requests()
+            .into_iter()
+            .map(|(at, _)| at)
+            .collect();
+        times.get(1).map(|second| second.duration_since(times[0]))
+    };
+
+    h.driver
+        .fail_next(CsiMethod::GetCapacity, 1, tonic::Code::InvalidArgument, "no such pool");
+    h.start(cfg.clone()).await;
+    h.wait_for_published("published after the next poll", &[("fast", Some("a"), GI, None)])
+        .await;
+    let gap = gap_after_failure(&h).expect("two calls");
+    assert!(
+        gap >= interval / 2,
+        "InvalidArgument retried after {gap:?}, before the next poll"
+    );
+    eventually_some(Duration::from_secs(20), "one GetCapacityFailed", || async {
+        (events(&h.client, NS, "GetCapacityFailed", "csi-controller").await == 1).then_some(())
+    })
+    .await;
+    h.stop().await;
+
+    h.capacities()
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .expect("clean up");
+    h.driver.clear_calls();
+    h.driver.fail_next(
+        CsiMethod::GetCapacity,
+        1,
+        tonic::Code::Unavailable,
+        "backend restarting",
+    );
+    h.start(cfg).await;
+    h.wait_for_published("published after a quick retry", &[("fast", Some("a"), GI, None)])
+        .await;
+    let gap = gap_after_failure(&h).expect("two calls");
+    assert!(gap < interval / 2, "Unavailable waited {gap:?}, as long as a poll");
     h.stop().await;
 }

@@ -48,6 +48,18 @@ pub enum CapacityOwner {
     None,
 }
 
+/// What turns capacity tracking on (`--capacity-enablement`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum CapacityEnablement {
+    /// Publish while the driver's CSIDriver has `spec.storageCapacity: true`
+    /// (the switch kube-scheduler reads); otherwise publish nothing and
+    /// delete volplane's own objects.
+    #[default]
+    Csidriver,
+    /// Publish regardless of the CSIDriver (external-provisioner's behaviour).
+    Always,
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -108,6 +120,11 @@ pub struct Args {
     /// This pod's name (downward API `metadata.name`), for owner references and events.
     #[arg(long, env = "POD_NAME", value_name = "NAME", value_parser = parse_optional_name)]
     pub pod_name: Option<OptionalName>,
+
+    /// What turns capacity tracking on: the driver's CSIDriver
+    /// `spec.storageCapacity`, followed live, or always.
+    #[arg(long, env = "CAPACITY_ENABLEMENT", value_enum, default_value_t = CapacityEnablement::Csidriver)]
+    pub capacity_enablement: CapacityEnablement,
 
     /// Owner of the CSIStorageCapacity objects.
     #[arg(long, env = "CAPACITY_OWNER", value_enum, default_value_t = CapacityOwner::Auto)]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tracing::{error, info};
 use volplane_capacity::model::{self, ObjectIdentity};
@@ -12,8 +13,9 @@ use volplane_capacity::queue::Backoff;
 use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
 use volplane_csi::{ControllerCapability, CsiClient, DriverInfo};
 use volplane_leader::Leadership;
+use volplane_runtime::text;
 
-use crate::args::{Args, CapacityOwner};
+use crate::args::{Args, CapacityEnablement, CapacityOwner};
 
 /// Builds the capacity controller, or `None` when the driver cannot report
 /// capacity (said once, clearly; the rest of the process keeps running).
@@ -43,26 +45,7 @@ pub async fn build(
              the capacity controller stays idle (no CSIStorageCapacity objects are published)",
             driver.name
         );
-        error!("{message}");
-        if let Some(target) = event_target {
-            let recorder = Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "volplane-capacity".into(),
-                    instance: Some(instance),
-                },
-            );
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "GetCapacityUnsupported".into(),
-                note: Some(message),
-                action: "Startup".into(),
-                secondary: None,
-            };
-            if let Err(error) = recorder.publish(&event, &target).await {
-                error!(%error, "cannot publish the GetCapacityUnsupported event");
-            }
-        }
+        idle(client, event_target, instance, "GetCapacityUnsupported", message).await;
         return Ok(None);
     }
 
@@ -76,6 +59,16 @@ pub async fn build(
                 .map(|t| t.segments)
                 .filter(|segments| driver.supports_topology() && !segments.is_empty());
             let segment = model::per_node_segment(node, reported.as_ref());
+            if let Some(why) = model::invalid_segment(&segment) {
+                let message = format!(
+                    "NodeGetInfo of CSI driver {} on node {node} returned a topology segment the API server \
+                     cannot store as a CSIStorageCapacity nodeTopology ({why}); the capacity controller \
+                     stays idle on this node until the driver is fixed and volplane restarted",
+                    driver.name
+                );
+                idle(client, event_target, instance, "InvalidTopology", message).await;
+                return Ok(None);
+            }
             info!(%node, %segment, node_id = %info.node_id, "per-node capacity segment");
             (Topology::Fixed(segment), reported.is_some())
         }
@@ -95,6 +88,10 @@ pub async fn build(
         poll_interval: args.capacity_poll_interval,
         workers: usize::from(args.capacity_workers),
         include_immediate: args.capacity_for_immediate_binding,
+        enablement: match args.capacity_enablement {
+            CapacityEnablement::Csidriver => model::Enablement::CsiDriver,
+            CapacityEnablement::Always => model::Enablement::Always,
+        },
         backoff: Backoff {
             base: Duration::from_millis(500),
             max: args.capacity_poll_interval.min(Duration::from_secs(300)),
@@ -109,4 +106,36 @@ pub async fn build(
         metrics,
         leadership,
     )))
+}
+
+/// Says once — log line and Warning event on the owner — why the capacity
+/// controller stays idle.
+async fn idle(
+    client: &kube::Client,
+    event_target: Option<ObjectReference>,
+    instance: String,
+    reason: &str,
+    message: String,
+) {
+    error!("{message}");
+    let Some(target) = event_target else {
+        return;
+    };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "volplane-capacity".into(),
+            instance: Some(instance),
+        },
+    );
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(text::event_note(&message)),
+        action: "Startup".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &target).await {
+        error!(%error, reason, "cannot publish event");
+    }
 }

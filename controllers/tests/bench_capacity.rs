@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Node};
-use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, StorageClass};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use volplane_csi::CsiMethod;
@@ -63,6 +63,13 @@ async fn capacity_4000_objects() {
             .await
             .expect("csinode");
     }
+    let csidriver: CSIDriver =
+        serde_json::from_value(json!({"metadata": {"name": DRIVER}, "spec": {"storageCapacity": true}}))
+            .expect("csidriver");
+    Api::<CSIDriver>::all(client.clone())
+        .create(&PostParams::default(), &csidriver)
+        .await
+        .expect("csidriver");
     for c in 0..CLASSES {
         let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": format!("class-{c}")},
             "provisioner": DRIVER, "volumeBindingMode": "WaitForFirstConsumer", "parameters": {"tier": c.to_string()}}))

@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node};
-use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
@@ -182,6 +182,13 @@ async fn seed_cluster(api: &ApiServerDouble, driver: &str) {
         .create(&PostParams::default(), &csinode)
         .await
         .expect("csinode");
+    let csidriver: CSIDriver =
+        serde_json::from_value(json!({"metadata": {"name": driver}, "spec": {"storageCapacity": true}}))
+            .expect("csidriver");
+    Api::<CSIDriver>::all(client.clone())
+        .create(&PostParams::default(), &csidriver)
+        .await
+        .expect("csidriver");
     let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": "wffc"}, "provisioner": driver,
         "volumeBindingMode": "WaitForFirstConsumer"}))
     .expect("class");
@@ -237,12 +244,13 @@ async fn starts_against_api_server_and_driver_then_exits_cleanly_on_sigterm() {
     // The capacity controller published the one (segment, class) pair.
     let published = first_published_capacity(&api).await;
     assert_eq!(published.storage_class_name, "wffc");
-    assert_eq!(published.capacity.map(|q| q.0), Some((5i64 << 30).to_string()));
+    assert_eq!(published.capacity.map(|q| q.0).as_deref(), Some("5Gi"));
 
     let (status, metrics) = http_get(admin, "/metrics");
     assert_eq!(status, 200);
     assert!(metrics.contains("volplane_build_info{version=\""), "{metrics}");
     assert!(metrics.contains("volplane_capacity_objects_desired 1"), "{metrics}");
+    assert!(metrics.contains("volplane_capacity_enabled 1"), "{metrics}");
 
     let (code, _) = running.terminate().await;
     assert_eq!(code, Some(0));

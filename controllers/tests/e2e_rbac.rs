@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
+use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use support::Running;
@@ -133,6 +133,11 @@ async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
         assert!(rendered.contains("kind: "), "{dir} renders to nothing");
         plane.kubectl_ok(&["apply", "-k", &dir]).expect("kubectl apply -k");
     }
+    volplane_tests::objects::create(
+        &Api::<CSIDriver>::all(admin.clone()),
+        json!({"metadata": {"name": DRIVER}, "spec": {"storageCapacity": true}}),
+    )
+    .await;
     let storage_class: StorageClass = serde_json::from_value(
         json!({"metadata": {"name": "e2e-rbac"}, "provisioner": DRIVER, "volumeBindingMode": "WaitForFirstConsumer"}),
     )

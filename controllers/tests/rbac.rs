@@ -225,6 +225,14 @@ async fn cluster() -> (ApiServerDouble, tempfile::TempDir, PathBuf) {
     create(
         &client,
         "storage.k8s.io/v1",
+        "CSIDriver",
+        "csidrivers",
+        json!({"metadata": {"name": DRIVER}, "spec": {"storageCapacity": true}}),
+    )
+    .await;
+    create(
+        &client,
+        "storage.k8s.io/v1",
         "StorageClass",
         "storageclasses",
         json!({"metadata": {"name": "wffc"},

@@ -94,7 +94,7 @@ mod capacity {
     use k8s_openapi::api::core::v1::PersistentVolumeClaim;
     use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
     use kube::api::ListParams;
-    use volplane_capacity::model::ObjectIdentity;
+    use volplane_capacity::model::{Enablement, ObjectIdentity};
     use volplane_capacity::queue::Backoff;
     use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
     use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, labels};
@@ -171,6 +171,7 @@ mod capacity {
                 poll_interval: Duration::from_secs(60),
                 workers: 4,
                 include_immediate: false,
+                enablement: Enablement::CsiDriver,
                 backoff: Backoff {
                     base: Duration::from_millis(200),
                     max: Duration::from_secs(5),
