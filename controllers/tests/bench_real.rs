@@ -114,14 +114,9 @@ fn seconds(time: Option<Duration>) -> String {
 }
 
 fn provisioner(plane: &ControlPlane, name: &str, driver: &HostPath, namespace: &str, extra: &[&str]) -> Process {
-    let binary = volplane_tests::e2e::find_binary(plane.bin_dir(), "csi-provisioner").expect("csi-provisioner");
-    let mut command = std::process::Command::new(binary);
-    command
-        .env("NAMESPACE", namespace)
-        .arg(format!("--csi-address={}", driver.socket().display()))
-        .arg(format!("--kubeconfig={}", plane.kubeconfig().display()))
-        .args(extra);
-    Process::spawn_command(name, command, plane.log_path(name)).expect("start csi-provisioner")
+    plane
+        .start_csi_provisioner(name, driver, namespace, extra)
+        .expect("start csi-provisioner")
 }
 
 #[ignore = "benchmark on a real control plane; see the module docs"]

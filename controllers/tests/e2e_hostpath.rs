@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
-use kube::api::{Api, DeleteParams, ListParams};
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 use support::{Running, metric_value};
-use volplane_capacity::quantity::parse_bytes;
+use volplane_capacity::quantity::{format_bytes, parse_bytes};
 use volplane_csi::{CapacityQuery, CsiClient};
 use volplane_tests::e2e::{ControlPlane, HostPath, bin_dir};
 use volplane_tests::objects::create;
@@ -263,6 +263,199 @@ async fn central_capacity_covers_every_segment_and_drops_a_removed_node() {
     wait_for_published(&client, &expected, "the removed node's objects are deleted").await;
     let (code, lines) = volplane.terminate().await;
     assert_eq!(code, Some(0), "{}", lines.join("\n"));
+}
+
+/// (class → (capacity, maximumVolumeSize)) as written, of the objects with `managed_by`.
+async fn written(client: &kube::Client, managed_by: &str) -> BTreeMap<String, (String, Option<String>)> {
+    Api::<CSIStorageCapacity>::namespaced(client.clone(), NAMESPACE)
+        .list(&ListParams::default().labels(&format!("csi.storage.k8s.io/managed-by={managed_by}")))
+        .await
+        .map(|list| list.items)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|o| {
+            let capacity = o.capacity.map(|q| q.0).unwrap_or_default();
+            (o.storage_class_name, (capacity, o.maximum_volume_size.map(|q| q.0)))
+        })
+        .collect()
+}
+
+async fn set_storage_capacity(client: &kube::Client, enabled: bool) {
+    Api::<CSIDriver>::all(client.clone())
+        .patch(
+            HostPath::DRIVER,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"storageCapacity": enabled}})),
+        )
+        .await
+        .expect("patch the CSIDriver");
+}
+
+/// How often `reason` was published about `regarding` (cluster-scoped: in `default`).
+async fn cluster_events(client: &kube::Client, reason: &str, regarding: &str) -> usize {
+    volplane_tests::events::occurrences(client, "default")
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(r, about, _)| r == reason && about == regarding)
+        .count()
+}
+
+#[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_follows_the_csidriver_switch_and_reads_byte_for_byte_like_csi_provisioner() {
+    let plane = ControlPlane::start(&bin_dir()).await.expect("control plane starts");
+    let client = plane.client();
+    storage_setup(&plane).await;
+    set_storage_capacity(&client, false).await;
+    plane.add_hostpath_node("node-0").await.expect("node");
+    // 107374182400 and 32208060416 bytes: Kubernetes writes 100Gi and 30716Mi.
+    let driver = plane
+        .start_hostpath("node-0", &[("fast", "100Gi"), ("slow", "30716Mi")])
+        .await
+        .expect("hostpathplugin");
+    // An hour between polls: what appears after the flip comes from the flip.
+    let mut volplane = Running::start(
+        plane.kubeconfig(),
+        &[
+            "--controllers=capacity",
+            "--node-deployment",
+            "--node-name",
+            "node-0",
+            "--csi-address",
+            &driver.address(),
+            "--namespace",
+            NAMESPACE,
+            "--capacity-owner",
+            "node",
+            "--capacity-poll-interval",
+            "1h",
+            "--http-endpoint",
+            "127.0.0.1:0",
+        ],
+    );
+    let admin = volplane.admin_address().await;
+    let off = volplane.wait_for("capacity tracking is off").await;
+    assert!(
+        off.contains("storageCapacity false") && off.contains("kubectl patch csidriver"),
+        "{off}"
+    );
+    volplane.wait_for("volplane is ready").await;
+    assert_eq!(metric_value(admin, "volplane_capacity_enabled", &[]), 0.0);
+    eventually_some(
+        Duration::from_secs(30),
+        "CapacityTrackingDisabled on Node and CSIDriver",
+        || async {
+            (cluster_events(&client, "CapacityTrackingDisabled", "node-0").await == 1
+                && cluster_events(&client, "CapacityTrackingDisabled", HostPath::DRIVER).await == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(written(&client, "volplane-node-0").await.is_empty());
+
+    // external-provisioner's capacity tracking for the same driver, beside it.
+    let _provisioner = plane
+        .start_csi_provisioner(
+            "csi-provisioner",
+            &driver,
+            NAMESPACE,
+            &["--enable-capacity", "--capacity-ownerref-level=-1"],
+        )
+        .expect("csi-provisioner");
+    let theirs = eventually_some(Duration::from_secs(60), "csi-provisioner publishes", || async {
+        let objects = written(&client, "external-provisioner").await;
+        (objects.len() == 2).then_some(objects)
+    })
+    .await;
+    assert_eq!(theirs["fast"].0, "100Gi");
+    assert_eq!(theirs["slow"].0, "30716Mi");
+
+    // Switched on: both classes at once, written exactly as csi-provisioner writes them.
+    set_storage_capacity(&client, true).await;
+    let ours = eventually_some(Duration::from_secs(30), "volplane publishes on the switch", || async {
+        let objects = written(&client, "volplane-node-0").await;
+        (objects.len() == 2).then_some(objects)
+    })
+    .await;
+    assert_eq!(
+        ours, theirs,
+        "volplane's quantities read byte for byte like csi-provisioner's"
+    );
+    assert_eq!(metric_value(admin, "volplane_capacity_enabled", &[]), 1.0);
+
+    // Switched off: volplane's objects go; csi-provisioner's are not volplane's to touch.
+    set_storage_capacity(&client, false).await;
+    eventually_some(Duration::from_secs(30), "volplane's objects are deleted", || async {
+        written(&client, "volplane-node-0").await.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(written(&client, "external-provisioner").await, theirs);
+    assert_eq!(metric_value(admin, "volplane_capacity_enabled", &[]), 0.0);
+    let (code, lines) = volplane.terminate().await;
+    assert_eq!(code, Some(0), "{}", lines.join("\n"));
+}
+
+/// What Go's `resource.NewQuantity(bytes, resource.BinarySI).String()` writes:
+/// a binary suffix when exact, decimal SI below 1024, else plain digits.
+fn go_binary_si(bytes: i64) -> String {
+    if bytes.unsigned_abs() >= 1024 && bytes % 1024 == 0 {
+        return format_bytes(bytes);
+    }
+    if bytes.unsigned_abs() < 1024 {
+        return format_bytes(bytes);
+    }
+    bytes.to_string()
+}
+
+#[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_keeps_quantities_exactly_as_volplane_writes_them() {
+    let plane = ControlPlane::start(&bin_dir()).await.expect("control plane starts");
+    let client = plane.client();
+    create(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": NAMESPACE}}),
+    )
+    .await;
+    let capacities: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), NAMESPACE);
+    let values: [i64; 16] = [
+        107_374_182_400,
+        32_208_060_416,
+        1536,
+        1_536_000,
+        1000,
+        1_000_000_000_000,
+        1 << 40,
+        5_368_709_121,
+        0,
+        2000,
+        3_000_000,
+        1023,
+        1025,
+        4_000_000_000,
+        7 << 60,
+        i64::MAX,
+    ];
+    for (i, bytes) in values.into_iter().enumerate() {
+        for (how, text) in [("volplane", format_bytes(bytes)), ("go", go_binary_si(bytes))] {
+            let stored = create(
+                &capacities,
+                json!({"metadata": {"name": format!("q-{i}-{how}")}, "storageClassName": "fast",
+                       "capacity": text, "maximumVolumeSize": text}),
+            )
+            .await;
+            let read = capacities.get(&format!("q-{i}-{how}")).await.expect("get");
+            for object in [stored, read] {
+                assert_eq!(
+                    object.capacity.map(|q| q.0),
+                    Some(format_bytes(bytes)),
+                    "{bytes} written as {text}"
+                );
+                assert_eq!(object.maximum_volume_size.map(|q| q.0), Some(format_bytes(bytes)));
+            }
+        }
+    }
 }
 
 mod health {

@@ -67,13 +67,16 @@ fn readme_templates() -> Vec<String> {
 
 /// What each README template must print here, by a word of its command.
 fn expected_output(command: &str) -> &'static [&'static str] {
-    if command.contains("get leases") {
+    if command.contains("get leases -n volplane volplane-ephemeral") {
+        &["volplane-ephemeral-e2e_"]
+    } else if command.contains("get leases") {
         &[
             "volplane-ephemeral\tvolplane-ephemeral-e2e_",
             "volplane-capacity-e2e-rbac.csi.volplane.dev\t",
         ]
     } else if command.contains("get csistoragecapacities") {
-        &["\te2e-rbac\ttopology.volplane.dev/zone=a \t"]
+        // The capacity as Kubernetes writes it: 1 GiB is `1Gi`.
+        &["\te2e-rbac\ttopology.volplane.dev/zone=a \t1Gi\t"]
     } else if command.contains("events") && command.contains("volplane-health") {
         &["default/health\tVolumeConditionAbnormal\te2e: disk failed\n"]
     } else if command.contains("health.volplane.dev/abnormal") {
@@ -131,6 +134,15 @@ async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
         let dir = kustomization.to_string_lossy().into_owned();
         let rendered = plane.kubectl_ok(&["kustomize", &dir]).expect("kubectl kustomize");
         assert!(rendered.contains("kind: "), "{dir} renders to nothing");
+        if dir.ends_with("control-plane") {
+            for wanted in [
+                "node-role.kubernetes.io/control-plane",
+                "system-cluster-critical",
+                "serviceAccountName: volplane-ephemeral",
+            ] {
+                assert!(rendered.contains(wanted), "{dir}: no {wanted} in\n{rendered}");
+            }
+        }
         plane.kubectl_ok(&["apply", "-k", &dir]).expect("kubectl apply -k");
     }
     volplane_tests::objects::create(

@@ -727,6 +727,26 @@ impl ControlPlane {
         self.run_hostpath(node, socket, state_dir, capacities).await
     }
 
+    /// Starts the shipped `csi-provisioner` as `name` against `driver`, with
+    /// `NAMESPACE` (where it writes CSIStorageCapacity objects) and `extra`
+    /// arguments, e.g. `--enable-capacity`.
+    pub fn start_csi_provisioner(
+        &self,
+        name: &str,
+        driver: &HostPath,
+        namespace: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Process> {
+        let binary = find_binary(&self.bin_dir, "csi-provisioner")?;
+        let mut command = std::process::Command::new(binary);
+        command
+            .env("NAMESPACE", namespace)
+            .arg(format!("--csi-address={}", driver.socket().display()))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(extra);
+        Process::spawn_command(name, command, self.log_path(name))
+    }
+
     /// Stops `driver` and starts it again on the same socket and state with
     /// new `capacities`, as a driver upgrade or node restart would.
     pub async fn restart_hostpath(&self, driver: HostPath, capacities: &[(&str, &str)]) -> anyhow::Result<HostPath> {

@@ -430,6 +430,107 @@ mod ephemeral {
         assert!(spurious.is_empty(), "{spurious:?}");
         running.stop(Duration::from_secs(20)).await.expect("controller result");
     }
+
+    /// A denial message far beyond an event note, in scripts where a byte
+    /// cut falls inside a character; one line (policies forbid line breaks).
+    fn long_denial() -> String {
+        let mut message = String::from("Abgelehnt durch Richtlinie: ");
+        while message.len() < 4000 {
+            message.push_str("größer als erlaubt — 容量不足 — קיבולת — 🦀 ");
+        }
+        message
+    }
+
+    #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_an_admission_policy_rejects_with_a_long_message_warns_its_pod_and_others_are_served() {
+        let plane = ControlPlane::start(&bin_dir()).await.expect("control plane starts");
+        let client = plane.client();
+        let message = long_denial();
+        let policies = plane.scratch("policies").expect("scratch");
+        let manifest = policies.join("deny.json");
+        let deny = json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+             "metadata": {"name": "deny-rejected"},
+             "spec": {"failurePolicy": "Fail",
+                      "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                          "operations": ["CREATE"], "resources": ["persistentvolumeclaims"]}]},
+                      "validations": [{"expression": "!object.metadata.name.startsWith('rejected')",
+                                       "message": message}]}},
+            {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+             "metadata": {"name": "deny-rejected"},
+             "spec": {"policyName": "deny-rejected", "validationActions": ["Deny"]}}]});
+        std::fs::write(&manifest, deny.to_string()).expect("write the policy");
+        plane
+            .kubectl_ok(&["apply", "-f", &manifest.to_string_lossy()])
+            .expect("apply the policy");
+        // Policies take effect asynchronously: wait until one denies.
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+        let probe: PersistentVolumeClaim =
+            serde_json::from_value(json!({"metadata": {"generateName": "rejected-probe-"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}))
+            .expect("claim");
+        let denial = eventually(Duration::from_secs(30), "the policy denies", || {
+            let claims = claims.clone();
+            let probe = probe.clone();
+            async move {
+                match claims.create(&PostParams::default(), &probe).await {
+                    Err(kube::Error::Api(status)) if status.message.contains("denied request") => Some(status.message),
+                    _ => None,
+                }
+            }
+        })
+        .await;
+        assert!(
+            denial.len() > 4000,
+            "the API server passes the whole message on: {}",
+            denial.len()
+        );
+
+        let running = start_ephemeral(&plane).await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        pods.create(&PostParams::default(), &ephemeral_pod("rejected"))
+            .await
+            .expect("pod");
+        pods.create(&PostParams::default(), &ephemeral_pod("accepted"))
+            .await
+            .expect("pod");
+        let warning = eventually(Duration::from_secs(60), "a Warning on the rejected pod", || {
+            let client = client.clone();
+            async move {
+                volplane_events(&client, "default")
+                    .await
+                    .into_iter()
+                    .find(|(type_, _, regarding, _)| type_ == "Warning" && regarding == "rejected")
+            }
+        })
+        .await;
+        let note = warning.3;
+        assert!(note.len() <= 1024, "{} bytes", note.len());
+        assert!(
+            note.contains("rejected-data") && note.contains("Abgelehnt durch Richtlinie"),
+            "{note}"
+        );
+        assert!(note.ends_with(volplane_runtime::text::CUT_MARKER), "{note}");
+
+        // The controller is still up and serving: this pod's claim, and a later one's.
+        for name in ["accepted", "later"] {
+            if name == "later" {
+                pods.create(&PostParams::default(), &ephemeral_pod(name))
+                    .await
+                    .expect("pod");
+            }
+            let claim = format!("{name}-data");
+            eventually(Duration::from_secs(60), "the other pods' claims", || {
+                let claims = claims.clone();
+                let claim = claim.clone();
+                async move { claims.get(&claim).await.ok() }
+            })
+            .await;
+        }
+        assert!(claims.get("rejected-data").await.is_err(), "the policy let it through");
+        running.stop(Duration::from_secs(20)).await.expect("controller result");
+    }
 }
 
 mod health {
