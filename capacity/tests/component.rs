@@ -988,3 +988,92 @@ async fn a_permanent_driver_error_waits_for_the_next_poll_and_a_transient_one_ba
     assert!(gap < interval / 2, "Unavailable waited {gap:?}, as long as a poll");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn zero_huge_and_oversized_answers_are_published_as_kubernetes_writes_them() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("full", "WaitForFirstConsumer", &[("pool", "full")]).await;
+    h.add_class("huge", "WaitForFirstConsumer", &[("pool", "huge")]).await;
+    h.add_class("thin", "WaitForFirstConsumer", &[("pool", "thin")]).await;
+    let pool = |name: &str| Some(labels([("pool", name)]));
+    h.driver.set_capacity(None, pool("full"), CapacityAnswer::available(0));
+    h.driver
+        .set_capacity(None, pool("huge"), CapacityAnswer::available(i64::MAX));
+    h.driver.set_capacity(
+        None,
+        pool("thin"),
+        CapacityAnswer {
+            available: 10 * GI,
+            maximum: Some(1 << 40),
+            minimum: None,
+        },
+    );
+    h.start(config(Duration::from_secs(60), Topology::Central, true)).await;
+    h.wait_for_published(
+        "every answer published",
+        &[
+            ("full", Some("a"), 0, None),
+            ("huge", Some("a"), i64::MAX, None),
+            ("thin", Some("a"), 10 * GI, Some(1 << 40)),
+        ],
+    )
+    .await;
+    let mut written: Vec<(String, String)> = h
+        .published()
+        .await
+        .into_iter()
+        .map(|(class, _, capacity, maximum)| (class, format!("{capacity} {}", maximum.unwrap_or_default())))
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        [
+            ("full".to_string(), "0 ".to_string()),
+            ("huge".to_string(), "9223372036854775807 ".to_string()),
+            ("thin".to_string(), "10Gi 1Ti".to_string()),
+        ]
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_follower_follows_the_switch_and_the_next_leader_cleans_up() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    volplane_tests::objects::create(
+        &Api::<CSIDriver>::all(h.client.clone()),
+        json!({"metadata": {"name": DRIVER}, "spec": {"storageCapacity": true}}),
+    )
+    .await;
+    let term = h.elect_by_hand();
+    term.send_replace(leading(1));
+    let mut cfg = config(Duration::from_secs(3600), Topology::Central, true);
+    cfg.enablement = Enablement::CsiDriver;
+    h.start(cfg).await;
+    h.wait_for_published("the leader publishes", &[("fast", Some("a"), GI, None)])
+        .await;
+
+    // Switched off while this replica follows: it says so, writes nothing.
+    term.send_replace(Term::Following);
+    let writes = h.double.writes("csistoragecapacities");
+    set_storage_capacity(&h.client, false).await;
+    eventually(Duration::from_secs(20), "the follower saw the switch", || {
+        h.metrics_text().contains("volplane_capacity_enabled 0")
+    })
+    .await;
+    assert_eq!(
+        h.double.writes("csistoragecapacities"),
+        writes,
+        "a follower deletes nothing"
+    );
+    assert_eq!(h.published().await.len(), 1);
+
+    // Leading again: what is left of the switched-off driver goes.
+    term.send_replace(leading(2));
+    h.wait_for_published("the leader deletes the objects", &[]).await;
+    assert_eq!(h.driver.count(CsiMethod::GetCapacity), 1, "no GetCapacity while off");
+    h.stop().await;
+}

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
+use volplane_csi::CsiMethod;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver};
 
@@ -500,4 +501,57 @@ async fn every_api_write_is_one_debug_line_naming_verb_resource_and_object() {
         1,
         "exactly one write (no leases without election): {lines:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_node_topology_the_api_server_would_reject_is_reported_once_and_never_retried() {
+    let api = api_server().await;
+    let driver = TestDriver::start(DriverConfig {
+        name: "badtopo.csi.volplane.dev".into(),
+        node_id: "n1".into(),
+        // A value no label may have: too long, a space, non-ASCII.
+        node_topology: Some(volplane_tests::driver::labels([("zone", &"zöne a".repeat(20))])),
+        ..DriverConfig::default()
+    })
+    .await
+    .expect("driver");
+    driver.set_default_capacity(CapacityAnswer::available(3 << 30));
+    seed_cluster(&api, "badtopo.csi.volplane.dev").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_kubeconfig(dir.path(), &api.url());
+    let mut running = Running::start(
+        &kubeconfig,
+        &[
+            "--csi-address",
+            &driver.address(),
+            "--node-deployment",
+            "--node-name",
+            "n1",
+        ],
+    );
+    let reported = running
+        .wait_for("cannot store as a CSIStorageCapacity nodeTopology")
+        .await;
+    assert!(reported.contains("not a valid label value"), "{reported}");
+    running.wait_for("capacity controller idle").await;
+    let event = volplane_tests::wait::eventually_some(Duration::from_secs(20), "InvalidTopology on the Node", || {
+        let client = api.client();
+        async move {
+            volplane_tests::events::occurrences(&client, "default")
+                .await
+                .ok()?
+                .into_iter()
+                .find(|(reason, regarding, _)| reason == "InvalidTopology" && regarding == "n1")
+        }
+    })
+    .await;
+    assert!(event.2.len() <= 1024, "{}", event.2.len());
+    let (code, lines) = running.terminate().await;
+    assert_eq!(code, Some(0), "{}", lines.join("\n"));
+    assert_eq!(driver.count(CsiMethod::GetCapacity), 0);
+    let objects = Api::<CSIStorageCapacity>::all(api.client())
+        .list(&Default::default())
+        .await
+        .expect("list");
+    assert!(objects.items.is_empty());
 }

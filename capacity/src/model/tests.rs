@@ -450,3 +450,72 @@ proptest! {
         prop_assert_eq!(value.clone(), managed_by(Some(&node)));
     }
 }
+
+#[test]
+fn segments_the_api_server_would_reject_are_named_with_the_reason() {
+    let valid = [
+        Segment::from_pairs([("topology.hostpath.csi/node", "node-0")]),
+        Segment::from_pairs([("zone", "")]),
+        Segment::from_pairs([("kubernetes.io/hostname", "a.b-c_d")]),
+        Segment::default(),
+    ];
+    for segment in valid {
+        assert_eq!(invalid_segment(&segment), None, "{segment}");
+    }
+    let long = "x".repeat(64);
+    let invalid = [
+        (Segment::from_pairs([("zone", "a b")]), "not a valid label value"),
+        (Segment::from_pairs([("zone", "zöne")]), "not a valid label value"),
+        (Segment::from_pairs([("zone", long.as_str())]), "at most 63"),
+        (Segment::from_pairs([("zone", "-a")]), "begin and end"),
+        (Segment::from_pairs([("", "a")]), "must not be empty"),
+        (Segment::from_pairs([("Bad.Prefix/zone", "a")]), "DNS subdomain"),
+        (Segment::from_pairs([("a/", "a")]), "must not be empty"),
+        (Segment::from_pairs([("ä", "a")]), "not a valid label key"),
+    ];
+    for (segment, why) in invalid {
+        let reason = invalid_segment(&segment).unwrap_or_else(|| panic!("{segment} accepted"));
+        assert!(reason.contains(why), "{segment}: {reason}");
+    }
+}
+
+mod any_text {
+    use proptest::prelude::*;
+    use volplane_runtime::text::EVENT_NOTE_MAX_BYTES;
+
+    use super::*;
+
+    proptest! {
+        /// Class names, segments and driver errors of any length and script
+        /// make a note the API server accepts, and never panic.
+        #[test]
+        fn refresh_failure_notes_fit(class in any::<String>(), key in any::<String>(), value in any::<String>(),
+                                     error in any::<String>(), repeat in 1usize..300) {
+            let item = WorkItem {
+                segment: Segment(Labels::from([(key.repeat(repeat), value.repeat(repeat))])),
+                class: class.repeat(repeat),
+            };
+            let note = refresh_failure_note(&item, &error.repeat(repeat));
+            prop_assert!(note.len() <= EVENT_NOTE_MAX_BYTES);
+            prop_assert!(note.starts_with("GetCapacity for storage class "));
+        }
+
+        /// Any segment gets an answer; the reason, if any, stays short.
+        #[test]
+        fn segment_checks_never_panic(key in any::<String>(), value in any::<String>(), repeat in 1usize..200) {
+            let segment = Segment(Labels::from([(key.repeat(repeat), value.repeat(repeat))]));
+            if let Some(reason) = invalid_segment(&segment) {
+                prop_assert!(reason.len() < 1024, "{}", reason.len());
+            }
+        }
+
+        #[test]
+        fn managed_by_and_driver_labels_fit_a_label_value_for_any_name(node in any::<String>(), repeat in 1usize..40) {
+            let node = node.repeat(repeat);
+            let managed = managed_by(Some(&node));
+            prop_assert!(managed.len() <= 63);
+            let driver = driver_label_value(&node);
+            prop_assert!(driver.len() <= 63);
+        }
+    }
+}
