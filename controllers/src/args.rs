@@ -144,14 +144,16 @@ pub struct Args {
     pub capacity_for_immediate_binding: bool,
 
     /// Average client-side limit of requests per second to the API server
-    /// (watches count once, when opened); 0 disables the limit.
-    #[arg(long, env = "KUBE_API_QPS", value_name = "QPS", default_value_t = 200.0)]
-    pub kube_api_qps: f64,
+    /// (watches count once, when opened); 0 disables the limit. Unset: no
+    /// client-side limit when the API server does API Priority and Fairness
+    /// (it answers with X-Kubernetes-PF-* headers), else 200.
+    #[arg(long, env = "KUBE_API_QPS", value_name = "QPS")]
+    pub kube_api_qps: Option<f64>,
 
-    /// Requests that may go out at once above the average rate.
-    #[arg(long, env = "KUBE_API_BURST", value_name = "N", default_value_t = 400,
+    /// Requests that may go out at once above the average rate. Unset: 2 × QPS.
+    #[arg(long, env = "KUBE_API_BURST", value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
-    pub kube_api_burst: u32,
+    pub kube_api_burst: Option<u32>,
 
     /// Pods the ephemeral controller reconciles at once.
     #[arg(long, env = "EPHEMERAL_WORKERS", value_name = "N", default_value_t = 50,
@@ -303,7 +305,7 @@ impl Args {
         if self.capacity_owner == CapacityOwner::Node && !self.node_deployment {
             anyhow::bail!("--capacity-owner node needs --node-deployment");
         }
-        if !self.kube_api_qps.is_finite() || self.kube_api_qps < 0.0 {
+        if self.kube_api_qps.is_some_and(|qps| !qps.is_finite() || qps < 0.0) {
             anyhow::bail!("--kube-api-qps must be a number >= 0 (0 disables the limit)");
         }
         if self.capacity_poll_interval.is_zero() {
@@ -367,15 +369,25 @@ impl Args {
     }
 
     /// The client-side rate limit as "at most N requests per window" (N =
-    /// burst, window = burst / qps), or `None` when disabled.
-    pub fn api_rate_window(&self) -> Option<(u64, Duration)> {
-        (self.kube_api_qps > 0.0).then(|| {
-            let burst = u64::from(self.kube_api_burst);
-            (
-                burst,
-                Duration::from_secs_f64(f64::from(self.kube_api_burst) / self.kube_api_qps),
-            )
-        })
+    /// burst, window = burst / qps), or `None` for no client-side limit.
+    /// An explicit `--kube-api-qps` or `--kube-api-burst` always applies;
+    /// otherwise the API server's flow control (`flow_control`) replaces
+    /// the default bucket of 200 QPS, burst 400.
+    pub fn api_rate_window(&self, flow_control: bool) -> Option<(u64, Duration)> {
+        const DEFAULT_QPS: f64 = 200.0;
+        let explicit = self.kube_api_qps.is_some() || self.kube_api_burst.is_some();
+        if flow_control && !explicit {
+            return None;
+        }
+        let qps = self.kube_api_qps.unwrap_or(DEFAULT_QPS);
+        if qps <= 0.0 {
+            return None;
+        }
+        // Twice the rate, as client-go's defaults (5 QPS, burst 10) have it.
+        let burst = self
+            .kube_api_burst
+            .unwrap_or_else(|| (qps * 2.0).ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
+        Some((u64::from(burst), Duration::from_secs_f64(f64::from(burst) / qps)))
     }
 
     /// The startup wait for the CSI driver; `None` means forever.
@@ -547,11 +559,21 @@ mod tests {
     #[test]
     fn api_rate_limit_flags() {
         let args = parse(&[]).expect("valid");
-        assert_eq!((args.kube_api_qps, args.kube_api_burst), (200.0, 400));
+        assert_eq!((args.kube_api_qps, args.kube_api_burst), (None, None));
         assert!(parse(&["--kube-api-qps=-1"]).expect("parses").validate().is_err());
         assert!(parse(&["--kube-api-burst", "0"]).is_err());
-        assert_eq!(args.api_rate_window(), Some((400, Duration::from_secs(2))));
-        assert_eq!(parse(&["--kube-api-qps", "0"]).expect("valid").api_rate_window(), None);
+        // Without flow control: the default bucket; with it: none.
+        assert_eq!(args.api_rate_window(false), Some((400, Duration::from_secs(2))));
+        assert_eq!(args.api_rate_window(true), None);
+        // Explicit flags always apply.
+        let explicit = parse(&["--kube-api-qps", "50"]).expect("valid");
+        assert_eq!(explicit.api_rate_window(true), Some((100, Duration::from_secs(2))));
+        let burst_only = parse(&["--kube-api-burst", "10"]).expect("valid");
+        assert_eq!(burst_only.api_rate_window(true), Some((10, Duration::from_millis(50))));
+        assert_eq!(
+            parse(&["--kube-api-qps", "0"]).expect("valid").api_rate_window(false),
+            None
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod args;
 pub mod audit;
 pub mod capacity;
+pub mod client;
 pub mod health;
 pub mod logging;
 pub mod process;

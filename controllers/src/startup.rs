@@ -17,6 +17,7 @@ use volplane_leader::{ElectionMetrics, Elector, Leadership};
 
 use crate::admin::{self, Health};
 use crate::args::{Args, Controller};
+use crate::client::{ApiMetrics, Retry, RetryConfig};
 
 /// How long running controllers get to finish in-flight work after a signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
@@ -39,6 +40,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .contains(&Controller::Health)
         .then(|| Arc::new(HealthMetrics::register(metrics)));
     let election_metrics = Arc::new(ElectionMetrics::register(metrics));
+    let api_metrics = ApiMetrics::register(metrics);
     let health = Arc::new(Health::new(registry));
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = match args.http_endpoint.0 {
@@ -47,13 +49,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let identity = identity(args.pod_name_value());
-    let (client, config) = connect_kube(&args, &identity).await?;
+    let (client, config) = connect_kube(&args, &identity, &api_metrics).await?;
     let namespace = args
         .namespace_name()
         .map_or_else(|| client.default_namespace().to_string(), str::to_string);
     info!(%namespace, "namespace for volplane's own objects");
     let mut elections = Elections {
-        lease_client: lease_client(config, &args)?,
+        lease_client: lease_client(config, &args, api_metrics.clone())?,
         watch_client: client.clone(),
         namespace: args.leader_election_namespace_name().unwrap_or(&namespace).to_string(),
         identity,
@@ -269,16 +271,20 @@ fn lease_suffix(driver: &str) -> String {
 /// The client for lease requests: its own small rate budget (renewals
 /// never queue behind controller traffic) and timeouts shorter than the
 /// renew deadline (a hung request fails instead of outliving the term).
-fn lease_client(mut config: kube::Config, args: &Args) -> anyhow::Result<kube::Client> {
-    let timeout = args.leader_election_renew_deadline;
+fn lease_client(mut config: kube::Config, args: &Args, metrics: Arc<ApiMetrics>) -> anyhow::Result<kube::Client> {
+    // Each attempt gets a third of the renew deadline, so a retry still fits in it.
+    let timeout = args.leader_election_renew_deadline / 3;
     config.connect_timeout = Some(timeout);
     config.read_timeout = Some(timeout);
     config.write_timeout = Some(timeout);
     config.reset_reader_on_write = true;
+    config.default_retry = false;
     let client = kube::client::ClientBuilder::try_from(config)
         .context("cannot create the leader election client")?
         .with_layer(&tower::limit::RateLimitLayer::new(LEASE_BURST, Duration::from_secs(1)))
         .with_layer(&crate::audit::layer())
+        .with_layer(&tower::buffer::BufferLayer::new(64))
+        .with_layer(&tower::retry::RetryLayer::new(Retry::new(RetryConfig::LEASES, metrics)))
         .build();
     Ok(client)
 }
@@ -286,7 +292,11 @@ fn lease_client(mut config: kube::Config, args: &Args) -> anyhow::Result<kube::C
 /// Requests per second leader election may make (a few per lease per retry period).
 const LEASE_BURST: u64 = 10;
 
-async fn connect_kube(args: &Args, identity: &str) -> anyhow::Result<(kube::Client, kube::Config)> {
+async fn connect_kube(
+    args: &Args,
+    identity: &str,
+    metrics: &Arc<ApiMetrics>,
+) -> anyhow::Result<(kube::Client, kube::Config)> {
     let config = match args.kubeconfig_path() {
         Some(path) => {
             let kubeconfig =
@@ -300,28 +310,76 @@ async fn connect_kube(args: &Args, identity: &str) -> anyhow::Result<(kube::Clie
             .context("no Kubernetes configuration found (not in a cluster, no --kubeconfig, no ~/.kube/config)")?,
     };
     let mut config = config;
+    // volplane's own retries replace kube's (which know neither 5xx nor broken connections).
+    config.default_retry = false;
     let agent = format!("volplane/{} ({identity})", env!("CARGO_PKG_VERSION"));
     if let Ok(agent) = http::HeaderValue::from_str(&agent) {
         config.headers.push((http::header::USER_AGENT, agent));
     }
     let url = config.cluster_url.clone();
-    let builder = kube::client::ClientBuilder::try_from(config.clone())
-        .with_context(|| format!("cannot create a client for {url}"))?;
-    // Every request of the controllers passes one limiter: at most `burst`
-    // requests per `burst / qps` seconds.
-    let client = match args.api_rate_window() {
-        Some((burst, window)) => builder
-            .with_layer(&tower::limit::RateLimitLayer::new(burst, window))
-            .with_layer(&crate::audit::layer())
-            .build(),
-        None => builder.with_layer(&crate::audit::layer()).build(),
+    let client_for = |limit: Option<(u64, Duration)>, retries: RetryConfig| -> anyhow::Result<kube::Client> {
+        let builder = kube::client::ClientBuilder::try_from(config.clone())
+            .with_context(|| format!("cannot create a client for {url}"))?;
+        let retry = tower::retry::RetryLayer::new(Retry::new(retries, metrics.clone()));
+        // Every request of the controllers passes one limiter, if any: at
+        // most `burst` requests per `burst / qps` seconds; retries pass it again.
+        Ok(match limit {
+            Some((burst, window)) => builder
+                .with_layer(&tower::limit::RateLimitLayer::new(burst, window))
+                .with_layer(&crate::audit::layer())
+                .with_layer(&tower::buffer::BufferLayer::new(1024))
+                .with_layer(&retry)
+                .build(),
+            None => builder
+                .with_layer(&crate::audit::layer())
+                .with_layer(&tower::buffer::BufferLayer::new(1024))
+                .with_layer(&retry)
+                .build(),
+        })
     };
-    let version = client
+    // The first contact fails fast: an unreachable server is a startup error.
+    let probe = client_for(None, RetryConfig::STARTUP)?;
+    let version = probe
         .apiserver_version()
         .await
         .with_context(|| format!("cannot reach the Kubernetes API server at {url}"))?;
+    let flow_control = flow_control_detected(&probe).await;
+    let limit = args.api_rate_window(flow_control);
+    metrics.flow_control.set(i64::from(flow_control));
+    metrics
+        .client_qps
+        .set(limit.map_or(0.0, |(burst, window)| burst as f64 / window.as_secs_f64()));
+    match (flow_control, limit) {
+        (true, None) => info!(
+            "the API server does API Priority and Fairness: no client-side rate limit (set --kube-api-qps to have one)"
+        ),
+        (false, None) => info!("no client-side rate limit (--kube-api-qps 0)"),
+        (_, Some((burst, window))) => info!(
+            flow_control,
+            qps = burst as f64 / window.as_secs_f64(),
+            burst,
+            "client-side rate limit"
+        ),
+    }
+    let client = client_for(limit, RetryConfig::CONTROLLERS)?;
     info!(%url, version = %version.git_version, "connected to the Kubernetes API server");
     Ok((client, config))
+}
+
+/// Whether the API server classifies volplane's requests with API Priority
+/// and Fairness (GA since 1.29, on by default): it then answers with
+/// `X-Kubernetes-PF-*` headers. Any failure reads as "no".
+async fn flow_control_detected(client: &kube::Client) -> bool {
+    let Ok(request) = http::Request::get("/version").body(kube::client::Body::empty()) else {
+        return false;
+    };
+    match client.send(request).await {
+        Ok(response) => crate::client::flow_control_in(response.headers()),
+        Err(error) => {
+            warn!(%error, "cannot tell whether the API server does flow control; assuming not");
+            false
+        }
+    }
 }
 
 fn log_driver(driver: &DriverInfo) {

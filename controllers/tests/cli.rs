@@ -555,3 +555,58 @@ async fn a_per_node_topology_the_api_server_would_reject_is_reported_once_and_ne
         .expect("list");
     assert!(objects.items.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_and_unavailable_requests_are_retried_and_nothing_is_lost() {
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+    let api = api_server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_kubeconfig(dir.path(), &api.url());
+    let client = api.client();
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": "volplane-test"}})).expect("ns");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("ns");
+    // The first pod list gets 503 twice; the first claims 429 (Retry-After: 1) three times.
+    api.fail_next(Some(Verb::List), Some("pods"), 2, 503);
+    api.fail_next(Some(Verb::Create), Some("persistentvolumeclaims"), 3, 429);
+    let mut running = Running::start(
+        &kubeconfig,
+        &["--controllers", "ephemeral", "--http-endpoint", "127.0.0.1:0"],
+    );
+    let admin = running.admin_address().await;
+    running.wait_for("volplane is ready").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for i in 0..5 {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("p{i}")},
+            "spec": {"containers": [], "volumes": [{"name": "v", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}]}}))
+        .expect("pod");
+        pods.create(&PostParams::default(), &pod).await.expect("pod");
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    volplane_tests::wait::eventually_some(Duration::from_secs(30), "every claim", || {
+        let claims = claims.clone();
+        async move { (claims.list(&ListParams::default()).await.ok()?.items.len() == 5).then_some(()) }
+    })
+    .await;
+    let retried = |verb: &str, code: &str| {
+        support::metric_value(admin, "volplane_api_retries_total", &[("verb", verb), ("code", code)])
+    };
+    assert_eq!(retried("GET", "503"), 2.0);
+    assert_eq!(retried("POST", "429"), 3.0);
+    // Retried below the controller: no failure reached it, no Warning went out.
+    assert_eq!(
+        support::metric_value(admin, "volplane_ephemeral_claim_failures_total", &[]),
+        0.0
+    );
+    let warnings = volplane_tests::events::occurrences(&client, "default")
+        .await
+        .expect("events");
+    assert!(warnings.is_empty(), "{warnings:?}");
+    // The double does no flow control: the default client-side bucket applies.
+    assert_eq!(support::metric_value(admin, "volplane_api_flow_control", &[]), 0.0);
+    assert_eq!(support::metric_value(admin, "volplane_api_client_qps", &[]), 200.0);
+    let (code, _) = running.terminate().await;
+    assert_eq!(code, Some(0));
+}

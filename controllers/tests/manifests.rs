@@ -126,6 +126,10 @@ fn every_manifest_parses_into_typed_objects() {
                 "CSIDriver" => drop(typed::<CSIDriver>(path, &doc)),
                 "StorageClass" => drop(typed::<StorageClass>(path, &doc)),
                 "Pod" => drop(typed::<Pod>(path, &doc)),
+                "FlowSchema" => drop(typed::<k8s_openapi::api::flowcontrol::v1::FlowSchema>(path, &doc)),
+                "PriorityLevelConfiguration" => drop(typed::<
+                    k8s_openapi::api::flowcontrol::v1::PriorityLevelConfiguration,
+                >(path, &doc)),
                 "Deployment" => {
                     let d: Deployment = typed(path, &doc);
                     check_replicas(path, &d);

@@ -244,6 +244,14 @@ async fn handle(
             let line = event_line("ERROR", &status_body(&injected(code)));
             return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], line).into_response();
         }
+        if code == 429 {
+            // As kube-apiserver's flow control and max-in-flight filters answer.
+            let mut response = error_response(&injected(code));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return response;
+        }
         return error_response(&injected(code));
     }
     let result = match verb {
