@@ -346,8 +346,13 @@ impl CapacityController {
             state.follow_leadership();
             state.dispatch();
             state.update_gauges();
-            // Due work waits while another instance leads.
-            let next_due = state.queue.next_due().filter(|_| state.leading);
+            // Due work waits while another instance leads, and while every
+            // worker is busy: a finished refresh wakes the loop then (a timer
+            // already due would spin it).
+            let next_due = state
+                .queue
+                .next_due()
+                .filter(|_| state.leading && state.has_free_worker());
             let leadership = state.leadership.clone();
             let leadership_changed = leadership.changed_from(state.leading);
             tokio::select! {
@@ -747,12 +752,16 @@ impl LoopState {
         );
     }
 
+    fn has_free_worker(&self) -> bool {
+        self.refreshing < self.config.workers.max(1)
+    }
+
     fn dispatch(&mut self) {
         if !self.synced || !self.leading {
             return;
         }
         let now = Instant::now();
-        while self.refreshing < self.config.workers.max(1) {
+        while self.has_free_worker() {
             let Some(item) = self.queue.pop_due(now) else {
                 break;
             };

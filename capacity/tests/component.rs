@@ -1077,3 +1077,38 @@ async fn a_follower_follows_the_switch_and_the_next_leader_cleans_up() {
     assert_eq!(h.driver.count(CsiMethod::GetCapacity), 1, "no GetCapacity while off");
     h.stop().await;
 }
+
+/// CPU seconds this test process has used so far.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
+#[tokio::test]
+async fn items_waiting_for_a_busy_worker_do_not_spin_the_loop() {
+    let mut h = Harness::new().await;
+    for i in 0..8 {
+        h.add_node(&format!("n{i}"), Some(&format!("z{i}")), &["zone"]).await;
+    }
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    // One worker, a slow driver: seven items are due and wait the whole time.
+    h.driver.set_delay(CsiMethod::GetCapacity, Duration::from_millis(400));
+    let mut cfg = config(Duration::from_secs(3600), Topology::Central, true);
+    cfg.workers = 1;
+    let (wall, cpu) = (std::time::Instant::now(), cpu_seconds());
+    h.start(cfg).await;
+    let want: Vec<(String, Option<String>)> = (0..8).map(|i| ("fast".to_string(), Some(format!("z{i}")))).collect();
+    let want: Vec<(&str, Option<&str>, i64, Option<i64>)> =
+        want.iter().map(|(c, z)| (c.as_str(), z.as_deref(), GI, None)).collect();
+    h.wait_for_published("all eight, one at a time", &want).await;
+    let (wall, cpu) = (wall.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+    // A loop that spins while waiting burns a core for the whole 3.2 s.
+    assert!(cpu < wall / 3.0, "{cpu:.2} s CPU in {wall:.2} s");
+    h.stop().await;
+}

@@ -5,8 +5,12 @@
 //! VOLPLANE_E2E_BIN_DIR=$(../shared/k8s/install) cargo test --release -p volplane --test bench_real -- --ignored --nocapture --test-threads 1
 //! ```
 //!
-//! Sizes: `VOLPLANE_BENCH_NODES` (capacity, default 100 nodes × 2 classes),
-//! `VOLPLANE_BENCH_PODS` (ephemeral, default 2000), `VOLPLANE_BENCH_VOLUMES`
+//! Sizes: `VOLPLANE_BENCH_NODES` and `VOLPLANE_BENCH_CLASSES` (capacity,
+//! default 100 nodes × 2 classes; csi-provisioner at its defaults, 1 QPS,
+//! runs only up to 400 objects),
+//! `VOLPLANE_BENCH_PODS` (ephemeral, default 2000; `VOLPLANE_BENCH_INCUMBENT=0`
+//! leaves kube-controller-manager out), `VOLPLANE_BENCH_ARGS` (more
+//! arguments for volplane's capacity runs), `VOLPLANE_BENCH_VOLUMES`
 //! and `VOLPLANE_BENCH_WINDOW_SECONDS` (health, default 20 volumes, 30 s).
 
 mod support;
@@ -123,10 +127,19 @@ fn provisioner(plane: &ControlPlane, name: &str, driver: &HostPath, namespace: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_process_start_to_all_objects_published() {
     let nodes = env_number("VOLPLANE_BENCH_NODES", 100);
-    let want = nodes * 2;
+    let classes = env_number("VOLPLANE_BENCH_CLASSES", 2).max(2);
+    let want = nodes * classes;
     let plane = ControlPlane::start(&bin_dir()).await.expect("control plane");
     let client = plane.client();
     plane.create_hostpath_classes().await.expect("CSIDriver and classes");
+    for c in 2..classes {
+        create(
+            &Api::<StorageClass>::all(client.clone()),
+            json!({"metadata": {"name": format!("fast-{c}")}, "provisioner": HostPath::DRIVER,
+                   "volumeBindingMode": "WaitForFirstConsumer", "parameters": {"kind": "fast"}}),
+        )
+        .await;
+    }
     let node_names: Vec<String> = (0..nodes).map(|i| format!("node-{i}")).collect();
     for node in &node_names {
         plane.add_hostpath_node(node).await.expect("node");
@@ -142,7 +155,7 @@ async fn capacity_process_start_to_all_objects_published() {
     let started = Instant::now();
     let names = node_names.clone();
     in_parallel(&plane, (0..want).collect(), move |client, i| {
-        let node = names[i / 2].clone();
+        let node = names[i / classes].clone();
         async move {
             let api: Api<CSIStorageCapacity> = Api::namespaced(client, "bench-raw");
             create(
@@ -162,37 +175,57 @@ async fn capacity_process_start_to_all_objects_published() {
         String::new(),
     ));
 
-    namespace(&client, "bench-volplane").await;
-    let started = Instant::now();
-    let volplane = Running::start(
-        plane.kubeconfig(),
-        &[
+    let address = driver.address();
+    for (name, namespace_name, extra) in [
+        (
+            "volplane (defaults: flow control is the API server's)",
+            "bench-volplane",
+            &[][..],
+        ),
+        (
+            "volplane (--kube-api-qps 200, the old fixed default)",
+            "bench-volplane-qps200",
+            &["--kube-api-qps", "200"][..],
+        ),
+    ] {
+        namespace(&client, namespace_name).await;
+        let mut args = vec![
             "--controllers=capacity",
             "--csi-address",
-            &driver.address(),
+            &address,
             "--namespace",
-            "bench-volplane",
+            namespace_name,
             "--capacity-owner",
             "none",
             "--leader-election=false",
-        ],
-    );
-    let time = capacity_objects_after(&client, "bench-volplane", want, started).await;
-    report.push(("volplane (defaults)".into(), time, footprint(volplane.pid())));
-    drop(volplane);
+        ];
+        args.extend_from_slice(extra);
+        let more = std::env::var("VOLPLANE_BENCH_ARGS").unwrap_or_default();
+        args.extend(more.split_whitespace());
+        let started = Instant::now();
+        let volplane = Running::start(plane.kubeconfig(), &args);
+        let time = capacity_objects_after(&client, namespace_name, want, started).await;
+        report.push((name.to_string(), time, footprint(volplane.pid())));
+    }
 
-    for (name, namespace_name, extra) in [
-        ("csi-provisioner (defaults)", "bench-provisioner", &[][..]),
-        (
-            "csi-provisioner (--kube-api-capacity-qps 200 --kube-api-capacity-burst 400 --capacity-threads 16)",
-            "bench-provisioner-tuned",
-            &[
-                "--kube-api-capacity-qps=200",
-                "--kube-api-capacity-burst=400",
-                "--capacity-threads=16",
-            ][..],
-        ),
-    ] {
+    let slow = [("csi-provisioner (defaults)", "bench-provisioner", &[][..])];
+    let slow = if want <= 400 { &slow[..] } else { &[] };
+    if want > 400 {
+        report.push((
+            "csi-provisioner (defaults): skipped, 1 QPS needs > 1 s per object".into(),
+            None,
+            String::new(),
+        ));
+    }
+    for (name, namespace_name, extra) in slow.iter().copied().chain([(
+        "csi-provisioner (--kube-api-capacity-qps 200 --kube-api-capacity-burst 400 --capacity-threads 16)",
+        "bench-provisioner-tuned",
+        &[
+            "--kube-api-capacity-qps=200",
+            "--kube-api-capacity-burst=400",
+            "--capacity-threads=16",
+        ][..],
+    )]) {
         namespace(&client, namespace_name).await;
         let mut args = vec!["--enable-capacity", "--capacity-ownerref-level=-1"];
         args.extend_from_slice(extra);
@@ -203,7 +236,7 @@ async fn capacity_process_start_to_all_objects_published() {
     }
 
     println!(
-        "\ncapacity: {nodes} nodes × 2 classes = {want} CSIStorageCapacity objects, process start → all published"
+        "\ncapacity: {nodes} nodes × {classes} classes = {want} CSIStorageCapacity objects, process start → all published"
     );
     for (name, time, footprint) in report {
         println!("  {name:<100} {:>10}  {footprint}", seconds(time));
@@ -287,33 +320,43 @@ async fn ephemeral_last_pod_to_last_claim() {
     let client = plane.client();
     let mut report = Vec::new();
 
-    namespace(&client, "bench-volplane").await;
-    let volplane = Running::start(
-        plane.kubeconfig(),
-        &[
+    for (name, namespace_name, extra) in [
+        ("volplane (defaults)", "bench-volplane", &[][..]),
+        (
+            "volplane --kube-api-qps 200",
+            "bench-volplane-qps",
+            &["--kube-api-qps", "200"][..],
+        ),
+    ] {
+        namespace(&client, namespace_name).await;
+        let mut args = vec![
             "--controllers=ephemeral",
             "--namespace",
-            "bench-volplane",
+            namespace_name,
             "--leader-election=false",
-        ],
-    );
-    wait_until_serving(&client, "bench-volplane").await;
-    let (last_pod, last_claim) = pods_to_claims(&plane, "bench-volplane", pods).await;
-    report.push((
-        "volplane (defaults)",
-        last_claim.map(|c| c.saturating_duration_since(last_pod)),
-        footprint(volplane.pid()),
-    ));
-    drop(volplane);
+        ];
+        args.extend_from_slice(extra);
+        let volplane = Running::start(plane.kubeconfig(), &args);
+        wait_until_serving(&client, namespace_name).await;
+        let (last_pod, last_claim) = pods_to_claims(&plane, namespace_name, pods).await;
+        report.push((
+            name,
+            last_claim.map(|c| c.saturating_duration_since(last_pod)),
+            footprint(volplane.pid()),
+        ));
+    }
 
-    for (name, namespace_name, extra) in [
+    // VOLPLANE_BENCH_INCUMBENT=0 measures volplane alone (e.g. its memory at 10,000 pods).
+    let incumbent = env_number("VOLPLANE_BENCH_INCUMBENT", 1) != 0;
+    let incumbents = [
         ("kube-controller-manager (defaults)", "bench-kcm", &[][..]),
         (
             "kube-controller-manager --kube-api-qps 200",
             "bench-kcm-qps",
             &["--kube-api-qps=200", "--kube-api-burst=400"][..],
         ),
-    ] {
+    ];
+    for (name, namespace_name, extra) in incumbents.into_iter().filter(|_| incumbent) {
         namespace(&client, namespace_name).await;
         let kcm = plane
             .start_controller_manager_with(namespace_name, "ephemeral-volume-controller", extra)

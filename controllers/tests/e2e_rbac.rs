@@ -69,6 +69,8 @@ fn readme_templates() -> Vec<String> {
 fn expected_output(command: &str) -> &'static [&'static str] {
     if command.contains("get leases -n volplane volplane-ephemeral") {
         &["volplane-ephemeral-e2e_"]
+    } else if command.contains("get flowschemas") {
+        &["volplane\tvolplane\n", "volplane-leader-election\tleader-election\n"]
     } else if command.contains("get leases") {
         &[
             "volplane-ephemeral\tvolplane-ephemeral-e2e_",

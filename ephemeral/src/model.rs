@@ -136,6 +136,22 @@ pub fn trim(pod: &mut Pod) {
     });
 }
 
+/// What the controller keeps of a PVC's metadata: identity and owners,
+/// which is all [`ownership`] and the re-queueing of pods read. Managed
+/// fields, labels, annotations and finalizers are dropped before the cache.
+pub fn trim_claim(meta: &mut ObjectMeta) {
+    let full = std::mem::take(meta);
+    *meta = ObjectMeta {
+        name: full.name,
+        namespace: full.namespace,
+        uid: full.uid,
+        resource_version: full.resource_version,
+        deletion_timestamp: full.deletion_timestamp,
+        owner_references: full.owner_references,
+        ..ObjectMeta::default()
+    };
+}
+
 /// Why creating a PVC failed, as a metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FailureReason {

@@ -1,5 +1,5 @@
 //! The ephemeral controller on kube-runtime: a trimmed pod watch drives
-//! reconciles; a metadata-only PVC watch serves as the cache of existing
+//! reconciles; a trimmed metadata-only PVC watch serves as the cache of existing
 //! claims and re-queues pods when a claim they wait for is deleted or
 //! adopted (tombstones included).
 
@@ -120,6 +120,7 @@ impl EphemeralController {
             watcher::Config::default(),
         )
         .default_backoff()
+        .modify(|claim| model::trim_claim(&mut claim.metadata))
         .reflect(claim_writer)
         .inspect_ok(move |event| {
             if matches!(event, watcher::Event::InitDone) {

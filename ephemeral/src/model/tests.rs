@@ -180,3 +180,24 @@ fn failure_reasons_by_status_code() {
     assert_eq!(FailureReason::from_status(400), FailureReason::Other);
     assert_eq!(FailureReason::Forbidden.label(), "forbidden");
 }
+
+#[test]
+fn a_cached_claim_keeps_what_ownership_reads_and_nothing_else() {
+    let mut meta: ObjectMeta = serde_json::from_value(serde_json::json!({
+        "name": "p-data", "namespace": "ns", "uid": "c1", "resourceVersion": "7",
+        "labels": {"app": "x"}, "annotations": {"big": "x".repeat(4096)},
+        "finalizers": ["kubernetes.io/pvc-protection"],
+        "managedFields": [{"manager": "kube-controller-manager", "operation": "Update"}],
+        "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u1", "controller": true}]
+    }))
+    .expect("meta");
+    let before = ownership(&meta, "u1");
+    trim_claim(&mut meta);
+    assert_eq!(ownership(&meta, "u1"), before);
+    assert_eq!(
+        (meta.name.as_deref(), meta.namespace.as_deref()),
+        (Some("p-data"), Some("ns"))
+    );
+    assert!(meta.labels.is_none() && meta.annotations.is_none() && meta.managed_fields.is_none());
+    assert!(meta.finalizers.is_none());
+}
