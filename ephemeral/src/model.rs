@@ -6,10 +6,75 @@
 //! `<pod>-<volume>` and check that the PVC's controller owner reference
 //! carries the pod's UID.
 
-use k8s_openapi::api::core::v1::{
-    PersistentVolumeClaim, PersistentVolumeClaimTemplate, Pod, PodSpec, PodStatus, Volume,
-};
+use std::borrow::Cow;
+
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimTemplate, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+/// What the controller keeps of a pod in memory: identity, deletion, its
+/// generic ephemeral volumes' templates and its phase. A cached `Pod`
+/// itself, even emptied, is over 2 KiB plus over 3 KiB per volume (every
+/// volume source is a field); this is a few hundred bytes.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+pub struct EphemeralPod {
+    /// Name, namespace, UID, resource version, creation and deletion time.
+    pub metadata: ObjectMeta,
+    /// (volume name, claim template) of each generic ephemeral volume.
+    pub volumes: Vec<(String, PersistentVolumeClaimTemplate)>,
+    /// `status.phase`.
+    pub phase: Option<String>,
+}
+
+impl From<Pod> for EphemeralPod {
+    fn from(pod: Pod) -> Self {
+        let meta = pod.metadata;
+        let volumes = pod
+            .spec
+            .and_then(|s| s.volumes)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|v| Some((v.name, v.ephemeral?.volume_claim_template?)))
+            .collect();
+        Self {
+            metadata: ObjectMeta {
+                name: meta.name,
+                namespace: meta.namespace,
+                uid: meta.uid,
+                resource_version: meta.resource_version,
+                creation_timestamp: meta.creation_timestamp,
+                deletion_timestamp: meta.deletion_timestamp,
+                ..ObjectMeta::default()
+            },
+            volumes,
+            phase: pod.status.and_then(|s| s.phase),
+        }
+    }
+}
+
+/// A pod for kube-runtime's caches and events: the `v1` `Pod` resource.
+impl kube::Resource for EphemeralPod {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Pod".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "pods".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 /// The PVC name of ephemeral volume `volume` in pod `pod`.
 pub fn claim_name(pod: &str, volume: &str) -> String {
@@ -17,29 +82,24 @@ pub fn claim_name(pod: &str, volume: &str) -> String {
 }
 
 /// Whether the pod still needs its volumes: not being deleted, not finished.
-pub fn is_active(pod: &Pod) -> bool {
+pub fn is_active(pod: &EphemeralPod) -> bool {
     let finished = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
+        .phase
+        .as_deref()
         .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
     pod.metadata.deletion_timestamp.is_none() && !finished
 }
 
 /// The pod's generic ephemeral volumes: (volume name, claim template).
-pub fn ephemeral_volumes(pod: &Pod) -> Vec<(&str, &PersistentVolumeClaimTemplate)> {
-    pod.spec
+pub fn ephemeral_volumes(pod: &EphemeralPod) -> Vec<(&str, &PersistentVolumeClaimTemplate)> {
+    pod.volumes
         .iter()
-        .flat_map(|spec| spec.volumes.iter().flatten())
-        .filter_map(|v| {
-            let template = v.ephemeral.as_ref()?.volume_claim_template.as_ref()?;
-            Some((v.name.as_str(), template))
-        })
+        .map(|(name, template)| (name.as_str(), template))
         .collect()
 }
 
 /// The owner reference every ephemeral PVC carries: the pod, as controller.
-pub fn owner_reference(pod: &Pod) -> Option<OwnerReference> {
+pub fn owner_reference(pod: &EphemeralPod) -> Option<OwnerReference> {
     Some(OwnerReference {
         api_version: "v1".into(),
         kind: "Pod".into(),
@@ -54,7 +114,7 @@ pub fn owner_reference(pod: &Pod) -> Option<OwnerReference> {
 /// the template only, exactly one owner reference (the pod), the template's
 /// spec verbatim. `None` when the pod has no name, namespace or UID yet.
 pub fn desired_claim(
-    pod: &Pod,
+    pod: &EphemeralPod,
     volume: &str,
     template: &PersistentVolumeClaimTemplate,
 ) -> Option<PersistentVolumeClaim> {
@@ -100,40 +160,6 @@ pub fn ownership(claim: &ObjectMeta, pod_uid: &str) -> Ownership {
         Some(owner) => Ownership::Foreign(format!("it is controlled by {} {}", owner.kind, owner.name)),
         None => Ownership::Foreign("it exists and is not owned by the pod".into()),
     }
-}
-
-/// What the controller keeps of a pod in memory: identity, deletion,
-/// ephemeral volumes and phase. Everything else (managed fields, labels,
-/// containers, status details) is dropped before the cache.
-pub fn trim(pod: &mut Pod) {
-    let meta = std::mem::take(&mut pod.metadata);
-    pod.metadata = ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        uid: meta.uid,
-        resource_version: meta.resource_version,
-        creation_timestamp: meta.creation_timestamp,
-        deletion_timestamp: meta.deletion_timestamp,
-        ..ObjectMeta::default()
-    };
-    let volumes: Vec<Volume> = pod
-        .spec
-        .take()
-        .and_then(|s| s.volumes)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|v| v.ephemeral.is_some())
-        .collect();
-    pod.spec = Some(PodSpec {
-        volumes: Some(volumes),
-        containers: Vec::new(),
-        ..PodSpec::default()
-    });
-    let phase = pod.status.take().and_then(|s| s.phase);
-    pod.status = phase.map(|phase| PodStatus {
-        phase: Some(phase),
-        ..PodStatus::default()
-    });
 }
 
 /// What the controller keeps of a PVC's metadata: identity and owners,

@@ -1,4 +1,5 @@
-//! The ephemeral controller on kube-runtime: a trimmed pod watch drives
+//! The ephemeral controller on kube-runtime: a pod watch, cached as
+//! [`EphemeralPod`]s, drives
 //! reconciles; a trimmed metadata-only PVC watch serves as the cache of existing
 //! claims and re-queues pods when a claim they wait for is deleted or
 //! adopted (tombstones included).
@@ -24,7 +25,7 @@ use volplane_leader::Leadership;
 
 use crate::error::{ClaimFailure, Error};
 use crate::metrics::EphemeralMetrics;
-use crate::model::{self, FailureReason, Ownership};
+use crate::model::{self, EphemeralPod, FailureReason, Ownership};
 
 /// Settings of the ephemeral controller.
 #[derive(Clone, Debug)]
@@ -64,8 +65,8 @@ struct Context {
     recorder: Recorder,
     metrics: Arc<EphemeralMetrics>,
     /// Claims a pod waits for because a foreign PVC holds the name.
-    blocked: Arc<Mutex<HashMap<ClaimKey, ObjectRef<Pod>>>>,
-    failures: Mutex<HashMap<ObjectRef<Pod>, u32>>,
+    blocked: Arc<Mutex<HashMap<ClaimKey, ObjectRef<EphemeralPod>>>>,
+    failures: Mutex<HashMap<ObjectRef<EphemeralPod>, u32>>,
     retry_base: Duration,
     leadership: Leadership,
 }
@@ -102,10 +103,10 @@ impl EphemeralController {
         // `wait_until_ready` wakes only one of several concurrent waiters.
         let (pods_listed, mut pods_ready) = watch::channel(false);
         let (claims_listed, claims_ready) = watch::channel(false);
-        let (pod_store, pod_writer) = reflector::store::<Pod>();
+        let (pod_store, pod_writer) = reflector::store::<EphemeralPod>();
         let pods = watcher::watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default())
             .default_backoff()
-            .modify(model::trim)
+            .map_ok(cached)
             .reflect(pod_writer)
             .inspect_ok(move |event| {
                 if matches!(event, watcher::Event::InitDone) {
@@ -129,7 +130,7 @@ impl EphemeralController {
         })
         .touched_objects();
 
-        let blocked: Arc<Mutex<HashMap<ClaimKey, ObjectRef<Pod>>>> = Arc::default();
+        let blocked: Arc<Mutex<HashMap<ClaimKey, ObjectRef<EphemeralPod>>>> = Arc::default();
         let context = Arc::new(Context {
             client: self.client.clone(),
             claims: claim_store,
@@ -179,12 +180,23 @@ impl EphemeralController {
     }
 }
 
+/// A pod event as the cache keeps it: [`EphemeralPod`], not the whole `Pod`.
+fn cached(event: watcher::Event<Pod>) -> watcher::Event<EphemeralPod> {
+    match event {
+        watcher::Event::Apply(pod) => watcher::Event::Apply(pod.into()),
+        watcher::Event::Delete(pod) => watcher::Event::Delete(pod.into()),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(pod) => watcher::Event::InitApply(pod.into()),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
 /// The pods a PVC event concerns: the pod that controls it (its claim may
 /// have to be re-created) and a pod blocked on its name (it may now be free).
 fn pods_waiting_for(
     claim: &PartialObjectMeta<PersistentVolumeClaim>,
-    blocked: &Mutex<HashMap<ClaimKey, ObjectRef<Pod>>>,
-) -> Vec<ObjectRef<Pod>> {
+    blocked: &Mutex<HashMap<ClaimKey, ObjectRef<EphemeralPod>>>,
+) -> Vec<ObjectRef<EphemeralPod>> {
     let Some(namespace) = claim.metadata.namespace.clone() else {
         return Vec::new();
     };
@@ -205,7 +217,7 @@ fn pods_waiting_for(
     pods
 }
 
-async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(pod: Arc<EphemeralPod>, ctx: Arc<Context>) -> Result<Action, Error> {
     // Decide on existing claims only once the claim cache is complete.
     let _ = ctx.claims_ready.clone().wait_for(|r| *r).await;
     let pod_ref = ObjectRef::from_obj(pod.as_ref());
@@ -255,7 +267,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
     Err(Error::Claims(failures))
 }
 
-fn error_policy(pod: Arc<Pod>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(pod: Arc<EphemeralPod>, error: &Error, ctx: Arc<Context>) -> Action {
     let pod_ref = ObjectRef::from_obj(pod.as_ref());
     let failures = {
         let mut all = lock(&ctx.failures);
@@ -270,7 +282,7 @@ fn error_policy(pod: Arc<Pod>, error: &Error, ctx: Arc<Context>) -> Action {
 }
 
 async fn ensure_claim(
-    pod: &Pod,
+    pod: &EphemeralPod,
     volume: &str,
     template: &PersistentVolumeClaimTemplate,
     ctx: &Context,
@@ -336,12 +348,12 @@ async fn ensure_claim(
 }
 
 impl Context {
-    fn forget(&self, pod: &ObjectRef<Pod>) {
+    fn forget(&self, pod: &ObjectRef<EphemeralPod>) {
         lock(&self.blocked).retain(|_, waiting| waiting != pod);
         lock(&self.failures).remove(pod);
     }
 
-    async fn publish_warning(&self, pod: &Pod, failure: &ClaimFailure) {
+    async fn publish_warning(&self, pod: &EphemeralPod, failure: &ClaimFailure) {
         let reason = match failure.reason {
             FailureReason::Conflict => "EphemeralClaimConflict",
             _ => "EphemeralClaimFailed",
@@ -403,7 +415,7 @@ mod tests {
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [],
             "volumes": [{"name": "v", "ephemeral": {"volumeClaimTemplate": {"spec": {"accessModes": ["ReadWriteOnce"]}}}}]}}))
         .expect("pod");
-        let pod = pods.create(&PostParams::default(), &pod).await.expect("pod");
+        let pod = EphemeralPod::from(pods.create(&PostParams::default(), &pod).await.expect("pod"));
         // Another controller (kube-controller-manager's) won the race.
         let (volume, template) = model::ephemeral_volumes(&pod)[0];
         let claim = model::desired_claim(&pod, volume, template).expect("claim");
@@ -440,10 +452,12 @@ mod tests {
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [],
             "volumes": [{"name": "v", "ephemeral": {"volumeClaimTemplate": {"spec": {"accessModes": ["ReadWriteOnce"]}}}}]}}))
         .expect("pod");
-        let pod = Api::<Pod>::namespaced(client.clone(), "default")
-            .create(&PostParams::default(), &pod)
-            .await
-            .expect("pod");
+        let pod = EphemeralPod::from(
+            Api::<Pod>::namespaced(client.clone(), "default")
+                .create(&PostParams::default(), &pod)
+                .await
+                .expect("pod"),
+        );
         let foreign: PersistentVolumeClaim =
             serde_json::from_value(json!({"metadata": {"name": "p-v", "labels": {"keep": "me"}}})).expect("pvc");
         Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")

@@ -6,6 +6,11 @@ fn pod(value: serde_json::Value) -> Pod {
     serde_json::from_value(value).expect("pod")
 }
 
+/// The pod as the controller caches it.
+fn cached(pod: &Pod) -> EphemeralPod {
+    EphemeralPod::from(pod.clone())
+}
+
 fn web() -> Pod {
     pod(json!({
         "metadata": {"name": "web-0", "namespace": "shop", "uid": "pod-uid",
@@ -38,39 +43,39 @@ fn claim_names_are_pod_dash_volume() {
 
 #[test]
 fn only_ephemeral_volumes_need_claims() {
-    let p = web();
+    let p = cached(&web());
     let names: Vec<&str> = ephemeral_volumes(&p).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["scratch", "cache"]);
     let plain =
         pod(json!({"metadata": {"name": "p"}, "spec": {"containers": [], "volumes": [{"name": "v", "emptyDir": {}}]}}));
-    assert!(ephemeral_volumes(&plain).is_empty());
+    assert!(ephemeral_volumes(&cached(&plain)).is_empty());
     let none = pod(json!({"metadata": {"name": "p"}, "spec": {"containers": []}}));
-    assert!(ephemeral_volumes(&none).is_empty());
+    assert!(ephemeral_volumes(&cached(&none)).is_empty());
 }
 
 #[test]
 fn terminating_and_finished_pods_are_skipped() {
-    assert!(is_active(&web()));
+    assert!(is_active(&cached(&web())));
     for phase in ["Succeeded", "Failed"] {
         let mut p = web();
         p.status.as_mut().expect("status").phase = Some(phase.into());
-        assert!(!is_active(&p), "{phase}");
+        assert!(!is_active(&cached(&p)), "{phase}");
     }
     for phase in ["Pending", "Running", "Unknown"] {
         let mut p = web();
         p.status.as_mut().expect("status").phase = Some(phase.into());
-        assert!(is_active(&p), "{phase}");
+        assert!(is_active(&cached(&p)), "{phase}");
     }
     let mut p = web();
     p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         k8s_openapi::jiff::Timestamp::from_second(1).expect("time"),
     ));
-    assert!(!is_active(&p));
+    assert!(!is_active(&cached(&p)));
 }
 
 #[test]
 fn the_claim_takes_metadata_from_the_template_only_and_the_spec_verbatim() {
-    let p = web();
+    let p = cached(&web());
     let (volume, template) = ephemeral_volumes(&p)[0];
     let claim = desired_claim(&p, volume, template).expect("claim");
     assert_eq!(claim.metadata.name.as_deref(), Some("web-0-scratch"));
@@ -93,7 +98,7 @@ fn the_claim_takes_metadata_from_the_template_only_and_the_spec_verbatim() {
 
 #[test]
 fn a_nil_storage_class_stays_nil_and_no_metadata_means_none() {
-    let p = web();
+    let p = cached(&web());
     let (volume, template) = ephemeral_volumes(&p)[1];
     let claim = desired_claim(&p, volume, template).expect("claim");
     assert_eq!(claim.spec.and_then(|s| s.storage_class_name), None);
@@ -103,7 +108,7 @@ fn a_nil_storage_class_stays_nil_and_no_metadata_means_none() {
 
 #[test]
 fn exactly_one_owner_reference_the_pod_as_controller() {
-    let p = web();
+    let p = cached(&web());
     let (volume, template) = ephemeral_volumes(&p)[0];
     let claim = desired_claim(&p, volume, template).expect("claim");
     assert_eq!(
@@ -123,7 +128,8 @@ fn exactly_one_owner_reference_the_pod_as_controller() {
 fn a_pod_without_uid_gets_no_claim_yet() {
     let mut p = web();
     p.metadata.uid = None;
-    let original = web();
+    let p = cached(&p);
+    let original = cached(&web());
     let (volume, template) = ephemeral_volumes(&original)[0];
     assert!(desired_claim(&p, volume, template).is_none());
 }
@@ -154,22 +160,24 @@ fn ownership_is_decided_by_the_controller_reference_uid() {
 }
 
 #[test]
-fn trimming_keeps_only_what_the_controller_reads() {
-    let mut p = web();
-    trim(&mut p);
+fn the_cached_pod_keeps_only_what_the_controller_reads() {
+    let p = cached(&web());
     assert_eq!(p.metadata.name.as_deref(), Some("web-0"));
     assert_eq!(p.metadata.uid.as_deref(), Some("pod-uid"));
     assert!(p.metadata.managed_fields.is_none() && p.metadata.labels.is_none() && p.metadata.annotations.is_none());
-    let spec = p.spec.as_ref().expect("spec");
-    assert!(spec.containers.is_empty());
-    assert_eq!(spec.volumes.as_ref().map(Vec::len), Some(2));
-    assert_eq!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Pending"));
-    assert!(p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_none());
-    // The trimmed pod still yields the same claims.
-    let original = web();
-    for ((v1, t1), (v2, t2)) in ephemeral_volumes(&original).into_iter().zip(ephemeral_volumes(&p)) {
-        assert_eq!(desired_claim(&original, v1, t1), desired_claim(&p, v2, t2));
-    }
+    assert_eq!(p.volumes.len(), 2, "the configMap volume is not kept");
+    assert_eq!(p.phase.as_deref(), Some("Pending"));
+    // It is the same pod to kube-runtime: kind, version, object reference.
+    let reference = kube::Resource::object_ref(&p, &());
+    assert_eq!(
+        (
+            reference.api_version.as_deref(),
+            reference.kind.as_deref(),
+            reference.name.as_deref()
+        ),
+        (Some("v1"), Some("Pod"), Some("web-0"))
+    );
+    assert_eq!(<EphemeralPod as kube::Resource>::plural(&()), "pods");
 }
 
 #[test]
