@@ -36,23 +36,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// A short label for metrics and logs.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Csi(error) => error.label(),
-            Self::Write { source, .. } => match source {
-                kube::Error::Api(status) if status.code == 409 => "conflict",
-                kube::Error::Api(status) if status.code == 404 => "not_found",
-                kube::Error::Api(status) if status.code == 403 => "forbidden",
-                kube::Error::Api(status) if status.code == 422 => "invalid",
-                _ => "api_error",
-            },
-            Self::Startup { .. } => "startup",
-            Self::Config(_) => "config",
-            Self::NotLeader(_) => "not_leader",
-        }
-    }
-
     /// Retrying soon cannot help: the driver's answer or the API server's
     /// verdict will be the same until something changes (a permanent gRPC
     /// code, an answer with negative sizes, an object the API server rejects). Such an

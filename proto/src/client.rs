@@ -75,16 +75,6 @@ impl CsiClient {
         })
     }
 
-    /// The address this client dials.
-    pub fn address(&self) -> &CsiAddress {
-        &self.address
-    }
-
-    /// The deadline applied to every call.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.timeout);
