@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -55,7 +56,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map_or_else(|| client.default_namespace().to_string(), str::to_string);
     info!(%namespace, "namespace for volplane's own objects");
     let mut elections = Elections {
-        lease_client: lease_client(config, &args, api_metrics.clone())?,
+        lease_client: lease_client(config, &args, &api_metrics)?,
         watch_client: client.clone(),
         namespace: args.leader_election_namespace_name().unwrap_or(&namespace).to_string(),
         identity,
@@ -271,26 +272,48 @@ fn lease_suffix(driver: &str) -> String {
 /// The client for lease requests: its own small rate budget (renewals
 /// never queue behind controller traffic) and timeouts shorter than the
 /// renew deadline (a hung request fails instead of outliving the term).
-fn lease_client(mut config: kube::Config, args: &Args, metrics: Arc<ApiMetrics>) -> anyhow::Result<kube::Client> {
+fn lease_client(mut config: kube::Config, args: &Args, metrics: &Arc<ApiMetrics>) -> anyhow::Result<kube::Client> {
     // Each attempt gets a third of the renew deadline, so a retry still fits in it.
     let timeout = args.leader_election_renew_deadline / 3;
     config.connect_timeout = Some(timeout);
     config.read_timeout = Some(timeout);
     config.write_timeout = Some(timeout);
     config.reset_reader_on_write = true;
-    config.default_retry = false;
-    let client = kube::client::ClientBuilder::try_from(config)
-        .context("cannot create the leader election client")?
-        .with_layer(&tower::limit::RateLimitLayer::new(LEASE_BURST, Duration::from_secs(1)))
-        .with_layer(&crate::audit::layer())
-        .with_layer(&tower::buffer::BufferLayer::new(64))
-        .with_layer(&tower::retry::RetryLayer::new(Retry::new(RetryConfig::LEASES, metrics)))
-        .build();
-    Ok(client)
+    api_client(
+        config,
+        Some((LEASE_BURST, Duration::from_secs(1))),
+        RetryConfig::LEASES,
+        metrics,
+        "the leader election client",
+    )
 }
 
 /// Requests per second leader election may make (a few per lease per retry period).
 const LEASE_BURST: u64 = 10;
+
+/// A client on `config`'s stack: at most `burst` requests per `window`
+/// seconds when `limit` is given (retries pass the limiter again), every
+/// write logged, and volplane's `retries` in place of kube's (which know
+/// neither 5xx nor broken connections).
+fn api_client(
+    mut config: kube::Config,
+    limit: Option<(u64, Duration)>,
+    retries: RetryConfig,
+    metrics: &Arc<ApiMetrics>,
+    what: &str,
+) -> anyhow::Result<kube::Client> {
+    config.default_retry = false;
+    let url = config.cluster_url.clone();
+    let limiter = limit.map(|(burst, window)| tower::limit::RateLimitLayer::new(burst, window));
+    let client = kube::client::ClientBuilder::try_from(config)
+        .with_context(|| format!("cannot create {what} for {url}"))?
+        .with_layer(&tower::util::option_layer(limiter))
+        .with_layer(&crate::audit::layer())
+        .with_layer(&tower::buffer::BufferLayer::new(1024))
+        .with_layer(&tower::retry::RetryLayer::new(Retry::new(retries, metrics.clone())))
+        .build();
+    Ok(client)
+}
 
 async fn connect_kube(
     args: &Args,
@@ -310,76 +333,49 @@ async fn connect_kube(
             .context("no Kubernetes configuration found (not in a cluster, no --kubeconfig, no ~/.kube/config)")?,
     };
     let mut config = config;
-    // volplane's own retries replace kube's (which know neither 5xx nor broken connections).
-    config.default_retry = false;
     let agent = format!("volplane/{} ({identity})", env!("CARGO_PKG_VERSION"));
     if let Ok(agent) = http::HeaderValue::from_str(&agent) {
         config.headers.push((http::header::USER_AGENT, agent));
     }
     let url = config.cluster_url.clone();
-    let client_for = |limit: Option<(u64, Duration)>, retries: RetryConfig| -> anyhow::Result<kube::Client> {
-        let builder = kube::client::ClientBuilder::try_from(config.clone())
-            .with_context(|| format!("cannot create a client for {url}"))?;
-        let retry = tower::retry::RetryLayer::new(Retry::new(retries, metrics.clone()));
-        // Every request of the controllers passes one limiter, if any: at
-        // most `burst` requests per `burst / qps` seconds; retries pass it again.
-        Ok(match limit {
-            Some((burst, window)) => builder
-                .with_layer(&tower::limit::RateLimitLayer::new(burst, window))
-                .with_layer(&crate::audit::layer())
-                .with_layer(&tower::buffer::BufferLayer::new(1024))
-                .with_layer(&retry)
-                .build(),
-            None => builder
-                .with_layer(&crate::audit::layer())
-                .with_layer(&tower::buffer::BufferLayer::new(1024))
-                .with_layer(&retry)
-                .build(),
-        })
-    };
     // The first contact fails fast: an unreachable server is a startup error.
-    let probe = client_for(None, RetryConfig::STARTUP)?;
-    let version = probe
-        .apiserver_version()
+    let probe = api_client(config.clone(), None, RetryConfig::STARTUP, metrics, "a client")?;
+    let (version, flow_control) = server_version(&probe)
         .await
         .with_context(|| format!("cannot reach the Kubernetes API server at {url}"))?;
-    let flow_control = flow_control_detected(&probe).await;
     let limit = args.api_rate_window(flow_control);
+    let qps = limit.map_or(0.0, |(burst, window)| burst as f64 / window.as_secs_f64());
     metrics.flow_control.set(i64::from(flow_control));
-    metrics
-        .client_qps
-        .set(limit.map_or(0.0, |(burst, window)| burst as f64 / window.as_secs_f64()));
+    metrics.client_qps.set(qps);
     match (flow_control, limit) {
         (true, None) => info!(
             "the API server does API Priority and Fairness: no client-side rate limit (set --kube-api-qps to have one)"
         ),
         (false, None) => info!("no client-side rate limit (--kube-api-qps 0)"),
-        (_, Some((burst, window))) => info!(
-            flow_control,
-            qps = burst as f64 / window.as_secs_f64(),
-            burst,
-            "client-side rate limit"
-        ),
+        (_, Some((burst, _))) => info!(flow_control, qps, burst, "client-side rate limit"),
     }
-    let client = client_for(limit, RetryConfig::CONTROLLERS)?;
+    let client = api_client(config.clone(), limit, RetryConfig::CONTROLLERS, metrics, "a client")?;
     info!(%url, version = %version.git_version, "connected to the Kubernetes API server");
     Ok((client, config))
 }
 
-/// Whether the API server classifies volplane's requests with API Priority
-/// and Fairness (GA since 1.29, on by default): it then answers with
-/// `X-Kubernetes-PF-*` headers. Any failure reads as "no".
-async fn flow_control_detected(client: &kube::Client) -> bool {
-    let Ok(request) = http::Request::get("/version").body(kube::client::Body::empty()) else {
-        return false;
-    };
-    match client.send(request).await {
-        Ok(response) => crate::client::flow_control_in(response.headers()),
-        Err(error) => {
-            warn!(%error, "cannot tell whether the API server does flow control; assuming not");
-            false
-        }
+/// One `GET /version`: the server's version, and whether it classifies
+/// volplane's requests with API Priority and Fairness (GA since 1.29, on by
+/// default), which it says with `X-Kubernetes-PF-*` response headers.
+async fn server_version(client: &kube::Client) -> anyhow::Result<(Info, bool)> {
+    let request = http::Request::get("/version").body(kube::client::Body::empty())?;
+    let response = client.send(request).await?;
+    let flow_control = crate::client::flow_control_in(response.headers());
+    let status = response.status();
+    let body = response.into_body().collect_bytes().await?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "GET /version answered {status}: {}",
+            volplane_runtime::text::cut(&String::from_utf8_lossy(&body), 300)
+        );
     }
+    let version = serde_json::from_slice(&body).context("GET /version answered something else than a version")?;
+    Ok((version, flow_control))
 }
 
 fn log_driver(driver: &DriverInfo) {
