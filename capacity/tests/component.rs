@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume};
 use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use volplane_capacity::model::{DRIVER_LABEL, Enablement, MANAGED_BY_LABEL, ObjectIdentity, Segment};
@@ -812,27 +812,6 @@ fn owner_target() -> k8s_openapi::api::core::v1::ObjectReference {
     }
 }
 
-/// How often `reason` was published about `regarding` in `namespace`.
-async fn events(client: &kube::Client, namespace: &str, reason: &str, regarding: &str) -> usize {
-    volplane_tests::events::occurrences(client, namespace)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(r, about, _)| r == reason && about == regarding)
-        .count()
-}
-
-async fn set_storage_capacity(client: &kube::Client, enabled: bool) {
-    Api::<CSIDriver>::all(client.clone())
-        .patch(
-            DRIVER,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"storageCapacity": enabled}})),
-        )
-        .await
-        .expect("patch CSIDriver");
-}
-
 #[tokio::test]
 async fn the_csidriver_switch_turns_publishing_on_and_off_without_a_restart() {
     let mut h = Harness::new().await;
@@ -851,7 +830,10 @@ async fn the_csidriver_switch_turns_publishing_on_and_off_without_a_restart() {
     eventually_some(
         Duration::from_secs(20),
         "CapacityTrackingDisabled on the owner",
-        || async { (events(&h.client, NS, "CapacityTrackingDisabled", "csi-controller").await == 1).then_some(()) },
+        || async {
+            (volplane_tests::events::count(&h.client, NS, "CapacityTrackingDisabled", "csi-controller").await == 1)
+                .then_some(())
+        },
     )
     .await;
     assert!(
@@ -880,8 +862,8 @@ async fn the_csidriver_switch_turns_publishing_on_and_off_without_a_restart() {
         Duration::from_secs(20),
         "CapacityTrackingEnabled on owner and CSIDriver",
         || async {
-            (events(&h.client, NS, "CapacityTrackingEnabled", "csi-controller").await == 1
-                && events(&h.client, "default", "CapacityTrackingEnabled", DRIVER).await == 1)
+            (volplane_tests::events::count(&h.client, NS, "CapacityTrackingEnabled", "csi-controller").await == 1
+                && volplane_tests::events::count(&h.client, "default", "CapacityTrackingEnabled", DRIVER).await == 1)
                 .then_some(())
         },
     )
@@ -897,7 +879,7 @@ async fn the_csidriver_switch_turns_publishing_on_and_off_without_a_restart() {
         )
         .await
         .expect("foreign object");
-    set_storage_capacity(&h.client, false).await;
+    volplane_tests::objects::set_storage_capacity(&h.client, DRIVER, false).await;
     eventually_some(Duration::from_secs(20), "only the foreign object is left", || async {
         let names: Vec<String> = h
             .capacities()
@@ -912,11 +894,14 @@ async fn the_csidriver_switch_turns_publishing_on_and_off_without_a_restart() {
     eventually_some(
         Duration::from_secs(20),
         "CapacityTrackingDisabled on the CSIDriver",
-        || async { (events(&h.client, "default", "CapacityTrackingDisabled", DRIVER).await == 1).then_some(()) },
+        || async {
+            (volplane_tests::events::count(&h.client, "default", "CapacityTrackingDisabled", DRIVER).await == 1)
+                .then_some(())
+        },
     )
     .await;
     assert_eq!(
-        events(&h.client, NS, "CapacityTrackingDisabled", "csi-controller").await,
+        volplane_tests::events::count(&h.client, NS, "CapacityTrackingDisabled", "csi-controller").await,
         2
     );
     assert_eq!(
@@ -926,7 +911,7 @@ async fn the_csidriver_switch_turns_publishing_on_and_off_without_a_restart() {
     );
 
     // And on again, still without a restart.
-    set_storage_capacity(&h.client, true).await;
+    volplane_tests::objects::set_storage_capacity(&h.client, DRIVER, true).await;
     h.wait_for_published("every item again", &all).await;
     h.stop().await;
 }
@@ -965,7 +950,7 @@ async fn a_permanent_driver_error_waits_for_the_next_poll_and_a_transient_one_ba
         "InvalidArgument retried after {gap:?}, before the next poll"
     );
     eventually_some(Duration::from_secs(20), "one GetCapacityFailed", || async {
-        (events(&h.client, NS, "GetCapacityFailed", "csi-controller").await == 1).then_some(())
+        (volplane_tests::events::count(&h.client, NS, "GetCapacityFailed", "csi-controller").await == 1).then_some(())
     })
     .await;
     h.stop().await;
@@ -1059,7 +1044,7 @@ async fn a_follower_follows_the_switch_and_the_next_leader_cleans_up() {
     // Switched off while this replica follows: it says so, writes nothing.
     term.send_replace(Term::Following);
     let writes = h.double.writes("csistoragecapacities");
-    set_storage_capacity(&h.client, false).await;
+    volplane_tests::objects::set_storage_capacity(&h.client, DRIVER, false).await;
     eventually(Duration::from_secs(20), "the follower saw the switch", || {
         h.metrics_text().contains("volplane_capacity_enabled 0")
     })
@@ -1078,17 +1063,6 @@ async fn a_follower_follows_the_switch_and_the_next_leader_cleans_up() {
     h.stop().await;
 }
 
-/// CPU seconds this test process has used so far.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
-        .sum();
-    ticks as f64 / 100.0
-}
-
 #[tokio::test]
 async fn items_waiting_for_a_busy_worker_do_not_spin_the_loop() {
     let mut h = Harness::new().await;
@@ -1101,13 +1075,19 @@ async fn items_waiting_for_a_busy_worker_do_not_spin_the_loop() {
     h.driver.set_delay(CsiMethod::GetCapacity, Duration::from_millis(400));
     let mut cfg = config(Duration::from_secs(3600), Topology::Central, true);
     cfg.workers = 1;
-    let (wall, cpu) = (std::time::Instant::now(), cpu_seconds());
+    let (wall, cpu) = (
+        std::time::Instant::now(),
+        volplane_tests::process::cpu_seconds(std::process::id()),
+    );
     h.start(cfg).await;
     let want: Vec<(String, Option<String>)> = (0..8).map(|i| ("fast".to_string(), Some(format!("z{i}")))).collect();
     let want: Vec<(&str, Option<&str>, i64, Option<i64>)> =
         want.iter().map(|(c, z)| (c.as_str(), z.as_deref(), GI, None)).collect();
     h.wait_for_published("all eight, one at a time", &want).await;
-    let (wall, cpu) = (wall.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+    let (wall, cpu) = (
+        wall.elapsed().as_secs_f64(),
+        volplane_tests::process::cpu_seconds(std::process::id()) - cpu,
+    );
     // A loop that spins while waiting burns a core for the whole 3.2 s.
     assert!(cpu < wall / 3.0, "{cpu:.2} s CPU in {wall:.2} s");
     h.stop().await;

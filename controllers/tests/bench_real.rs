@@ -28,7 +28,7 @@ use serde_json::json;
 use support::{Running, status_kib};
 use volplane_tests::e2e::{ControlPlane, HostPath, bin_dir};
 use volplane_tests::objects::create;
-use volplane_tests::process::Process;
+use volplane_tests::process::{Process, cpu_seconds};
 use volplane_tests::wait::eventually_some;
 
 const PARALLEL: usize = 16;
@@ -44,17 +44,6 @@ async fn namespace(client: &kube::Client, name: &str) {
         json!({"metadata": {"name": name}}),
     )
     .await;
-}
-
-/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
-        .sum();
-    ticks as f64 / 100.0
 }
 
 /// Peak RSS in MiB and CPU seconds of `pid`, for the report.

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -346,22 +347,27 @@ async fn every_api_request_passes_the_client_side_rate_limit() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_node_mode_publishes_this_nodes_segment_owned_by_the_node() {
+/// volplane in per-node mode on node `n1` of a seeded double, with a driver
+/// `name` whose NodeGetInfo reports `topology`. Keep the directory alive:
+/// it holds the kubeconfig.
+async fn start_per_node(
+    name: &str,
+    topology: BTreeMap<String, String>,
+) -> (ApiServerDouble, TestDriver, tempfile::TempDir, Running) {
     let api = api_server().await;
     let driver = TestDriver::start(DriverConfig {
-        name: "node.csi.volplane.dev".into(),
+        name: name.into(),
         node_id: "n1".into(),
-        node_topology: Some(volplane_tests::driver::labels([("zone", "a")])),
+        node_topology: Some(topology),
         ..DriverConfig::default()
     })
     .await
     .expect("driver");
     driver.set_default_capacity(CapacityAnswer::available(3 << 30));
-    seed_cluster(&api, "node.csi.volplane.dev").await;
+    seed_cluster(&api, name).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = write_kubeconfig(dir.path(), &api.url());
-    let mut running = Running::start(
+    let running = Running::start(
         &kubeconfig,
         &[
             "--csi-address",
@@ -371,6 +377,13 @@ async fn per_node_mode_publishes_this_nodes_segment_owned_by_the_node() {
             "n1",
         ],
     );
+    (api, driver, dir, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_mode_publishes_this_nodes_segment_owned_by_the_node() {
+    let (api, driver, _dir, mut running) =
+        start_per_node("node.csi.volplane.dev", volplane_tests::driver::labels([("zone", "a")])).await;
     running.wait_for("volplane is ready").await;
     let published = first_published_capacity(&api).await;
     let (code, _) = running.terminate().await;
@@ -505,30 +518,12 @@ async fn every_api_write_is_one_debug_line_naming_verb_resource_and_object() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_node_topology_the_api_server_would_reject_is_reported_once_and_never_retried() {
-    let api = api_server().await;
-    let driver = TestDriver::start(DriverConfig {
-        name: "badtopo.csi.volplane.dev".into(),
-        node_id: "n1".into(),
-        // A value no label may have: too long, a space, non-ASCII.
-        node_topology: Some(volplane_tests::driver::labels([("zone", &"zöne a".repeat(20))])),
-        ..DriverConfig::default()
-    })
-    .await
-    .expect("driver");
-    driver.set_default_capacity(CapacityAnswer::available(3 << 30));
-    seed_cluster(&api, "badtopo.csi.volplane.dev").await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = write_kubeconfig(dir.path(), &api.url());
-    let mut running = Running::start(
-        &kubeconfig,
-        &[
-            "--csi-address",
-            &driver.address(),
-            "--node-deployment",
-            "--node-name",
-            "n1",
-        ],
-    );
+    // A value no label may have: too long, a space, non-ASCII.
+    let (api, driver, _dir, mut running) = start_per_node(
+        "badtopo.csi.volplane.dev",
+        volplane_tests::driver::labels([("zone", &"zöne a".repeat(20))]),
+    )
+    .await;
     let reported = running
         .wait_for("cannot store as a CSIStorageCapacity nodeTopology")
         .await;

@@ -32,11 +32,7 @@ async fn create_pods(client: &kube::Client, prefix: &str, count: usize) {
     let creates = (0..count).map(|i| {
         let pods = pods.clone();
         async move {
-            let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("{prefix}-{i}")},
-                "spec": {"containers": [{"name": "c", "image": "registry.invalid/none"}],
-                         "volumes": [{"name": "data", "ephemeral": {"volumeClaimTemplate": {"spec": {
-                             "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}}]}}))
-            .expect("pod");
+            let pod = support::ephemeral_pod(&format!("{prefix}-{i}"));
             pods.create(&PostParams::default(), &pod).await.expect("create pod");
         }
     });

@@ -9,14 +9,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
+use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::json;
 use support::{Running, metric_value};
 use volplane_capacity::quantity::{format_bytes, parse_bytes};
 use volplane_csi::{CapacityQuery, CsiClient};
 use volplane_tests::e2e::{ControlPlane, HostPath, bin_dir};
-use volplane_tests::objects::create;
+use volplane_tests::objects::{create, set_storage_capacity};
 use volplane_tests::wait::eventually_some;
 
 const NAMESPACE: &str = "volplane";
@@ -280,34 +280,13 @@ async fn written(client: &kube::Client, managed_by: &str) -> BTreeMap<String, (S
         .collect()
 }
 
-async fn set_storage_capacity(client: &kube::Client, enabled: bool) {
-    Api::<CSIDriver>::all(client.clone())
-        .patch(
-            HostPath::DRIVER,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"storageCapacity": enabled}})),
-        )
-        .await
-        .expect("patch the CSIDriver");
-}
-
-/// How often `reason` was published about `regarding` (cluster-scoped: in `default`).
-async fn cluster_events(client: &kube::Client, reason: &str, regarding: &str) -> usize {
-    volplane_tests::events::occurrences(client, "default")
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(r, about, _)| r == reason && about == regarding)
-        .count()
-}
-
 #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_follows_the_csidriver_switch_and_reads_byte_for_byte_like_csi_provisioner() {
     let plane = ControlPlane::start(&bin_dir()).await.expect("control plane starts");
     let client = plane.client();
     storage_setup(&plane).await;
-    set_storage_capacity(&client, false).await;
+    set_storage_capacity(&client, HostPath::DRIVER, false).await;
     plane.add_hostpath_node("node-0").await.expect("node");
     // 107374182400 and 32208060416 bytes: Kubernetes writes 100Gi and 30716Mi.
     let driver = plane
@@ -346,8 +325,10 @@ async fn capacity_follows_the_csidriver_switch_and_reads_byte_for_byte_like_csi_
         Duration::from_secs(30),
         "CapacityTrackingDisabled on Node and CSIDriver",
         || async {
-            (cluster_events(&client, "CapacityTrackingDisabled", "node-0").await == 1
-                && cluster_events(&client, "CapacityTrackingDisabled", HostPath::DRIVER).await == 1)
+            (volplane_tests::events::count(&client, "default", "CapacityTrackingDisabled", "node-0").await == 1
+                && volplane_tests::events::count(&client, "default", "CapacityTrackingDisabled", HostPath::DRIVER)
+                    .await
+                    == 1)
                 .then_some(())
         },
     )
@@ -372,7 +353,7 @@ async fn capacity_follows_the_csidriver_switch_and_reads_byte_for_byte_like_csi_
     assert_eq!(theirs["slow"].0, "30716Mi");
 
     // Switched on: both classes at once, written exactly as csi-provisioner writes them.
-    set_storage_capacity(&client, true).await;
+    set_storage_capacity(&client, HostPath::DRIVER, true).await;
     let ours = eventually_some(Duration::from_secs(30), "volplane publishes on the switch", || async {
         let objects = written(&client, "volplane-node-0").await;
         (objects.len() == 2).then_some(objects)
@@ -385,7 +366,7 @@ async fn capacity_follows_the_csidriver_switch_and_reads_byte_for_byte_like_csi_
     assert_eq!(metric_value(admin, "volplane_capacity_enabled", &[]), 1.0);
 
     // Switched off: volplane's objects go; csi-provisioner's are not volplane's to touch.
-    set_storage_capacity(&client, false).await;
+    set_storage_capacity(&client, HostPath::DRIVER, false).await;
     eventually_some(Duration::from_secs(30), "volplane's objects are deleted", || async {
         written(&client, "volplane-node-0").await.is_empty().then_some(())
     })
@@ -399,10 +380,7 @@ async fn capacity_follows_the_csidriver_switch_and_reads_byte_for_byte_like_csi_
 /// What Go's `resource.NewQuantity(bytes, resource.BinarySI).String()` writes:
 /// a binary suffix when exact, decimal SI below 1024, else plain digits.
 fn go_binary_si(bytes: i64) -> String {
-    if bytes.unsigned_abs() >= 1024 && bytes % 1024 == 0 {
-        return format_bytes(bytes);
-    }
-    if bytes.unsigned_abs() < 1024 {
+    if bytes.unsigned_abs() < 1024 || bytes % 1024 == 0 {
         return format_bytes(bytes);
     }
     bytes.to_string()
@@ -466,12 +444,7 @@ mod health {
     const NS: &str = "e2e-health";
 
     async fn count(client: &kube::Client, reason: &str, claim: &str) -> usize {
-        volplane_tests::events::occurrences(client, NS)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(r, regarding, _)| r == reason && regarding == claim)
-            .count()
+        volplane_tests::events::count(client, NS, reason, claim).await
     }
 
     /// Waits until the checks counter with `result` has grown by `sweeps`.

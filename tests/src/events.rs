@@ -27,3 +27,15 @@ pub async fn occurrences(client: &kube::Client, namespace: &str) -> kube::Result
         })
         .collect())
 }
+
+/// How many occurrences of `reason` about the object named `regarding` are
+/// in `namespace` (events about cluster-scoped objects land in `default`);
+/// 0 while the API server does not answer.
+pub async fn count(client: &kube::Client, namespace: &str, reason: &str, regarding: &str) -> usize {
+    occurrences(client, namespace)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(r, about, _)| r == reason && about == regarding)
+        .count()
+}

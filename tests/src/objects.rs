@@ -42,3 +42,18 @@ where
         .await
         .expect("create")
 }
+
+/// Flips `spec.storageCapacity` of the CSIDriver `driver`, the switch
+/// kube-scheduler and volplane's capacity controller read.
+pub async fn set_storage_capacity(client: &kube::Client, driver: &str, enabled: bool) {
+    use k8s_openapi::api::storage::v1::CSIDriver;
+    use kube::api::{Patch, PatchParams};
+    kube::Api::<CSIDriver>::all(client.clone())
+        .patch(
+            driver,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"storageCapacity": enabled}})),
+        )
+        .await
+        .expect("patch the CSIDriver");
+}

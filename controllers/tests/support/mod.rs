@@ -242,3 +242,13 @@ pub async fn lease_holder(leases: &kube::Api<k8s_openapi::api::coordination::v1:
         .holder_identity
         .filter(|h| !h.is_empty())
 }
+
+/// A pod `name` with one generic ephemeral volume `data` (1Gi, the default
+/// class), so its claim is `<name>-data`.
+pub fn ephemeral_pod(name: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({"metadata": {"name": name},
+        "spec": {"containers": [{"name": "c", "image": "registry.invalid/none"}],
+                 "volumes": [{"name": "data", "ephemeral": {"volumeClaimTemplate": {"spec": {
+                     "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}}]}}))
+    .expect("pod")
+}
