@@ -297,11 +297,7 @@ async fn every_api_request_passes_the_client_side_rate_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = write_kubeconfig(dir.path(), &api.url());
     let client = api.client();
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": "volplane-test"}})).expect("ns");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await
-        .expect("ns");
+    create_namespace(&api).await;
     let mut running = Running::start(
         &kubeconfig,
         &[
@@ -558,11 +554,7 @@ async fn throttled_and_unavailable_requests_are_retried_and_nothing_is_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = write_kubeconfig(dir.path(), &api.url());
     let client = api.client();
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": "volplane-test"}})).expect("ns");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await
-        .expect("ns");
+    create_namespace(&api).await;
     // The first pod list gets 503 twice; the first claims 429 (Retry-After: 1) three times.
     api.fail_next(Some(Verb::List), Some("pods"), 2, 503);
     api.fail_next(Some(Verb::Create), Some("persistentvolumeclaims"), 3, 429);
