@@ -10,7 +10,9 @@
 //! runs only up to 400 objects),
 //! `VOLPLANE_BENCH_PODS` (ephemeral, default 2000; `VOLPLANE_BENCH_INCUMBENT=0`
 //! leaves kube-controller-manager out), `VOLPLANE_BENCH_ARGS` (more
-//! arguments for volplane's capacity runs), `VOLPLANE_BENCH_VOLUMES`
+//! arguments for volplane's capacity runs), `VOLPLANE_BENCH_ROUNDS` (capacity:
+//! raw and volplane alternate this many times, medians reported, default 3),
+//! `VOLPLANE_BENCH_VOLUMES`
 //! and `VOLPLANE_BENCH_WINDOW_SECONDS` (health, default 20 volumes, 30 s).
 
 mod support;
@@ -77,26 +79,42 @@ where
     }
 }
 
-/// Polls until `namespace` holds `want` CSIStorageCapacity objects; the time from `started`.
-async fn capacity_objects_after(
-    client: &kube::Client,
-    namespace: &str,
-    want: usize,
-    started: Instant,
-) -> Option<Duration> {
+/// When the first and when all `want` CSIStorageCapacity objects were in
+/// `namespace`, from `started` (polled every 50 ms).
+#[derive(Clone, Copy)]
+struct Published {
+    first: Option<Duration>,
+    all: Option<Duration>,
+}
+
+async fn capacity_objects_after(client: &kube::Client, namespace: &str, want: usize, started: Instant) -> Published {
     let api: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), namespace);
+    let mut first = None;
     while started.elapsed() < LIMIT {
         let count = api
             .list_metadata(&ListParams::default())
             .await
             .map(|l| l.items.len())
             .unwrap_or(0);
+        if count > 0 && first.is_none() {
+            first = Some(started.elapsed());
+        }
         if count >= want {
-            return Some(started.elapsed());
+            return Published {
+                first,
+                all: Some(started.elapsed()),
+            };
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    None
+    Published { first, all: None }
+}
+
+/// The median of `times` (a run that did not finish counts as the longest).
+fn median(times: &[Option<Duration>]) -> Option<Duration> {
+    let mut sorted: Vec<Duration> = times.iter().map(|t| t.unwrap_or(LIMIT)).collect();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().filter(|t| *t < LIMIT)
 }
 
 fn seconds(time: Option<Duration>) -> String {
@@ -137,65 +155,53 @@ async fn capacity_process_start_to_all_objects_published() {
         .start_hostpath("controller", &[("fast", "100Gi"), ("slow", "10Gi")])
         .await
         .expect("hostpathplugin");
-    let mut report = Vec::new();
-
-    // The API server's own limit: the same objects from 16 parallel connections.
-    namespace(&client, "bench-raw").await;
-    let started = Instant::now();
-    let names = node_names.clone();
-    in_parallel(&plane, (0..want).collect(), move |client, i| {
-        let node = names[i / classes].clone();
-        async move {
-            let api: Api<CSIStorageCapacity> = Api::namespaced(client, "bench-raw");
-            create(
-                &api,
-                json!({"metadata": {"generateName": "csisc-", "labels": {"csi.storage.k8s.io/managed-by": "raw"}},
-                       "storageClassName": if i % 2 == 0 { "fast" } else { "slow" },
-                       "nodeTopology": {"matchLabels": {HostPath::TOPOLOGY_KEY: node}},
-                       "capacity": "100Gi", "maximumVolumeSize": "100Gi"}),
-            )
-            .await;
-        }
-    })
-    .await;
-    report.push((
-        "raw parallel creates (16 connections)".to_string(),
-        Some(started.elapsed()),
-        String::new(),
-    ));
-
     let address = driver.address();
-    for (name, namespace_name, extra) in [
-        (
-            "volplane (defaults: flow control is the API server's)",
-            "bench-volplane",
-            &[][..],
-        ),
-        (
-            "volplane (--kube-api-qps 200, the old fixed default)",
-            "bench-volplane-qps200",
-            &["--kube-api-qps", "200"][..],
-        ),
-    ] {
-        namespace(&client, namespace_name).await;
-        let mut args = vec![
-            "--controllers=capacity",
-            "--csi-address",
-            &address,
-            "--namespace",
-            namespace_name,
-            "--capacity-owner",
-            "none",
-            "--leader-election=false",
-        ];
-        args.extend_from_slice(extra);
-        let more = std::env::var("VOLPLANE_BENCH_ARGS").unwrap_or_default();
-        args.extend(more.split_whitespace());
-        let started = Instant::now();
-        let volplane = Running::start(plane.kubeconfig(), &args);
-        let time = capacity_objects_after(&client, namespace_name, want, started).await;
-        report.push((name.to_string(), time, footprint(volplane.pid())));
+    let rounds = env_number("VOLPLANE_BENCH_ROUNDS", 3).max(1);
+    let extra = std::env::var("VOLPLANE_BENCH_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+
+    // Raw and volplane alternate, each in a fresh namespace, so both see the
+    // API server in the same state; the medians are reported.
+    let (mut raw, mut ours, mut first, mut ratios) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut ours_footprint = String::new();
+    for round in 0..rounds {
+        let raw_time = raw_creates(&plane, &format!("bench-raw-{round}"), &node_names, classes).await;
+        let (published, used) = volplane_run(&plane, &address, &format!("bench-volplane-{round}"), &extra, want).await;
+        if let Some(all) = published.all {
+            ratios.push(format!("{:.2}", all.as_secs_f64() / raw_time.as_secs_f64()));
+        }
+        raw.push(Some(raw_time));
+        ours.push(published.all);
+        first.push(published.first);
+        ours_footprint = used;
     }
+    let listed = |times: &[Option<Duration>]| times.iter().map(|t| seconds(*t)).collect::<Vec<_>>().join(", ");
+    let mut report = vec![
+        (
+            format!("raw parallel creates (16 connections), median of {rounds} ({})", listed(&raw)),
+            median(&raw),
+            String::new(),
+        ),
+        (
+            format!("volplane (defaults: flow control is the API server's), median of {rounds} ({})", listed(&ours)),
+            median(&ours),
+            ours_footprint,
+        ),
+        (
+            format!("  first object at ({}); ratio to raw in the same round ({})", listed(&first), ratios.join(", ")),
+            median(&first),
+            String::new(),
+        ),
+    ];
+
+    let mut qps200 = extra.clone();
+    qps200.extend(["--kube-api-qps", "200"]);
+    let (published, used) = volplane_run(&plane, &address, "bench-volplane-qps200", &qps200, want).await;
+    report.push((
+        "volplane (--kube-api-qps 200, the old fixed default)".to_string(),
+        published.all,
+        used,
+    ));
 
     let slow = [("csi-provisioner (defaults)", "bench-provisioner", &[][..])];
     let slow = if want <= 400 { &slow[..] } else { &[] };
@@ -220,7 +226,7 @@ async fn capacity_process_start_to_all_objects_published() {
         args.extend_from_slice(extra);
         let started = Instant::now();
         let process = provisioner(&plane, namespace_name, &driver, namespace_name, &args);
-        let time = capacity_objects_after(&client, namespace_name, want, started).await;
+        let time = capacity_objects_after(&client, namespace_name, want, started).await.all;
         report.push((name.to_string(), time, footprint(process.pid())));
     }
 
@@ -230,6 +236,59 @@ async fn capacity_process_start_to_all_objects_published() {
     for (name, time, footprint) in report {
         println!("  {name:<100} {:>10}  {footprint}", seconds(time));
     }
+}
+
+/// The API server's own limit: one object per (node, class) into
+/// `namespace` from 16 parallel connections; the time they took.
+async fn raw_creates(plane: &ControlPlane, namespace_name: &str, nodes: &[String], classes: usize) -> Duration {
+    namespace(&plane.client(), namespace_name).await;
+    let api_namespace = namespace_name.to_string();
+    let nodes = nodes.to_vec();
+    let started = Instant::now();
+    in_parallel(plane, (0..nodes.len() * classes).collect(), move |client, i| {
+        let node = nodes[i / classes].clone();
+        let api: Api<CSIStorageCapacity> = Api::namespaced(client, &api_namespace);
+        async move {
+            create(
+                &api,
+                json!({"metadata": {"generateName": "csisc-", "labels": {"csi.storage.k8s.io/managed-by": "raw"}},
+                       "storageClassName": if i % 2 == 0 { "fast" } else { "slow" },
+                       "nodeTopology": {"matchLabels": {HostPath::TOPOLOGY_KEY: node}},
+                       "capacity": "100Gi", "maximumVolumeSize": "100Gi"}),
+            )
+            .await;
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+/// Starts volplane's capacity controller for `namespace` (with `extra`
+/// arguments) and waits for its `want` objects; its footprint at the end.
+async fn volplane_run(
+    plane: &ControlPlane,
+    address: &str,
+    namespace_name: &str,
+    extra: &[&str],
+    want: usize,
+) -> (Published, String) {
+    let client = plane.client();
+    namespace(&client, namespace_name).await;
+    let mut args = vec![
+        "--controllers=capacity",
+        "--csi-address",
+        address,
+        "--namespace",
+        namespace_name,
+        "--capacity-owner",
+        "none",
+        "--leader-election=false",
+    ];
+    args.extend_from_slice(extra);
+    let started = Instant::now();
+    let volplane = Running::start(plane.kubeconfig(), &args);
+    let published = capacity_objects_after(&client, namespace_name, want, started).await;
+    (published, footprint(volplane.pid()))
 }
 
 /// Creates `pods` pods with one generic ephemeral volume each in `namespace`
