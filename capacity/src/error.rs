@@ -32,7 +32,7 @@ pub enum Error {
 
     /// The write was not made (or was abandoned): this process does not lead.
     #[error("{0}")]
-    NotLeader(#[from] volplane_leader::NotLeader),
+    NotLeader(#[from] volplane_runtime::NotLeader),
 }
 
 impl Error {

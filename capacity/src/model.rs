@@ -387,35 +387,38 @@ pub fn new_object(item: &WorkItem, value: PublishedCapacity, identity: &ObjectId
     }
 }
 
-/// The replacement for `existing` when anything volplane owns differs —
-/// capacity, maximum volume size (value or spelling), its two labels, the owner reference — or
-/// `None` when it is already right (no write needed). Other labels and
-/// metadata are kept; owner references are replaced, never appended to.
+/// Whether anything volplane owns in `existing` differs from what it would
+/// publish for `value` — capacity, maximum volume size (value or spelling),
+/// its two labels, the owner reference — so that a write is needed. Equal
+/// values in another spelling are rewritten once, to the form the API
+/// server keeps; after that the text matches and nothing is written.
+pub fn needs_update(existing: &CSIStorageCapacity, value: PublishedCapacity, identity: &ObjectIdentity) -> bool {
+    let capacity_ok = existing.capacity.as_ref() == Some(&quantity(value.capacity));
+    let maximum_ok = existing.maximum_volume_size == value.maximum_volume_size.map(quantity);
+    let labels = existing.metadata.labels.as_ref();
+    let label = |key: &str| labels.and_then(|l| l.get(key));
+    let labels_ok =
+        label(DRIVER_LABEL) == Some(&identity.driver) && label(MANAGED_BY_LABEL) == Some(&identity.managed_by);
+    let owners_ok = existing.metadata.owner_references.clone().unwrap_or_default()
+        == identity.owner_references().unwrap_or_default();
+    !(capacity_ok && maximum_ok && labels_ok && owners_ok)
+}
+
+/// The replacement for `existing` when [`needs_update`], else `None`.
+/// Other labels and metadata are kept; owner references are replaced,
+/// never appended to.
 pub fn updated_object(
     existing: &CSIStorageCapacity,
     value: PublishedCapacity,
     identity: &ObjectIdentity,
 ) -> Option<CSIStorageCapacity> {
-    // Equal values in another spelling are rewritten once, to the form the
-    // API server keeps; after that the text matches and nothing is written.
-    let capacity_ok = existing.capacity.as_ref() == Some(&quantity(value.capacity));
-    let maximum_ok = existing.maximum_volume_size == value.maximum_volume_size.map(quantity);
-    let labels = existing.metadata.labels.clone().unwrap_or_default();
-    let labels_ok = labels.get(DRIVER_LABEL) == Some(&identity.driver)
-        && labels.get(MANAGED_BY_LABEL) == Some(&identity.managed_by);
-    let owners_ok = existing.metadata.owner_references.clone().unwrap_or_default()
-        == identity.owner_references().unwrap_or_default();
-    if capacity_ok && maximum_ok && labels_ok && owners_ok {
+    if !needs_update(existing, value, identity) {
         return None;
     }
     let mut updated = existing.clone();
-    if !capacity_ok {
-        updated.capacity = Some(quantity(value.capacity));
-    }
-    if !maximum_ok {
-        updated.maximum_volume_size = value.maximum_volume_size.map(quantity);
-    }
-    let mut labels = labels;
+    updated.capacity = Some(quantity(value.capacity));
+    updated.maximum_volume_size = value.maximum_volume_size.map(quantity);
+    let mut labels = existing.metadata.labels.clone().unwrap_or_default();
     labels.insert(DRIVER_LABEL.to_string(), identity.driver.clone());
     labels.insert(MANAGED_BY_LABEL.to_string(), identity.managed_by.clone());
     updated.metadata.labels = Some(labels);

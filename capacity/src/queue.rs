@@ -7,7 +7,7 @@
 //! items are (segment, class) values, so the queue lives here.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::Hash;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -97,7 +97,7 @@ impl<T: Ord + Hash + Clone> WorkQueue<T> {
         self.failures.remove(item);
     }
 
-    /// Counts a failure; returns how many in a row, for [`Backoff::delay`].
+    /// Counts a failure; returns how many in a row, for [`volplane_runtime::Backoff::delay`].
     pub fn failed(&mut self, item: &T) -> u32 {
         let failures = self.failures.entry(item.clone()).or_insert(0);
         *failures += 1;
@@ -125,31 +125,6 @@ impl<T: Ord + Hash + Clone> WorkQueue<T> {
     }
 }
 
-/// Exponential backoff: `base`, doubling per failure, at most `max`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Backoff {
-    /// Delay after the first failure.
-    pub base: Duration,
-    /// Upper bound.
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The delay after `failures` failures in a row (1 = first).
-    pub fn delay(&self, failures: u32) -> Duration {
-        let exponent = failures.saturating_sub(1).min(30);
-        self.base.saturating_mul(1u32 << exponent).min(self.max)
-    }
-}
-
-/// A stable offset of `item` within `interval`, so polls spread evenly.
-pub fn phase<T: Hash>(item: &T, interval: Duration) -> Duration {
-    let mut hasher = DefaultHasher::new();
-    item.hash(&mut hasher);
-    let nanos = interval.as_nanos().max(1);
-    Duration::from_nanos(u64::try_from(u128::from(hasher.finish()) % nanos).unwrap_or(0))
-}
-
 /// The next poll of an item with `phase` after a run finished at `now`: the
 /// first of its slots (`start + phase + k·interval`) at least half an
 /// interval away, so every item polls once per interval, spread out, and an
@@ -169,6 +144,8 @@ pub fn next_poll(now: Instant, start: Instant, interval: Duration, phase: Durati
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+    use volplane_runtime::Backoff;
+    use volplane_runtime::phase::phase;
 
     use super::*;
 

@@ -20,19 +20,20 @@ use kube::Resource;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use volplane_csi::{CapacityQuery, CsiClient};
-use volplane_leader::Leadership;
+use volplane_runtime::events::{self, Announcement};
+use volplane_runtime::{Backoff, Leadership, phase};
 
 use crate::error::{Error, Result};
 use crate::metrics::CapacityMetrics;
 use crate::model::{self, Enablement, Labels, ObjectIdentity, PublishedCapacity, Segment, Tracking, WorkItem};
-use crate::queue::{self, Backoff, WorkQueue};
+use crate::queue::{self, WorkQueue};
 
 /// Where segments come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,41 +136,6 @@ fn input_signal<K>(source: &'static str, event: std::result::Result<Event<K>, wa
 
 fn object_name(object: &CSIStorageCapacity) -> String {
     object.metadata.name.clone().unwrap_or_default()
-}
-
-/// What an event says; published on each of several objects.
-struct Announcement {
-    type_: EventType,
-    reason: &'static str,
-    note: String,
-    action: &'static str,
-}
-
-/// An event under the leadership guard, in the background; a follower
-/// publishes nothing.
-fn publish_event(
-    recorder: &Recorder,
-    leadership: &Leadership,
-    announcement: &Announcement,
-    targets: impl IntoIterator<Item = ObjectReference>,
-) {
-    for target in targets {
-        let recorder = recorder.clone();
-        let leadership = leadership.clone();
-        let event = KubeEvent {
-            type_: announcement.type_,
-            reason: announcement.reason.into(),
-            note: Some(announcement.note.clone()),
-            action: announcement.action.into(),
-            secondary: None,
-        };
-        tokio::spawn(async move {
-            match leadership.guard(recorder.publish(&event, &target)).await {
-                Ok(Ok(())) | Err(_) => {}
-                Ok(Err(error)) => warn!(%error, reason = %event.reason, "cannot publish event"),
-            }
-        });
-    }
 }
 
 fn revision(object: &CSIStorageCapacity) -> Option<u64> {
@@ -525,18 +491,14 @@ impl LoopState {
         if first && tracking.enabled() {
             return true;
         }
-        let announcement = Announcement {
-            type_: if tracking.enabled() {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            },
-            reason: tracking.reason(),
-            note: explanation,
-            action: "Enablement",
+        let type_ = if tracking.enabled() {
+            EventType::Normal
+        } else {
+            EventType::Warning
         };
+        let announcement = Announcement::new(type_, tracking.reason(), "Enablement", explanation);
         let on_driver = csidriver.map(|object| object.object_ref(&()));
-        publish_event(
+        events::publish_in_background(
             &self.recorder,
             &self.leadership,
             &announcement,
@@ -627,7 +589,7 @@ impl LoopState {
                 let expected = model::published_capacity(known);
                 let tampered = expected.is_none_or(|value| {
                     model::published_capacity(&object) != Some(value)
-                        || model::updated_object(&object, value, &self.config.identity).is_some()
+                        || model::needs_update(&object, value, &self.config.identity)
                 });
                 self.objects.insert(item.clone(), object);
                 if tampered && !self.queue.is_pending(&item) {
@@ -726,7 +688,7 @@ impl LoopState {
                 let result = loop {
                     attempt += 1;
                     let Ok(deleted) = leadership.guard(api.delete(&name, &params)).await else {
-                        break Err(Error::NotLeader(volplane_leader::NotLeader));
+                        break Err(Error::NotLeader(volplane_runtime::NotLeader));
                     };
                     match deleted {
                         Ok(_) => {
@@ -815,7 +777,7 @@ impl LoopState {
                             }
                         }
                         if desired {
-                            let phase = queue::phase(&item, self.config.poll_interval);
+                            let phase = phase::phase(&item.to_string(), self.config.poll_interval);
                             let next = queue::next_poll(Instant::now(), self.start, self.config.poll_interval, phase);
                             self.queue.schedule(item, next);
                         }
@@ -836,7 +798,7 @@ impl LoopState {
                         let failures = self.queue.failed(&item);
                         // Permanent: the same answer until something changes; wait a poll.
                         let retry_at = if error.is_permanent() {
-                            let phase = queue::phase(&item, self.config.poll_interval);
+                            let phase = phase::phase(&item.to_string(), self.config.poll_interval);
                             queue::next_poll(Instant::now(), self.start, self.config.poll_interval, phase)
                         } else {
                             Instant::now() + self.config.backoff.delay(failures)
@@ -890,13 +852,8 @@ impl LoopState {
             Error::Write { .. } => "CapacityRejected",
             _ => "GetCapacityFailed",
         };
-        let announcement = Announcement {
-            type_: EventType::Warning,
-            reason,
-            note: model::refresh_failure_note(item, error),
-            action: "GetCapacity",
-        };
-        publish_event(&self.recorder, &self.leadership, &announcement, [target]);
+        let announcement = Announcement::warning(reason, "GetCapacity", model::refresh_failure_note(item, error));
+        events::publish_in_background(&self.recorder, &self.leadership, &announcement, [target]);
     }
 
     /// Says once per item that its maximum volume size exceeds its capacity

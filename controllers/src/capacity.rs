@@ -5,15 +5,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use tracing::{error, info};
 use volplane_capacity::model::{self, ObjectIdentity};
 use volplane_capacity::owner::{self, OwnerMode};
-use volplane_capacity::queue::Backoff;
 use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
 use volplane_csi::{ControllerCapability, CsiClient, DriverInfo};
-use volplane_leader::Leadership;
-use volplane_runtime::text;
+use volplane_runtime::Backoff;
+use volplane_runtime::Leadership;
+use volplane_runtime::events::{self, Announcement};
 
 use crate::args::{Args, CapacityEnablement, CapacityOwner};
 
@@ -109,12 +109,12 @@ pub async fn build(
 }
 
 /// Says once — log line and Warning event on the owner — why the capacity
-/// controller stays idle.
+/// controller stays idle. Every replica says it: none leads yet.
 async fn idle(
     client: &kube::Client,
     event_target: Option<ObjectReference>,
     instance: String,
-    reason: &str,
+    reason: &'static str,
     message: String,
 ) {
     error!("{message}");
@@ -128,14 +128,8 @@ async fn idle(
             instance: Some(instance),
         },
     );
-    let event = Event {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(text::event_note(&message)),
-        action: "Startup".into(),
-        secondary: None,
-    };
-    if let Err(error) = recorder.publish(&event, &target).await {
+    let announcement = Announcement::warning(reason, "Startup", message);
+    if let Err(error) = events::publish(&recorder, &Leadership::unconditional(), &announcement, &target).await {
         error!(%error, reason, "cannot publish event");
     }
 }

@@ -9,7 +9,7 @@ use tracing::{error, info};
 use volplane_csi::{CsiClient, DriverInfo};
 use volplane_health::plan::{self, Timing};
 use volplane_health::{HealthConfig, HealthController, HealthMetrics, NodeHealthAgent, NodeHealthConfig};
-use volplane_leader::Leadership;
+use volplane_runtime::Leadership;
 
 use crate::args::Args;
 
@@ -32,7 +32,7 @@ impl Health {
     }
 
     /// Runs until `shutdown` completes.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), volplane_health::Error> {
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         match self {
             Self::Controller(controller) => controller.run(shutdown).await,
             Self::Node(agent) => agent.run(shutdown).await,

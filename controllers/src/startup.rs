@@ -14,7 +14,8 @@ use volplane_capacity::CapacityMetrics;
 use volplane_csi::{CsiClient, DriverInfo};
 use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
 use volplane_health::HealthMetrics;
-use volplane_leader::{ElectionMetrics, Elector, Leadership};
+use volplane_leader::{ElectionMetrics, Elector};
+use volplane_runtime::{Backoff, Leadership};
 
 use crate::admin::{self, Health};
 use crate::args::{Args, Controller};
@@ -67,7 +68,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let csi = match (&args.csi_address, controllers.iter().any(|c| c.needs_csi())) {
         (Some(address), true) => {
-            let csi = CsiClient::new(address.clone(), args.csi_timeout)?;
+            let csi = CsiClient::new(address.clone(), args.csi_timeout);
             csi.probe_until_ready(args.csi_startup_limit()).await?;
             let driver = csi
                 .driver_info()
@@ -118,7 +119,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     Some(health) => {
                         readiness.push(health.readiness());
                         let shutdown = stop_requested(stop_rx.clone());
-                        tasks.spawn(async move { ("health", health.run(shutdown).await.map_err(anyhow::Error::from)) });
+                        tasks.spawn(async move {
+                            health.run(shutdown).await;
+                            ("health", Ok(()))
+                        });
                     }
                     None => info!("health controller idle"),
                 }
@@ -132,7 +136,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     EphemeralConfig {
                         workers: args.ephemeral_workers,
                         instance: args.pod_name_value().unwrap_or("volplane").to_string(),
-                        retry_base: Duration::from_millis(500),
+                        backoff: Backoff {
+                            base: Duration::from_millis(500),
+                            max: Duration::from_secs(300),
+                        },
                     },
                     metrics.clone(),
                     elections.join(&args, "volplane-ephemeral".to_string()),

@@ -178,17 +178,27 @@ async fn capacity_process_start_to_all_objects_published() {
     let listed = |times: &[Option<Duration>]| times.iter().map(|t| seconds(*t)).collect::<Vec<_>>().join(", ");
     let mut report = vec![
         (
-            format!("raw parallel creates (16 connections), median of {rounds} ({})", listed(&raw)),
+            format!(
+                "raw parallel creates (16 connections), median of {rounds} ({})",
+                listed(&raw)
+            ),
             median(&raw),
             String::new(),
         ),
         (
-            format!("volplane (defaults: flow control is the API server's), median of {rounds} ({})", listed(&ours)),
+            format!(
+                "volplane (defaults: flow control is the API server's), median of {rounds} ({})",
+                listed(&ours)
+            ),
             median(&ours),
             ours_footprint,
         ),
         (
-            format!("  first object at ({}); ratio to raw in the same round ({})", listed(&first), ratios.join(", ")),
+            format!(
+                "  first object at ({}); ratio to raw in the same round ({})",
+                listed(&first),
+                ratios.join(", ")
+            ),
             median(&first),
             String::new(),
         ),

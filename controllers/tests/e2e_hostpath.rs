@@ -33,7 +33,7 @@ async fn storage_setup(plane: &ControlPlane) {
 }
 
 fn csi_client(driver: &HostPath) -> CsiClient {
-    CsiClient::new(driver.address().parse().expect("address"), Duration::from_secs(5)).expect("client")
+    CsiClient::new(driver.address().parse().expect("address"), Duration::from_secs(5))
 }
 
 /// (node, class) → (capacity, maximumVolumeSize) in bytes, of volplane's objects.

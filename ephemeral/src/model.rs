@@ -77,9 +77,7 @@ impl kube::Resource for EphemeralPod {
 }
 
 /// The PVC name of ephemeral volume `volume` in pod `pod`.
-pub fn claim_name(pod: &str, volume: &str) -> String {
-    format!("{pod}-{volume}")
-}
+pub use volplane_runtime::naming::ephemeral_claim as claim_name;
 
 /// Whether the pod still needs its volumes: not being deleted, not finished.
 pub fn is_active(pod: &EphemeralPod) -> bool {

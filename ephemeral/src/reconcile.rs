@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use futures::future::join_all;
 use futures::{StreamExt, TryStreamExt};
@@ -15,13 +15,14 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimTem
 use kube::api::{Api, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use volplane_leader::Leadership;
+use volplane_runtime::events::{self, Announcement};
+use volplane_runtime::{Backoff, Leadership, Readiness};
 
 use crate::error::{ClaimFailure, Error};
 use crate::metrics::EphemeralMetrics;
@@ -34,8 +35,8 @@ pub struct EphemeralConfig {
     pub workers: u16,
     /// `reportingInstance` of events.
     pub instance: String,
-    /// First retry delay after a failure; doubles per failure up to 5 minutes.
-    pub retry_base: Duration,
+    /// Retry delays of a pod whose claims failed.
+    pub backoff: Backoff,
 }
 
 /// The ephemeral controller. Every replica watches; only while
@@ -45,7 +46,7 @@ pub struct EphemeralController {
     config: EphemeralConfig,
     metrics: Arc<EphemeralMetrics>,
     leadership: Leadership,
-    ready: watch::Sender<bool>,
+    ready: Readiness,
 }
 
 impl std::fmt::Debug for EphemeralController {
@@ -67,7 +68,7 @@ struct Context {
     /// Claims a pod waits for because a foreign PVC holds the name.
     blocked: Arc<Mutex<HashMap<ClaimKey, ObjectRef<EphemeralPod>>>>,
     failures: Mutex<HashMap<ObjectRef<EphemeralPod>, u32>>,
-    retry_base: Duration,
+    backoff: Backoff,
     leadership: Leadership,
 }
 
@@ -88,7 +89,7 @@ impl EphemeralController {
             config,
             metrics,
             leadership,
-            ready: watch::channel(false).0,
+            ready: Readiness::new(),
         }
     }
 
@@ -101,7 +102,7 @@ impl EphemeralController {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + Sync + 'static) -> Result<(), Error> {
         // Readiness is tracked with watch channels: a store's own
         // `wait_until_ready` wakes only one of several concurrent waiters.
-        let (pods_listed, mut pods_ready) = watch::channel(false);
+        let (pods_listed, pods_ready) = watch::channel(false);
         let (claims_listed, claims_ready) = watch::channel(false);
         let (pod_store, pod_writer) = reflector::store::<EphemeralPod>();
         let pods = watcher::watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default())
@@ -145,18 +146,14 @@ impl EphemeralController {
             metrics: self.metrics.clone(),
             blocked: blocked.clone(),
             failures: Mutex::default(),
-            retry_base: self.config.retry_base,
+            backoff: self.config.backoff,
             leadership: self.leadership.clone(),
         });
 
         let ready = self.ready;
-        let readiness = tokio::spawn({
-            let mut claims_ready = claims_ready;
-            async move {
-                if pods_ready.wait_for(|r| *r).await.is_ok() && claims_ready.wait_for(|r| *r).await.is_ok() {
-                    info!("ephemeral controller synced");
-                    ready.send_replace(true);
-                }
+        let readiness = tokio::spawn(async move {
+            if ready.mark_ready_when_all(vec![pods_ready, claims_ready]).await {
+                info!("ephemeral controller synced");
             }
         });
 
@@ -275,8 +272,7 @@ fn error_policy(pod: Arc<EphemeralPod>, error: &Error, ctx: Arc<Context>) -> Act
         *n += 1;
         *n
     };
-    let delay =
-        (ctx.retry_base * 2u32.saturating_pow(failures.saturating_sub(1).min(10))).min(Duration::from_secs(300));
+    let delay = ctx.backoff.delay(failures);
     warn!(pod = %pod.name_any(), namespace = %pod.namespace().unwrap_or_default(), %error, retry_in = ?delay, "ephemeral volumes not ready");
     Action::requeue(delay)
 }
@@ -358,27 +354,18 @@ impl Context {
             FailureReason::Conflict => "EphemeralClaimConflict",
             _ => "EphemeralClaimFailed",
         };
-        let note = failure.note();
-        let event = KubeEvent {
-            type_: EventType::Warning,
-            reason: reason.into(),
-            note: Some(note),
-            action: "CreateClaim".into(),
-            secondary: None,
-        };
-        match self
-            .leadership
-            .guard(self.recorder.publish(&event, &pod.object_ref(&())))
-            .await
+        let announcement = Announcement::warning(reason, "CreateClaim", failure.note());
+        if let Err(error) = events::publish(&self.recorder, &self.leadership, &announcement, &pod.object_ref(&())).await
         {
-            Ok(Ok(())) | Err(_) => {}
-            Ok(Err(error)) => warn!(%error, "cannot publish event"),
+            warn!(%error, "cannot publish event");
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use k8s_openapi::api::events::v1::Event;
     use kube::api::ListParams;
     use prometheus_client::registry::Registry;
@@ -402,7 +389,10 @@ mod tests {
             metrics: Arc::new(EphemeralMetrics::register(&mut registry)),
             blocked: Arc::default(),
             failures: Mutex::default(),
-            retry_base: Duration::from_millis(10),
+            backoff: Backoff {
+                base: Duration::from_millis(10),
+                max: Duration::from_secs(300),
+            },
             leadership: Leadership::unconditional(),
         }
     }

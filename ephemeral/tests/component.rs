@@ -9,7 +9,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
-use volplane_leader::{Leadership, Term};
+use volplane_runtime::{Backoff, Leadership, Term};
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::background::Background;
 use volplane_tests::wait::{eventually, within};
@@ -53,7 +53,10 @@ impl Harness {
             EphemeralConfig {
                 workers: 8,
                 instance: "test".into(),
-                retry_base,
+                backoff: Backoff {
+                    base: retry_base,
+                    max: Duration::from_secs(300),
+                },
             },
             self.metrics.clone(),
             self.leadership.clone(),

@@ -60,7 +60,7 @@ pub struct VolumePage {
 
 impl CsiClient {
     /// Creates a client for `address`; nothing is dialled until the first call.
-    pub fn new(address: CsiAddress, timeout: Duration) -> Result<Self> {
+    pub fn new(address: CsiAddress, timeout: Duration) -> Self {
         let path = address.path().to_path_buf();
         // The URI is a placeholder: the connector below ignores it and dials the socket.
         let endpoint = Endpoint::from_static("http://csi.invalid");
@@ -68,11 +68,11 @@ impl CsiClient {
             let path = path.clone();
             async move { UnixStream::connect(path).await.map(TokioIo::new) }
         }));
-        Ok(Self {
+        Self {
             address,
             channel,
             timeout,
-        })
+        }
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {

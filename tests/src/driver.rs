@@ -252,10 +252,7 @@ impl TestDriver {
                 self.socket.display()
             ),
         };
-        match CsiClient::new(address, timeout) {
-            Ok(client) => client,
-            Err(error) => panic!("cannot create a client for the test driver: {error}"),
-        }
+        CsiClient::new(address, timeout)
     }
 
     fn state(&self) -> MutexGuard<'_, DriverState> {

@@ -18,8 +18,7 @@ async fn probe_until_ready_succeeds_when_the_driver_starts_late() {
     let client = CsiClient::new(
         format!("unix:{}", socket.display()).parse().expect("address"),
         CALL_TIMEOUT,
-    )
-    .expect("client");
+    );
 
     let probing = tokio::spawn({
         let client = client.clone();
@@ -68,7 +67,7 @@ async fn probe_until_ready_waits_for_a_driver_that_reports_not_ready() {
 async fn probe_until_ready_gives_up_with_the_last_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("missing.sock");
-    let client = CsiClient::new(socket.display().to_string().parse().expect("address"), CALL_TIMEOUT).expect("client");
+    let client = CsiClient::new(socket.display().to_string().parse().expect("address"), CALL_TIMEOUT);
     let err = within(
         Duration::from_secs(10),
         client.probe_until_ready(Some(Duration::from_millis(500))),

@@ -95,8 +95,8 @@ mod capacity {
     use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
     use kube::api::ListParams;
     use volplane_capacity::model::{Enablement, ObjectIdentity};
-    use volplane_capacity::queue::Backoff;
     use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
+    use volplane_runtime::Backoff;
     use volplane_tests::driver::{CapacityAnswer, DriverConfig, TestDriver, labels};
 
     use super::*;
@@ -180,7 +180,7 @@ mod capacity {
                 instance: "e2e".into(),
             },
             Arc::new(CapacityMetrics::register(&mut registry)),
-            volplane_leader::Leadership::unconditional(),
+            volplane_runtime::Leadership::unconditional(),
         );
         let running = Background::spawn(|shutdown| controller.run(shutdown));
 
@@ -296,10 +296,13 @@ mod ephemeral {
             EphemeralConfig {
                 workers: 8,
                 instance: "e2e".into(),
-                retry_base: Duration::from_millis(200),
+                backoff: volplane_runtime::Backoff {
+                    base: Duration::from_millis(200),
+                    max: Duration::from_secs(300),
+                },
             },
             Arc::new(EphemeralMetrics::register(&mut registry)),
-            volplane_leader::Leadership::unconditional(),
+            volplane_runtime::Leadership::unconditional(),
         );
         Background::spawn(|shutdown| controller.run(shutdown))
     }
@@ -636,7 +639,7 @@ mod health {
                 instance: "e2e".into(),
             },
             Arc::new(HealthMetrics::register(&mut registry)),
-            volplane_leader::Leadership::unconditional(),
+            volplane_runtime::Leadership::unconditional(),
         );
         let running = Background::spawn(|shutdown| controller.run(shutdown));
 
@@ -675,7 +678,7 @@ mod health {
             .expect("node ready");
         wait_for_event(&client, REASON_NODE_RECOVERED, "NodeRecovered on the claim").await;
 
-        running.stop(Duration::from_secs(20)).await.expect("controller result");
+        running.stop(Duration::from_secs(20)).await;
         let reasons: Vec<String> = events(&client).await.into_iter().map(|(r, _, _)| r).collect();
         for reason in [
             REASON_ABNORMAL,

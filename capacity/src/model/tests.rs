@@ -221,7 +221,27 @@ fn an_unchanged_capacity_needs_no_write() {
     };
     let object = new_object(&item("a", "fast"), value, &identity(None));
     assert_eq!(object.capacity, Some(Quantity("3906250Ki".into())));
+    assert!(!needs_update(&object, value, &identity(None)));
     assert_eq!(updated_object(&object, value, &identity(None)), None);
+}
+
+#[test]
+fn a_write_is_needed_when_labels_or_owner_drift() {
+    let value = PublishedCapacity {
+        capacity: 1 << 30,
+        maximum_volume_size: None,
+    };
+    let mut object = new_object(&item("a", "fast"), value, &identity(None));
+    object.metadata.labels = None;
+    assert!(needs_update(&object, value, &identity(None)), "labels gone");
+    let object = new_object(&item("a", "fast"), value, &identity(None));
+    let bigger = PublishedCapacity {
+        capacity: 2 << 30,
+        ..value
+    };
+    assert!(needs_update(&object, bigger, &identity(None)), "capacity changed");
+    let owned = identity(Some(owner("Deployment", "volplane", "uid-1")));
+    assert!(needs_update(&object, value, &owned), "owner added");
 }
 
 #[test]

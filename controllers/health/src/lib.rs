@@ -13,8 +13,22 @@ pub use metrics::HealthMetrics;
 pub use monitor::{HealthConfig, HealthController, Source};
 pub use node::{NodeHealthAgent, NodeHealthConfig};
 
-/// What the health controllers can fail with: nothing so far. They log and
-/// retry everything at run time; the type keeps their `run` signature in
-/// line with the other controllers.
+/// What announcing a volume condition can fail with; the condition is
+/// announced again after the next check.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {}
+pub enum Error {
+    /// The event on the PVC did not go out.
+    #[error("event on PVC {namespace}/{claim}: {source}")]
+    Event {
+        /// The PVC's namespace.
+        namespace: String,
+        /// The PVC's name.
+        claim: String,
+        /// What the API server said.
+        #[source]
+        source: kube::Error,
+    },
+    /// This process does not lead (any more).
+    #[error(transparent)]
+    NotLeader(#[from] volplane_runtime::NotLeader),
+}

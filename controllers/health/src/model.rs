@@ -254,10 +254,12 @@ pub fn pod_claims(pod: &Pod) -> Vec<(String, String)> {
             if let Some(claim) = &volume.persistent_volume_claim {
                 Some((namespace.clone(), claim.claim_name.clone()))
             } else {
-                volume
-                    .ephemeral
-                    .as_ref()
-                    .map(|_| (namespace.clone(), format!("{pod_name}-{}", volume.name)))
+                volume.ephemeral.as_ref().map(|_| {
+                    (
+                        namespace.clone(),
+                        volplane_runtime::naming::ephemeral_claim(&pod_name, &volume.name),
+                    )
+                })
             }
         })
         .collect()
@@ -415,19 +417,6 @@ pub fn published_path(kubelet_dir: &str, pod_uid: &str, pv: &str) -> String {
         "{}/pods/{pod_uid}/volumes/kubernetes.io~csi/{pv}/mount",
         kubelet_dir.trim_end_matches('/')
     )
-}
-
-/// A stable offset in `[0, interval)` for `key`, so that per-volume checks
-/// spread over the interval instead of bunching up.
-pub fn phase(key: &str, interval: Duration) -> Duration {
-    // FNV-1a: stable across runs and platforms.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    let nanos = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX).max(1);
-    Duration::from_nanos(hash % nanos)
 }
 
 #[cfg(test)]

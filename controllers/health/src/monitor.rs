@@ -18,7 +18,7 @@ use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
@@ -26,8 +26,10 @@ use tokio::time::Instant;
 use tonic::Code;
 use tracing::{debug, error, info, warn};
 use volplane_csi::{CsiClient, CsiError};
-use volplane_leader::Leadership;
+use volplane_runtime::events::{self, Published};
+use volplane_runtime::{Leadership, NotLeader, Readiness, phase};
 
+use crate::Error;
 use crate::metrics::{HealthMetrics, claim_labels};
 use crate::model::{self, Announcement, Condition, NodeVerdict, Observation, Watched};
 
@@ -73,7 +75,7 @@ pub struct HealthController {
     config: Arc<HealthConfig>,
     metrics: Arc<HealthMetrics>,
     leadership: Leadership,
-    ready: watch::Sender<bool>,
+    ready: Readiness,
 }
 
 impl std::fmt::Debug for HealthController {
@@ -110,7 +112,7 @@ enum Done {
     Announced {
         pv: String,
         condition: Condition,
-        result: Result<(), String>,
+        result: Result<(), Error>,
     },
     Noted,
 }
@@ -140,7 +142,7 @@ impl HealthController {
             config: Arc::new(config),
             metrics,
             leadership,
-            ready: watch::channel(false).0,
+            ready: Readiness::new(),
         }
     }
 
@@ -150,7 +152,7 @@ impl HealthController {
     }
 
     /// Runs until `shutdown` completes, then lets writes in flight finish.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), crate::Error> {
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let config = self.config.clone();
         let mut streams: Vec<BoxStream<'static, Signal>> = Vec::new();
         let mut required: BTreeSet<&'static str> = ["volumes"].into();
@@ -263,7 +265,6 @@ impl HealthController {
                 warn!(%pv, %error, "announcement failed during shutdown");
             }
         }
-        Ok(())
     }
 }
 
@@ -285,7 +286,7 @@ struct State {
     leading: bool,
     required: BTreeSet<&'static str>,
     synced: BTreeSet<&'static str>,
-    ready: watch::Sender<bool>,
+    ready: Readiness,
     /// Watched volumes by PV name.
     volumes: BTreeMap<String, Watched>,
     /// What was last announced per PV (seeded from the annotation).
@@ -358,9 +359,8 @@ impl State {
             },
             Signal::Synced(source) => {
                 self.synced.insert(source);
-                if self.is_synced() && !*self.ready.borrow() {
+                if self.is_synced() && self.ready.mark_ready() {
                     info!(volumes = self.volumes.len(), "health controller synced");
-                    self.ready.send_replace(true);
                 }
             }
             Signal::Changed => {
@@ -394,7 +394,7 @@ impl State {
                 if !self.next_check.contains_key(&name)
                     && let Some(Source::GetVolume { interval, .. }) = &self.source
                 {
-                    let at = Instant::now() + model::phase(&name, *interval);
+                    let at = Instant::now() + phase::phase(&name, *interval);
                     self.next_check.insert(name.clone(), at);
                     self.due.insert((at, name.clone()));
                 }
@@ -595,7 +595,7 @@ impl State {
             Some(Source::GetVolume { interval, .. }) => {
                 let now = Instant::now();
                 for name in self.volumes.keys() {
-                    let at = now + model::phase(name, *interval);
+                    let at = now + phase::phase(name, *interval);
                     self.next_check.insert(name.clone(), at);
                     self.due.insert((at, name.clone()));
                 }
@@ -790,25 +790,16 @@ impl State {
                     NodeNote::Forgotten => (None, None),
                 };
                 if let Some((type_, reason, note)) = event {
-                    let event = KubeEvent {
-                        type_,
-                        reason: reason.into(),
-                        note: Some(volplane_runtime::text::event_note(&note)),
-                        action: "WatchNode".into(),
-                        secondary: None,
-                    };
-                    match leadership
-                        .guard(recorder.publish(&event, &volume.claim_reference()))
-                        .await
-                    {
-                        Ok(Ok(())) => {
+                    let event = events::Announcement::new(type_, reason, "WatchNode", note);
+                    match events::publish(&recorder, &leadership, &event, &volume.claim_reference()).await {
+                        Ok(Published::Sent) => {
                             metrics.events.get_or_create(&vec![("reason", reason)]).inc();
                         }
-                        Ok(Err(error)) => {
+                        Ok(Published::NotLeading) => return Done::Noted,
+                        Err(error) => {
                             warn!(%error, reason, pv = %volume.pv, "cannot publish event");
                             return Done::Noted;
                         }
-                        Err(_) => return Done::Noted,
                     }
                 }
                 let patch = Patch::Merge(model::node_failure_patch(node.as_deref()));
@@ -897,33 +888,42 @@ async fn announce(
     condition: &Condition,
     announcement: Option<&Announcement>,
     metrics: &HealthMetrics,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     if let Some(announcement) = announcement {
-        let event = KubeEvent {
-            type_: if announcement.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: announcement.reason.into(),
-            note: Some(announcement.note.clone()),
-            action: "CheckVolumeHealth".into(),
-            secondary: Some(ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("PersistentVolume".into()),
-                name: Some(volume.pv.clone()),
-                ..ObjectReference::default()
-            }),
+        let type_ = if announcement.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
         };
-        leadership
-            .guard(recorder.publish(&event, &volume.claim_reference()))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("event on PVC {}/{}: {e}", volume.namespace, volume.claim))?;
-        metrics
-            .events
-            .get_or_create(&vec![("reason", announcement.reason)])
-            .inc();
+        let pv = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("PersistentVolume".into()),
+            name: Some(volume.pv.clone()),
+            ..ObjectReference::default()
+        };
+        let event = events::Announcement::new(
+            type_,
+            announcement.reason,
+            "CheckVolumeHealth",
+            announcement.note.clone(),
+        )
+        .related_to(pv);
+        match events::publish(recorder, leadership, &event, &volume.claim_reference()).await {
+            Ok(Published::Sent) => {
+                metrics
+                    .events
+                    .get_or_create(&vec![("reason", announcement.reason)])
+                    .inc();
+            }
+            Ok(Published::NotLeading) => return Err(Error::NotLeader(NotLeader)),
+            Err(source) => {
+                return Err(Error::Event {
+                    namespace: volume.namespace.clone(),
+                    claim: volume.claim.clone(),
+                    source,
+                });
+            }
+        }
     }
     let patch = Patch::Merge(model::annotation_patch(condition));
     match leadership

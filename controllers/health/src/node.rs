@@ -13,13 +13,15 @@ use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, Pod};
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use volplane_csi::CsiClient;
 use volplane_csi::csi::v1 as pb;
+use volplane_runtime::events;
+use volplane_runtime::{Leadership, Readiness};
 
 use crate::metrics::{HealthMetrics, claim_labels};
 use crate::model::{self, Condition, Watched};
@@ -49,7 +51,7 @@ pub struct NodeHealthAgent {
     csi: CsiClient,
     config: Arc<NodeHealthConfig>,
     metrics: Arc<HealthMetrics>,
-    ready: watch::Sender<bool>,
+    ready: Readiness,
 }
 
 impl std::fmt::Debug for NodeHealthAgent {
@@ -74,7 +76,7 @@ impl NodeHealthAgent {
             csi,
             config: Arc::new(config),
             metrics,
-            ready: watch::channel(false).0,
+            ready: Readiness::new(),
         }
     }
 
@@ -84,12 +86,12 @@ impl NodeHealthAgent {
     }
 
     /// Runs until `shutdown` completes.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), crate::Error> {
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let config = self.config.clone();
         let (pods, pod_writer) = reflector::store::<Pod>();
         let (pvs, pv_writer) = reflector::store::<PersistentVolume>();
-        let (pods_listed, mut pods_ready) = watch::channel(false);
-        let (pvs_listed, mut pvs_ready) = watch::channel(false);
+        let (pods_listed, pods_ready) = watch::channel(false);
+        let (pvs_listed, pvs_ready) = watch::channel(false);
         let pod_watch = watcher::watcher(
             Api::<Pod>::all(self.client.clone()),
             watcher::Config::default().fields(&format!("spec.nodeName={}", config.node)),
@@ -132,15 +134,10 @@ impl NodeHealthAgent {
         tokio::select! {
             () = &mut shutdown => {
                 watches.abort();
-                return Ok(());
+                return;
             }
-            () = async {
-                let pods = async { pods_ready.wait_for(|r| *r).await.is_ok() };
-                let pvs = async { pvs_ready.wait_for(|r| *r).await.is_ok() };
-                tokio::join!(pods, pvs);
-            } => {}
+            _ = ready.mark_ready_when_all(vec![pods_ready, pvs_ready]) => {}
         }
-        ready.send_replace(true);
         info!(node = %config.node, driver = %config.driver, interval = ?config.interval, "node health agent synced");
 
         let mut round = Round {
@@ -168,7 +165,6 @@ impl NodeHealthAgent {
         }
         watches.abort();
         info!("node health agent stopped");
-        Ok(())
     }
 }
 
@@ -316,23 +312,20 @@ impl Round {
             let Some(announcement) = model::announcement(self.conditions.get(&key), &condition) else {
                 continue;
             };
-            let event = KubeEvent {
-                type_: if announcement.warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason: announcement.reason.into(),
-                // The prefix makes a note at the limit longer: cut again.
-                note: Some(volplane_runtime::text::event_note(&format!(
-                    "volume {} (PVC {namespace}/{claim}): {}",
-                    volume.volume.pv, announcement.note
-                ))),
-                action: "CheckVolumeHealth".into(),
-                secondary: None,
+            let type_ = if announcement.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
             };
-            match self.recorder.publish(&event, pod).await {
-                Ok(()) => {
+            // The prefix makes a note at the limit longer: publishing cuts it again.
+            let note = format!(
+                "volume {} (PVC {namespace}/{claim}): {}",
+                volume.volume.pv, announcement.note
+            );
+            let event = events::Announcement::new(type_, announcement.reason, "CheckVolumeHealth", note);
+            // Every node's agent writes for its own node: no election.
+            match events::publish(&self.recorder, &Leadership::unconditional(), &event, pod).await {
+                Ok(_) => {
                     self.metrics
                         .events
                         .get_or_create(&vec![("reason", announcement.reason)])

@@ -17,6 +17,34 @@ pub struct ControllerPlan {
     pub fallback: Option<Source>,
 }
 
+/// Why the driver cannot serve a health side; the message says exactly what
+/// is missing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unsupported {
+    /// The controller side lacks capabilities (each named).
+    #[error("CSI driver {driver} does not advertise {}; controller-side volume health checks stay off", .missing.join(", nor "))]
+    Controller {
+        /// The driver's name.
+        driver: String,
+        /// What is missing, in words.
+        missing: Vec<String>,
+    },
+    /// No Node service on the socket.
+    #[error("CSI driver {driver} serves no Node service on this socket; node-side volume health stays off")]
+    NoNodeService {
+        /// The driver's name.
+        driver: String,
+    },
+    /// The node service cannot report volume stats.
+    #[error(
+        "CSI driver {driver} does not advertise the GET_VOLUME_STATS node capability; node-side volume health stays off"
+    )]
+    NoVolumeStats {
+        /// The driver's name.
+        driver: String,
+    },
+}
+
 /// How often and how wide the controller side may ask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timing {
@@ -33,7 +61,7 @@ pub struct Timing {
 /// ListVolumes if the driver lists volumes (one call per page instead of
 /// one per volume), else ControllerGetVolume; both need VOLUME_CONDITION.
 /// The error says exactly what is missing.
-pub fn controller_plan(driver: &DriverInfo, timing: Timing) -> Result<ControllerPlan, String> {
+pub fn controller_plan(driver: &DriverInfo, timing: Timing) -> Result<ControllerPlan, Unsupported> {
     let list = ControllerCapability::ListVolumes;
     let get = ControllerCapability::GetVolume;
     let condition = ControllerCapability::VolumeCondition;
@@ -52,11 +80,10 @@ pub fn controller_plan(driver: &DriverInfo, timing: Timing) -> Result<Controller
         missing.push(format!("the {} controller capability", condition.as_str_name()));
     }
     if !missing.is_empty() {
-        return Err(format!(
-            "CSI driver {} does not advertise {}; controller-side volume health checks stay off",
-            driver.name,
-            missing.join(", nor ")
-        ));
+        return Err(Unsupported::Controller {
+            driver: driver.name.clone(),
+            missing,
+        });
     }
     let listing = Source::ListVolumes {
         interval: timing.list_interval,
@@ -84,20 +111,17 @@ pub fn controller_plan(driver: &DriverInfo, timing: Timing) -> Result<Controller
 
 /// The node side needs GET_VOLUME_STATS; with VOLUME_CONDITION it also
 /// reports conditions (`Ok(true)`), without only usage (`Ok(false)`).
-pub fn node_conditions(driver: &DriverInfo) -> Result<bool, String> {
+pub fn node_conditions(driver: &DriverInfo) -> Result<bool, Unsupported> {
     let stats = NodeCapability::GetVolumeStats;
     if driver.node.is_none() {
-        return Err(format!(
-            "CSI driver {} serves no Node service on this socket; node-side volume health stays off",
-            driver.name
-        ));
+        return Err(Unsupported::NoNodeService {
+            driver: driver.name.clone(),
+        });
     }
     if !driver.has_node(stats) {
-        return Err(format!(
-            "CSI driver {} does not advertise the {} node capability; node-side volume health stays off",
-            driver.name,
-            stats.as_str_name()
-        ));
+        return Err(Unsupported::NoVolumeStats {
+            driver: driver.name.clone(),
+        });
     }
     Ok(driver.has_node(NodeCapability::VolumeCondition))
 }
@@ -157,22 +181,30 @@ mod tests {
     #[test]
     fn what_is_missing_is_named() {
         use ControllerCapability::*;
-        let no_condition = controller_plan(&driver(&[ListVolumes], None), TIMING).expect_err("missing");
+        let no_condition = controller_plan(&driver(&[ListVolumes], None), TIMING)
+            .expect_err("missing")
+            .to_string();
         assert!(no_condition.contains("VOLUME_CONDITION"), "{no_condition}");
         assert!(!no_condition.contains("LIST_VOLUMES"), "{no_condition}");
-        let no_call = controller_plan(&driver(&[VolumeCondition, GetCapacity], None), TIMING).expect_err("missing");
+        let no_call = controller_plan(&driver(&[VolumeCondition, GetCapacity], None), TIMING)
+            .expect_err("missing")
+            .to_string();
         assert!(
             no_call.contains("LIST_VOLUMES or GET_VOLUME") && !no_call.contains("the VOLUME_CONDITION"),
             "{no_call}"
         );
-        let nothing = controller_plan(&driver(&[], None), TIMING).expect_err("missing");
+        let nothing = controller_plan(&driver(&[], None), TIMING)
+            .expect_err("missing")
+            .to_string();
         assert!(
             nothing.contains("LIST_VOLUMES or GET_VOLUME") && nothing.contains("VOLUME_CONDITION"),
             "{nothing}"
         );
         let mut node_only = driver(&[ListVolumes, VolumeCondition], None);
         node_only.plugin.controller_service = false;
-        let err = controller_plan(&node_only, TIMING).expect_err("no controller service");
+        let err = controller_plan(&node_only, TIMING)
+            .expect_err("no controller service")
+            .to_string();
         assert!(err.contains("CONTROLLER_SERVICE"), "{err}");
     }
 
@@ -184,9 +216,13 @@ mod tests {
             Ok(true)
         );
         assert_eq!(node_conditions(&driver(&[], Some(&[GetVolumeStats]))), Ok(false));
-        let err = node_conditions(&driver(&[], Some(&[VolumeCondition]))).expect_err("no stats");
+        let err = node_conditions(&driver(&[], Some(&[VolumeCondition])))
+            .expect_err("no stats")
+            .to_string();
         assert!(err.contains("GET_VOLUME_STATS"), "{err}");
-        let err = node_conditions(&driver(&[], None)).expect_err("no node service");
+        let err = node_conditions(&driver(&[], None))
+            .expect_err("no node service")
+            .to_string();
         assert!(err.contains("no Node service"), "{err}");
     }
 }

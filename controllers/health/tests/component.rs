@@ -13,7 +13,7 @@ use volplane_health::model::{
     ABNORMAL_ANNOTATION, REASON_ABNORMAL, REASON_NODE_FAILED, REASON_NODE_RECOVERED, REASON_NORMAL,
 };
 use volplane_health::{HealthConfig, HealthController, HealthMetrics, NodeHealthAgent, NodeHealthConfig, Source};
-use volplane_leader::Leadership;
+use volplane_runtime::Leadership;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::background::Background;
 use volplane_tests::driver::{DriverConfig, TestDriver, TestVolume};
@@ -31,7 +31,7 @@ struct Harness {
     metrics: Arc<HealthMetrics>,
     /// The controller's fallback source.
     fallback: Option<Source>,
-    running: Option<Background<Result<(), volplane_health::Error>>>,
+    running: Option<Background<()>>,
 }
 
 fn driver_config(capabilities: Vec<ControllerCapability>) -> DriverConfig {
@@ -107,7 +107,7 @@ impl Harness {
 
     async fn stop(&mut self) {
         if let Some(running) = self.running.take() {
-            running.stop(Duration::from_secs(20)).await.expect("result");
+            running.stop(Duration::from_secs(20)).await;
         }
     }
 
@@ -541,11 +541,11 @@ async fn a_follower_calls_no_driver() {
     .await;
     h.driver.put_volume("h-pv-0", sick("bad"));
     h.bound_pv("pv-0", DRIVER, "claim-0").await;
-    let (term, receiver) = tokio::sync::watch::channel(volplane_leader::Term::Following);
+    let (term, receiver) = tokio::sync::watch::channel(volplane_runtime::Term::Following);
     h.start(list_mode(50, 0), None, Leadership::new(receiver)).await;
     // Synced while following: no call. Then leading: the sweep starts.
     assert_eq!(h.driver.count(CsiMethod::ListVolumes), 0);
-    term.send_replace(volplane_leader::Term::Leading {
+    term.send_replace(volplane_runtime::Term::Leading {
         number: 1,
         until: Some(std::time::SystemTime::now() + Duration::from_secs(600)),
     });
@@ -786,5 +786,5 @@ async fn the_node_agent_reports_usage_and_warns_each_pod_once_per_change() {
         h.metrics_text()
             .contains("volplane_health_node_volume_abnormal{namespace=\"apps\",persistentvolumeclaim=\"claim-0\"} 1")
     );
-    running.stop(Duration::from_secs(10)).await.expect("result");
+    running.stop(Duration::from_secs(10)).await;
 }

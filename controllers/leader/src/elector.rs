@@ -27,7 +27,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::leadership::{Leadership, Term};
+use volplane_runtime::leadership::{Leadership, Term};
 
 /// Settings of one election.
 #[derive(Clone, Debug, PartialEq, Eq)]

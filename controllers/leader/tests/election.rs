@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use volplane_leader::{ElectionConfig, ElectionMetrics, Elector, Leadership};
+use volplane_leader::{ElectionConfig, ElectionMetrics, Elector};
+use volplane_runtime::Leadership;
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::background::Background;
 use volplane_tests::wait::eventually;

@@ -1,0 +1,27 @@
+//! Plumbing shared by volplane's controllers (capacity, ephemeral, health)
+//! and the CSI client: the bottom of the crate stack, so it depends on none
+//! of them.
+//!
+//! - [`leadership`]: the write permission a controller holds; every write
+//!   goes through [`Leadership::guard`].
+//! - [`events`]: publishing an event under that guard, its note cut to the
+//!   API server's limit.
+//! - [`backoff`]: the one exponential backoff of the controllers' retries.
+//! - [`phase`]: where in a poll interval a periodic check of one item falls.
+//! - [`readiness`]: the "caches synced" flag behind `/readyz`.
+//! - [`naming`]: names Kubernetes derives, which two controllers must agree on.
+//! - [`text`]: cuts text from outside (CSI drivers, the API server,
+//!   admission webhooks) to the lengths the API server accepts, on a
+//!   character boundary.
+
+pub mod backoff;
+pub mod events;
+pub mod leadership;
+pub mod naming;
+pub mod phase;
+pub mod readiness;
+pub mod text;
+
+pub use backoff::Backoff;
+pub use leadership::{Leadership, NotLeader, Term};
+pub use readiness::Readiness;
