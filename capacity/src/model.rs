@@ -453,6 +453,16 @@ pub fn published_capacity(object: &CSIStorageCapacity) -> Option<PublishedCapaci
     })
 }
 
+/// Whether `seen`, a newer version of `known` delivered by the watch,
+/// needs a refresh: its published capacity differs from what `known`
+/// published, or it is no longer what volplane writes for that value
+/// (labels, owner, spelling). `known` without a readable capacity always
+/// needs one.
+pub fn changed_by_others(known: &CSIStorageCapacity, seen: &CSIStorageCapacity, identity: &ObjectIdentity) -> bool {
+    published_capacity(known)
+        .is_none_or(|value| published_capacity(seen) != Some(value) || needs_update(seen, value, identity))
+}
+
 /// How the objects that exist map onto the items that should.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reconciliation {

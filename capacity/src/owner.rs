@@ -87,7 +87,10 @@ pub async fn resolve(
 /// Walks controller references up from a pod: ReplicaSet → Deployment,
 /// StatefulSet, DaemonSet. A pod without a controller owns its objects itself.
 async fn top_controller(client: &kube::Client, namespace: &str, pod: &ObjectMeta) -> Result<Option<OwnerReference>> {
-    let read = |kind: &str, name: &str| Error::Config(format!("cannot read {kind} {namespace}/{name}"));
+    let read = |kind: &str, name: &str| {
+        let what = format!("cannot read {kind} {namespace}/{name} for the owner reference");
+        move |source| Error::Startup { what, source }
+    };
     let Some(parent) = controller_ref(pod) else {
         return Ok(reference("v1", "Pod", pod));
     };
@@ -96,13 +99,13 @@ async fn top_controller(client: &kube::Client, namespace: &str, pod: &ObjectMeta
             let rs = Api::<ReplicaSet>::namespaced(client.clone(), namespace)
                 .get(&parent.name)
                 .await
-                .map_err(|_| read("ReplicaSet", &parent.name))?;
+                .map_err(read("ReplicaSet", &parent.name))?;
             match controller_ref(&rs.metadata) {
                 Some(grand) if grand.kind == "Deployment" => {
                     let deployment = Api::<Deployment>::namespaced(client.clone(), namespace)
                         .get(&grand.name)
                         .await
-                        .map_err(|_| read("Deployment", &grand.name))?;
+                        .map_err(read("Deployment", &grand.name))?;
                     Ok(reference("apps/v1", "Deployment", &deployment.metadata))
                 }
                 _ => Ok(reference("apps/v1", "ReplicaSet", &rs.metadata)),
@@ -112,14 +115,14 @@ async fn top_controller(client: &kube::Client, namespace: &str, pod: &ObjectMeta
             let sts = Api::<StatefulSet>::namespaced(client.clone(), namespace)
                 .get(&parent.name)
                 .await
-                .map_err(|_| read("StatefulSet", &parent.name))?;
+                .map_err(read("StatefulSet", &parent.name))?;
             Ok(reference("apps/v1", "StatefulSet", &sts.metadata))
         }
         "DaemonSet" => {
             let ds = Api::<DaemonSet>::namespaced(client.clone(), namespace)
                 .get(&parent.name)
                 .await
-                .map_err(|_| read("DaemonSet", &parent.name))?;
+                .map_err(read("DaemonSet", &parent.name))?;
             Ok(reference("apps/v1", "DaemonSet", &ds.metadata))
         }
         // An unknown controller kind: reference it as it is.

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use volplane_csi::{CapacityQuery, CsiClient};
 use volplane_runtime::events::{self, Announcement};
-use volplane_runtime::{Backoff, Leadership, phase};
+use volplane_runtime::{Backoff, Leadership, Readiness, phase};
 
 use crate::error::{Error, Result};
 use crate::metrics::CapacityMetrics;
@@ -79,7 +79,7 @@ pub struct CapacityController {
     config: Arc<CapacityConfig>,
     metrics: Arc<CapacityMetrics>,
     leadership: Leadership,
-    ready: watch::Sender<bool>,
+    ready: Readiness,
 }
 
 impl std::fmt::Debug for CapacityController {
@@ -122,6 +122,25 @@ enum Done {
     Deleted(String, Result<()>),
 }
 
+/// A write of volplane's that the watch has not delivered yet.
+#[derive(Clone, Debug)]
+struct Unseen {
+    name: String,
+    /// The version the write created (opaque: only compared for equality).
+    version: Option<String>,
+    at: Instant,
+}
+
+/// How long a write may stay unseen before the watch is taken to have
+/// missed it (it normally arrives within milliseconds).
+const UNSEEN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Retries of a failed delete (at most 5 attempts).
+const DELETE_RETRY: Backoff = Backoff {
+    base: Duration::from_millis(400),
+    max: Duration::from_millis(3200),
+};
+
 fn input_signal<K>(source: &'static str, event: std::result::Result<Event<K>, watcher::Error>) -> Option<Signal> {
     match event {
         Ok(Event::InitDone) => Some(Signal::Inputs { source, synced: true }),
@@ -136,10 +155,6 @@ fn input_signal<K>(source: &'static str, event: std::result::Result<Event<K>, wa
 
 fn object_name(object: &CSIStorageCapacity) -> String {
     object.metadata.name.clone().unwrap_or_default()
-}
-
-fn revision(object: &CSIStorageCapacity) -> Option<u64> {
-    object.metadata.resource_version.as_deref()?.parse().ok()
 }
 
 impl CapacityController {
@@ -157,7 +172,7 @@ impl CapacityController {
             config: Arc::new(config),
             metrics,
             leadership,
-            ready: watch::channel(false).0,
+            ready: Readiness::new(),
         }
     }
 
@@ -291,6 +306,8 @@ impl CapacityController {
             items: BTreeSet::new(),
             parameters: BTreeMap::new(),
             objects: BTreeMap::new(),
+            unseen: HashMap::new(),
+            deferred: HashSet::new(),
             deleting: HashSet::new(),
             volumes: HashSet::new(),
             queue: WorkQueue::default(),
@@ -364,7 +381,13 @@ struct LoopState {
     synced: bool,
     items: BTreeSet<WorkItem>,
     parameters: BTreeMap<String, Labels>,
+    /// The object standing for each item, as the watch last delivered it;
+    /// nothing else writes here.
     objects: BTreeMap<WorkItem, CSIStorageCapacity>,
+    /// Volplane's own writes the watch has not delivered yet, per item.
+    unseen: HashMap<WorkItem, Unseen>,
+    /// Items that came due while their write was unseen: run once it is seen.
+    deferred: HashSet<WorkItem>,
     deleting: HashSet<String>,
     volumes: HashSet<String>,
     queue: WorkQueue<WorkItem>,
@@ -375,7 +398,7 @@ struct LoopState {
     leadership: Leadership,
     /// Whether writes were allowed when last looked at.
     leading: bool,
-    ready: watch::Sender<bool>,
+    ready: Readiness,
 }
 
 impl LoopState {
@@ -446,7 +469,7 @@ impl LoopState {
             objects = self.objects.len(),
             "capacity controller synced"
         );
-        let _ = self.ready.send(true);
+        self.ready.mark_ready();
     }
 
     fn segments(&self) -> BTreeSet<Segment> {
@@ -535,6 +558,8 @@ impl LoopState {
             self.queue.forget(&item);
             self.last_warning.remove(&item);
             self.oversized.remove(&item);
+            self.unseen.remove(&item);
+            self.deferred.remove(&item);
             if let Some(object) = self.objects.remove(&item) {
                 self.delete(&object);
             }
@@ -543,33 +568,60 @@ impl LoopState {
         self.parameters = parameters;
     }
 
-    /// After the capacity watch (re-)listed: what vanished meanwhile is
-    /// re-created, what appeared is adopted or deleted.
+    /// After the capacity watch (re-)listed: the listed objects are mapped
+    /// onto the items by [`model::reconcile_objects`]; what vanished
+    /// meanwhile is re-created, what appeared is adopted or deleted, what
+    /// changed is refreshed.
     fn resync_objects(&mut self) {
-        let listed = self.capacity_store.state();
-        let names: HashSet<String> = listed.iter().map(|o| object_name(o)).collect();
-        let vanished: Vec<CSIStorageCapacity> = self
-            .objects
-            .values()
-            .filter(|o| !names.contains(&object_name(o)))
-            .cloned()
-            .collect();
-        for object in vanished {
-            self.on_object_deleted(&object);
-        }
-        let mut listed: Vec<CSIStorageCapacity> = listed.iter().map(|o| o.as_ref().clone()).collect();
-        listed.sort_by_key(|o| (o.metadata.creation_timestamp.as_ref().map(|t| t.0), object_name(o)));
-        for object in listed {
-            self.on_object(object);
-        }
         let now = Instant::now();
-        for item in &self.items {
-            if !self.objects.contains_key(item) {
-                self.queue.schedule(item.clone(), now);
+        self.unseen.clear();
+        for item in std::mem::take(&mut self.deferred) {
+            self.queue.schedule(item, now);
+        }
+        let mut listed: Vec<CSIStorageCapacity> =
+            self.capacity_store.state().iter().map(|o| o.as_ref().clone()).collect();
+        let names: HashSet<String> = listed.iter().map(object_name).collect();
+        // Deletes in flight stay; those whose object is gone are done.
+        self.deleting.retain(|name| names.contains(name));
+        listed.retain(|o| !self.deleting.contains(&object_name(o)));
+        let plan = model::reconcile_objects(&self.items, &listed);
+        let mut by_name: HashMap<String, CSIStorageCapacity> =
+            listed.into_iter().map(|o| (object_name(&o), o)).collect();
+        for name in &plan.delete {
+            if let Some(object) = by_name.remove(name) {
+                self.delete(&object);
             }
+        }
+        let previous = std::mem::take(&mut self.objects);
+        for (item, name) in plan.adopt {
+            let Some(object) = by_name.remove(&name) else {
+                continue;
+            };
+            let refresh = match previous.get(&item) {
+                Some(known) if object_name(known) == name => {
+                    model::changed_by_others(known, &object, &self.config.identity)
+                }
+                _ => {
+                    debug!(%item, %name, "adopting object");
+                    true
+                }
+            };
+            self.objects.insert(item.clone(), object);
+            if refresh && !self.queue.is_in_flight(&item) {
+                self.queue.schedule(item, now);
+            }
+        }
+        for item in plan.missing {
+            if previous.contains_key(&item) {
+                info!(%item, "object deleted by someone else; re-creating");
+            }
+            self.queue.schedule(item, now);
         }
     }
 
+    /// The watch delivered `object`. Our own writes are recognised by their
+    /// version; until ours arrives, what comes before it is not taken for
+    /// someone else's change.
     fn on_object(&mut self, object: CSIStorageCapacity) {
         let name = object_name(&object);
         if self.deleting.contains(&name) {
@@ -579,20 +631,19 @@ impl LoopState {
             self.delete(&object);
             return;
         };
+        let awaited = self.unseen.get(&item).is_some_and(|unseen| unseen.name == name);
+        if self
+            .unseen
+            .get(&item)
+            .is_some_and(|unseen| unseen.name == name && unseen.version == object.metadata.resource_version)
+        {
+            self.write_seen(&item);
+        }
         match self.objects.get(&item) {
             Some(known) if object_name(known) == name => {
-                if let (Some(seen), Some(mine)) = (revision(&object), revision(known))
-                    && seen < mine
-                {
-                    return; // an older version than the one we wrote
-                }
-                let expected = model::published_capacity(known);
-                let tampered = expected.is_none_or(|value| {
-                    model::published_capacity(&object) != Some(value)
-                        || model::needs_update(&object, value, &self.config.identity)
-                });
+                let changed = !awaited && model::changed_by_others(known, &object, &self.config.identity);
                 self.objects.insert(item.clone(), object);
-                if tampered && !self.queue.is_pending(&item) {
+                if changed && !self.queue.is_pending(&item) {
                     debug!(%item, %name, "object changed by someone else; refreshing");
                     self.queue.schedule(item, Instant::now());
                 }
@@ -602,14 +653,38 @@ impl LoopState {
                 self.delete(&object);
             }
             None => {
-                debug!(%item, %name, "adopting object");
                 self.objects.insert(item.clone(), object);
                 // An item in flight is usually creating this very object:
                 // its result arrives next, no second run needed.
-                if !self.queue.is_in_flight(&item) {
+                if !awaited && !self.queue.is_in_flight(&item) {
+                    debug!(%item, %name, "adopting object");
                     self.queue.schedule(item, Instant::now());
                 }
             }
+        }
+    }
+
+    /// The watch delivered our write for `item` (or it was deleted): a
+    /// refresh that waited for it runs now.
+    fn write_seen(&mut self, item: &WorkItem) {
+        self.unseen.remove(item);
+        if self.deferred.remove(item) {
+            self.queue.schedule(item.clone(), Instant::now());
+        }
+    }
+
+    /// Whether `item`'s last write is still on its way through the watch
+    /// (a refresh now would write from a stale version). A write unseen for
+    /// [`UNSEEN_LIMIT`] is given up on.
+    fn awaits_watch(&mut self, item: &WorkItem, now: Instant) -> bool {
+        match self.unseen.get(item) {
+            Some(unseen) if now.duration_since(unseen.at) < UNSEEN_LIMIT => true,
+            Some(unseen) => {
+                warn!(%item, name = %unseen.name, "the watch has not delivered volplane's own write; refreshing anyway");
+                self.unseen.remove(item);
+                false
+            }
+            None => false,
         }
     }
 
@@ -619,6 +694,9 @@ impl LoopState {
         let Some(item) = model::item_of(object) else {
             return;
         };
+        if self.unseen.get(&item).is_some_and(|unseen| unseen.name == name) {
+            self.write_seen(&item);
+        }
         if self.objects.get(&item).is_some_and(|known| object_name(known) == name) {
             self.objects.remove(&item);
             if self.items.contains(&item) {
@@ -704,7 +782,7 @@ impl LoopState {
                         }
                         Err(error) => {
                             warn!(%name, %error, attempt, "delete failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt)).await;
+                            tokio::time::sleep(DELETE_RETRY.delay(attempt)).await;
                         }
                     }
                 };
@@ -727,6 +805,13 @@ impl LoopState {
             let Some(item) = self.queue.pop_due(now) else {
                 break;
             };
+            if self.awaits_watch(&item, now) {
+                let until = self.unseen.get(&item).map_or(now, |unseen| unseen.at + UNSEEN_LIMIT);
+                self.queue.finish(&item);
+                self.queue.schedule(item.clone(), until);
+                self.deferred.insert(item);
+                continue;
+            }
             let Some(parameters) = self
                 .parameters
                 .get(&item.class)
@@ -768,11 +853,19 @@ impl LoopState {
                         self.note_oversized(&item, outcome.published());
                         if let Outcome::Written(object, _) = outcome {
                             let name = object_name(&object);
+                            let version = object.metadata.resource_version.clone();
                             match self.objects.get(&item) {
                                 _ if !desired => self.delete(&object),
                                 Some(known) if object_name(known) != name => self.delete(&object),
+                                // The watch was quicker than the response.
+                                Some(known) if known.metadata.resource_version == version => {}
                                 _ => {
-                                    self.objects.insert(item.clone(), *object);
+                                    let unseen = Unseen {
+                                        name,
+                                        version,
+                                        at: Instant::now(),
+                                    };
+                                    self.unseen.insert(item.clone(), unseen);
                                 }
                             }
                         }
@@ -788,10 +881,14 @@ impl LoopState {
                         self.queue.schedule(item, Instant::now());
                     }
                     Err(error) if error.is_not_found() => {
-                        // Deleted behind our back between the watch event and the write.
-                        self.objects.remove(&item);
+                        // Deleted behind our back between the watch event and
+                        // the write: the watch brings the deletion, which
+                        // re-creates at once; the next poll is the fallback.
+                        debug!(%item, "object gone before the write; waiting for the watch");
                         if desired {
-                            self.queue.schedule(item, Instant::now());
+                            let phase = phase::phase(&item.to_string(), self.config.poll_interval);
+                            let next = queue::next_poll(Instant::now(), self.start, self.config.poll_interval, phase);
+                            self.queue.schedule(item, next);
                         }
                     }
                     Err(error) => {

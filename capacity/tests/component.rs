@@ -740,6 +740,80 @@ async fn a_new_volume_refreshes_its_segment_and_class_at_once() {
     h.stop().await;
 }
 
+fn volume_in_zone(name: &str, zone: &str) -> PersistentVolume {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                 "csi": {"driver": DRIVER, "volumeHandle": name},
+                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                     {"key": "zone", "operator": "In", "values": [zone]}]}]}}}
+    }))
+    .expect("pv")
+}
+
+#[tokio::test]
+async fn its_own_updates_coming_back_through_the_watch_cause_no_refresh() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(4 * GI));
+    h.start(config(Duration::from_secs(3600), Topology::Central, true))
+        .await;
+    h.wait_for_published(
+        "initial",
+        &[("fast", Some("a"), 4 * GI, None), ("fast", Some("b"), 4 * GI, None)],
+    )
+    .await;
+
+    // Two volumes in zone a at once: a second refresh right behind the
+    // first. The store holds only what the watch delivered; volplane's own
+    // update, when it comes back, must not look like someone else's edit.
+    h.driver
+        .set_capacity(Some(zone("a")), None, CapacityAnswer::available(2 * GI));
+    // A slow driver: the second volume arrives while the first refresh runs.
+    h.driver.set_delay(CsiMethod::GetCapacity, Duration::from_millis(300));
+    let calls = h.driver.count(CsiMethod::GetCapacity);
+    let updates = h.double.count(Verb::Update, "csistoragecapacities");
+    let volumes = Api::<PersistentVolume>::all(h.client.clone());
+    for name in ["pv-1", "pv-2"] {
+        volumes
+            .create(&PostParams::default(), &volume_in_zone(name, "a"))
+            .await
+            .expect("pv");
+    }
+    h.wait_for_published(
+        "zone a refreshed",
+        &[("fast", Some("a"), 2 * GI, None), ("fast", Some("b"), 4 * GI, None)],
+    )
+    .await;
+    // Zone b afterwards: once it is published, zone a's events are long
+    // handled, so a refresh caused by volplane's own update would show.
+    h.driver
+        .set_capacity(Some(zone("b")), None, CapacityAnswer::available(GI));
+    volumes
+        .create(&PostParams::default(), &volume_in_zone("pv-3", "b"))
+        .await
+        .expect("pv");
+    h.wait_for_published(
+        "zone b refreshed",
+        &[("fast", Some("a"), 2 * GI, None), ("fast", Some("b"), GI, None)],
+    )
+    .await;
+    assert_eq!(
+        h.double.count(Verb::Update, "csistoragecapacities"),
+        updates + 2,
+        "one update per changed item, none repeated after a conflict"
+    );
+    assert_eq!(
+        h.driver.count(CsiMethod::GetCapacity) - calls,
+        3,
+        "zone a twice (the second volume came during the first run), zone b once"
+    );
+    assert_eq!(h.published().await.len(), 2, "no duplicate objects");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn a_driver_without_topology_gets_one_segment_for_all_nodes() {
     let mut h = Harness::new().await;

@@ -135,7 +135,7 @@ pub struct Args {
     pub capacity_poll_interval: Duration,
 
     /// Concurrent GetCapacity refreshes.
-    #[arg(long, env = "CAPACITY_WORKERS", value_name = "N", default_value_t = 16,
+    #[arg(long, env = "CAPACITY_WORKERS", value_name = "N", default_value_t = 64,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub capacity_workers: u16,
 
@@ -324,9 +324,7 @@ impl Args {
             }
         }
         if self.leader_election {
-            self.election_timing("lease", "default", "identity")
-                .validate()
-                .map_err(anyhow::Error::msg)?;
+            self.election_timing("lease", "default", "identity").validate()?;
         }
         Ok(())
     }
@@ -540,7 +538,7 @@ mod tests {
     fn capacity_flags_have_documented_defaults_and_checks() {
         let args = parse(&["--csi-address", "/x.sock"]).expect("valid");
         assert_eq!(args.capacity_poll_interval, Duration::from_secs(60));
-        assert_eq!(args.capacity_workers, 16);
+        assert_eq!(args.capacity_workers, 64);
         assert_eq!(args.capacity_owner, CapacityOwner::Auto);
         assert!(!args.node_deployment && !args.capacity_for_immediate_binding);
         let no_node = parse(&["--csi-address", "/x.sock", "--node-deployment"]).expect("parses");

@@ -539,3 +539,40 @@ mod any_text {
         }
     }
 }
+
+#[test]
+fn a_newer_version_needs_a_refresh_only_when_someone_else_changed_it() {
+    let value = PublishedCapacity {
+        capacity: 1 << 30,
+        maximum_volume_size: None,
+    };
+    let ours = new_object(&item("a", "fast"), value, &identity(None));
+    let mut relabelled = ours.clone();
+    relabelled
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("team".into(), "storage".into());
+    assert!(
+        !changed_by_others(&ours, &relabelled, &identity(None)),
+        "a foreign label is not ours to fix"
+    );
+    let mut edited = ours.clone();
+    edited.capacity = Some(Quantity("5Gi".into()));
+    assert!(
+        changed_by_others(&ours, &edited, &identity(None)),
+        "capacity edited by hand"
+    );
+    let mut unlabelled = ours.clone();
+    unlabelled.metadata.labels = None;
+    assert!(
+        changed_by_others(&ours, &unlabelled, &identity(None)),
+        "volplane's labels removed"
+    );
+    let mut unreadable = ours.clone();
+    unreadable.capacity = Some(Quantity("lots".into()));
+    assert!(
+        changed_by_others(&unreadable, &ours, &identity(None)),
+        "nothing known to compare with"
+    );
+}

@@ -50,22 +50,50 @@ impl ElectionConfig {
     /// Checks the timing: whole seconds (the Lease API counts seconds) and
     /// `retry_period < renew_deadline < lease_duration`, so that a leader
     /// stops writing before anybody else may start.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), TimingError> {
         let whole = |d: Duration| d.subsec_nanos() == 0 && d.as_secs() > 0;
         if !whole(self.lease_duration) || !whole(self.retry_period) {
-            return Err(format!(
-                "--leader-election-lease-duration ({:?}) and --leader-election-retry-period ({:?}) must be whole seconds of at least 1s",
-                self.lease_duration, self.retry_period
-            ));
+            return Err(TimingError::NotWholeSeconds {
+                lease_duration: self.lease_duration,
+                retry_period: self.retry_period,
+            });
         }
         if !(self.retry_period < self.renew_deadline && self.renew_deadline < self.lease_duration) {
-            return Err(format!(
-                "leader election needs retry period ({:?}) < renew deadline ({:?}) < lease duration ({:?})",
-                self.retry_period, self.renew_deadline, self.lease_duration
-            ));
+            return Err(TimingError::OutOfOrder {
+                retry_period: self.retry_period,
+                renew_deadline: self.renew_deadline,
+                lease_duration: self.lease_duration,
+            });
         }
         Ok(())
     }
+}
+
+/// Election timing that cannot work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TimingError {
+    /// The Lease API counts whole seconds.
+    #[error(
+        "--leader-election-lease-duration ({lease_duration:?}) and --leader-election-retry-period ({retry_period:?}) must be whole seconds of at least 1s"
+    )]
+    NotWholeSeconds {
+        /// The lease duration given.
+        lease_duration: Duration,
+        /// The retry period given.
+        retry_period: Duration,
+    },
+    /// A leader must stop writing before anybody else may start.
+    #[error(
+        "leader election needs retry period ({retry_period:?}) < renew deadline ({renew_deadline:?}) < lease duration ({lease_duration:?})"
+    )]
+    OutOfOrder {
+        /// The retry period given.
+        retry_period: Duration,
+        /// The renew deadline given.
+        renew_deadline: Duration,
+        /// The lease duration given.
+        lease_duration: Duration,
+    },
 }
 
 /// Leader-election metrics, labelled by lease.

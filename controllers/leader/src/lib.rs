@@ -9,4 +9,4 @@
 
 mod elector;
 
-pub use elector::{ElectionConfig, ElectionMetrics, Elector};
+pub use elector::{ElectionConfig, ElectionMetrics, Elector, TimingError};
