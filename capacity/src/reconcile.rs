@@ -183,146 +183,12 @@ impl CapacityController {
 
     /// Runs until `shutdown` completes, then waits for work in flight.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-        let config = self.config.clone();
-        let mut streams: Vec<BoxStream<'static, Signal>> = Vec::new();
-        let mut required: BTreeSet<&'static str> = ["capacities", "classes", "volumes"].into();
-
-        let capacities: Api<CSIStorageCapacity> = Api::namespaced(self.client.clone(), &config.identity.namespace);
-        let (capacity_store, writer) = reflector::store();
-        let selector = config.identity.selector();
-        streams.push(
-            reflector::reflector(
-                writer,
-                watcher::watcher(capacities, watcher::Config::default().labels(&selector)),
-            )
-            .default_backoff()
-            .filter_map(|event| async move {
-                match event {
-                    Ok(event) => Some(Signal::Capacity(Box::new(event))),
-                    Err(error) => Some(Signal::WatchFailed {
-                        source: "capacities",
-                        error: error.to_string(),
-                    }),
-                }
-            })
-            .boxed(),
-        );
-
-        let (class_store, writer) = reflector::store::<StorageClass>();
-        streams.push(
-            reflector::reflector(
-                writer,
-                watcher::watcher(Api::all(self.client.clone()), watcher::Config::default()),
-            )
-            .default_backoff()
-            .filter_map(|event| async move { input_signal("classes", event) })
-            .boxed(),
-        );
-
-        streams.push(
-            watcher::watcher(
-                Api::<PersistentVolume>::all(self.client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .filter_map(|event| async move {
-                match event {
-                    Ok(event) => Some(Signal::Volume(Box::new(event))),
-                    Err(error) => Some(Signal::WatchFailed {
-                        source: "volumes",
-                        error: error.to_string(),
-                    }),
-                }
-            })
-            .boxed(),
-        );
-
-        let mut driver_store = None;
-        if config.enablement == Enablement::CsiDriver {
-            required.insert("csidriver");
-            let (store, writer) = reflector::store::<CSIDriver>();
-            let by_name = watcher::Config::default().fields(&format!("metadata.name={}", config.driver));
-            streams.push(
-                reflector::reflector(writer, watcher::watcher(Api::all(self.client.clone()), by_name))
-                    .default_backoff()
-                    .filter_map(|event| async move { input_signal("csidriver", event) })
-                    .boxed(),
-            );
-            driver_store = Some(store);
-        }
-
-        let mut topology_stores = None;
-        if config.topology == Topology::Central {
-            required.extend(["nodes", "csinodes"]);
-            let (node_store, writer) = reflector::store();
-            streams.push(
-                reflector::reflector(
-                    writer,
-                    // Metadata only: node labels are all the segments need.
-                    watcher::watcher(
-                        Api::<PartialObjectMeta<Node>>::all(self.client.clone()),
-                        watcher::Config::default(),
-                    ),
-                )
-                .default_backoff()
-                .filter_map(|event| async move { input_signal("nodes", event) })
-                .boxed(),
-            );
-            let (csinode_store, writer) = reflector::store::<CSINode>();
-            streams.push(
-                reflector::reflector(
-                    writer,
-                    watcher::watcher(Api::all(self.client.clone()), watcher::Config::default()),
-                )
-                .default_backoff()
-                .filter_map(|event| async move { input_signal("csinodes", event) })
-                .boxed(),
-            );
-            topology_stores = Some((node_store, csinode_store));
-        }
-
-        let recorder = Recorder::new(
-            self.client.clone(),
-            Reporter {
-                controller: "volplane-capacity".into(),
-                instance: Some(config.instance.clone()),
-            },
-        );
-        let mut state = LoopState {
-            api: Api::namespaced(self.client.clone(), &config.identity.namespace),
-            csi: self.csi.clone(),
-            config: config.clone(),
-            metrics: self.metrics.clone(),
-            recorder,
-            capacity_store,
-            class_store,
-            topology_stores,
-            driver_store,
-            tracking: None,
-            oversized: HashSet::new(),
-            required,
-            synced_sources: BTreeSet::new(),
-            synced: false,
-            items: BTreeSet::new(),
-            parameters: BTreeMap::new(),
-            objects: BTreeMap::new(),
-            unseen: HashMap::new(),
-            deferred: HashSet::new(),
-            deleting: HashSet::new(),
-            volumes: HashSet::new(),
-            queue: WorkQueue::default(),
-            refreshing: 0,
-            tasks: FuturesUnordered::new(),
-            last_warning: HashMap::new(),
-            start: Instant::now(),
-            leadership: self.leadership,
-            leading: false,
-            ready: self.ready,
-        };
-
-        let mut signals = futures::stream::select_all(streams);
+        let mut inputs = self.inputs();
+        let mut signals = futures::stream::select_all(std::mem::take(&mut inputs.streams));
+        let mut state = LoopState::new(self, inputs);
         let shutdown = shutdown.fuse();
         tokio::pin!(shutdown);
+        let config = state.config.clone();
         info!(driver = %config.driver, namespace = %config.identity.namespace, managed_by = %config.identity.managed_by,
               poll_interval = ?config.poll_interval, workers = config.workers, "capacity controller starting");
         loop {
@@ -359,6 +225,96 @@ impl CapacityController {
         }
         Ok(())
     }
+
+    /// The watches the loop follows: volplane's own objects, StorageClasses,
+    /// PVs, the CSIDriver (when it switches tracking) and, in central mode,
+    /// Nodes (metadata only) and CSINodes.
+    fn inputs(&self) -> Inputs {
+        let config = &self.config;
+        let client = &self.client;
+        let capacities: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), &config.identity.namespace);
+        let (capacity_store, writer) = reflector::store();
+        let selector = config.identity.selector();
+        let capacity_signals = reflector::reflector(
+            writer,
+            watcher::watcher(capacities, watcher::Config::default().labels(&selector)),
+        )
+        .default_backoff()
+        .map(|event| match event {
+            Ok(event) => Signal::Capacity(Box::new(event)),
+            Err(error) => Signal::WatchFailed {
+                source: "capacities",
+                error: error.to_string(),
+            },
+        })
+        .boxed();
+        let volume_signals = watcher::watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .map(|event| match event {
+                Ok(event) => Signal::Volume(Box::new(event)),
+                Err(error) => Signal::WatchFailed {
+                    source: "volumes",
+                    error: error.to_string(),
+                },
+            })
+            .boxed();
+        let (class_store, class_signals) = input_watch(Api::all(client.clone()), watcher::Config::default(), "classes");
+        let mut inputs = Inputs {
+            streams: vec![capacity_signals, class_signals, volume_signals],
+            required: ["capacities", "classes", "volumes"].into(),
+            capacity_store,
+            class_store,
+            driver_store: None,
+            topology_stores: None,
+        };
+        if config.enablement == Enablement::CsiDriver {
+            let by_name = watcher::Config::default().fields(&format!("metadata.name={}", config.driver));
+            let (store, signals) = input_watch(Api::all(client.clone()), by_name, "csidriver");
+            inputs.add("csidriver", signals);
+            inputs.driver_store = Some(store);
+        }
+        if config.topology == Topology::Central {
+            // Metadata only: node labels are all the segments need.
+            let (nodes, signals) = input_watch(Api::all(client.clone()), watcher::Config::default(), "nodes");
+            inputs.add("nodes", signals);
+            let (csinodes, signals) = input_watch(Api::all(client.clone()), watcher::Config::default(), "csinodes");
+            inputs.add("csinodes", signals);
+            inputs.topology_stores = Some((nodes, csinodes));
+        }
+        inputs
+    }
+}
+
+/// The watches behind the loop: their stores, and their events as signals.
+struct Inputs {
+    streams: Vec<BoxStream<'static, Signal>>,
+    /// Sources whose first list must be done before the loop acts.
+    required: BTreeSet<&'static str>,
+    capacity_store: Store<CSIStorageCapacity>,
+    class_store: Store<StorageClass>,
+    driver_store: Option<Store<CSIDriver>>,
+    topology_stores: Option<(Store<PartialObjectMeta<Node>>, Store<CSINode>)>,
+}
+
+impl Inputs {
+    fn add(&mut self, source: &'static str, signals: BoxStream<'static, Signal>) {
+        self.required.insert(source);
+        self.streams.push(signals);
+    }
+}
+
+/// A cached watch of `K` whose events are input signals from `source`.
+fn input_watch<K>(api: Api<K>, config: watcher::Config, source: &'static str) -> (Store<K>, BoxStream<'static, Signal>)
+where
+    K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let signals = reflector::reflector(writer, watcher::watcher(api, config))
+        .default_backoff()
+        .filter_map(move |event| async move { input_signal(source, event) })
+        .boxed();
+    (store, signals)
 }
 
 struct LoopState {
@@ -402,6 +358,48 @@ struct LoopState {
 }
 
 impl LoopState {
+    fn new(controller: CapacityController, inputs: Inputs) -> Self {
+        let config = controller.config;
+        let recorder = Recorder::new(
+            controller.client.clone(),
+            Reporter {
+                controller: "volplane-capacity".into(),
+                instance: Some(config.instance.clone()),
+            },
+        );
+        Self {
+            api: Api::namespaced(controller.client, &config.identity.namespace),
+            csi: controller.csi,
+            metrics: controller.metrics,
+            recorder,
+            capacity_store: inputs.capacity_store,
+            class_store: inputs.class_store,
+            topology_stores: inputs.topology_stores,
+            driver_store: inputs.driver_store,
+            tracking: None,
+            oversized: HashSet::new(),
+            required: inputs.required,
+            synced_sources: BTreeSet::new(),
+            synced: false,
+            items: BTreeSet::new(),
+            parameters: BTreeMap::new(),
+            objects: BTreeMap::new(),
+            unseen: HashMap::new(),
+            deferred: HashSet::new(),
+            deleting: HashSet::new(),
+            volumes: HashSet::new(),
+            queue: WorkQueue::default(),
+            refreshing: 0,
+            tasks: FuturesUnordered::new(),
+            last_warning: HashMap::new(),
+            start: Instant::now(),
+            leadership: controller.leadership,
+            leading: false,
+            ready: controller.ready,
+            config,
+        }
+    }
+
     /// Notices a change of leadership. A new leader first settles what
     /// was skipped while following: obsolete objects go, missing ones are
     /// created, and every item is refreshed (the work queue kept them).
@@ -842,87 +840,95 @@ impl LoopState {
 
     fn finished(&mut self, done: Done) {
         match done {
-            Done::Refresh(item, result) => {
-                self.refreshing -= 1;
-                self.queue.finish(&item);
-                let desired = self.items.contains(&item);
+            Done::Refresh(item, result) => self.refreshed(item, result),
+            Done::Deleted(name, result) => {
+                self.deleting.remove(&name);
                 match result {
-                    Ok(outcome) => {
-                        self.queue.succeeded(&item);
-                        self.last_warning.remove(&item);
-                        self.note_oversized(&item, outcome.published());
-                        if let Outcome::Written(object, _) = outcome {
-                            let name = object_name(&object);
-                            let version = object.metadata.resource_version.clone();
-                            match self.objects.get(&item) {
-                                _ if !desired => self.delete(&object),
-                                Some(known) if object_name(known) != name => self.delete(&object),
-                                // The watch was quicker than the response.
-                                Some(known) if known.metadata.resource_version == version => {}
-                                _ => {
-                                    let unseen = Unseen {
-                                        name,
-                                        version,
-                                        at: Instant::now(),
-                                    };
-                                    self.unseen.insert(item.clone(), unseen);
-                                }
-                            }
-                        }
-                        if desired {
-                            let phase = phase::phase(&item.to_string(), self.config.poll_interval);
-                            let next = queue::next_poll(Instant::now(), self.start, self.config.poll_interval, phase);
-                            self.queue.schedule(item, next);
-                        }
-                    }
-                    Err(Error::NotLeader(_)) => {
-                        // Cut off by a lost lease: done again once leading.
-                        debug!(%item, "refresh abandoned: not leading");
-                        self.queue.schedule(item, Instant::now());
-                    }
-                    Err(error) if error.is_not_found() => {
-                        // Deleted behind our back between the watch event and
-                        // the write: the watch brings the deletion, which
-                        // re-creates at once; the next poll is the fallback.
-                        debug!(%item, "object gone before the write; waiting for the watch");
-                        if desired {
-                            let phase = phase::phase(&item.to_string(), self.config.poll_interval);
-                            let next = queue::next_poll(Instant::now(), self.start, self.config.poll_interval, phase);
-                            self.queue.schedule(item, next);
-                        }
-                    }
+                    Ok(()) | Err(Error::NotLeader(_)) => {}
                     Err(error) => {
-                        let failures = self.queue.failed(&item);
-                        // Permanent: the same answer until something changes; wait a poll.
-                        let retry_at = if error.is_permanent() {
-                            let phase = phase::phase(&item.to_string(), self.config.poll_interval);
-                            queue::next_poll(Instant::now(), self.start, self.config.poll_interval, phase)
-                        } else {
-                            Instant::now() + self.config.backoff.delay(failures)
-                        };
-                        warn!(%item, error = %error, failures, permanent = error.is_permanent(),
-                              retry_in = ?retry_at.saturating_duration_since(Instant::now()),
-                              "capacity refresh failed; the published value stays");
-                        if error.is_announced() {
-                            self.warn_event(&item, &error);
-                        }
-                        if desired {
-                            self.queue.schedule(item, retry_at);
-                        }
+                        warn!(%name, %error, "cannot delete obsolete CSIStorageCapacity; will retry after the next re-list");
                     }
                 }
             }
-            Done::Deleted(name, result) => match result {
-                Ok(()) => {}
-                Err(Error::NotLeader(_)) => {
-                    self.deleting.remove(&name);
-                }
-                Err(error) => {
-                    warn!(%name, %error, "cannot delete obsolete CSIStorageCapacity; will retry after the next re-list");
-                    self.deleting.remove(&name);
-                }
-            },
         }
+    }
+
+    /// The item's next regular poll.
+    fn next_poll(&self, item: &WorkItem) -> Instant {
+        let phase = phase::phase(&item.to_string(), self.config.poll_interval);
+        queue::next_poll(Instant::now(), self.start, self.config.poll_interval, phase)
+    }
+
+    fn refreshed(&mut self, item: WorkItem, result: Result<Outcome>) {
+        self.refreshing -= 1;
+        self.queue.finish(&item);
+        let desired = self.items.contains(&item);
+        let next = match result {
+            Ok(outcome) => {
+                self.queue.succeeded(&item);
+                self.last_warning.remove(&item);
+                self.note_oversized(&item, outcome.published());
+                if let Outcome::Written(object, _) = outcome {
+                    self.wrote(&item, *object, desired);
+                }
+                self.next_poll(&item)
+            }
+            Err(Error::NotLeader(_)) => {
+                // Cut off by a lost lease: done again once leading.
+                debug!(%item, "refresh abandoned: not leading");
+                Instant::now()
+            }
+            Err(error) if error.is_not_found() => {
+                // Deleted behind our back between the watch event and the
+                // write: the watch brings the deletion, which re-creates at
+                // once; the next poll is the fallback.
+                debug!(%item, "object gone before the write; waiting for the watch");
+                self.next_poll(&item)
+            }
+            Err(error) => self.refresh_failed(&item, &error),
+        };
+        if desired {
+            self.queue.schedule(item, next);
+        }
+    }
+
+    /// A refresh wrote `object`: the watch will bring it back; until then
+    /// it is awaited (or it is deleted at once when nobody needs it).
+    fn wrote(&mut self, item: &WorkItem, object: CSIStorageCapacity, desired: bool) {
+        let name = object_name(&object);
+        let version = object.metadata.resource_version.clone();
+        match self.objects.get(item) {
+            _ if !desired => self.delete(&object),
+            Some(known) if object_name(known) != name => self.delete(&object),
+            // The watch was quicker than the response.
+            Some(known) if known.metadata.resource_version == version => {}
+            _ => {
+                let unseen = Unseen {
+                    name,
+                    version,
+                    at: Instant::now(),
+                };
+                self.unseen.insert(item.clone(), unseen);
+            }
+        }
+    }
+
+    /// Logs and counts a failed refresh and says when to retry: a permanent
+    /// error waits for the next poll, others back off.
+    fn refresh_failed(&mut self, item: &WorkItem, error: &Error) -> Instant {
+        let failures = self.queue.failed(item);
+        let retry_at = if error.is_permanent() {
+            self.next_poll(item)
+        } else {
+            Instant::now() + self.config.backoff.delay(failures)
+        };
+        warn!(%item, error = %error, failures, permanent = error.is_permanent(),
+              retry_in = ?retry_at.saturating_duration_since(Instant::now()),
+              "capacity refresh failed; the published value stays");
+        if error.is_announced() {
+            self.warn_event(item, error);
+        }
+        retry_at
     }
 
     fn finished_on_shutdown(&mut self, done: Done) {

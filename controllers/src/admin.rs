@@ -17,9 +17,9 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Shared state the admin endpoints report on.
+/// What the admin endpoints (`/readyz`, `/metrics`) report on.
 #[derive(Debug)]
-pub struct Health {
+pub struct Probes {
     ready: AtomicBool,
     registry: Registry,
 }
@@ -43,7 +43,7 @@ pub fn volplane_metrics(root: &mut Registry) -> &mut Registry {
     root.sub_registry_with_prefix("volplane")
 }
 
-impl Health {
+impl Probes {
     /// Serves `registry`; not ready yet.
     pub fn new(registry: Registry) -> Self {
         Self {
@@ -71,24 +71,24 @@ impl Health {
 }
 
 /// The admin routes.
-pub fn router(health: Arc<Health>) -> Router {
+pub fn router(probes: Arc<Probes>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(health)
+        .with_state(probes)
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    if health.is_ready() {
+async fn readyz(State(probes): State<Arc<Probes>>) -> impl IntoResponse {
+    if probes.is_ready() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
 }
 
-async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    match health.encode_metrics() {
+async fn metrics(State(probes): State<Arc<Probes>>) -> impl IntoResponse {
+    match probes.encode_metrics() {
         Ok(text) => (
             StatusCode::OK,
             [(
@@ -105,7 +105,7 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
 /// Binds `address` (failing fast with a clear error) and serves until `stop` turns true.
 pub async fn serve(
     address: SocketAddr,
-    health: Arc<Health>,
+    probes: Arc<Probes>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(address)
@@ -117,7 +117,7 @@ pub async fn serve(
         let shutdown = async move {
             let _ = stop.wait_for(|stopped| *stopped).await;
         };
-        if let Err(error) = axum::serve(listener, router(health))
+        if let Err(error) = axum::serve(listener, router(probes))
             .with_graceful_shutdown(shutdown)
             .await
         {

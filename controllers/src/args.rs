@@ -33,6 +33,41 @@ impl Controller {
     }
 }
 
+/// The controllers this process runs, from [`Args::plan`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// The CSI driver and the controllers that use it, if any runs.
+    pub csi: Option<CsiPlan>,
+    /// Whether the ephemeral controller runs.
+    pub ephemeral: bool,
+}
+
+/// The controllers that talk to the CSI driver at `address`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CsiPlan {
+    /// `--csi-address`.
+    pub address: CsiAddress,
+    /// Whether the capacity controller runs.
+    pub capacity: bool,
+    /// Whether the health controller runs.
+    pub health: bool,
+}
+
+impl Plan {
+    /// The controllers, for the startup log line.
+    pub fn controllers(&self) -> Vec<Controller> {
+        let csi = self.csi.as_ref();
+        [
+            (Controller::Capacity, csi.is_some_and(|c| c.capacity)),
+            (Controller::Health, csi.is_some_and(|c| c.health)),
+            (Controller::Ephemeral, self.ephemeral),
+        ]
+        .into_iter()
+        .filter_map(|(controller, runs)| runs.then_some(controller))
+        .collect()
+    }
+}
+
 /// Who owns the CSIStorageCapacity objects (`--capacity-owner`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum CapacityOwner {
@@ -290,15 +325,37 @@ impl Args {
 
     /// Checks combinations of flags that clap cannot check alone.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.csi_address.is_none()
-            && let Some(controller) = self.selected_controllers().into_iter().find(|c| c.needs_csi())
-        {
-            let name = controller
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default();
-            anyhow::bail!("the {name} controller needs --csi-address (or CSI_ADDRESS)");
-        }
+        self.plan().map(|_| ())
+    }
+
+    /// What this process runs, once the flags are checked together: the
+    /// controllers that talk to the driver come with its address.
+    pub fn plan(&self) -> anyhow::Result<Plan> {
+        let selected = self.selected_controllers();
+        let wants = |controller| selected.contains(&controller);
+        let csi = match (&self.csi_address, selected.iter().find(|c| c.needs_csi())) {
+            (_, None) => None,
+            (Some(address), Some(_)) => Some(CsiPlan {
+                address: address.clone(),
+                capacity: wants(Controller::Capacity),
+                health: wants(Controller::Health),
+            }),
+            (None, Some(controller)) => {
+                let name = controller
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default();
+                anyhow::bail!("the {name} controller needs --csi-address (or CSI_ADDRESS)");
+            }
+        };
+        self.check_combinations()?;
+        Ok(Plan {
+            csi,
+            ephemeral: wants(Controller::Ephemeral),
+        })
+    }
+
+    fn check_combinations(&self) -> anyhow::Result<()> {
         if self.node_deployment && self.node_name_value().is_none() {
             anyhow::bail!("--node-deployment needs --node-name (or NODE_NAME from the downward API)");
         }
@@ -471,6 +528,23 @@ mod tests {
             text.contains("frobnicate") && text.contains("capacity") && text.contains("ephemeral"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_plan_pairs_the_driver_controllers_with_the_address() {
+        let all = parse(&["--controllers", "health,ephemeral,capacity", "--csi-address", "/x.sock"]).expect("valid");
+        let plan = all.plan().expect("plan");
+        assert_eq!(
+            plan.controllers(),
+            [Controller::Capacity, Controller::Health, Controller::Ephemeral]
+        );
+        let csi = plan.csi.expect("driver controllers");
+        assert_eq!(csi.address.to_string(), "unix:///x.sock");
+        assert!(csi.capacity && csi.health && plan.ephemeral);
+        // The address alone does not make a driver controller run.
+        let ephemeral = parse(&["--controllers", "ephemeral", "--csi-address", "/x.sock"]).expect("valid");
+        let plan = ephemeral.plan().expect("plan");
+        assert_eq!((plan.csi, plan.ephemeral), (None, true));
     }
 
     #[test]

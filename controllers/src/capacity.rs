@@ -29,12 +29,7 @@ pub async fn build(
     leadership: Leadership,
 ) -> anyhow::Result<Option<CapacityController>> {
     let node = args.node_deployment.then(|| args.node_name_value()).flatten();
-    let mode = match (args.capacity_owner, node.is_some()) {
-        (CapacityOwner::Auto, true) | (CapacityOwner::Node, _) => OwnerMode::Node,
-        (CapacityOwner::Auto, false) => OwnerMode::Auto,
-        (CapacityOwner::Pod, _) => OwnerMode::Pod,
-        (CapacityOwner::None, _) => OwnerMode::None,
-    };
+    let mode = owner_mode(args.capacity_owner, node.is_some());
     let owner = owner::resolve(client, mode, namespace, args.pod_name_value(), node).await?;
     let event_target = owner.as_ref().map(|o| owner::event_target(o, namespace));
     let instance = args.pod_name_value().or(node).unwrap_or("volplane").to_string();
@@ -49,31 +44,9 @@ pub async fn build(
         return Ok(None);
     }
 
-    // A segment learnt from the driver is sent back in GetCapacity; the
-    // hostname fallback of a driver without topology is not.
-    let (topology, send_topology) = match node {
-        Some(node) => {
-            let info = csi.node_get_info().await.context("NodeGetInfo for --node-deployment")?;
-            let reported = info
-                .accessible_topology
-                .map(|t| t.segments)
-                .filter(|segments| driver.supports_topology() && !segments.is_empty());
-            let segment = model::per_node_segment(node, reported.as_ref());
-            if let Some(why) = model::invalid_segment(&segment) {
-                let message = format!(
-                    "NodeGetInfo of CSI driver {} on node {node} returned a topology segment the API server \
-                     cannot store as a CSIStorageCapacity nodeTopology ({why}); the capacity controller \
-                     stays idle on this node until the driver is fixed and volplane restarted",
-                    driver.name
-                );
-                idle(client, event_target, instance, "InvalidTopology", message).await;
-                return Ok(None);
-            }
-            info!(%node, %segment, node_id = %info.node_id, "per-node capacity segment");
-            (Topology::Fixed(segment), reported.is_some())
-        }
-        None if driver.supports_topology() => (Topology::Central, true),
-        None => (Topology::Fixed(model::Segment::default()), false),
+    let Some((topology, send_topology)) = topology(client, csi, driver, node, event_target.clone(), &instance).await?
+    else {
+        return Ok(None);
     };
     let config = CapacityConfig {
         driver: driver.name.clone(),
@@ -106,6 +79,56 @@ pub async fn build(
         metrics,
         leadership,
     )))
+}
+
+/// `--capacity-owner` for this mode: `auto` is the Node per node, the
+/// top-most controller of the pod centrally.
+fn owner_mode(flag: CapacityOwner, per_node: bool) -> OwnerMode {
+    match (flag, per_node) {
+        (CapacityOwner::Auto, true) | (CapacityOwner::Node, _) => OwnerMode::Node,
+        (CapacityOwner::Auto, false) => OwnerMode::Auto,
+        (CapacityOwner::Pod, _) => OwnerMode::Pod,
+        (CapacityOwner::None, _) => OwnerMode::None,
+    }
+}
+
+/// Where segments come from, and whether GetCapacity sends them: a
+/// segment learnt from the driver is sent back, the hostname fallback of a
+/// driver without topology is not. `None` when this node's segment cannot
+/// be stored (said once; the controller stays idle).
+async fn topology(
+    client: &kube::Client,
+    csi: &CsiClient,
+    driver: &DriverInfo,
+    node: Option<&str>,
+    event_target: Option<ObjectReference>,
+    instance: &str,
+) -> anyhow::Result<Option<(Topology, bool)>> {
+    let Some(node) = node else {
+        return Ok(Some(if driver.supports_topology() {
+            (Topology::Central, true)
+        } else {
+            (Topology::Fixed(model::Segment::default()), false)
+        }));
+    };
+    let info = csi.node_get_info().await.context("NodeGetInfo for --node-deployment")?;
+    let reported = info
+        .accessible_topology
+        .map(|t| t.segments)
+        .filter(|segments| driver.supports_topology() && !segments.is_empty());
+    let segment = model::per_node_segment(node, reported.as_ref());
+    if let Some(why) = model::invalid_segment(&segment) {
+        let message = format!(
+            "NodeGetInfo of CSI driver {} on node {node} returned a topology segment the API server \
+             cannot store as a CSIStorageCapacity nodeTopology ({why}); the capacity controller \
+             stays idle on this node until the driver is fixed and volplane restarted",
+            driver.name
+        );
+        idle(client, event_target, instance.to_string(), "InvalidTopology", message).await;
+        return Ok(None);
+    }
+    info!(%node, %segment, node_id = %info.node_id, "per-node capacity segment");
+    Ok(Some((Topology::Fixed(segment), reported.is_some())))
 }
 
 /// Says once — log line and Warning event on the owner — why the capacity

@@ -40,6 +40,31 @@ impl Health {
     }
 }
 
+/// The node agent's settings, or `None` when the driver's node service
+/// cannot serve it (said once).
+fn node_agent(driver: &DriverInfo, args: &Args, instance: String) -> Option<NodeHealthConfig> {
+    let node = args.node_name_value()?.to_string();
+    let conditions = match plan::node_conditions(driver) {
+        Ok(conditions) => conditions,
+        Err(unsupported) => {
+            error!("{unsupported}");
+            return None;
+        }
+    };
+    if !conditions {
+        info!(driver = %driver.name, "the node service does not advertise VOLUME_CONDITION: usage metrics only");
+    }
+    Some(NodeHealthConfig {
+        driver: driver.name.clone(),
+        node,
+        kubelet_dir: args.kubelet_dir.to_string_lossy().into_owned(),
+        interval: args.health_monitor_interval,
+        workers: usize::from(args.health_workers),
+        conditions,
+        instance,
+    })
+}
+
 /// Builds the health side, or `None` when the driver lacks what it needs
 /// (said once, clearly; the rest of the process keeps running). The
 /// leadership is asked for only when the central controller will run.
@@ -57,30 +82,11 @@ pub fn build(
         .unwrap_or("volplane")
         .to_string();
     if args.node_deployment {
-        let node = args.node_name_value()?.to_string();
-        let conditions = match plan::node_conditions(driver) {
-            Ok(conditions) => conditions,
-            Err(message) => {
-                error!("{message}");
-                return None;
-            }
-        };
-        if !conditions {
-            info!(driver = %driver.name, "the node service does not advertise VOLUME_CONDITION: usage metrics only");
-        }
-        let config = NodeHealthConfig {
-            driver: driver.name.clone(),
-            node,
-            kubelet_dir: args.kubelet_dir.to_string_lossy().into_owned(),
-            interval: args.health_monitor_interval,
-            workers: usize::from(args.health_workers),
-            conditions,
-            instance,
-        };
+        let agent = node_agent(driver, args, instance)?;
         return Some(Health::Node(NodeHealthAgent::new(
             client.clone(),
             csi.clone(),
-            config,
+            agent,
             metrics,
         )));
     }
@@ -92,8 +98,8 @@ pub fn build(
     };
     let chosen = match plan::controller_plan(driver, timing) {
         Ok(chosen) => chosen,
-        Err(message) => {
-            error!("{message}");
+        Err(unsupported) => {
+            error!("{unsupported}");
             return None;
         }
     };
@@ -101,7 +107,7 @@ pub fn build(
         driver: driver.name.clone(),
         source: chosen.source,
         fallback: chosen.fallback,
-        // Never zero: Args::validate refuses it.
+        // Never zero: Args::plan refuses it.
         node_failure_threshold: args.health_node_watcher.then_some(args.health_node_failure_threshold),
         instance,
     };

@@ -17,8 +17,8 @@ use volplane_health::HealthMetrics;
 use volplane_leader::{ElectionMetrics, Elector};
 use volplane_runtime::{Backoff, Leadership};
 
-use crate::admin::{self, Health};
-use crate::args::{Args, Controller};
+use crate::admin::{self, Probes};
+use crate::args::{Args, CsiPlan};
 use crate::client::{ApiMetrics, Retry, RetryConfig};
 
 /// How long running controllers get to finish in-flight work after a signal.
@@ -26,27 +26,22 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
 /// Runs volplane until SIGTERM or SIGINT.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    args.validate()?;
-    let controllers = args.selected_controllers();
-    info!(version = env!("CARGO_PKG_VERSION"), ?controllers, "volplane starting");
+    let plan = args.plan()?;
+    info!(version = env!("CARGO_PKG_VERSION"), controllers = ?plan.controllers(), "volplane starting");
 
     let mut registry = admin::registry();
     let metrics = admin::volplane_metrics(&mut registry);
-    let capacity_metrics = controllers
-        .contains(&Controller::Capacity)
-        .then(|| Arc::new(CapacityMetrics::register(metrics)));
-    let ephemeral_metrics = controllers
-        .contains(&Controller::Ephemeral)
-        .then(|| Arc::new(EphemeralMetrics::register(metrics)));
-    let health_metrics = controllers
-        .contains(&Controller::Health)
-        .then(|| Arc::new(HealthMetrics::register(metrics)));
+    let csi_metrics = plan.csi.as_ref().map(|csi| CsiMetrics {
+        capacity: csi.capacity.then(|| Arc::new(CapacityMetrics::register(metrics))),
+        health: csi.health.then(|| Arc::new(HealthMetrics::register(metrics))),
+    });
+    let ephemeral_metrics = plan.ephemeral.then(|| Arc::new(EphemeralMetrics::register(metrics)));
     let election_metrics = Arc::new(ElectionMetrics::register(metrics));
     let api_metrics = ApiMetrics::register(metrics);
-    let health = Arc::new(Health::new(registry));
+    let probes = Arc::new(Probes::new(registry));
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = match args.http_endpoint.0 {
-        Some(address) => Some(admin::serve(address, health.clone(), stop_rx.clone()).await?),
+        Some(address) => Some(admin::serve(address, probes.clone(), stop_rx.clone()).await?),
         None => None,
     };
 
@@ -56,144 +51,193 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .namespace_name()
         .map_or_else(|| client.default_namespace().to_string(), str::to_string);
     info!(%namespace, "namespace for volplane's own objects");
-    let mut elections = Elections {
-        lease_client: lease_client(config, &args, &api_metrics)?,
-        watch_client: client.clone(),
-        namespace: args.leader_election_namespace_name().unwrap_or(&namespace).to_string(),
-        identity,
-        metrics: election_metrics,
-        stop: watch::channel(false).0,
-        running: JoinSet::new(),
-    };
-
-    let csi = match (&args.csi_address, controllers.iter().any(|c| c.needs_csi())) {
-        (Some(address), true) => {
-            let csi = CsiClient::new(address.clone(), args.csi_timeout);
-            csi.probe_until_ready(args.csi_startup_limit()).await?;
-            let driver = csi
-                .driver_info()
-                .await
-                .with_context(|| format!("cannot read the identity and capabilities of the CSI driver at {address}"))?;
-            log_driver(&driver);
-            Some((csi, driver))
-        }
-        _ => None,
-    };
-
-    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-    let mut readiness: Vec<watch::Receiver<bool>> = Vec::new();
-    for controller in &controllers {
-        match controller {
-            Controller::Capacity => {
-                let (Some((csi, driver)), Some(metrics)) = (&csi, &capacity_metrics) else {
-                    anyhow::bail!("the capacity controller needs --csi-address");
-                };
-                // Per-node instances each own their node's objects: no election.
-                let leadership = if args.node_deployment {
-                    Leadership::unconditional()
-                } else {
-                    elections.join(&args, format!("volplane-capacity-{}", lease_suffix(&driver.name)))
-                };
-                match crate::capacity::build(&client, csi, driver, &args, &namespace, metrics.clone(), leadership)
-                    .await?
-                {
-                    Some(capacity) => {
-                        readiness.push(capacity.readiness());
-                        let shutdown = stop_requested(stop_rx.clone());
-                        tasks.spawn(
-                            async move { ("capacity", capacity.run(shutdown).await.map_err(anyhow::Error::from)) },
-                        );
-                    }
-                    None => info!("capacity controller idle"),
-                }
-            }
-            Controller::Health => {
-                let (Some((csi, driver)), Some(metrics)) = (&csi, &health_metrics) else {
-                    anyhow::bail!("the health controller needs --csi-address");
-                };
-                // The node side runs on every node: no election.
-                let lease = format!("volplane-health-{}", lease_suffix(&driver.name));
-                match crate::health::build(&client, csi, driver, &args, metrics.clone(), || {
-                    elections.join(&args, lease)
-                }) {
-                    Some(health) => {
-                        readiness.push(health.readiness());
-                        let shutdown = stop_requested(stop_rx.clone());
-                        tasks.spawn(async move {
-                            health.run(shutdown).await;
-                            ("health", Ok(()))
-                        });
-                    }
-                    None => info!("health controller idle"),
-                }
-            }
-            Controller::Ephemeral => {
-                let Some(metrics) = &ephemeral_metrics else {
-                    anyhow::bail!("ephemeral metrics were not registered");
-                };
-                let ephemeral = EphemeralController::new(
-                    client.clone(),
-                    EphemeralConfig {
-                        workers: args.ephemeral_workers,
-                        instance: args.pod_name_value().unwrap_or("volplane").to_string(),
-                        backoff: Backoff {
-                            base: Duration::from_millis(500),
-                            max: Duration::from_secs(300),
-                        },
-                    },
-                    metrics.clone(),
-                    elections.join(&args, "volplane-ephemeral".to_string()),
-                );
-                readiness.push(ephemeral.readiness());
-                let shutdown = stop_requested(stop_rx.clone());
-                tasks.spawn(async move { ("ephemeral", ephemeral.run(shutdown).await.map_err(anyhow::Error::from)) });
-            }
-        }
-    }
-
-    // Ready once every running controller has synced.
-    let readiness = tokio::spawn({
-        let health = health.clone();
-        async move {
-            for mut ready in readiness {
-                if ready.wait_for(|r| *r).await.is_err() {
-                    return;
-                }
-            }
-            health.set_ready(true);
-            info!("volplane is ready");
-        }
-    });
-
-    let outcome = tokio::select! {
-        signal = wait_for_termination() => signal.map(|()| info!("termination signal received, shutting down")),
-        Some(joined) = tasks.join_next() => match joined {
-            Ok((name, Ok(()))) => Err(anyhow::anyhow!("the {name} controller stopped unexpectedly")),
-            Ok((name, Err(error))) => Err(error.context(format!("the {name} controller failed"))),
-            Err(error) => Err(anyhow::anyhow!("a controller task panicked: {error}")),
+    let mut controllers = Controllers {
+        client: client.clone(),
+        args: &args,
+        namespace,
+        elections: Elections {
+            lease_client: lease_client(config, &args, &api_metrics)?,
+            watch_client: client,
+            namespace: String::new(),
+            identity,
+            metrics: election_metrics,
+            stop: watch::channel(false).0,
+            running: JoinSet::new(),
         },
+        stop: stop_rx,
+        tasks: JoinSet::new(),
+        readiness: Vec::new(),
     };
-    readiness.abort();
-    health.set_ready(false);
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while let Some(joined) = tasks.join_next().await {
-            if let Ok((name, Err(error))) = joined {
-                warn!(controller = name, error = %format!("{error:#}"), "controller ended with an error during shutdown");
-            }
-        }
-    })
-    .await;
-    if drained.is_err() {
-        warn!(grace = ?SHUTDOWN_GRACE, "work still in flight after the grace period; abandoning it");
-        tasks.abort_all();
+    controllers.elections.namespace = args
+        .leader_election_namespace_name()
+        .unwrap_or(&controllers.namespace)
+        .to_string();
+    if let (Some(csi), Some(metrics)) = (&plan.csi, csi_metrics) {
+        controllers.start_driver_controllers(csi, metrics).await?;
     }
-    // Only now, with no write left in flight, give the leases up.
-    elections.release(args.leader_election_renew_deadline).await;
+    if let Some(metrics) = ephemeral_metrics {
+        controllers.start_ephemeral(metrics);
+    }
+    let outcome = controllers.run_until_stopped(&probes).await;
+    let _ = stop_tx.send(true);
+    controllers.shut_down().await;
     if let Some(admin) = admin {
         let _ = admin.await;
     }
     outcome
+}
+
+/// The metrics of the controllers that talk to the driver.
+struct CsiMetrics {
+    capacity: Option<Arc<CapacityMetrics>>,
+    health: Option<Arc<HealthMetrics>>,
+}
+
+type ControllerTask = (&'static str, anyhow::Result<()>);
+
+/// The running controllers of this process and what they share.
+struct Controllers<'a> {
+    client: kube::Client,
+    args: &'a Args,
+    namespace: String,
+    elections: Elections,
+    stop: watch::Receiver<bool>,
+    tasks: JoinSet<ControllerTask>,
+    readiness: Vec<watch::Receiver<bool>>,
+}
+
+impl Controllers<'_> {
+    /// Waits for the driver, reads what it can do, and starts the capacity
+    /// and health controllers the plan asks for (each says once if the
+    /// driver cannot serve it, and the process keeps running).
+    async fn start_driver_controllers(&mut self, csi: &CsiPlan, metrics: CsiMetrics) -> anyhow::Result<()> {
+        let client = CsiClient::new(csi.address.clone(), self.args.csi_timeout);
+        client.probe_until_ready(self.args.csi_startup_limit()).await?;
+        let driver = client.driver_info().await.with_context(|| {
+            format!(
+                "cannot read the identity and capabilities of the CSI driver at {}",
+                csi.address
+            )
+        })?;
+        log_driver(&driver);
+        if let Some(metrics) = metrics.capacity {
+            self.start_capacity(&client, &driver, metrics).await?;
+        }
+        if let Some(metrics) = metrics.health {
+            self.start_health(&client, &driver, metrics);
+        }
+        Ok(())
+    }
+
+    async fn start_capacity(
+        &mut self,
+        csi: &CsiClient,
+        driver: &DriverInfo,
+        metrics: Arc<CapacityMetrics>,
+    ) -> anyhow::Result<()> {
+        let args = self.args;
+        // Per-node instances each own their node's objects: no election.
+        let leadership = if args.node_deployment {
+            Leadership::unconditional()
+        } else {
+            let lease = format!("volplane-capacity-{}", lease_suffix(&driver.name));
+            self.elections.join(args, lease)
+        };
+        let built = crate::capacity::build(&self.client, csi, driver, args, &self.namespace, metrics, leadership);
+        match built.await? {
+            Some(capacity) => {
+                self.readiness.push(capacity.readiness());
+                let shutdown = stop_requested(self.stop.clone());
+                self.tasks
+                    .spawn(async move { ("capacity", capacity.run(shutdown).await.map_err(anyhow::Error::from)) });
+            }
+            None => info!("capacity controller idle"),
+        }
+        Ok(())
+    }
+
+    fn start_health(&mut self, csi: &CsiClient, driver: &DriverInfo, metrics: Arc<HealthMetrics>) {
+        let args = self.args;
+        // The node side runs on every node: no election.
+        let lease = format!("volplane-health-{}", lease_suffix(&driver.name));
+        let elections = &mut self.elections;
+        match crate::health::build(&self.client, csi, driver, args, metrics, || elections.join(args, lease)) {
+            Some(health) => {
+                self.readiness.push(health.readiness());
+                let shutdown = stop_requested(self.stop.clone());
+                self.tasks.spawn(async move {
+                    health.run(shutdown).await;
+                    ("health", Ok(()))
+                });
+            }
+            None => info!("health controller idle"),
+        }
+    }
+
+    fn start_ephemeral(&mut self, metrics: Arc<EphemeralMetrics>) {
+        let args = self.args;
+        let config = EphemeralConfig {
+            workers: args.ephemeral_workers,
+            instance: args.pod_name_value().unwrap_or("volplane").to_string(),
+            backoff: Backoff {
+                base: Duration::from_millis(500),
+                max: Duration::from_secs(300),
+            },
+        };
+        let leadership = self.elections.join(args, "volplane-ephemeral".to_string());
+        let ephemeral = EphemeralController::new(self.client.clone(), config, metrics, leadership);
+        self.readiness.push(ephemeral.readiness());
+        let shutdown = stop_requested(self.stop.clone());
+        self.tasks
+            .spawn(async move { ("ephemeral", ephemeral.run(shutdown).await.map_err(anyhow::Error::from)) });
+    }
+
+    /// Ready once every running controller has synced; runs until a
+    /// signal (`Ok`) or until a controller stops or fails (`Err`).
+    async fn run_until_stopped(&mut self, probes: &Arc<Probes>) -> anyhow::Result<()> {
+        let readiness = std::mem::take(&mut self.readiness);
+        let ready = tokio::spawn({
+            let probes = probes.clone();
+            async move {
+                for mut ready in readiness {
+                    if ready.wait_for(|r| *r).await.is_err() {
+                        return;
+                    }
+                }
+                probes.set_ready(true);
+                info!("volplane is ready");
+            }
+        });
+        let outcome = tokio::select! {
+            signal = wait_for_termination() => signal.map(|()| info!("termination signal received, shutting down")),
+            Some(joined) = self.tasks.join_next() => match joined {
+                Ok((name, Ok(()))) => Err(anyhow::anyhow!("the {name} controller stopped unexpectedly")),
+                Ok((name, Err(error))) => Err(error.context(format!("the {name} controller failed"))),
+                Err(error) => Err(anyhow::anyhow!("a controller task panicked: {error}")),
+            },
+        };
+        ready.abort();
+        probes.set_ready(false);
+        outcome
+    }
+
+    /// Lets the controllers finish work in flight (the stop was sent),
+    /// then gives the leases up: only now no write is left in flight.
+    async fn shut_down(mut self) {
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(joined) = self.tasks.join_next().await {
+                if let Ok((name, Err(error))) = joined {
+                    warn!(controller = name, error = %format!("{error:#}"), "controller ended with an error during shutdown");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(grace = ?SHUTDOWN_GRACE, "work still in flight after the grace period; abandoning it");
+            self.tasks.abort_all();
+        }
+        self.elections.release(self.args.leader_election_renew_deadline).await;
+    }
 }
 
 /// Completes once a stop was requested (or the sender is gone).

@@ -98,6 +98,31 @@ impl EphemeralController {
         self.ready.subscribe()
     }
 
+    /// What every reconcile shares: the claim cache (and whether it has
+    /// listed), the recorder, metrics, retry state and leadership.
+    fn context(
+        &self,
+        claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+        claims_ready: watch::Receiver<bool>,
+        blocked: Arc<Mutex<HashMap<ClaimKey, ObjectRef<EphemeralPod>>>>,
+    ) -> Arc<Context> {
+        let reporter = Reporter {
+            controller: "volplane-ephemeral".into(),
+            instance: Some(self.config.instance.clone()),
+        };
+        Arc::new(Context {
+            client: self.client.clone(),
+            claims,
+            claims_ready,
+            recorder: Recorder::new(self.client.clone(), reporter),
+            metrics: self.metrics.clone(),
+            blocked,
+            failures: Mutex::default(),
+            backoff: self.config.backoff,
+            leadership: self.leadership.clone(),
+        })
+    }
+
     /// Runs until `shutdown` completes; reconciles in flight finish first.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + Sync + 'static) -> Result<(), Error> {
         // Readiness is tracked with watch channels: a store's own
@@ -132,23 +157,7 @@ impl EphemeralController {
         .touched_objects();
 
         let blocked: Arc<Mutex<HashMap<ClaimKey, ObjectRef<EphemeralPod>>>> = Arc::default();
-        let context = Arc::new(Context {
-            client: self.client.clone(),
-            claims: claim_store,
-            claims_ready: claims_ready.clone(),
-            recorder: Recorder::new(
-                self.client.clone(),
-                Reporter {
-                    controller: "volplane-ephemeral".into(),
-                    instance: Some(self.config.instance.clone()),
-                },
-            ),
-            metrics: self.metrics.clone(),
-            blocked: blocked.clone(),
-            failures: Mutex::default(),
-            backoff: self.config.backoff,
-            leadership: self.leadership.clone(),
-        });
+        let context = self.context(claim_store, claims_ready.clone(), blocked.clone());
 
         let ready = self.ready;
         let readiness = tokio::spawn(async move {
@@ -311,16 +320,7 @@ async fn ensure_claim(
     };
     match created {
         Ok(_) => {
-            ctx.metrics.created.inc();
-            if let Some(created) = pod.creation_timestamp() {
-                let pod_secs = created.0.as_second();
-                let now_secs = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-                ctx.metrics
-                    .pod_to_claim_seconds
-                    .observe(u32::try_from((now_secs - pod_secs).max(0)).map_or(f64::MAX, f64::from));
-            }
+            ctx.count_created(pod);
             debug!(%namespace, pod = %pod_name, claim = %name, "created PVC for ephemeral volume");
             Ok(())
         }
@@ -344,6 +344,20 @@ async fn ensure_claim(
 }
 
 impl Context {
+    /// Counts a created claim and how long after its pod it came.
+    fn count_created(&self, pod: &EphemeralPod) {
+        self.metrics.created.inc();
+        if let Some(created) = pod.creation_timestamp() {
+            let pod_secs = created.0.as_second();
+            let now_secs = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            self.metrics
+                .pod_to_claim_seconds
+                .observe(u32::try_from((now_secs - pod_secs).max(0)).map_or(f64::MAX, f64::from));
+        }
+    }
+
     fn forget(&self, pod: &ObjectRef<EphemeralPod>) {
         lock(&self.blocked).retain(|_, waiting| waiting != pod);
         lock(&self.failures).remove(pod);

@@ -154,81 +154,8 @@ impl HealthController {
     /// Runs until `shutdown` completes, then lets writes in flight finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let config = self.config.clone();
-        let mut streams: Vec<BoxStream<'static, Signal>> = Vec::new();
-        let mut required: BTreeSet<&'static str> = ["volumes"].into();
-        streams.push(
-            watcher::watcher(
-                Api::<PersistentVolume>::all(self.client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .map(|event| match event {
-                Ok(Event::InitDone) => Signal::Synced("volumes"),
-                Ok(event) => Signal::Volume(Box::new(event)),
-                Err(error) => Signal::WatchFailed("volumes", error.to_string()),
-            })
-            .boxed(),
-        );
-        let mut stores = None;
-        if config.node_failure_threshold.is_some() {
-            required.extend(["nodes", "pods"]);
-            let (nodes, writer) = reflector::store::<Node>();
-            streams.push(
-                watcher::watcher(Api::<Node>::all(self.client.clone()), watcher::Config::default())
-                    .default_backoff()
-                    .modify(|node| *node = model::trim_node(std::mem::take(node)))
-                    .reflect(writer)
-                    .map(|event| store_signal("nodes", event))
-                    .boxed(),
-            );
-            let (pods, writer) = reflector::store::<Pod>();
-            streams.push(
-                watcher::watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default())
-                    .default_backoff()
-                    .modify(|pod| *pod = model::trim_pod(std::mem::take(pod)))
-                    .reflect(writer)
-                    .map(|event| store_signal("pods", event))
-                    .boxed(),
-            );
-            stores = Some((nodes, pods));
-        }
-
-        let mut state = State {
-            config: config.clone(),
-            csi: self.csi.clone(),
-            pvs: Api::all(self.client.clone()),
-            recorder: Recorder::new(
-                self.client.clone(),
-                Reporter {
-                    controller: "volplane-health".into(),
-                    instance: Some(config.instance.clone()),
-                },
-            ),
-            metrics: self.metrics.clone(),
-            leadership: self.leadership.clone(),
-            leading: false,
-            required,
-            synced: BTreeSet::new(),
-            ready: self.ready,
-            volumes: BTreeMap::new(),
-            announced: HashMap::new(),
-            writing: HashSet::new(),
-            queued: BTreeMap::new(),
-            recorded: HashMap::new(),
-            watched_since: HashMap::new(),
-            tasks: FuturesUnordered::new(),
-            source: Some(config.source.clone()),
-            next_sweep: None,
-            sweeping: false,
-            due: BTreeSet::new(),
-            next_check: HashMap::new(),
-            checking: HashSet::new(),
-            stores,
-            failed_nodes: BTreeMap::new(),
-            node_failure_annotations: HashMap::new(),
-            reseed_failed_nodes: true,
-            next_node_check: None,
-        };
+        let (streams, required, stores) = self.inputs();
+        let mut state = LoopState::new(self, required, stores);
         state.metrics.set_source(config.source.label());
         let mut signals = futures::stream::select_all(streams);
         let shutdown = shutdown.fuse();
@@ -276,7 +203,58 @@ fn store_signal<K>(source: &'static str, event: Result<Event<K>, watcher::Error>
     }
 }
 
-struct State {
+impl HealthController {
+    /// The watches the loop follows: PVs, and for the node watcher Nodes
+    /// and Pods (trimmed); with the sources whose first list must be done.
+    #[allow(clippy::type_complexity)]
+    fn inputs(
+        &self,
+    ) -> (
+        Vec<BoxStream<'static, Signal>>,
+        BTreeSet<&'static str>,
+        Option<(Store<Node>, Store<Pod>)>,
+    ) {
+        let mut streams: Vec<BoxStream<'static, Signal>> = vec![
+            watcher::watcher(
+                Api::<PersistentVolume>::all(self.client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .map(|event| match event {
+                Ok(Event::InitDone) => Signal::Synced("volumes"),
+                Ok(event) => Signal::Volume(Box::new(event)),
+                Err(error) => Signal::WatchFailed("volumes", error.to_string()),
+            })
+            .boxed(),
+        ];
+        let mut required: BTreeSet<&'static str> = ["volumes"].into();
+        if self.config.node_failure_threshold.is_none() {
+            return (streams, required, None);
+        }
+        required.extend(["nodes", "pods"]);
+        let (nodes, writer) = reflector::store::<Node>();
+        streams.push(
+            watcher::watcher(Api::<Node>::all(self.client.clone()), watcher::Config::default())
+                .default_backoff()
+                .modify(|node| *node = model::trim_node(std::mem::take(node)))
+                .reflect(writer)
+                .map(|event| store_signal("nodes", event))
+                .boxed(),
+        );
+        let (pods, writer) = reflector::store::<Pod>();
+        streams.push(
+            watcher::watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default())
+                .default_backoff()
+                .modify(|pod| *pod = model::trim_pod(std::mem::take(pod)))
+                .reflect(writer)
+                .map(|event| store_signal("pods", event))
+                .boxed(),
+        );
+        (streams, required, Some((nodes, pods)))
+    }
+}
+
+struct LoopState {
     config: Arc<HealthConfig>,
     csi: CsiClient,
     pvs: Api<PersistentVolume>,
@@ -324,7 +302,52 @@ struct State {
     next_node_check: Option<Instant>,
 }
 
-impl State {
+impl LoopState {
+    fn new(
+        controller: HealthController,
+        required: BTreeSet<&'static str>,
+        stores: Option<(Store<Node>, Store<Pod>)>,
+    ) -> Self {
+        let config = controller.config;
+        let recorder = Recorder::new(
+            controller.client.clone(),
+            Reporter {
+                controller: "volplane-health".into(),
+                instance: Some(config.instance.clone()),
+            },
+        );
+        Self {
+            csi: controller.csi,
+            pvs: Api::all(controller.client),
+            recorder,
+            metrics: controller.metrics,
+            leadership: controller.leadership,
+            leading: false,
+            required,
+            synced: BTreeSet::new(),
+            ready: controller.ready,
+            volumes: BTreeMap::new(),
+            announced: HashMap::new(),
+            writing: HashSet::new(),
+            queued: BTreeMap::new(),
+            recorded: HashMap::new(),
+            watched_since: HashMap::new(),
+            tasks: FuturesUnordered::new(),
+            source: Some(config.source.clone()),
+            next_sweep: None,
+            sweeping: false,
+            due: BTreeSet::new(),
+            next_check: HashMap::new(),
+            checking: HashSet::new(),
+            stores,
+            failed_nodes: BTreeMap::new(),
+            node_failure_annotations: HashMap::new(),
+            reseed_failed_nodes: true,
+            next_node_check: None,
+            config,
+        }
+    }
+
     fn is_synced(&self) -> bool {
         self.required.is_subset(&self.synced)
     }
@@ -501,41 +524,7 @@ impl State {
 
     fn finished(&mut self, done: Done) {
         match done {
-            Done::Sweep { started, result } => {
-                self.sweeping = false;
-                let Some(Source::ListVolumes { interval, .. }) = self.source.clone() else {
-                    return;
-                };
-                match result {
-                    Ok(listed) => {
-                        self.metrics.sweep_seconds.observe(started.elapsed().as_secs_f64());
-                        debug!(listed = listed.len(), watched = self.volumes.len(), took = ?started.elapsed(), "ListVolumes sweep done");
-                        let watched: Vec<Watched> = self.volumes.values().cloned().collect();
-                        for volume in watched {
-                            let observation = match listed.get(&volume.volume_handle) {
-                                Some(Some(condition)) => Observation::Reported(condition.clone()),
-                                Some(None) => Observation::Silent,
-                                // Bound after the sweep began: the next one judges.
-                                None if self.watched_since.get(&volume.pv).is_some_and(|at| *at > started) => {
-                                    continue;
-                                }
-                                None => Observation::Missing {
-                                    how: "missing from ListVolumes",
-                                },
-                            };
-                            self.observe(&volume, &observation);
-                        }
-                        self.next_sweep = Some(started + interval);
-                    }
-                    Err(error) if error.is_unimplemented() => self.unusable(&error),
-                    Err(error) => {
-                        self.metrics.checked("error");
-                        let retry = (interval / 10).max(Duration::from_secs(1));
-                        warn!(%error, retry_in = ?retry, "ListVolumes sweep failed; conditions stay as they were");
-                        self.next_sweep = Some(Instant::now() + retry);
-                    }
-                }
-            }
+            Done::Sweep { started, result } => self.swept(started, result),
             Done::Check { pv, result } => {
                 self.checking.remove(&pv);
                 let Some(volume) = self.volumes.get(&pv).cloned() else {
@@ -563,6 +552,41 @@ impl State {
             }
             Done::Noted => {}
         }
+    }
+
+    /// A ListVolumes sweep that began at `started` ended.
+    fn swept(&mut self, started: Instant, result: Result<HashMap<String, Option<Condition>>, CsiError>) {
+        self.sweeping = false;
+        let Some(Source::ListVolumes { interval, .. }) = self.source.clone() else {
+            return;
+        };
+        let listed = match result {
+            Ok(listed) => listed,
+            Err(error) if error.is_unimplemented() => return self.unusable(&error),
+            Err(error) => {
+                self.metrics.checked("error");
+                let retry = (interval / 10).max(Duration::from_secs(1));
+                warn!(%error, retry_in = ?retry, "ListVolumes sweep failed; conditions stay as they were");
+                self.next_sweep = Some(Instant::now() + retry);
+                return;
+            }
+        };
+        self.metrics.sweep_seconds.observe(started.elapsed().as_secs_f64());
+        debug!(listed = listed.len(), watched = self.volumes.len(), took = ?started.elapsed(), "ListVolumes sweep done");
+        let watched: Vec<Watched> = self.volumes.values().cloned().collect();
+        for volume in watched {
+            let observation = match listed.get(&volume.volume_handle) {
+                Some(Some(condition)) => Observation::Reported(condition.clone()),
+                Some(None) => Observation::Silent,
+                // Bound after the sweep began: the next one judges.
+                None if self.watched_since.get(&volume.pv).is_some_and(|at| *at > started) => continue,
+                None => Observation::Missing {
+                    how: "missing from ListVolumes",
+                },
+            };
+            self.observe(&volume, &observation);
+        }
+        self.next_sweep = Some(started + interval);
     }
 
     /// The driver does not implement the call its capabilities promised:
@@ -683,15 +707,7 @@ impl State {
             return;
         };
         if std::mem::take(&mut self.reseed_failed_nodes) {
-            self.failed_nodes.clear();
-            for (pv, node) in &self.node_failure_annotations {
-                if let Some(volume) = self.volumes.get(pv) {
-                    self.failed_nodes
-                        .entry(node.clone())
-                        .or_default()
-                        .insert(volume.clone(), BTreeSet::new());
-                }
-            }
+            self.reseed_failed_nodes_from_annotations();
         }
         let now = SystemTime::now();
         let nodes = nodes.state();
@@ -713,6 +729,34 @@ impl State {
             self.next_node_check = Some(Instant::now() + wait + Duration::from_millis(10));
         }
         let present: HashSet<&str> = nodes.iter().filter_map(|n| n.metadata.name.as_deref()).collect();
+        self.forget_deleted_nodes(&present);
+        let pods = pods.state();
+        for (node, since) in failed {
+            self.node_failed(node, since, &pods);
+        }
+        for node in healthy {
+            self.node_recovered(&node);
+        }
+        self.metrics
+            .failed_nodes
+            .set(i64::try_from(self.failed_nodes.len()).unwrap_or(i64::MAX));
+    }
+
+    /// After a restart or a new term: the failed nodes the PV annotations name.
+    fn reseed_failed_nodes_from_annotations(&mut self) {
+        self.failed_nodes.clear();
+        for (pv, node) in &self.node_failure_annotations {
+            if let Some(volume) = self.volumes.get(pv) {
+                self.failed_nodes
+                    .entry(node.clone())
+                    .or_default()
+                    .insert(volume.clone(), BTreeSet::new());
+            }
+        }
+    }
+
+    /// A failed node that was deleted: its annotations go, no event.
+    fn forget_deleted_nodes(&mut self, present: &HashSet<&str>) {
         let gone: Vec<String> = self
             .failed_nodes
             .keys()
@@ -725,50 +769,51 @@ impl State {
                 self.node_note(volume, NodeNote::Forgotten);
             }
         }
+    }
+
+    /// `node` has failed since `since`: NodeFailed for each volume its pods
+    /// use that was not announced yet.
+    fn node_failed(&mut self, node: String, since: SystemTime, pods: &[Arc<Pod>]) {
         let by_claim: BTreeMap<(String, String), Watched> = self
             .volumes
             .values()
             .map(|w| ((w.namespace.clone(), w.claim.clone()), w.clone()))
             .collect();
-        let pods = pods.state();
-        for (node, since) in failed {
-            let volumes = model::volumes_on_node(&node, pods.iter().map(AsRef::as_ref), &by_claim);
-            let known = self.failed_nodes.remove(&node);
-            if known.is_none() {
-                warn!(%node, volumes = volumes.len(), "node failed");
-            }
-            // Volumes announced before keep their pods; volumes that
-            // turned up since (a pod cache catching up) are announced now.
-            let mut announced = known.unwrap_or_default();
-            for (volume, pods) in volumes {
-                if announced.contains_key(&volume) {
-                    continue;
-                }
-                let note = model::node_failed_note(&node, since, &pods);
-                self.node_note(
-                    volume.clone(),
-                    NodeNote::Failed {
-                        node: node.clone(),
-                        note,
-                    },
-                );
-                announced.insert(volume, pods);
-            }
-            self.failed_nodes.insert(node, announced);
+        let volumes = model::volumes_on_node(&node, pods.iter().map(AsRef::as_ref), &by_claim);
+        let known = self.failed_nodes.remove(&node);
+        if known.is_none() {
+            warn!(%node, volumes = volumes.len(), "node failed");
         }
-        for node in healthy {
-            let Some(volumes) = self.failed_nodes.remove(&node) else {
+        // Volumes announced before keep their pods; volumes that turned up
+        // since (a pod cache catching up) are announced now.
+        let mut announced = known.unwrap_or_default();
+        for (volume, pods) in volumes {
+            if announced.contains_key(&volume) {
                 continue;
-            };
-            info!(%node, volumes = volumes.len(), "node recovered");
-            for volume in volumes.into_keys() {
-                let note = format!("node {node} is Ready again");
-                self.node_note(volume, NodeNote::Recovered { note });
             }
+            let note = model::node_failed_note(&node, since, &pods);
+            self.node_note(
+                volume.clone(),
+                NodeNote::Failed {
+                    node: node.clone(),
+                    note,
+                },
+            );
+            announced.insert(volume, pods);
         }
-        self.metrics
-            .failed_nodes
-            .set(i64::try_from(self.failed_nodes.len()).unwrap_or(i64::MAX));
+        self.failed_nodes.insert(node, announced);
+    }
+
+    /// `node` is Ready again: NodeRecovered for each volume announced failed.
+    fn node_recovered(&mut self, node: &str) {
+        let Some(volumes) = self.failed_nodes.remove(node) else {
+            return;
+        };
+        info!(%node, volumes = volumes.len(), "node recovered");
+        for volume in volumes.into_keys() {
+            let note = format!("node {node} is Ready again");
+            self.node_note(volume, NodeNote::Recovered { note });
+        }
     }
 
     /// Publishes a node watcher event on the volume's PVC, then records

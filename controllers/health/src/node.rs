@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, Pod};
@@ -88,36 +89,10 @@ impl NodeHealthAgent {
     /// Runs until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let config = self.config.clone();
-        let (pods, pod_writer) = reflector::store::<Pod>();
-        let (pvs, pv_writer) = reflector::store::<PersistentVolume>();
-        let (pods_listed, pods_ready) = watch::channel(false);
-        let (pvs_listed, pvs_ready) = watch::channel(false);
-        let pod_watch = watcher::watcher(
-            Api::<Pod>::all(self.client.clone()),
-            watcher::Config::default().fields(&format!("spec.nodeName={}", config.node)),
-        )
-        .default_backoff()
-        .modify(|pod| *pod = model::trim_pod(std::mem::take(pod)))
-        .reflect(pod_writer)
-        .for_each(move |event| {
-            if matches!(event, Ok(Event::InitDone)) {
-                pods_listed.send_replace(true);
-            }
-            async {}
-        });
-        let pv_watch = watcher::watcher(
-            Api::<PersistentVolume>::all(self.client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .modify(|pv| *pv = model::trim_pv(std::mem::take(pv)))
-        .reflect(pv_writer)
-        .for_each(move |event| {
-            if matches!(event, Ok(Event::InitDone)) {
-                pvs_listed.send_replace(true);
-            }
-            async {}
-        });
+        let on_this_node = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node));
+        let (pods, pods_ready, pod_watch) = cached(Api::all(self.client.clone()), on_this_node, model::trim_pod);
+        let all = watcher::Config::default();
+        let (pvs, pvs_ready, pv_watch) = cached(Api::all(self.client.clone()), all, model::trim_pv);
         let watches = tokio::spawn(async move {
             tokio::join!(pod_watch, pv_watch);
         });
@@ -166,6 +141,40 @@ impl NodeHealthAgent {
         watches.abort();
         info!("node health agent stopped");
     }
+}
+
+/// A cache of `K`, each object trimmed by `trim`; the flag its first list
+/// raises; and the future that keeps it filled.
+fn cached<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    trim: fn(K) -> K,
+) -> (Store<K>, watch::Receiver<bool>, BoxFuture<'static, ()>)
+where
+    K: kube::Resource
+        + Clone
+        + Default
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store::<K>();
+    let (listed, ready) = watch::channel(false);
+    let filling = watcher::watcher(api, config)
+        .default_backoff()
+        .modify(move |object| *object = trim(std::mem::take(object)))
+        .reflect(writer)
+        .for_each(move |event| {
+            if matches!(event, Ok(Event::InitDone)) {
+                listed.send_replace(true);
+            }
+            async {}
+        })
+        .boxed();
+    (store, ready, filling)
 }
 
 /// The volumes of this driver that pods on this node use, by PV name.
@@ -273,25 +282,9 @@ impl Round {
     }
 
     async fn record(&mut self, volume: &Published, stats: &pb::NodeGetVolumeStatsResponse) {
-        use pb::volume_usage::Unit;
         let (namespace, claim) = (&volume.volume.namespace, &volume.volume.claim);
         self.labelled.insert((namespace.clone(), claim.clone()));
-        for usage in &stats.usage {
-            let family = match Unit::try_from(usage.unit) {
-                Ok(Unit::Bytes) => &self.metrics.volume_bytes,
-                Ok(Unit::Inodes) => &self.metrics.volume_inodes,
-                _ => continue,
-            };
-            for (kind, value) in [
-                ("used", usage.used),
-                ("available", usage.available),
-                ("total", usage.total),
-            ] {
-                let mut labels = claim_labels(namespace, claim);
-                labels.push(("usage", kind.to_string()));
-                family.get_or_create(&labels).set(value);
-            }
-        }
+        self.record_usage(namespace, claim, &stats.usage);
         if !self.config.conditions {
             self.metrics.checked("no_condition");
             return;
@@ -333,6 +326,27 @@ impl Round {
                     self.conditions.insert(key, condition.clone());
                 }
                 Err(error) => warn!(%error, pod = ?pod.name, "cannot publish event; the next round retries"),
+            }
+        }
+    }
+
+    /// The volume's bytes and inodes (used, available, total) as gauges.
+    fn record_usage(&self, namespace: &str, claim: &str, usage: &[pb::VolumeUsage]) {
+        use pb::volume_usage::Unit;
+        for usage in usage {
+            let family = match Unit::try_from(usage.unit) {
+                Ok(Unit::Bytes) => &self.metrics.volume_bytes,
+                Ok(Unit::Inodes) => &self.metrics.volume_inodes,
+                _ => continue,
+            };
+            for (kind, value) in [
+                ("used", usage.used),
+                ("available", usage.available),
+                ("total", usage.total),
+            ] {
+                let mut labels = claim_labels(namespace, claim);
+                labels.push(("usage", kind.to_string()));
+                family.get_or_create(&labels).set(value);
             }
         }
     }

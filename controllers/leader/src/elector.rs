@@ -184,25 +184,9 @@ impl Elector {
         let leading_gauge = self.metrics.leader.get_or_create(&labels).clone();
         let transitions = self.metrics.transitions.get_or_create(&labels).clone();
         let lease_api: Api<Lease> = Api::namespaced(self.lease_client.clone(), &config.namespace);
-        let mut leases = watcher::watcher(
-            Api::<Lease>::namespaced(self.watch_client.clone(), &config.namespace),
-            watcher::Config::default().fields(&format!("metadata.name={}", config.lease_name)),
-        )
-        .default_backoff()
-        .boxed();
-
-        let mut state = Campaign {
-            config,
-            term: &self.term,
-            observed: Observed::default(),
-            manager_leads: false,
-            number: 0,
-            published: Term::Following,
-            leading_gauge: &leading_gauge,
-            transitions: &transitions,
-        };
+        let mut leases = self.lease_watch();
+        let mut state = Campaign::new(config, &self.term, &leading_gauge, &transitions);
         let mut manager: Option<LeaseManager> = None;
-        let shutdown = shutdown;
         tokio::pin!(shutdown);
         info!(lease = %config.lease_name, namespace = %config.namespace, identity = %config.identity, "leader election starting");
         loop {
@@ -223,43 +207,9 @@ impl Elector {
             let next = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                changed = current.changed() => match changed {
-                    Ok(leads) => {
-                        state.manager_leads = leads;
-                        if leads {
-                            // Read our renewal now rather than wait for the watch.
-                            if let Ok(lease) = lease_api.get(&config.lease_name).await {
-                                state.observed = Observed::of(&lease);
-                            }
-                        }
-                        Next::Keep
-                    }
-                    Err(error) => {
-                        warn!(lease = %config.lease_name, %error, "lease request failed; stepping down until it works again");
-                        state.manager_leads = false;
-                        Next::RebuildLater
-                    }
-                },
+                changed = current.changed() => state.manager_changed(changed, &lease_api).await,
                 event = leases.next() => match event {
-                    Some(Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease))) => {
-                        state.observed = Observed::of(&lease);
-                        if state.observed.holder.is_none() && !state.manager_leads {
-                            debug!(lease = %config.lease_name, "lease released; trying to take it now");
-                            Next::Rebuild
-                        } else {
-                            Next::Keep
-                        }
-                    }
-                    Some(Ok(watcher::Event::Delete(_))) => {
-                        state.observed = Observed::default();
-                        state.manager_leads = false;
-                        Next::Rebuild
-                    }
-                    Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => Next::Keep,
-                    Some(Err(error)) => {
-                        warn!(lease = %config.lease_name, %error, "lease watch failed; retrying");
-                        Next::Keep
-                    }
+                    Some(event) => state.lease_event(event),
                     None => break,
                 },
                 () = sleep_until(deadline), if deadline.is_some() => Next::Keep,
@@ -280,14 +230,20 @@ impl Elector {
         state.manager_leads = false;
         state.publish();
         if let Some(manager) = manager {
-            match tokio::time::timeout(config.renew_deadline, manager.release()).await {
-                Ok(Ok(())) => info!(lease = %config.lease_name, "lease released"),
-                Ok(Err(error)) => {
-                    warn!(lease = %config.lease_name, %error, "cannot release the lease; it expires by itself")
-                }
-                Err(_) => warn!(lease = %config.lease_name, "releasing the lease timed out; it expires by itself"),
-            }
+            release(config, manager).await;
         }
+    }
+
+    /// The watch of this election's Lease (through the watch client, so
+    /// that a slow watch never delays a renewal).
+    fn lease_watch(&self) -> futures::stream::BoxStream<'static, Result<watcher::Event<Lease>, watcher::Error>> {
+        let config = &self.config;
+        watcher::watcher(
+            Api::<Lease>::namespaced(self.watch_client.clone(), &config.namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", config.lease_name)),
+        )
+        .default_backoff()
+        .boxed()
     }
 
     async fn build_manager(&self) -> Result<LeaseManager, kube_lease_manager::LeaseManagerError> {
@@ -317,6 +273,15 @@ enum Next {
     RebuildLater,
 }
 
+/// Gives the lease up at shutdown, within the renew deadline.
+async fn release(config: &ElectionConfig, manager: LeaseManager) {
+    match tokio::time::timeout(config.renew_deadline, manager.release()).await {
+        Ok(Ok(())) => info!(lease = %config.lease_name, "lease released"),
+        Ok(Err(error)) => warn!(lease = %config.lease_name, %error, "cannot release the lease; it expires by itself"),
+        Err(_) => warn!(lease = %config.lease_name, "releasing the lease timed out; it expires by itself"),
+    }
+}
+
 async fn sleep_until(deadline: Option<SystemTime>) {
     let wait = deadline
         .and_then(|d| d.duration_since(SystemTime::now()).ok())
@@ -337,7 +302,77 @@ struct Campaign<'a> {
     transitions: &'a Counter,
 }
 
+impl<'a> Campaign<'a> {
+    fn new(
+        config: &'a ElectionConfig,
+        term: &'a watch::Sender<Term>,
+        leading_gauge: &'a Gauge,
+        transitions: &'a Counter,
+    ) -> Self {
+        Self {
+            config,
+            term,
+            observed: Observed::default(),
+            manager_leads: false,
+            number: 0,
+            published: Term::Following,
+            leading_gauge,
+            transitions,
+        }
+    }
+}
+
 impl Campaign<'_> {
+    /// The lease manager says whether it leads, or that a request failed.
+    async fn manager_changed(
+        &mut self,
+        changed: Result<bool, kube_lease_manager::LeaseManagerError>,
+        lease_api: &Api<Lease>,
+    ) -> Next {
+        match changed {
+            Ok(leads) => {
+                self.manager_leads = leads;
+                if leads {
+                    // Read our renewal now rather than wait for the watch.
+                    if let Ok(lease) = lease_api.get(&self.config.lease_name).await {
+                        self.observed = Observed::of(&lease);
+                    }
+                }
+                Next::Keep
+            }
+            Err(error) => {
+                warn!(lease = %self.config.lease_name, %error, "lease request failed; stepping down until it works again");
+                self.manager_leads = false;
+                Next::RebuildLater
+            }
+        }
+    }
+
+    /// The watch of the Lease delivered `event`.
+    fn lease_event(&mut self, event: Result<watcher::Event<Lease>, watcher::Error>) -> Next {
+        match event {
+            Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => {
+                self.observed = Observed::of(&lease);
+                if self.observed.holder.is_none() && !self.manager_leads {
+                    debug!(lease = %self.config.lease_name, "lease released; trying to take it now");
+                    Next::Rebuild
+                } else {
+                    Next::Keep
+                }
+            }
+            Ok(watcher::Event::Delete(_)) => {
+                self.observed = Observed::default();
+                self.manager_leads = false;
+                Next::Rebuild
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => Next::Keep,
+            Err(error) => {
+                warn!(lease = %self.config.lease_name, %error, "lease watch failed; retrying");
+                Next::Keep
+            }
+        }
+    }
+
     /// The term the facts support now.
     fn current(&self) -> Option<SystemTime> {
         let until = self.observed.renewed? + self.config.renew_deadline;
