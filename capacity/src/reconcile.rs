@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use volplane_csi::{CapacityQuery, CsiClient};
 use volplane_runtime::events::{self, Announcement};
-use volplane_runtime::{Backoff, Leadership, Readiness, phase};
+use volplane_runtime::{Backoff, Leadership, Readiness, control_loop, phase};
 
 use crate::error::{Error, Result};
 use crate::metrics::CapacityMetrics;
@@ -186,43 +186,10 @@ impl CapacityController {
         let mut inputs = self.inputs();
         let mut signals = futures::stream::select_all(std::mem::take(&mut inputs.streams));
         let mut state = LoopState::new(self, inputs);
-        let shutdown = shutdown.fuse();
-        tokio::pin!(shutdown);
         let config = state.config.clone();
         info!(driver = %config.driver, namespace = %config.identity.namespace, managed_by = %config.identity.managed_by,
               poll_interval = ?config.poll_interval, workers = config.workers, "capacity controller starting");
-        loop {
-            state.follow_leadership();
-            state.dispatch();
-            state.update_gauges();
-            // Due work waits while another instance leads, and while every
-            // worker is busy: a finished refresh wakes the loop then (a timer
-            // already due would spin it).
-            let next_due = state
-                .queue
-                .next_due()
-                .filter(|_| state.leading && state.has_free_worker());
-            let leadership = state.leadership.clone();
-            let leadership_changed = leadership.changed_from(state.leading);
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                Some(done) = state.tasks.next(), if !state.tasks.is_empty() => state.finished(done),
-                signal = signals.next() => match signal {
-                    Some(signal) => state.signal(signal),
-                    None => break,
-                },
-                () = leadership_changed => {}
-                () = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
-            }
-        }
-        info!(
-            in_flight = state.tasks.len(),
-            "capacity controller stopping; finishing work in flight"
-        );
-        while let Some(done) = state.tasks.next().await {
-            state.finished_on_shutdown(done);
-        }
+        control_loop::run(&mut state, &mut signals, shutdown).await;
         Ok(())
     }
 
@@ -355,6 +322,52 @@ struct LoopState {
     /// Whether writes were allowed when last looked at.
     leading: bool,
     ready: Readiness,
+}
+
+impl control_loop::State for LoopState {
+    type Signal = Signal;
+    type Done = Done;
+
+    fn before_wait(&mut self) -> Option<Instant> {
+        self.follow_leadership();
+        self.dispatch();
+        self.update_gauges();
+        // Due work waits while another instance leads, and while every
+        // worker is busy: a finished refresh wakes the loop then (a timer
+        // already due would spin it).
+        self.queue.next_due().filter(|_| self.leading && self.has_free_worker())
+    }
+
+    fn leadership(&self) -> &Leadership {
+        &self.leadership
+    }
+
+    fn leading(&self) -> bool {
+        self.leading
+    }
+
+    fn tasks(&mut self) -> &mut FuturesUnordered<BoxFuture<'static, Done>> {
+        &mut self.tasks
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        self.signal(signal);
+    }
+
+    fn finished(&mut self, done: Done) {
+        self.finished(done);
+    }
+
+    fn stopping(&mut self) {
+        info!(
+            in_flight = self.tasks.len(),
+            "capacity controller stopping; finishing work in flight"
+        );
+    }
+
+    fn finished_on_shutdown(&mut self, done: Done) {
+        self.finished_on_shutdown(done);
+    }
 }
 
 impl LoopState {

@@ -27,7 +27,7 @@ use tonic::Code;
 use tracing::{debug, error, info, warn};
 use volplane_csi::{CsiClient, CsiError};
 use volplane_runtime::events::{self, Published};
-use volplane_runtime::{Leadership, NotLeader, Readiness, phase};
+use volplane_runtime::{Leadership, NotLeader, Readiness, control_loop, phase};
 
 use crate::Error;
 use crate::metrics::{HealthMetrics, claim_labels};
@@ -158,39 +158,55 @@ impl HealthController {
         let mut state = LoopState::new(self, required, stores);
         state.metrics.set_source(config.source.label());
         let mut signals = futures::stream::select_all(streams);
-        let shutdown = shutdown.fuse();
-        tokio::pin!(shutdown);
         info!(driver = %config.driver, source = ?config.source, node_watcher = ?config.node_failure_threshold,
               "health controller starting");
-        loop {
-            state.follow_leadership();
-            state.dispatch();
-            let wake = state.next_wake();
-            let leadership = state.leadership.clone();
-            let leadership_changed = leadership.changed_from(state.leading);
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                Some(done) = state.tasks.next(), if !state.tasks.is_empty() => state.finished(done),
-                signal = signals.next() => match signal {
-                    Some(signal) => state.signal(signal),
-                    None => break,
-                },
-                () = leadership_changed => {}
-                () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
-            }
-        }
+        control_loop::run(&mut state, &mut signals, shutdown).await;
+    }
+}
+
+impl control_loop::State for LoopState {
+    type Signal = Signal;
+    type Done = Done;
+
+    fn before_wait(&mut self) -> Option<Instant> {
+        self.follow_leadership();
+        self.dispatch();
+        self.next_wake()
+    }
+
+    fn leadership(&self) -> &Leadership {
+        &self.leadership
+    }
+
+    fn leading(&self) -> bool {
+        self.leading
+    }
+
+    fn tasks(&mut self) -> &mut FuturesUnordered<BoxFuture<'static, Done>> {
+        &mut self.tasks
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        self.signal(signal);
+    }
+
+    fn finished(&mut self, done: Done) {
+        self.finished(done);
+    }
+
+    fn stopping(&mut self) {
         info!(
-            in_flight = state.tasks.len(),
+            in_flight = self.tasks.len(),
             "health controller stopping; finishing work in flight"
         );
-        while let Some(done) = state.tasks.next().await {
-            if let Done::Announced {
-                pv, result: Err(error), ..
-            } = done
-            {
-                warn!(%pv, %error, "announcement failed during shutdown");
-            }
+    }
+
+    fn finished_on_shutdown(&mut self, done: Done) {
+        if let Done::Announced {
+            pv, result: Err(error), ..
+        } = done
+        {
+            warn!(%pv, %error, "announcement failed during shutdown");
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`events`]: publishing an event under that guard, its note cut to the
 //!   API server's limit.
 //! - [`backoff`]: the one exponential backoff of the controllers' retries.
+//! - [`control_loop`]: the wake-act loop of the capacity and health controllers.
 //! - [`phase`]: where in a poll interval a periodic check of one item falls.
 //! - [`readiness`]: the "caches synced" flag behind `/readyz`.
 //! - [`naming`]: names Kubernetes derives, which two controllers must agree on.
@@ -15,6 +16,7 @@
 //!   character boundary.
 
 pub mod backoff;
+pub mod control_loop;
 pub mod events;
 pub mod leadership;
 pub mod naming;
