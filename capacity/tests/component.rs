@@ -695,8 +695,9 @@ async fn a_restart_adopts_existing_objects_instead_of_duplicating() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn a_new_volume_refreshes_its_segment_and_class_at_once() {
+/// Zones a and b with 4 GiB each in class `fast`, published; polls an hour
+/// apart, so only events cause refreshes.
+async fn two_zones_polled_hourly() -> Harness {
     let mut h = Harness::new().await;
     h.add_node("n1", Some("a"), &["zone"]).await;
     h.add_node("n2", Some("b"), &["zone"]).await;
@@ -709,18 +710,28 @@ async fn a_new_volume_refreshes_its_segment_and_class_at_once() {
         &[("fast", Some("a"), 4 * GI, None), ("fast", Some("b"), 4 * GI, None)],
     )
     .await;
+    h
+}
+
+fn volume_in_zone(name: &str, zone: &str) -> PersistentVolume {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                 "csi": {"driver": DRIVER, "volumeHandle": name},
+                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                     {"key": "zone", "operator": "In", "values": [zone]}]}]}}}
+    }))
+    .expect("pv")
+}
+
+#[tokio::test]
+async fn a_new_volume_refreshes_its_segment_and_class_at_once() {
+    let mut h = two_zones_polled_hourly().await;
 
     // A volume was provisioned in zone a: the driver reports less there.
     h.driver
         .set_capacity(Some(zone("a")), None, CapacityAnswer::available(3 * GI));
-    let pv: PersistentVolume = serde_json::from_value(json!({
-        "metadata": {"name": "pv-1"},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
-                 "csi": {"driver": DRIVER, "volumeHandle": "vol-1"},
-                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                     {"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
-    }))
-    .expect("pv");
+    let pv = volume_in_zone("pv-1", "a");
     let calls = h.driver.count(CsiMethod::GetCapacity);
     Api::<PersistentVolume>::all(h.client.clone())
         .create(&PostParams::default(), &pv)
@@ -740,31 +751,9 @@ async fn a_new_volume_refreshes_its_segment_and_class_at_once() {
     h.stop().await;
 }
 
-fn volume_in_zone(name: &str, zone: &str) -> PersistentVolume {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
-                 "csi": {"driver": DRIVER, "volumeHandle": name},
-                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                     {"key": "zone", "operator": "In", "values": [zone]}]}]}}}
-    }))
-    .expect("pv")
-}
-
 #[tokio::test]
 async fn its_own_updates_coming_back_through_the_watch_cause_no_refresh() {
-    let mut h = Harness::new().await;
-    h.add_node("n1", Some("a"), &["zone"]).await;
-    h.add_node("n2", Some("b"), &["zone"]).await;
-    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
-    h.driver.set_default_capacity(CapacityAnswer::available(4 * GI));
-    h.start(config(Duration::from_secs(3600), Topology::Central, true))
-        .await;
-    h.wait_for_published(
-        "initial",
-        &[("fast", Some("a"), 4 * GI, None), ("fast", Some("b"), 4 * GI, None)],
-    )
-    .await;
+    let mut h = two_zones_polled_hourly().await;
 
     // Two volumes in zone a at once: a second refresh right behind the
     // first. The store holds only what the watch delivered; volplane's own
