@@ -1,5 +1,6 @@
 //! The `volplane` binary: command line, logging, admin HTTP server and the
-//! startup sequence that connects to the API server and the CSI driver.
+//! startup sequence that connects to the API server and the CSI driver;
+//! and the `kubectl-volplane` plugin ([`plugin`]).
 
 pub mod admin;
 pub mod args;
@@ -8,6 +9,7 @@ pub mod capacity;
 pub mod client;
 pub mod health;
 pub mod logging;
+pub mod plugin;
 pub mod process;
 pub mod startup;
 
