@@ -108,22 +108,6 @@ async fn claim_with_pod(client: &kube::Client, name: &str, size: &str) {
     .await;
 }
 
-/// The node the scheduler picked for a late-bound claim.
-async fn selected_node(client: &kube::Client, claim: &str) -> String {
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
-    eventually_some(Duration::from_secs(60), "the scheduler selects a node", || async {
-        claims
-            .get(claim)
-            .await
-            .ok()?
-            .metadata
-            .annotations?
-            .get("volume.kubernetes.io/selected-node")
-            .cloned()
-    })
-    .await
-}
-
 /// The scheduler's message for a pod it cannot place.
 async fn unschedulable_message(client: &kube::Client, pod: &str) -> String {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -187,7 +171,11 @@ async fn per_node_capacity_follows_the_real_driver_places_pods_and_goes_with_its
 
     // The scheduler places WaitForFirstConsumer pods only where capacity fits.
     claim_with_pod(&client, "fits-node-0", "50Gi").await;
-    assert_eq!(selected_node(&client, "fits-node-0").await, "node-0");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    assert_eq!(
+        volplane_tests::objects::selected_node(&claims, "fits-node-0").await,
+        "node-0"
+    );
     claim_with_pod(&client, "fits-nowhere", "500Gi").await;
     let message = unschedulable_message(&client, "fits-nowhere").await;
     assert!(message.contains("did not have enough free storage"), "{message}");

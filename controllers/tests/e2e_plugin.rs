@@ -127,21 +127,7 @@ async fn capacity_and_why_say_what_the_scheduler_did() {
     create(&pods, ephemeral_pod("huge", "500Gi")).await;
 
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
-    let selected = eventually_some(
-        Duration::from_secs(90),
-        "the scheduler selects a node for web-data",
-        || async {
-            claims
-                .get("web-data")
-                .await
-                .ok()?
-                .metadata
-                .annotations?
-                .get("volume.kubernetes.io/selected-node")
-                .cloned()
-        },
-    )
-    .await;
+    let selected = volplane_tests::objects::selected_node(&claims, "web-data").await;
     // Until the claim exists the scheduler waits for the ephemeral volume
     // controller; then it judges the storage.
     let unschedulable = eventually_some(Duration::from_secs(90), "huge is unschedulable for storage", || async {

@@ -1,6 +1,8 @@
 //! Kubernetes objects the test suites create again and again.
 
-use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use serde_json::json;
 
 /// A 1Gi PV of `driver` named `name`, with volume handle `h-<name>`,
@@ -56,4 +58,21 @@ pub async fn set_storage_capacity(client: &kube::Client, driver: &str, enabled: 
         )
         .await
         .expect("patch the CSIDriver");
+}
+
+/// The node kube-scheduler selected for the late-bound claim `name` (its
+/// `volume.kubernetes.io/selected-node` annotation), waiting up to 90 s.
+pub async fn selected_node(claims: &kube::Api<PersistentVolumeClaim>, name: &str) -> String {
+    let what = format!("the scheduler selects a node for claim {name}");
+    crate::wait::eventually_some(Duration::from_secs(90), &what, || async {
+        claims
+            .get(name)
+            .await
+            .ok()?
+            .metadata
+            .annotations?
+            .get("volume.kubernetes.io/selected-node")
+            .cloned()
+    })
+    .await
 }

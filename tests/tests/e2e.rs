@@ -12,30 +12,6 @@ use volplane_tests::background::Background;
 use volplane_tests::e2e::{ControlPlane, bin_dir};
 use volplane_tests::wait::eventually_some as eventually;
 
-/// The node the scheduler picked for a late-bound claim (its
-/// `volume.kubernetes.io/selected-node` annotation), waiting up to 90 s.
-async fn selected_node(
-    claims: &Api<k8s_openapi::api::core::v1::PersistentVolumeClaim>,
-    name: &str,
-    what: &str,
-) -> String {
-    eventually(Duration::from_secs(90), what, || {
-        let claims = claims.clone();
-        let name = name.to_string();
-        async move {
-            claims
-                .get(&name)
-                .await
-                .ok()?
-                .metadata
-                .annotations?
-                .get("volume.kubernetes.io/selected-node")
-                .cloned()
-        }
-    })
-    .await
-}
-
 #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_serves_namespaces_and_schedules_pods() {
@@ -200,7 +176,7 @@ mod capacity {
         create(&claims, claim).await;
         create(&pods, pod).await;
         // With late binding the scheduler records its choice on the claim.
-        let selected = selected_node(&claims, "fits-big", "the scheduler selects a node for the claim").await;
+        let selected = volplane_tests::objects::selected_node(&claims, "fits-big").await;
         assert_eq!(selected, "big", "5Gi only fits the node with 10Gi");
 
         let (claim, pod) = claim_and_pod("fits-nowhere", "50Gi");
@@ -265,7 +241,7 @@ mod ephemeral {
         assert_eq!(owner.len(), 1);
         assert_eq!(Some(&owner[0].uid), pod.metadata.uid.as_ref());
         // The scheduler accepted the pod and picked a node for the late-bound claim.
-        let selected = selected_node(&claims, "seed-scratch", "the scheduler selects a node").await;
+        let selected = volplane_tests::objects::selected_node(&claims, "seed-scratch").await;
         assert_eq!(selected, "node-1");
 
         // Stop volplane first so only the garbage collector can act.
