@@ -238,9 +238,17 @@ fn quantity(bytes: Option<i64>) -> String {
 }
 
 fn capacity_table(rows: &[CapacityRow], wide: bool) -> String {
-    let mut headers = vec!["NODE", "CLASS", "DRIVER", "CAPACITY", "MAX VOLUME SIZE"];
+    let mut headers = vec![
+        "NODE",
+        "CLASS",
+        "DRIVER",
+        "CAPACITY",
+        "MAX VOLUME SIZE",
+        "OBJECT",
+        "AGE",
+    ];
     if wide {
-        headers.extend(["OBJECT", "AGE"]);
+        headers.push("TOPOLOGY");
     }
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -249,19 +257,18 @@ fn capacity_table(rows: &[CapacityRow], wide: bool) -> String {
                 Tracking::Tracked => quantity(row.capacity),
                 Tracking::NotTracked => "not tracked".to_string(),
             };
+            let age = row.age_seconds.map(|s| model::human_age(Duration::from_secs(s)));
             let mut cells = vec![
                 row.node.clone(),
                 row.class.clone(),
                 row.driver.clone(),
                 capacity,
                 quantity(row.maximum_volume_size),
+                row.object.clone().unwrap_or_else(|| "-".into()),
+                age.unwrap_or_else(|| "-".into()),
             ];
             if wide {
-                cells.push(row.object.clone().unwrap_or_else(|| "-".into()));
-                cells.push(
-                    row.age_seconds
-                        .map_or_else(|| "-".into(), |s| model::human_age(Duration::from_secs(s))),
-                );
+                cells.push(row.topology.clone().unwrap_or_else(|| "-".into()));
             }
             cells
         })

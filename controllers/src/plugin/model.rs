@@ -57,6 +57,32 @@ pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> b
         })
 }
 
+/// A selector as `kubectl` writes one: `k=v` pairs, then expressions
+/// (`k in (a,b)`, `k notin (a)`, `k`, `!k`), comma-separated.
+pub fn selector_text(selector: &LabelSelector) -> String {
+    let mut parts: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in selector.match_expressions.iter().flatten() {
+        let values = e.values.as_deref().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            other => format!("{} {other} ({values})", e.key),
+        });
+    }
+    if parts.is_empty() {
+        "<all>".into()
+    } else {
+        parts.join(",")
+    }
+}
+
 /// Whether a CSIStorageCapacity applies to `node`: the scheduler treats an
 /// object without `nodeTopology` as available nowhere.
 pub fn reaches(capacity: &CSIStorageCapacity, node: &Node) -> bool {
@@ -153,6 +179,8 @@ pub struct CapacityRow {
     pub object: Option<String>,
     /// How long that object has existed, in seconds.
     pub age_seconds: Option<u64>,
+    /// That object's `nodeTopology`, as `key=value` pairs and expressions.
+    pub topology: Option<String>,
 }
 
 /// One row per (node, class), sorted by node then class, for the classes
@@ -189,6 +217,7 @@ pub fn capacity_rows(
                 age_seconds: best
                     .and_then(|c| c.metadata.creation_timestamp.as_ref())
                     .map(|t| u64::try_from(now.as_second() - t.0.as_second()).unwrap_or(0)),
+                topology: best.and_then(|c| c.node_topology.as_ref()).map(selector_text),
             });
         }
     }

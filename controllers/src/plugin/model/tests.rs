@@ -146,6 +146,8 @@ fn capacity_rows_per_node_and_class_with_dashes_and_tracking() {
     );
     assert_eq!(rows[0].object.as_deref(), Some("kube-system/csisc-0"));
     assert_eq!(rows[0].age_seconds, Some(300));
+    assert_eq!(rows[0].topology.as_deref(), Some("topology.hostpath.csi/node=node-0"));
+    assert_eq!(rows[1].topology, None);
     assert!(rows.iter().all(|r| r.tracking == Tracking::Tracked));
     let only_slow = capacity_rows(&cluster, Some("slow"), None, now());
     assert_eq!(only_slow.len(), 4);
@@ -292,4 +294,12 @@ fn ages_are_written_like_kubectl() {
     for (seconds, want) in cases {
         assert_eq!(human_age(Duration::from_secs(seconds)), want, "{seconds}");
     }
+}
+
+#[test]
+fn selectors_are_written_like_kubectl() {
+    let selector: LabelSelector = from(json!({"matchLabels": {"zone": "a"}, "matchExpressions": [
+        {"key": "rack", "operator": "In", "values": ["1", "2"]}, {"key": "gpu", "operator": "DoesNotExist"}]}));
+    assert_eq!(selector_text(&selector), "zone=a,rack in (1,2),!gpu");
+    assert_eq!(selector_text(&LabelSelector::default()), "<all>");
 }
