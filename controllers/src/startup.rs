@@ -51,6 +51,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .namespace_name()
         .map_or_else(|| client.default_namespace().to_string(), str::to_string);
     info!(%namespace, "namespace for volplane's own objects");
+    let lease_namespace = args.leader_election_namespace_name().unwrap_or(&namespace).to_string();
     let mut controllers = Controllers {
         client: client.clone(),
         args: &args,
@@ -58,7 +59,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         elections: Elections {
             lease_client: lease_client(config, &args, &api_metrics)?,
             watch_client: client,
-            namespace: String::new(),
+            namespace: lease_namespace,
             identity,
             metrics: election_metrics,
             stop: watch::channel(false).0,
@@ -68,10 +69,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tasks: JoinSet::new(),
         readiness: Vec::new(),
     };
-    controllers.elections.namespace = args
-        .leader_election_namespace_name()
-        .unwrap_or(&controllers.namespace)
-        .to_string();
     if let (Some(csi), Some(metrics)) = (&plan.csi, csi_metrics) {
         controllers.start_driver_controllers(csi, metrics).await?;
     }

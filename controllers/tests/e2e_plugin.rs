@@ -10,13 +10,13 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
+use k8s_openapi::api::storage::v1::CSIStorageCapacity;
 use kube::api::Api;
 use serde_json::json;
 use support::Running;
 use volplane_tests::driver::labels;
 use volplane_tests::e2e::{ControlPlane, bin_dir};
-use volplane_tests::objects::create;
+use volplane_tests::objects::{create, tracked_driver_with_class};
 use volplane_tests::wait::eventually_some;
 
 const DRIVER: &str = "plugin.csi.volplane.dev";
@@ -64,16 +64,7 @@ async fn seed(plane: &ControlPlane) {
         json!({"metadata": {"name": NS}}),
     )
     .await;
-    create(
-        &Api::<CSIDriver>::all(client.clone()),
-        json!({"metadata": {"name": DRIVER}, "spec": {"storageCapacity": true, "attachRequired": false}}),
-    )
-    .await;
-    create(
-        &Api::<StorageClass>::all(client.clone()),
-        json!({"metadata": {"name": "fast"}, "provisioner": DRIVER, "volumeBindingMode": "WaitForFirstConsumer"}),
-    )
-    .await;
+    tracked_driver_with_class(&client, DRIVER, "fast").await;
     let capacities: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), "default");
     for (node, size) in [("node-0", "100Gi"), ("node-1", "20Gi"), ("node-2", "5Gi")] {
         plane

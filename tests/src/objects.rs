@@ -45,6 +45,22 @@ where
         .expect("create")
 }
 
+/// A CSIDriver `driver` with `storageCapacity: true` (kube-scheduler checks
+/// its capacity) and a WaitForFirstConsumer StorageClass `class` of it.
+pub async fn tracked_driver_with_class(client: &kube::Client, driver: &str, class: &str) {
+    use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+    create(
+        &kube::Api::<CSIDriver>::all(client.clone()),
+        json!({"metadata": {"name": driver}, "spec": {"storageCapacity": true, "attachRequired": false}}),
+    )
+    .await;
+    create(
+        &kube::Api::<StorageClass>::all(client.clone()),
+        json!({"metadata": {"name": class}, "provisioner": driver, "volumeBindingMode": "WaitForFirstConsumer"}),
+    )
+    .await;
+}
+
 /// Flips `spec.storageCapacity` of the CSIDriver `driver`, the switch
 /// kube-scheduler and volplane's capacity controller read.
 pub async fn set_storage_capacity(client: &kube::Client, driver: &str, enabled: bool) {

@@ -68,7 +68,7 @@ mod capacity {
     use std::sync::Arc;
 
     use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-    use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
+    use k8s_openapi::api::storage::v1::CSIStorageCapacity;
     use kube::api::ListParams;
     use volplane_capacity::model::{Enablement, ObjectIdentity};
     use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
@@ -105,16 +105,7 @@ mod capacity {
             json!({"metadata": {"name": ns}}),
         )
         .await;
-        create(
-            &Api::<CSIDriver>::all(client.clone()),
-            json!({"metadata": {"name": DRIVER}, "spec": {"storageCapacity": true, "attachRequired": false}}),
-        )
-        .await;
-        create(
-            &Api::<StorageClass>::all(client.clone()),
-            json!({"metadata": {"name": "e2e-wffc"}, "provisioner": DRIVER, "volumeBindingMode": "WaitForFirstConsumer"}),
-        )
-        .await;
+        volplane_tests::objects::tracked_driver_with_class(&client, DRIVER, "e2e-wffc").await;
         for node in ["small", "big"] {
             plane
                 .add_node(node, &labels([(KEY, node)]), Some((DRIVER, &[KEY])))

@@ -44,17 +44,23 @@ pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> b
     let pairs = selector.match_labels.iter().flatten();
     let expressions = selector.match_expressions.iter().flatten();
     pairs.into_iter().all(|(key, value)| labels.get(key) == Some(value))
-        && expressions.into_iter().all(|expression| {
-            let values = expression.values.as_deref().unwrap_or_default();
-            let value = labels.get(&expression.key);
-            match expression.operator.as_str() {
-                "In" => value.is_some_and(|v| values.contains(v)),
-                "NotIn" => value.is_none_or(|v| !values.contains(v)),
-                "Exists" => value.is_some(),
-                "DoesNotExist" => value.is_none(),
-                _ => false,
-            }
-        })
+        && expressions
+            .into_iter()
+            .all(|e| requirement_holds(&e.key, &e.operator, e.values.as_deref(), labels))
+}
+
+/// One label requirement (of a label selector or a node selector term):
+/// `In`, `NotIn`, `Exists`, `DoesNotExist`; any other operator fails.
+fn requirement_holds(key: &str, operator: &str, values: Option<&[String]>, labels: &BTreeMap<String, String>) -> bool {
+    let values = values.unwrap_or_default();
+    let value = labels.get(key);
+    match operator {
+        "In" => value.is_some_and(|v| values.contains(v)),
+        "NotIn" => value.is_none_or(|v| !values.contains(v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        _ => false,
+    }
 }
 
 /// A selector as `kubectl` writes one: `k=v` pairs, then expressions
@@ -407,19 +413,10 @@ fn bound_fit(pv_name: &str, node: &Node, pvs: &[PersistentVolume]) -> Fit {
     // Terms are ORed; the expressions of a term are ANDed.
     let allowed = terms.is_empty()
         || terms.iter().any(|term| {
-            term.match_expressions.iter().flatten().all(|e| {
-                let selector = LabelSelector {
-                    match_expressions: Some(vec![
-                        k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
-                            key: e.key.clone(),
-                            operator: e.operator.clone(),
-                            values: e.values.clone(),
-                        },
-                    ]),
-                    match_labels: None,
-                };
-                selects(&selector, &labels)
-            })
+            term.match_expressions
+                .iter()
+                .flatten()
+                .all(|e| requirement_holds(&e.key, &e.operator, e.values.as_deref(), &labels))
         });
     Fit {
         fits: allowed,
