@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use volplane_csi::CsiAddress;
 use volplane_leader::ElectionConfig;
 
@@ -105,11 +105,38 @@ pub enum LogFormat {
     Json,
 }
 
+/// A subcommand of `volplane`.
+#[derive(Clone, Debug, Subcommand)]
+pub enum Command {
+    /// Run volplane on an embedded control plane: an in-process API server,
+    /// simulated CSI drivers on three nodes, volplane's controllers as in
+    /// production, and a narrated story. Never touches a real cluster;
+    /// needs a build with the `demo` cargo feature.
+    Demo(DemoArgs),
+}
+
+/// `volplane demo`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Play the story once, stop everything and exit 0, instead of running
+    /// until Ctrl-C.
+    #[arg(long)]
+    pub once: bool,
+    /// Directory for the kubeconfig, the drivers' sockets and volplane's
+    /// logs [default: <temp dir>/volplane-demo].
+    #[arg(long, value_name = "PATH")]
+    pub dir: Option<PathBuf>,
+}
+
 /// volplane: CSI storage capacity, generic ephemeral volumes and volume
 /// health for Kubernetes.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "volplane", version, about, long_about = None)]
 pub struct Args {
+    /// Without a subcommand, volplane runs its controllers.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Path to a kubeconfig file. Without it, the in-cluster service account
     /// is used, then ~/.kube/config.
     #[arg(long, env = "KUBECONFIG", value_name = "PATH", value_parser = parse_optional_path)]

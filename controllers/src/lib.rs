@@ -7,6 +7,8 @@ pub mod args;
 pub mod audit;
 pub mod capacity;
 pub mod client;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod health;
 pub mod logging;
 pub mod plugin;
@@ -28,13 +30,30 @@ pub async fn main() -> ExitCode {
         eprintln!("error: {error:#}");
         return ExitCode::FAILURE;
     }
-    match startup::run(args).await {
+    let outcome = match &args.command {
+        Some(args::Command::Demo(demo)) => run_demo(demo).await,
+        None => startup::run(args).await,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", error_line(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "demo")]
+async fn run_demo(demo: &args::DemoArgs) -> anyhow::Result<()> {
+    demo::run(demo).await
+}
+
+/// The production build has no demo: its server and drivers stay out.
+#[cfg(not(feature = "demo"))]
+async fn run_demo(_: &args::DemoArgs) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this volplane was built without the demo (cargo feature `demo`); run it with: cargo run -p volplane --features demo -- demo"
+    )
 }
 
 /// The error and its causes on one line, each cause once: many library

@@ -438,7 +438,8 @@ fn log_driver(driver: &DriverInfo) {
     );
 }
 
-async fn wait_for_termination() -> anyhow::Result<()> {
+/// Completes on SIGTERM or SIGINT.
+pub(crate) async fn wait_for_termination() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;

@@ -410,3 +410,24 @@ async fn a_watch_from_a_compacted_revision_gets_410() {
         other => panic!("expected 410 Expired, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn discovery_lists_the_short_names_kubectl_resolves() {
+    let double = ApiServerDouble::start().await.expect("double");
+    let request = http::Request::get("/api/v1").body(Vec::new()).expect("request");
+    let list: serde_json::Value = double.client().request(request).await.expect("GET /api/v1");
+    let names = |plural: &str| -> Vec<String> {
+        let resource = list["resources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["name"] == plural)
+            .unwrap_or_else(|| panic!("{plural} is served"));
+        let names: Option<Vec<String>> = serde_json::from_value(resource["shortNames"].clone()).expect("a list");
+        names.unwrap_or_default()
+    };
+    assert_eq!(names("persistentvolumeclaims"), ["pvc"]);
+    assert_eq!(names("persistentvolumes"), ["pv"]);
+    assert_eq!(names("pods"), ["po"]);
+    assert!(names("pods/status").is_empty());
+}

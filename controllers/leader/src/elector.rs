@@ -228,6 +228,7 @@ impl Elector {
             }
         }
         state.manager_leads = false;
+        state.stopping = true;
         state.publish();
         if let Some(manager) = manager {
             release(config, manager).await;
@@ -296,6 +297,8 @@ struct Campaign<'a> {
     term: &'a watch::Sender<Term>,
     observed: Observed,
     manager_leads: bool,
+    /// The election is over (shutdown): stepping down is expected.
+    stopping: bool,
     number: u64,
     published: Term,
     leading_gauge: &'a Gauge,
@@ -314,6 +317,7 @@ impl<'a> Campaign<'a> {
             term,
             observed: Observed::default(),
             manager_leads: false,
+            stopping: false,
             number: 0,
             published: Term::Following,
             leading_gauge,
@@ -413,12 +417,16 @@ impl Campaign<'_> {
             if leading {
                 info!(lease = %self.config.lease_name, identity = %self.config.identity, "started leading");
             } else {
-                let why = if !self.manager_leads {
-                    "the lease is not ours"
+                if self.stopping {
+                    info!(lease = %self.config.lease_name, "stopped leading: shutting down");
                 } else {
-                    "the last renewal is older than the renew deadline"
-                };
-                warn!(lease = %self.config.lease_name, why, "stopped leading; no more writes");
+                    let why = if !self.manager_leads {
+                        "the lease is not ours"
+                    } else {
+                        "the last renewal is older than the renew deadline"
+                    };
+                    warn!(lease = %self.config.lease_name, why, "stopped leading; no more writes");
+                }
             }
         }
         self.published = next;

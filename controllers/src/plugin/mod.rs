@@ -140,15 +140,7 @@ pub async fn run(args: &PluginArgs) -> anyhow::Result<String> {
             })
         }
         Command::Why { pod } => {
-            let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-            let pod = pods
-                .get(pod)
-                .await
-                .with_context(|| format!("cannot read pod {namespace}/{pod}"))?;
-            let pvcs = list(Api::<PersistentVolumeClaim>::namespaced(client.clone(), &namespace)).await?;
-            let pvs = list(Api::<PersistentVolume>::all(client.clone())).await?;
-            let cluster = read_cluster(&client).await?;
-            let why = model::why(&pod, &pvcs, &pvs, &cluster);
+            let why = why(&client, &namespace, pod).await?;
             render(args.output, &why, || why_text(&why, color))
         }
         Command::Health => {
@@ -156,6 +148,19 @@ pub async fn run(args: &PluginArgs) -> anyhow::Result<String> {
             render(args.output, &rows, || health_table(&rows, args.all_namespaces))
         }
     }
+}
+
+/// Whether and where the volumes of pod `namespace/name` fit, read from the cluster.
+pub async fn why(client: &kube::Client, namespace: &str, name: &str) -> anyhow::Result<Why> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod = pods
+        .get(name)
+        .await
+        .with_context(|| format!("cannot read pod {namespace}/{name}"))?;
+    let pvcs = list(Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)).await?;
+    let pvs = list(Api::<PersistentVolume>::all(client.clone())).await?;
+    let cluster = read_cluster(client).await?;
+    Ok(model::why(&pod, &pvcs, &pvs, &cluster))
 }
 
 async fn connect(args: &PluginArgs) -> anyhow::Result<kube::Client> {

@@ -90,6 +90,22 @@ impl Running {
         }
     }
 
+    /// Runs `command` with stdout streamed (and stderr passed through):
+    /// for `volplane demo`, which narrates on stdout.
+    pub fn spawn_narrating(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn volplane");
+        let stdout = child.stdout.take().expect("stdout piped");
+        Self {
+            child,
+            lines: lines_of(stdout),
+            seen: Vec::new(),
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -118,6 +134,11 @@ impl Running {
         wait_for_line(&mut self.lines, needle, &mut self.seen).await
     }
 
+    /// Like [`Running::wait_for`], with its own limit.
+    pub async fn wait_for_within(&mut self, needle: &str, limit: Duration) -> String {
+        wait_for_line_within(&mut self.lines, needle, &mut self.seen, limit).await
+    }
+
     /// The admin server's address, from its "listening" log line.
     pub async fn admin_address(&mut self) -> SocketAddr {
         let listening = self.wait_for("admin server listening").await;
@@ -130,17 +151,24 @@ impl Running {
     }
 
     /// Sends SIGTERM and returns the exit code (the test fails if it takes over 30 s).
-    pub async fn terminate(mut self) -> (Option<i32>, Vec<String>) {
-        let kill = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(kill.success());
-        let exit =
-            volplane_tests::wait::eventually_some(Duration::from_secs(30), "volplane exits after SIGTERM", || {
-                std::future::ready(self.child.try_wait().expect("wait"))
-            })
-            .await;
+    pub async fn terminate(self) -> (Option<i32>, Vec<String>) {
+        self.stop_with("TERM").await
+    }
+
+    /// Sends `signal` (`TERM`, `INT`) and returns the exit code and every
+    /// line seen (the test fails if it takes over 30 s).
+    pub async fn stop_with(self, signal: &str) -> (Option<i32>, Vec<String>) {
+        self.signal(signal);
+        self.exit(&format!("volplane exits after SIG{signal}")).await
+    }
+
+    /// Waits for the process to exit by itself (the test fails after 30 s
+    /// naming `what`); its exit code and every line seen.
+    pub async fn exit(mut self, what: &str) -> (Option<i32>, Vec<String>) {
+        let exit = volplane_tests::wait::eventually_some(Duration::from_secs(30), what, || {
+            std::future::ready(self.child.try_wait().expect("wait"))
+        })
+        .await;
         let mut seen = std::mem::take(&mut self.seen);
         seen.extend(std::iter::from_fn(|| self.lines.try_recv().ok()));
         (exit.code(), seen)
@@ -157,10 +185,14 @@ impl Drop for Running {
 
 /// Streams a child's stderr lines into a channel.
 pub fn stderr_lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
+    lines_of(child.stderr.take().expect("stderr piped"))
+}
+
+/// Streams the lines of `output` (a child's pipe) into a channel.
+pub fn lines_of(output: impl Read + Send + 'static) -> mpsc::UnboundedReceiver<String> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let stderr = child.stderr.take().expect("stderr piped");
     std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }
@@ -174,7 +206,15 @@ pub async fn wait_for_line(
     needle: &str,
     seen: &mut Vec<String>,
 ) -> String {
-    let limit = Duration::from_secs(30);
+    wait_for_line_within(lines, needle, seen, Duration::from_secs(30)).await
+}
+
+pub async fn wait_for_line_within(
+    lines: &mut mpsc::UnboundedReceiver<String>,
+    needle: &str,
+    seen: &mut Vec<String>,
+    limit: Duration,
+) -> String {
     let found = tokio::time::timeout(limit, async {
         while let Some(line) = lines.recv().await {
             seen.push(line.clone());

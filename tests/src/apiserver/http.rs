@@ -118,7 +118,7 @@ fn discovery(segments: &[&str]) -> Option<Value> {
             .flat_map(|k| {
                 let verbs = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
                 let main = json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": k.namespaced,
-                                   "kind": k.kind, "verbs": verbs});
+                                   "kind": k.kind, "verbs": verbs, "shortNames": k.short_names});
                 let status = k.status.then(|| {
                     json!({"name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced,
                            "kind": k.kind, "verbs": ["get", "patch", "update"]})

@@ -15,6 +15,8 @@ pub struct ResourceKind {
     pub namespaced: bool,
     /// Whether a `/status` subresource exists (then `status` is only written through it).
     pub status: bool,
+    /// Short names in discovery, as the real API server lists them (`kubectl get pvc`).
+    pub short_names: &'static [&'static str],
 }
 
 impl ResourceKind {
@@ -25,6 +27,11 @@ impl ResourceKind {
         } else {
             format!("{}/{}", self.group, self.version)
         }
+    }
+
+    const fn short(mut self, names: &'static [&'static str]) -> Self {
+        self.short_names = names;
+        self
     }
 }
 
@@ -43,23 +50,24 @@ const fn kind(
         kind,
         namespaced,
         status,
+        short_names: &[],
     }
 }
 
 /// Everything the double serves.
 pub const KINDS: &[ResourceKind] = &[
-    kind("", "v1", "namespaces", "Namespace", false, true),
-    kind("", "v1", "nodes", "Node", false, true),
-    kind("", "v1", "pods", "Pod", true, true),
-    kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", true, true),
-    kind("", "v1", "persistentvolumes", "PersistentVolume", false, true),
-    kind("", "v1", "events", "Event", true, false),
-    kind("", "v1", "serviceaccounts", "ServiceAccount", true, false),
-    kind("", "v1", "configmaps", "ConfigMap", true, false),
-    kind("events.k8s.io", "v1", "events", "Event", true, false),
+    kind("", "v1", "namespaces", "Namespace", false, true).short(&["ns"]),
+    kind("", "v1", "nodes", "Node", false, true).short(&["no"]),
+    kind("", "v1", "pods", "Pod", true, true).short(&["po"]),
+    kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", true, true).short(&["pvc"]),
+    kind("", "v1", "persistentvolumes", "PersistentVolume", false, true).short(&["pv"]),
+    kind("", "v1", "events", "Event", true, false).short(&["ev"]),
+    kind("", "v1", "serviceaccounts", "ServiceAccount", true, false).short(&["sa"]),
+    kind("", "v1", "configmaps", "ConfigMap", true, false).short(&["cm"]),
+    kind("events.k8s.io", "v1", "events", "Event", true, false).short(&["ev"]),
     kind("storage.k8s.io", "v1", "csinodes", "CSINode", false, false),
     kind("storage.k8s.io", "v1", "csidrivers", "CSIDriver", false, false),
-    kind("storage.k8s.io", "v1", "storageclasses", "StorageClass", false, false),
+    kind("storage.k8s.io", "v1", "storageclasses", "StorageClass", false, false).short(&["sc"]),
     kind(
         "storage.k8s.io",
         "v1",
@@ -69,10 +77,10 @@ pub const KINDS: &[ResourceKind] = &[
         false,
     ),
     kind("coordination.k8s.io", "v1", "leases", "Lease", true, false),
-    kind("apps", "v1", "deployments", "Deployment", true, true),
-    kind("apps", "v1", "replicasets", "ReplicaSet", true, true),
-    kind("apps", "v1", "statefulsets", "StatefulSet", true, true),
-    kind("apps", "v1", "daemonsets", "DaemonSet", true, true),
+    kind("apps", "v1", "deployments", "Deployment", true, true).short(&["deploy"]),
+    kind("apps", "v1", "replicasets", "ReplicaSet", true, true).short(&["rs"]),
+    kind("apps", "v1", "statefulsets", "StatefulSet", true, true).short(&["sts"]),
+    kind("apps", "v1", "daemonsets", "DaemonSet", true, true).short(&["ds"]),
 ];
 
 /// Index into [`KINDS`] of the resource at `group/version/plural`.
