@@ -104,8 +104,9 @@ async fn perform(stage: &Stage, cast: &mut Cast, once: bool) -> anyhow::Result<E
         return Ok(Ending::Once);
     }
     narrator.say(&format!(
-        "\nThe story is over; volplane keeps running. Explore with the commands above (any kubectl, with\n\
-         KUBECONFIG={}), add your own pods with generic ephemeral volumes, and watch the logs in {}.\n\
+        "\nThe story is over; volplane keeps running. Explore with the commands above, or any kubectl \
+         command with KUBECONFIG={} in front; README's Demo section has a pod of your own to try. \
+         volplane's logs are in {}.\n\
          Ctrl-C stops volplane (each process gets SIGTERM and releases its Leases), then the API server.",
         script::shell_word(&stage.kubeconfig),
         stage.dir.join("logs").display()

@@ -106,6 +106,11 @@ impl Running {
         }
     }
 
+    /// Every line read so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
