@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use volplane_csi::CsiAddress;
 use volplane_leader::ElectionConfig;
 
@@ -334,6 +335,36 @@ fn parse_http_endpoint(raw: &str) -> Result<HttpEndpoint, String> {
 }
 
 impl Args {
+    /// Parses the process's command line; `volplane demo` takes none of
+    /// volplane's own flags on it (the demo runs its own cluster, and a
+    /// `--kubeconfig` there would suggest otherwise).
+    pub fn parse_checked() -> Result<Self, clap::Error> {
+        Self::parse_checked_from(std::env::args_os())
+    }
+
+    /// [`Args::parse_checked`] of `argv`.
+    pub fn parse_checked_from<I, T>(argv: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut command = Self::command();
+        let matches = command.try_get_matches_from_mut(argv)?;
+        let args = Self::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+        if args.command.is_some() {
+            let given = command
+                .get_arguments()
+                .find(|arg| matches.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine));
+            if let Some(flag) = given.and_then(|arg| arg.get_long()) {
+                return Err(command.error(
+                    ErrorKind::ArgumentConflict,
+                    format!("--{flag} is volplane's own flag; `volplane demo` runs its own cluster and takes only its own flags (see 'volplane demo --help')"),
+                ));
+            }
+        }
+        Ok(args)
+    }
+
     /// The controllers to run: as given, or the default for the other flags.
     pub fn selected_controllers(&self) -> Vec<Controller> {
         let mut selected = if self.controllers.is_empty() {
@@ -517,6 +548,24 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("volplane").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_demo_takes_none_of_volplanes_flags() {
+        let demo = |argv: &[&str]| Args::parse_checked_from(std::iter::once("volplane").chain(argv.iter().copied()));
+        let args = demo(&["demo", "--once"]).expect("the demo's own flags");
+        assert!(matches!(
+            args.command,
+            Some(Command::Demo(DemoArgs { once: true, dir: None }))
+        ));
+        let error = demo(&["--kubeconfig", "/k", "demo"]).expect_err("volplane's flag before demo");
+        assert_eq!(error.kind(), ErrorKind::ArgumentConflict);
+        assert!(
+            error.to_string().contains("--kubeconfig is volplane's own flag"),
+            "{error}"
+        );
+        assert!(demo(&["demo", "--kubeconfig", "/k"]).is_err(), "not a flag of the demo");
+        assert!(demo(&["--kubeconfig", "/k"]).is_ok(), "without the demo, as before");
     }
 
     #[test]

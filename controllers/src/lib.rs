@@ -17,12 +17,10 @@ pub mod startup;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// Parses the command line, runs volplane and turns any failure into one
 /// `error: …` line on stderr and a non-zero exit code.
 pub async fn main() -> ExitCode {
-    let args = match args::Args::try_parse() {
+    let args = match args::Args::parse_checked() {
         Ok(args) => args,
         Err(error) => return args::report_usage_error(error),
     };

@@ -137,8 +137,7 @@ impl Controllers<'_> {
         let leadership = if args.node_deployment {
             Leadership::unconditional()
         } else {
-            let lease = format!("volplane-capacity-{}", lease_suffix(&driver.name));
-            self.elections.join(args, lease)
+            self.elections.join(args, capacity_lease(&driver.name))
         };
         let built = crate::capacity::build(&self.client, csi, driver, args, &self.namespace, metrics, leadership);
         match built.await? {
@@ -156,7 +155,7 @@ impl Controllers<'_> {
     fn start_health(&mut self, csi: &CsiClient, driver: &DriverInfo, metrics: Arc<HealthMetrics>) {
         let args = self.args;
         // The node side runs on every node: no election.
-        let lease = format!("volplane-health-{}", lease_suffix(&driver.name));
+        let lease = health_lease(&driver.name);
         let elections = &mut self.elections;
         match crate::health::build(&self.client, csi, driver, args, metrics, || elections.join(args, lease)) {
             Some(health) => {
@@ -181,7 +180,7 @@ impl Controllers<'_> {
                 max: Duration::from_secs(300),
             },
         };
-        let leadership = self.elections.join(args, "volplane-ephemeral".to_string());
+        let leadership = self.elections.join(args, EPHEMERAL_LEASE.to_string());
         let ephemeral = EphemeralController::new(self.client.clone(), config, metrics, leadership);
         self.readiness.push(ephemeral.readiness());
         let shutdown = stop_requested(self.stop.clone());
@@ -298,6 +297,19 @@ fn identity(pod_name: Option<&str>) -> String {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u32(std::process::id());
     format!("{host}_{:08x}", hasher.finish() as u32)
+}
+
+/// The Lease of the ephemeral controller.
+pub const EPHEMERAL_LEASE: &str = "volplane-ephemeral";
+
+/// The Lease of the capacity controller for `driver`.
+pub fn capacity_lease(driver: &str) -> String {
+    format!("volplane-capacity-{}", lease_suffix(driver))
+}
+
+/// The Lease of the controller-side health controller for `driver`.
+pub fn health_lease(driver: &str) -> String {
+    format!("volplane-health-{}", lease_suffix(driver))
 }
 
 /// A driver name as part of a Lease name: lower case, other characters

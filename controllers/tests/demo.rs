@@ -25,6 +25,10 @@ fn assert_in_order(text: &str, parts: &[&str]) {
     }
 }
 
+/// Longer than the demo's own limits (60 s to be ready, 60 s per step), so
+/// that a slow run fails with the demo's diagnosis, not the test's.
+const STORY_LIMIT: Duration = Duration::from_secs(300);
+
 fn demo(args: &[&str]) -> std::process::Command {
     let mut command = support::volplane();
     command.arg("demo").args(args);
@@ -36,9 +40,7 @@ async fn demo_once_plays_the_story_as_it_happens_and_exits_0() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().display().to_string();
     let mut running = Running::spawn_narrating(demo(&["--once", "--dir", &root]));
-    running
-        .wait_for_within("Demo complete.", Duration::from_secs(120))
-        .await;
+    running.wait_for_within("Demo complete.", STORY_LIMIT).await;
     let (exit, lines) = running.exit("the demo exits after its story").await;
     assert_eq!(exit, Some(0), "{}", lines.join("\n"));
     let kubeconfig = format!("{root}/kubeconfig");
@@ -48,11 +50,16 @@ async fn demo_once_plays_the_story_as_it_happens_and_exits_0() {
             "no real cluster is touched",
             &format!("kubeconfig {kubeconfig}"),
             "node-a: 100Gi fast, 2Ti bulk; node-b: 20Gi fast, 1Ti bulk; node-c: 5Gi fast, 512Gi bulk",
-            "capacity-node-a capacity of node-a (per-node, like the DaemonSet)",
-            "volplane --controllers capacity --node-deployment --node-name node-a",
+            "capacity-node-a capacity of node-a (per node, like the DaemonSet)",
+            &format!(
+                "volplane --kubeconfig {kubeconfig} --namespace volplane --http-endpoint 127.0.0.1:0 --controllers capacity --node-deployment --node-name node-a"
+            ),
             "controller ephemeral and health, leader-elected",
-            "All 4 volplane processes are ready (/readyz answers 200); the controller-side instance was \
+            "volplane --kubeconfig",
+            "--controllers ephemeral,health --pod-name volplane-controller",
+            "All 4 volplane processes are ready (/readyz answers 200); the controller-side process was \
              elected leader of volplane-ephemeral and volplane-health-demo.volplane.dev.",
+            "Admin servers (/metrics, /readyz): capacity-node-a http://127.0.0.1:",
             "== 1. Capacity",
             "published one CSIStorageCapacity per node and class, owned by the Node",
             "node-a bulk demo.volplane.dev 2Ti - volplane/csisc-",
@@ -72,11 +79,12 @@ async fn demo_once_plays_the_story_as_it_happens_and_exits_0() {
             "default/web: its volumes fit only on node-a",
             &format!("KUBECONFIG={kubeconfig} kubectl get pvc -n default -o go-template="),
             "== 3. Pod deleted, claim collected",
-            "Pod web deleted; garbage collection removed PVC web-scratch",
+            "Pod web deleted; garbage collection removed PVC web-scratch with it",
             "== 4. Volume health",
             "Pod db got PVC db-data from volplane.",
-            "db on node-a (where volplane's objects say 10Gi of fast fit)",
-            "node-a's driver now has 90Gi of fast free; volplane's next poll (every 5s) published it",
+            "db goes to node-a (where volplane's objects say 10Gi of fast fit)",
+            "node-a's driver now has 90Gi of fast free. The new PV made volplane refresh node-a's fast capacity",
+            "90Gi published",
             "The driver now reports volume vol-",
             "Warning VolumeConditionAbnormal on PVC default/db-data, note \"read errors on 3 sectors of the backing disk\"",
             "annotated health.volplane.dev/abnormal=\"read errors on 3 sectors of the backing disk\"",
@@ -97,17 +105,23 @@ async fn demo_once_plays_the_story_as_it_happens_and_exits_0() {
         let log = std::fs::read_to_string(dir.path().join("logs").join(format!("{name}.log"))).expect("log");
         assert!(log.contains("volplane is ready"), "{name}: {log}");
         assert!(log.contains("termination signal received"), "{name}: {log}");
+        assert!(
+            !log.contains("stopped leading; no more writes"),
+            "a clean step-down: {log}"
+        );
     }
 }
 
 #[tokio::test]
-async fn one_demo_per_directory_and_ctrl_c_stops_it_cleanly() {
+async fn one_demo_per_directory_and_ctrl_c_in_its_terminal_stops_it_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().display().to_string();
-    let mut first = Running::spawn_narrating(demo(&["--dir", &root]));
-    first
-        .wait_for_within("volplane keeps running", Duration::from_secs(120))
-        .await;
+    // As in a terminal: the demo leads its own process group, and Ctrl-C
+    // sends SIGINT to the whole group.
+    let mut command = demo(&["--dir", &root]);
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut first = Running::spawn_narrating(command);
+    first.wait_for_within("volplane keeps running", STORY_LIMIT).await;
 
     let second = demo(&["--once", "--dir", &root]).output().expect("second demo");
     assert_eq!(second.status.code(), Some(1));
@@ -119,7 +133,13 @@ async fn one_demo_per_directory_and_ctrl_c_stops_it_cleanly() {
         "{stderr}"
     );
 
-    let (exit, lines) = first.stop_with("INT").await;
+    let group = format!("-{}", first.pid());
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let (exit, lines) = first.exit("the demo exits after Ctrl-C").await;
     assert_eq!(exit, Some(0), "{}", lines.join("\n"));
     assert_in_order(
         &flattened(&lines),
@@ -130,4 +150,40 @@ async fn one_demo_per_directory_and_ctrl_c_stops_it_cleanly() {
         ],
     );
     assert!(!flattened(&lines).contains("Demo complete."));
+}
+
+#[tokio::test]
+async fn the_directory_must_be_new_empty_or_an_earlier_demos() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("logs")).expect("logs");
+    std::fs::write(dir.path().join("logs").join("keep.txt"), "mine").expect("a file of the user's");
+    let output = demo(&["--once", "--dir", &dir.path().display().to_string()])
+        .output()
+        .expect("demo");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is neither empty nor an earlier demo's directory; give --dir a new or empty one"),
+        "{stderr}"
+    );
+    assert!(
+        dir.path().join("logs").join("keep.txt").exists(),
+        "nothing of the user's is removed"
+    );
+}
+
+#[tokio::test]
+async fn a_relative_directory_is_taken_from_the_working_directory() {
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let mut command = demo(&["--once", "--dir", "here"]);
+    command.current_dir(cwd.path());
+    let mut running = Running::spawn_narrating(command);
+    running.wait_for_within("Demo complete.", STORY_LIMIT).await;
+    let (exit, lines) = running.exit("the demo exits after its story").await;
+    assert_eq!(exit, Some(0), "{}", lines.join("\n"));
+    let kubeconfig = cwd.path().join("here").join("kubeconfig");
+    assert!(
+        flattened(&lines).contains(&format!("kubeconfig {}", kubeconfig.display())),
+        "absolute in the narration"
+    );
 }

@@ -33,16 +33,35 @@ pub fn pod_using(name: &str, namespace: &str, node: &str, claims: &[&str]) -> Po
 /// Creates the object `value` (JSON in the API's shape) through `api`; fails the test if the API server refuses.
 pub async fn create<K>(api: &kube::Api<K>, value: serde_json::Value) -> K
 where
-    K: kube::Resource
+    K: kube::Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
         + k8s_openapi::serde::de::DeserializeOwned
         + k8s_openapi::serde::Serialize,
 {
-    let object: K = serde_json::from_value(value).expect("object");
+    match try_create(api, value).await {
+        Ok(object) => object,
+        Err(error) => panic!("{error:#}"),
+    }
+}
+
+/// Creates the object `value` (JSON in the API's shape) through `api`;
+/// the error names the kind and the object.
+pub async fn try_create<K>(api: &kube::Api<K>, value: serde_json::Value) -> anyhow::Result<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::de::DeserializeOwned
+        + k8s_openapi::serde::Serialize,
+{
+    use anyhow::Context as _;
+    let kind = K::kind(&());
+    let object: K = serde_json::from_value(value).with_context(|| format!("not a valid {kind}"))?;
+    let name = object.meta().name.clone().unwrap_or_default();
     api.create(&kube::api::PostParams::default(), &object)
         .await
-        .expect("create")
+        .with_context(|| format!("cannot create {kind} {name}"))
 }
 
 /// A CSIDriver `driver` with `storageCapacity: true` (kube-scheduler checks

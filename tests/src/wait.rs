@@ -77,21 +77,51 @@ pub async fn timed(limit: Duration, what: &str, mut condition: impl FnMut() -> b
 }
 
 /// Polls the async `check` until it yields a value; fails the test naming `what` after `limit`.
-pub async fn eventually_some<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+pub async fn eventually_some<T, F, Fut>(limit: Duration, what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + limit;
+    match poll(limit, POLL, check, check_failure).await {
+        Some((value, _)) => value,
+        None => panic!("timed out after {limit:?} waiting for: {what}"),
+    }
+}
+
+/// Polls the async `check` every 50 ms until it yields a value, and how
+/// long that took; the error names `what` after `limit`. For waits outside
+/// tests (the demo), where a timeout is an error to report, not a panic.
+pub async fn until<T, F, Fut>(limit: Duration, what: &str, check: F) -> anyhow::Result<(T, Duration)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll(limit, Duration::from_millis(50), check, || {})
+        .await
+        .ok_or_else(|| anyhow::anyhow!("gave up after {limit:?} waiting until {what}"))
+}
+
+/// Polls `check` every `every` until it yields a value (then with the time
+/// it took) or `limit` passed (`None`), calling `tick` between polls.
+async fn poll<T, F, Fut>(
+    limit: Duration,
+    every: Duration,
+    mut check: F,
+    mut tick: impl FnMut(),
+) -> Option<(T, Duration)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = tokio::time::Instant::now();
     loop {
         if let Some(value) = check().await {
-            return value;
+            return Some((value, started.elapsed()));
         }
-        check_failure();
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(POLL).await;
+        tick();
+        if started.elapsed() >= limit {
+            return None;
+        }
+        tokio::time::sleep(every).await;
     }
 }

@@ -18,6 +18,9 @@ pub const ABNORMAL_ANNOTATION: &str = "health.volplane.dev/abnormal";
 /// node failure again.
 pub const NODE_FAILED_ANNOTATION: &str = "health.volplane.dev/node-failed";
 
+/// `reportingController` of the controller side's events.
+pub const REPORTING_CONTROLLER: &str = "volplane-health";
+
 /// Event reasons.
 pub const REASON_ABNORMAL: &str = "VolumeConditionAbnormal";
 /// Event reason on recovery.

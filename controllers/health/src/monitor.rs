@@ -328,7 +328,7 @@ impl LoopState {
         let recorder = Recorder::new(
             controller.client.clone(),
             Reporter {
-                controller: "volplane-health".into(),
+                controller: crate::model::REPORTING_CONTROLLER.into(),
                 instance: Some(config.instance.clone()),
             },
         );

@@ -196,7 +196,10 @@ impl Elector {
                     Err(error) => {
                         warn!(lease = %config.lease_name, %error, "cannot set up the lease; retrying");
                         tokio::select! {
-                            () = &mut shutdown => break,
+                            () = &mut shutdown => {
+                                state.stopping = true;
+                                break;
+                            }
                             () = tokio::time::sleep(config.retry_period) => {}
                         }
                     }
@@ -206,7 +209,10 @@ impl Elector {
             let deadline = state.deadline();
             let next = tokio::select! {
                 biased;
-                () = &mut shutdown => break,
+                () = &mut shutdown => {
+                    state.stopping = true;
+                    break;
+                }
                 changed = current.changed() => state.manager_changed(changed, &lease_api).await,
                 event = leases.next() => match event {
                     Some(event) => state.lease_event(event),
@@ -221,14 +227,16 @@ impl Elector {
                 Next::RebuildLater => {
                     manager = None;
                     tokio::select! {
-                        () = &mut shutdown => break,
+                        () = &mut shutdown => {
+                            state.stopping = true;
+                            break;
+                        }
                         () = tokio::time::sleep(config.retry_period) => {}
                     }
                 }
             }
         }
         state.manager_leads = false;
-        state.stopping = true;
         state.publish();
         if let Some(manager) = manager {
             release(config, manager).await;
@@ -297,7 +305,7 @@ struct Campaign<'a> {
     term: &'a watch::Sender<Term>,
     observed: Observed,
     manager_leads: bool,
-    /// The election is over (shutdown): stepping down is expected.
+    /// Shutdown was asked for: stepping down is expected.
     stopping: bool,
     number: u64,
     published: Term,
@@ -417,15 +425,16 @@ impl Campaign<'_> {
             if leading {
                 info!(lease = %self.config.lease_name, identity = %self.config.identity, "started leading");
             } else {
-                if self.stopping {
-                    info!(lease = %self.config.lease_name, "stopped leading: shutting down");
+                let why = if self.stopping {
+                    None
+                } else if !self.manager_leads {
+                    Some("the lease is not ours")
                 } else {
-                    let why = if !self.manager_leads {
-                        "the lease is not ours"
-                    } else {
-                        "the last renewal is older than the renew deadline"
-                    };
-                    warn!(lease = %self.config.lease_name, why, "stopped leading; no more writes");
+                    Some("the last renewal is older than the renew deadline")
+                };
+                match why {
+                    None => info!(lease = %self.config.lease_name, "stopped leading: shutting down"),
+                    Some(why) => warn!(lease = %self.config.lease_name, why, "stopped leading; no more writes"),
                 }
             }
         }

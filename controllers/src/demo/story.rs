@@ -1,7 +1,7 @@
-//! The story, played on the stage and narrated as it happens: each act
-//! does one thing a user or the cluster would do, waits (with a deadline)
-//! until volplane's answer is in the API server, and says what it saw and
-//! how to see it with kubectl.
+//! The story, played on the embedded cluster and narrated as it happens:
+//! each act does one thing a user or the cluster would do, waits (with a
+//! deadline) until volplane's answer is in the API server, and says what it
+//! saw and how to see it with kubectl.
 
 use std::future::Future;
 use std::path::Path;
@@ -17,21 +17,22 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::time::Instant;
 use volplane_capacity::quantity::format_bytes;
-use volplane_health::model::{ABNORMAL_ANNOTATION, REASON_ABNORMAL, REASON_NORMAL};
+use volplane_health::model::{ABNORMAL_ANNOTATION, REASON_ABNORMAL, REASON_NORMAL, REPORTING_CONTROLLER};
 use volplane_tests::driver::TestVolume;
 
-use super::script::{
-    self, ABNORMAL_MESSAGE, APP_NAMESPACE, CLASSES, DB, EphemeralPod, Look, NODES, TOPOLOGY_KEY, VOLPLANE_NAMESPACE,
-    WEB,
+use super::cluster::{self, EmbeddedCluster};
+use super::processes::{self, VolplaneProcesses};
+use super::scenario::{
+    self, ABNORMAL_MESSAGE, APP_NAMESPACE, CLASSES, DB, DRIVER, EphemeralPod, KubectlView, NODES, TOPOLOGY_KEY,
+    VOLPLANE_NAMESPACE, WEB,
 };
-use super::stage::{self, Cast, Stage};
 use crate::plugin::{self, PluginArgs};
 
 /// Narration is wrapped at this width (commands and tables are not).
 const WIDTH: usize = 100;
 
 /// How long one step may take before the demo gives up on it.
-const STEP_LIMIT: Duration = Duration::from_secs(60);
+pub const STEP_LIMIT: Duration = Duration::from_secs(60);
 
 /// Writes the narration to stdout.
 #[derive(Debug)]
@@ -81,64 +82,56 @@ impl<'a> Narrator<'a> {
     }
 
     /// The kubectl commands that show the same.
-    pub fn looks(&self, looks: &[Look]) {
-        for look in looks {
-            println!("  {}:", look.shows);
-            println!("    {}", script::command_line(self.kubeconfig, look));
+    pub fn views(&self, views: &[KubectlView]) {
+        for view in views {
+            println!("  {}:", view.shows);
+            println!("    {}", scenario::command_line(self.kubeconfig, view));
         }
     }
 }
 
-/// Polls `check` every 50 ms until it gives a value; the error names `what`
-/// after [`STEP_LIMIT`]. A failing read counts as "not yet".
-async fn until<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<(T, Duration)>
+/// Polls `check` until it gives a value, within [`STEP_LIMIT`].
+async fn until<T, F, Fut>(what: &str, check: F) -> anyhow::Result<(T, Duration)>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return Ok((value, start.elapsed()));
-        }
-        if start.elapsed() > STEP_LIMIT {
-            anyhow::bail!("gave up after {STEP_LIMIT:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    volplane_tests::wait::until(STEP_LIMIT, what, check).await
 }
 
 fn seconds(elapsed: Duration) -> String {
     format!("{:.2} s", elapsed.as_secs_f64())
 }
 
-/// What `kubectl volplane <args>` prints against the demo.
-async fn plugin_output(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let mut argv = vec!["kubectl-volplane".to_string(), "--kubeconfig".to_string()];
-    argv.push(kubeconfig.display().to_string());
-    argv.extend(args.iter().map(|a| a.to_string()));
-    let args = PluginArgs::try_parse_from(argv).context("the demo's plugin command")?;
-    plugin::run(&args).await
+/// A volume the demo provisioned for a claim, standing in for external-provisioner.
+#[derive(Debug)]
+struct Provisioned {
+    /// The node the pod went to.
+    node: String,
+    /// The PV.
+    volume: String,
+    /// The driver's volume id.
+    handle: String,
 }
 
-/// The story on `stage`, volplane played by `cast`.
+/// The story on an embedded cluster.
 #[derive(Debug)]
 pub struct Story<'a> {
-    stage: &'a Stage,
+    cluster: &'a EmbeddedCluster,
     narrator: Narrator<'a>,
 }
 
 impl<'a> Story<'a> {
-    /// A story on `stage`.
-    pub fn new(stage: &'a Stage) -> Self {
+    /// A story on `cluster`.
+    pub fn new(cluster: &'a EmbeddedCluster) -> Self {
         Self {
-            stage,
-            narrator: Narrator::new(&stage.kubeconfig),
+            cluster,
+            narrator: Narrator::new(&cluster.kubeconfig),
         }
     }
 
     /// Says what runs where.
-    pub fn introduce(&self, cast: &Cast) {
+    pub fn introduce(&self, processes: &VolplaneProcesses) {
         let n = &self.narrator;
         n.say(
             "volplane demo: an API server, CSI drivers and volplane, all on this machine; no real cluster is touched.",
@@ -146,39 +139,55 @@ impl<'a> Story<'a> {
         n.say("");
         n.raw(&format!(
             "  API server  {} (in-process: watches, selectors, garbage collection)",
-            self.stage.double.url()
+            self.cluster.api_server.url()
         ));
-        n.raw(&format!("  kubeconfig  {}", self.stage.kubeconfig.display()));
+        n.raw(&format!("  kubeconfig  {}", self.cluster.kubeconfig.display()));
+        n.raw(&format!(
+            "  CSI driver  {DRIVER} (simulated): one instance per node, one for the controller side"
+        ));
         let nodes: Vec<String> = NODES
             .iter()
             .map(|node| {
                 let free: Vec<String> = CLASSES
                     .iter()
                     .zip(node.free_gib)
-                    .map(|(class, gib)| format!("{} {}", format_bytes(script::gib(gib)), class.name))
+                    .map(|(class, gib)| format!("{} {}", format_bytes(scenario::gib(gib)), class.name))
                     .collect();
                 format!("{}: {}", node.name, free.join(", "))
             })
             .collect();
-        n.raw(&format!(
-            "  CSI driver  {} (simulated): one instance per node, one for the controller side",
-            script::DRIVER
-        ));
         n.raw(&format!("  nodes       {}", nodes.join("; ")));
         n.raw(&format!(
             "  volplane    {} processes of this binary, production flags, logs in {}:",
-            cast.instances.len(),
-            self.stage.dir.join("logs").display()
+            processes.all.len(),
+            self.cluster.logs().display()
         ));
-        for instance in &cast.instances {
-            n.raw(&format!("    {:<16} {}", instance.name, instance.role));
-            n.raw(&format!(
-                "    {:<16} volplane {} (admin http://{})",
-                "",
-                instance.args.join(" "),
-                instance.admin
-            ));
+        for process in &processes.all {
+            n.raw(&format!("    {:<16} {}", process.name, process.role));
+            n.raw(&format!("    {:<16} {}", "", process.command_line));
         }
+    }
+
+    /// Waits until the controller-side process leads both its groups; the
+    /// Leases' names.
+    pub async fn leaders(&self) -> anyhow::Result<Vec<String>> {
+        let leases: Api<Lease> = Api::namespaced(self.cluster.client.clone(), VOLPLANE_NAMESPACE);
+        let groups = [
+            crate::startup::EPHEMERAL_LEASE.to_string(),
+            crate::startup::health_lease(DRIVER),
+        ];
+        until("the controller-side process holds its Leases", || async {
+            let held = held_leases(&leases).await.ok()?;
+            groups
+                .iter()
+                .all(|group| {
+                    held.iter()
+                        .any(|(name, holder)| name == group && holder.starts_with(processes::CONTROLLER_POD))
+                })
+                .then_some(())
+        })
+        .await?;
+        Ok(groups.to_vec())
     }
 
     /// Plays every act; volplane was started at `started`.
@@ -193,21 +202,20 @@ impl<'a> Story<'a> {
     async fn capacity(&self, started: Instant) -> anyhow::Result<()> {
         let n = &self.narrator;
         n.act(1, "Capacity");
-        let api: Api<CSIStorageCapacity> = Api::namespaced(self.stage.client.clone(), VOLPLANE_NAMESPACE);
-        let expected: Vec<(String, &str, String)> = NODES
+        let expected: Vec<(&str, &str, String)> = NODES
             .iter()
             .flat_map(|node| {
                 CLASSES
                     .iter()
                     .zip(node.free_gib)
-                    .map(|(class, gib)| (node.name.to_string(), class.name, format_bytes(script::gib(gib))))
+                    .map(|(class, gib)| (node.name, class.name, format_bytes(scenario::gib(gib))))
             })
             .collect();
         until("volplane publishes capacity for every node and class", || async {
-            let objects = api.list(&ListParams::default()).await.ok()?.items;
+            let objects = self.capacities().await?;
             expected
                 .iter()
-                .all(|(node, class, capacity)| published(&objects, node, class) == Some(capacity.clone()))
+                .all(|(node, class, capacity)| published(&objects, node, class).as_ref() == Some(capacity))
                 .then_some(())
         })
         .await?;
@@ -217,8 +225,8 @@ impl<'a> Story<'a> {
              started. kube-scheduler places pods on these numbers:",
             seconds(started.elapsed())
         ));
-        n.show(&plugin_output(&self.stage.kubeconfig, &["capacity"]).await?);
-        n.looks(&[script::CAPACITY, script::PLUGIN_CAPACITY]);
+        n.show(&self.plugin(&["capacity"]).await?);
+        n.views(&[scenario::CAPACITY, scenario::PLUGIN_CAPACITY]);
         Ok(())
     }
 
@@ -238,70 +246,74 @@ impl<'a> Story<'a> {
             WEB.name,
             WEB.name
         ));
-        n.show(&plugin_output(&self.stage.kubeconfig, &["-n", APP_NAMESPACE, "why", WEB.name]).await?);
-        n.looks(&[script::CLAIMS]);
+        n.show(&self.plugin(&["-n", APP_NAMESPACE, "why", WEB.name]).await?);
+        n.views(&[scenario::CLAIMS]);
         Ok(())
     }
 
     async fn garbage_collection(&self) -> anyhow::Result<()> {
         let n = &self.narrator;
         n.act(3, "Pod deleted, claim collected");
-        let pods: Api<Pod> = Api::namespaced(self.stage.client.clone(), APP_NAMESPACE);
+        let pods: Api<Pod> = Api::namespaced(self.cluster.client.clone(), APP_NAMESPACE);
         pods.delete(WEB.name, &DeleteParams::default())
             .await
             .with_context(|| format!("cannot delete pod {}", WEB.name))?;
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.stage.client.clone(), APP_NAMESPACE);
+        let claims = self.claims();
         let claim = WEB.claim();
-        let (_, took) = until(&format!("garbage collection removes PVC {claim}"), || async {
+        until(&format!("garbage collection removes PVC {claim}"), || async {
             matches!(claims.get_opt(&claim).await, Ok(None)).then_some(())
         })
         .await?;
         n.say(&format!(
-            "Pod {} deleted; garbage collection removed PVC {claim} {} later, because volplane made the pod its owner.",
-            WEB.name,
-            seconds(took)
+            "Pod {} deleted; garbage collection removed PVC {claim} with it, because volplane made the pod \
+             its owner. (The PVC command above no longer lists it.)",
+            WEB.name
         ));
-        n.say("(The PVC command above no longer lists it.)");
         Ok(())
     }
 
     async fn health(&self) -> anyhow::Result<()> {
-        let n = &self.narrator;
-        n.act(4, "Volume health");
+        self.narrator.act(4, "Volume health");
         let pod = self.create_pod(DB).await?;
         let (claim, _) = self.owned_claim(DB, &pod).await?;
-        let node = self.first_fitting_node(DB).await?;
-        let (volume, handle) = self.provision(&claim, &pod, &node).await?;
-        n.say(&format!(
-            "Pod {} got PVC {claim} from volplane. This demo has no kube-scheduler or external-provisioner, so it \
-             plays them: {} on {node} (where volplane's objects say {}Gi of {} fit), volume {handle} created on \
-             the driver, PV {volume} bound to the claim.",
-            DB.name, DB.name, DB.gib, DB.class
-        ));
-        self.capacity_follows(&node, DB).await?;
-        self.stage
+        let provisioned = self.provision(&claim, &pod).await?;
+        self.abnormal(&claim, &provisioned).await?;
+        self.recovery(&claim, &provisioned).await
+    }
+
+    async fn abnormal(&self, claim: &str, provisioned: &Provisioned) -> anyhow::Result<()> {
+        let n = &self.narrator;
+        let Provisioned { volume, handle, .. } = provisioned;
+        self.cluster
             .controller_driver
-            .put_volume(&handle, db_volume(Some(ABNORMAL_MESSAGE)));
+            .put_volume(handle, db_volume(Some(ABNORMAL_MESSAGE)));
         n.say(&format!(
             "The driver now reports volume {handle} abnormal: {ABNORMAL_MESSAGE:?}."
         ));
-        let (note, took) = self.health_event(&claim, REASON_ABNORMAL).await?;
+        let (note, took) = self.health_event(claim, REASON_ABNORMAL).await?;
         let (marked, _) = until(&format!("PV {volume} is annotated abnormal"), || async {
-            self.abnormal_annotation(&volume).await.flatten()
+            self.abnormal_annotation(volume).await.flatten()
         })
         .await?;
         n.say(&format!(
             "volplane's health controller (ControllerGetVolume every {}) reported it {} later: Warning \
-             {REASON_ABNORMAL} on PVC {APP_NAMESPACE}/{claim}, note {note:?}; PV {volume} annotated {ABNORMAL_ANNOTATION}={marked:?}.",
-            humantime::format_duration(stage::HEALTH_CHECK),
+             {REASON_ABNORMAL} on PVC {APP_NAMESPACE}/{claim}, note {note:?}; PV {volume} annotated \
+             {ABNORMAL_ANNOTATION}={marked:?}.",
+            humantime::format_duration(processes::HEALTH_CHECK),
             seconds(took)
         ));
-        n.looks(&[script::HEALTH_EVENTS, script::ABNORMAL_VOLUMES]);
-        self.stage.controller_driver.put_volume(&handle, db_volume(None));
+        n.views(&[scenario::HEALTH_EVENTS, scenario::ABNORMAL_VOLUMES]);
+        Ok(())
+    }
+
+    async fn recovery(&self, claim: &str, provisioned: &Provisioned) -> anyhow::Result<()> {
+        let n = &self.narrator;
+        let Provisioned { volume, handle, .. } = provisioned;
+        self.cluster.controller_driver.put_volume(handle, db_volume(None));
         n.say(&format!("The driver reports volume {handle} healthy again."));
-        let (note, took) = self.health_event(&claim, REASON_NORMAL).await?;
+        let (note, took) = self.health_event(claim, REASON_NORMAL).await?;
         until(&format!("the abnormal annotation leaves PV {volume}"), || async {
-            matches!(self.abnormal_annotation(&volume).await, Some(None)).then_some(())
+            matches!(self.abnormal_annotation(volume).await, Some(None)).then_some(())
         })
         .await?;
         n.say(&format!(
@@ -312,45 +324,42 @@ impl<'a> Story<'a> {
         Ok(())
     }
 
-    /// Waits until the controller-side instance leads both its groups;
-    /// the Leases' names.
-    pub async fn leaders(&self) -> anyhow::Result<Vec<String>> {
-        let leases: Api<Lease> = Api::namespaced(self.stage.client.clone(), VOLPLANE_NAMESPACE);
-        let groups = [
-            "volplane-ephemeral".to_string(),
-            format!("volplane-health-{}", script::DRIVER),
-        ];
-        until("the controller-side instance holds its Leases", || async {
-            let held = held_leases(&leases).await.ok()?;
-            groups
-                .iter()
-                .all(|group| {
-                    held.iter()
-                        .any(|(name, holder)| name == group && holder.starts_with(stage::CONTROLLER_POD))
-                })
-                .then_some(())
-        })
-        .await?;
-        Ok(groups.to_vec())
-    }
-
     async fn leadership(&self) -> anyhow::Result<()> {
         let n = &self.narrator;
         n.act(5, "Leader election");
-        let leases: Api<Lease> = Api::namespaced(self.stage.client.clone(), VOLPLANE_NAMESPACE);
+        let leases: Api<Lease> = Api::namespaced(self.cluster.client.clone(), VOLPLANE_NAMESPACE);
         let held = held_leases(&leases).await?;
         n.say(
-            "The controller-side instance writes only while it holds a Lease per controller group (a second \
-             replica would wait); the per-node instances own their node's objects and never elect:",
+            "The controller-side process writes only while it holds a Lease per controller group (a second \
+             replica would wait); the per-node processes own their node's objects and never elect:",
         );
         let lines: Vec<String> = held.iter().map(|(name, holder)| format!("{name}\t{holder}")).collect();
         n.show(&lines.join("\n"));
-        n.looks(&[script::LEASES]);
+        n.views(&[scenario::LEASES]);
         Ok(())
     }
 
+    /// What `kubectl volplane <args>` prints against the demo.
+    async fn plugin(&self, args: &[&str]) -> anyhow::Result<String> {
+        let kubeconfig = self.cluster.kubeconfig.display().to_string();
+        let argv = ["kubectl-volplane", "--kubeconfig", &kubeconfig]
+            .into_iter()
+            .chain(args.iter().copied());
+        let args = PluginArgs::try_parse_from(argv).context("the demo's plugin command")?;
+        plugin::run(&args).await
+    }
+
+    fn claims(&self) -> Api<PersistentVolumeClaim> {
+        Api::namespaced(self.cluster.client.clone(), APP_NAMESPACE)
+    }
+
+    async fn capacities(&self) -> Option<Vec<CSIStorageCapacity>> {
+        let api: Api<CSIStorageCapacity> = Api::namespaced(self.cluster.client.clone(), VOLPLANE_NAMESPACE);
+        Some(api.list(&ListParams::default()).await.ok()?.items)
+    }
+
     async fn create_pod(&self, pod: EphemeralPod) -> anyhow::Result<Pod> {
-        let pods: Api<Pod> = Api::namespaced(self.stage.client.clone(), APP_NAMESPACE);
+        let pods: Api<Pod> = Api::namespaced(self.cluster.client.clone(), APP_NAMESPACE);
         let object: Pod = serde_json::from_value(pod.manifest())?;
         pods.create(&PostParams::default(), &object)
             .await
@@ -359,7 +368,7 @@ impl<'a> Story<'a> {
 
     /// Waits for the claim of `pod`'s ephemeral volume, owned by `created`.
     async fn owned_claim(&self, pod: EphemeralPod, created: &Pod) -> anyhow::Result<(String, Duration)> {
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.stage.client.clone(), APP_NAMESPACE);
+        let claims = self.claims();
         let name = pod.claim();
         let uid = created.metadata.uid.clone().unwrap_or_default();
         let what = format!("volplane creates PVC {name} owned by pod {}", pod.name);
@@ -377,7 +386,7 @@ impl<'a> Story<'a> {
 
     /// The first node where `pod`'s volume fits, as `kubectl volplane why` judges.
     async fn first_fitting_node(&self, pod: EphemeralPod) -> anyhow::Result<String> {
-        let why = plugin::why(&self.stage.client, APP_NAMESPACE, pod.name).await?;
+        let why = plugin::why(&self.cluster.client, APP_NAMESPACE, pod.name).await?;
         why.nodes
             .iter()
             .find(|(_, fits)| fits.iter().all(|f| f.fits))
@@ -385,21 +394,72 @@ impl<'a> Story<'a> {
             .with_context(|| format!("no node fits pod {}: {}", pod.name, why.verdict))
     }
 
-    /// Plays scheduler and provisioner: the pod goes to `node`, a volume
-    /// is created on the driver and bound to the claim through a PV.
-    async fn provision(&self, claim: &str, pod: &Pod, node: &str) -> anyhow::Result<(String, String)> {
-        let client = &self.stage.client;
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), APP_NAMESPACE);
-        let current = claims.get(claim).await?;
+    /// Plays kube-scheduler and external-provisioner for the db claim: the
+    /// pod goes to the first node where it fits, the node's driver gives
+    /// the space up, and a volume on the controller-side driver is bound to
+    /// the claim through a PV; volplane refreshes that node's capacity.
+    async fn provision(&self, claim: &str, pod: &Pod) -> anyhow::Result<Provisioned> {
+        let node = self.first_fitting_node(DB).await?;
+        let current = self.claims().get(claim).await?;
         let uid = current.metadata.uid.clone().unwrap_or_default();
-        let volume = format!("pvc-{uid}");
-        let handle = format!("vol-{}", uid.chars().take(8).collect::<String>());
-        self.stage.controller_driver.put_volume(&handle, db_volume(None));
+        let provisioned = Provisioned {
+            volume: format!("pvc-{uid}"),
+            handle: format!("vol-{}", uid.chars().take(8).collect::<String>()),
+            node,
+        };
+        let left = self.take_space(&provisioned.node, DB)?;
+        self.cluster
+            .controller_driver
+            .put_volume(&provisioned.handle, db_volume(None));
+        self.bind(claim, &uid, pod, &provisioned).await?;
+        self.narrator.say(&format!(
+            "Pod {} got PVC {claim} from volplane. This demo has no kube-scheduler or external-provisioner, so \
+             it plays them: {} goes to {} (where volplane's objects say {}Gi of {} fit), volume {} is created \
+             on the driver and PV {} bound to the claim.",
+            DB.name, DB.name, provisioned.node, DB.gib, DB.class, provisioned.handle, provisioned.volume
+        ));
+        let expected = format_bytes(scenario::gib(left));
+        let node = provisioned.node.as_str();
+        let what = format!("volplane publishes {expected} of {} on {node}", DB.class);
+        let (_, took) = until(&what, || async {
+            let objects = self.capacities().await?;
+            (published(&objects, node, DB.class).as_ref() == Some(&expected)).then_some(())
+        })
+        .await?;
+        self.narrator.say(&format!(
+            "{node}'s driver now has {expected} of {} free. The new PV made volplane refresh {node}'s {} \
+             capacity at once (without it, the next poll, every {}, would): {expected} published {} later.",
+            DB.class,
+            DB.class,
+            humantime::format_duration(processes::CAPACITY_POLL),
+            seconds(took)
+        ));
+        Ok(provisioned)
+    }
+
+    /// The driver on `node` reports `pod`'s size less free; what is left, in GiB.
+    fn take_space(&self, node: &str, pod: EphemeralPod) -> anyhow::Result<i64> {
+        let spec = NODES.iter().find(|n| n.name == node).context("a demo node")?;
+        let index = CLASSES
+            .iter()
+            .position(|c| c.name == pod.class)
+            .context("a demo class")?;
+        let driver = self.cluster.node_driver(node).context("a demo node's driver")?;
+        let left = spec.free_gib[index] - pod.gib;
+        cluster::set_free(driver, *spec, CLASSES[index].media, left);
+        Ok(left)
+    }
+
+    /// Creates the PV and binds claim and pod as the PV controller and
+    /// kube-scheduler would.
+    async fn bind(&self, claim: &str, uid: &str, pod: &Pod, provisioned: &Provisioned) -> anyhow::Result<()> {
+        let client = &self.cluster.client;
+        let Provisioned { node, volume, handle } = provisioned;
         let pv: PersistentVolume = serde_json::from_value(json!({
             "metadata": {"name": volume},
             "spec": {"capacity": {"storage": format!("{}Gi", DB.gib)}, "accessModes": ["ReadWriteOnce"],
                      "storageClassName": DB.class, "persistentVolumeReclaimPolicy": "Delete",
-                     "csi": {"driver": script::DRIVER, "volumeHandle": handle},
+                     "csi": {"driver": DRIVER, "volumeHandle": handle},
                      "claimRef": {"kind": "PersistentVolumeClaim", "namespace": APP_NAMESPACE, "name": claim, "uid": uid},
                      "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
                          {"key": TOPOLOGY_KEY, "operator": "In", "values": [node]}]}]}}},
@@ -409,6 +469,7 @@ impl<'a> Story<'a> {
             .await
             .with_context(|| format!("cannot create PV {volume}"))?;
         let merge = PatchParams::default();
+        let claims = self.claims();
         claims
             .patch(
                 claim,
@@ -418,48 +479,23 @@ impl<'a> Story<'a> {
                                      "spec": {"volumeName": volume}}),
                 ),
             )
-            .await?;
+            .await
+            .with_context(|| format!("cannot bind PVC {claim}"))?;
         claims
             .patch_status(claim, &merge, &Patch::Merge(json!({"status": {"phase": "Bound"}})))
-            .await?;
+            .await
+            .with_context(|| format!("cannot bind PVC {claim}"))?;
         let pod_name = pod.metadata.name.clone().unwrap_or_default();
         Api::<Pod>::namespaced(client.clone(), APP_NAMESPACE)
             .patch(&pod_name, &merge, &Patch::Merge(json!({"spec": {"nodeName": node}})))
-            .await?;
-        Ok((volume, handle))
-    }
-
-    /// The node's driver now has `pod`'s size less; volplane's next poll
-    /// publishes that.
-    async fn capacity_follows(&self, node: &str, pod: EphemeralPod) -> anyhow::Result<()> {
-        let spec = NODES.iter().find(|n| n.name == node).context("a demo node")?;
-        let index = CLASSES
-            .iter()
-            .position(|c| c.name == pod.class)
-            .context("a demo class")?;
-        let driver = self.stage.node_driver(node).context("a demo node's driver")?;
-        let left = spec.free_gib[index] - pod.gib;
-        stage::set_free(driver, *spec, CLASSES[index].media, left);
-        let api: Api<CSIStorageCapacity> = Api::namespaced(self.stage.client.clone(), VOLPLANE_NAMESPACE);
-        let expected = format_bytes(script::gib(left));
-        let what = format!("volplane publishes {expected} of {} on {node}", pod.class);
-        let (_, took) = until(&what, || async {
-            let objects = api.list(&ListParams::default()).await.ok()?.items;
-            (published(&objects, node, pod.class) == Some(expected.clone())).then_some(())
-        })
-        .await?;
-        self.narrator.say(&format!(
-            "{node}'s driver now has {expected} of {} free; volplane's next poll (every {}) published it {} later.",
-            pod.class,
-            humantime::format_duration(stage::CAPACITY_POLL),
-            seconds(took)
-        ));
+            .await
+            .with_context(|| format!("cannot place pod {pod_name}"))?;
         Ok(())
     }
 
     /// The note of the health controller's `reason` event on `claim`.
     async fn health_event(&self, claim: &str, reason: &str) -> anyhow::Result<(String, Duration)> {
-        let events: Api<Event> = Api::namespaced(self.stage.client.clone(), APP_NAMESPACE);
+        let events: Api<Event> = Api::namespaced(self.cluster.client.clone(), APP_NAMESPACE);
         until(&format!("volplane reports {reason} on PVC {claim}"), || async {
             let listed = events.list(&ListParams::default()).await.ok()?.items;
             listed.into_iter().find_map(|event| {
@@ -467,7 +503,7 @@ impl<'a> Story<'a> {
                 (event.reason.as_deref() == Some(reason)
                     && about.kind.as_deref() == Some("PersistentVolumeClaim")
                     && about.name.as_deref() == Some(claim)
-                    && event.reporting_controller.as_deref() == Some("volplane-health"))
+                    && event.reporting_controller.as_deref() == Some(REPORTING_CONTROLLER))
                 .then(|| event.note.unwrap_or_default())
             })
         })
@@ -476,7 +512,7 @@ impl<'a> Story<'a> {
 
     /// `None`: the PV cannot be read; `Some(None)`: not annotated.
     async fn abnormal_annotation(&self, volume: &str) -> Option<Option<String>> {
-        let pv = Api::<PersistentVolume>::all(self.stage.client.clone())
+        let pv = Api::<PersistentVolume>::all(self.cluster.client.clone())
             .get(volume)
             .await
             .ok()?;
@@ -488,17 +524,24 @@ impl<'a> Story<'a> {
     }
 }
 
-/// The capacity volplane published for `class` on `node`, if any object says.
+/// The capacity published for `class` on `node` by an object the Node owns.
 fn published(objects: &[CSIStorageCapacity], node: &str, class: &str) -> Option<String> {
     objects
         .iter()
         .find(|o| {
-            o.storage_class_name == class
-                && o.node_topology
-                    .as_ref()
-                    .and_then(|t| t.match_labels.as_ref())
-                    .and_then(|l| l.get(TOPOLOGY_KEY))
-                    .is_some_and(|v| v == node)
+            let on_node = o
+                .node_topology
+                .as_ref()
+                .and_then(|t| t.match_labels.as_ref())
+                .and_then(|l| l.get(TOPOLOGY_KEY))
+                .is_some_and(|v| v == node);
+            let owned = o
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|r| r.kind == "Node" && r.name == node);
+            o.storage_class_name == class && on_node && owned
         })
         .and_then(|o| o.capacity.as_ref())
         .map(|q| q.0.clone())
@@ -511,12 +554,12 @@ fn db_volume(abnormal: Option<&str>) -> TestVolume {
         None => TestVolume::healthy(),
     };
     TestVolume {
-        capacity_bytes: script::gib(DB.gib),
+        capacity_bytes: scenario::gib(DB.gib),
         ..volume
     }
 }
 
-/// Each Lease with a holder: (name, holder).
+/// Each Lease with a holder: (name, holder), by name.
 pub async fn held_leases(leases: &Api<Lease>) -> anyhow::Result<Vec<(String, String)>> {
     let listed = leases
         .list(&ListParams::default())

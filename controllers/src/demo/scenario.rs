@@ -1,4 +1,4 @@
-//! The demo's script: the simulated cluster, the story's pods and the
+//! The demo's scenario: the simulated cluster, the story's pods and the
 //! kubectl commands it shows. Pure: no I/O, so it is tested as text.
 
 use std::path::Path;
@@ -113,7 +113,7 @@ pub const ABNORMAL_MESSAGE: &str = "read errors on 3 sectors of the backing disk
 
 /// A kubectl command the narration shows, with what it prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Look {
+pub struct KubectlView {
     /// What the output is, in words.
     pub shows: &'static str,
     /// The command, without the kubeconfig.
@@ -121,43 +121,43 @@ pub struct Look {
 }
 
 /// volplane's CSIStorageCapacity objects.
-pub const CAPACITY: Look = Look {
+pub const CAPACITY: KubectlView = KubectlView {
     shows: "class, topology, capacity and owner of each CSIStorageCapacity",
     command: r#"kubectl get csistoragecapacities -n volplane -o go-template='{{range .items}}{{.storageClassName}}{{"\t"}}{{range $k, $v := .nodeTopology.matchLabels}}{{$k}}={{$v}}{{end}}{{"\t"}}{{.capacity}}{{"\t"}}{{range .metadata.ownerReferences}}{{.kind}}/{{.name}}{{end}}{{"\n"}}{{end}}'"#,
 };
 
 /// The story's claims.
-pub const CLAIMS: Look = Look {
+pub const CLAIMS: KubectlView = KubectlView {
     shows: "each PVC in default: name, size, owner, bound PV",
     command: r#"kubectl get pvc -n default -o go-template='{{range .items}}{{.metadata.name}}{{"\t"}}{{.spec.resources.requests.storage}}{{"\t"}}{{range .metadata.ownerReferences}}{{.kind}}/{{.name}}{{end}}{{"\t"}}{{with .spec.volumeName}}{{.}}{{end}}{{"\n"}}{{end}}'"#,
 };
 
 /// The health controller's events.
-pub const HEALTH_EVENTS: Look = Look {
+pub const HEALTH_EVENTS: KubectlView = KubectlView {
     shows: "claim, reason and note of each event of the health controller",
     command: r#"kubectl get events.events.k8s.io -A -o go-template='{{range .items}}{{$e := .}}{{with .reportingController}}{{if eq . "volplane-health"}}{{$e.regarding.namespace}}/{{$e.regarding.name}}{{"\t"}}{{$e.reason}}{{"\t"}}{{$e.note}}{{"\n"}}{{end}}{{end}}{{end}}'"#,
 };
 
 /// The PVs volplane holds abnormal.
-pub const ABNORMAL_VOLUMES: Look = Look {
+pub const ABNORMAL_VOLUMES: KubectlView = KubectlView {
     shows: "each PV volplane holds abnormal, with the driver's message (empty once it recovered)",
     command: r#"kubectl get pv -o go-template='{{range .items}}{{$pv := .metadata.name}}{{with .metadata.annotations}}{{with index . "health.volplane.dev/abnormal"}}{{$pv}}{{"\t"}}{{.}}{{"\n"}}{{end}}{{end}}{{end}}'"#,
 };
 
 /// Who leads each controller group.
-pub const LEASES: Look = Look {
+pub const LEASES: KubectlView = KubectlView {
     shows: "each Lease, its holder and last renewal",
     command: r#"kubectl get leases -n volplane -o go-template='{{range .items}}{{.metadata.name}}{{"\t"}}{{.spec.holderIdentity}}{{"\t"}}{{.spec.renewTime}}{{"\n"}}{{end}}'"#,
 };
 
 /// The same through the kubectl plugin, once installed.
-pub const PLUGIN_CAPACITY: Look = Look {
+pub const PLUGIN_CAPACITY: KubectlView = KubectlView {
     shows: "the same as `kubectl volplane` shows it (plugin installed)",
     command: "kubectl volplane capacity",
 };
 
-/// Every command the narration shows, in its order.
-pub const LOOKS: [Look; 6] = [
+/// Every command the narration shows, in its order (README's Demo section lists them).
+pub const VIEWS: [KubectlView; 6] = [
     CAPACITY,
     PLUGIN_CAPACITY,
     CLAIMS,
@@ -166,16 +166,15 @@ pub const LOOKS: [Look; 6] = [
     LEASES,
 ];
 
-/// `path` as one shell word: as is when it holds only safe characters,
+/// `text` as one shell word: as is when it holds only safe characters,
 /// else single-quoted.
-pub fn shell_word(path: &Path) -> String {
-    let text = path.to_string_lossy();
+pub fn shell_word(text: &str) -> String {
     let safe = !text.is_empty()
         && text
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '+' | ',' | ':' | '@'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '+' | ',' | ':' | '@' | '='));
     if safe {
-        text.into_owned()
+        text.to_string()
     } else {
         format!("'{}'", text.replace('\'', r"'\''"))
     }
@@ -183,8 +182,12 @@ pub fn shell_word(path: &Path) -> String {
 
 /// The command line the user runs: the demo's kubeconfig in front, so it
 /// never reaches another cluster.
-pub fn command_line(kubeconfig: &Path, look: &Look) -> String {
-    format!("KUBECONFIG={} {}", shell_word(kubeconfig), look.command)
+pub fn command_line(kubeconfig: &Path, view: &KubectlView) -> String {
+    format!(
+        "KUBECONFIG={} {}",
+        shell_word(&kubeconfig.to_string_lossy()),
+        view.command
+    )
 }
 
 /// GiB in bytes.
@@ -211,15 +214,39 @@ mod tests {
     }
 
     #[test]
-    fn every_look_is_a_kubectl_command_in_the_demo_namespaces() {
-        for look in LOOKS {
-            assert!(look.command.starts_with("kubectl "), "{look:?}");
-            assert!(!look.command.contains("--kubeconfig"), "{look:?}");
+    fn every_view_is_a_kubectl_command_in_the_demo_namespaces() {
+        for view in VIEWS {
+            assert!(view.command.starts_with("kubectl "), "{view:?}");
+            assert!(!view.command.contains("--kubeconfig"), "{view:?}");
         }
-        for look in [CAPACITY, LEASES] {
-            assert!(look.command.contains(&format!("-n {VOLPLANE_NAMESPACE} ")), "{look:?}");
+        for view in [CAPACITY, LEASES] {
+            assert!(view.command.contains(&format!("-n {VOLPLANE_NAMESPACE} ")), "{view:?}");
         }
         assert!(CLAIMS.command.contains(&format!("-n {APP_NAMESPACE} ")));
+    }
+
+    #[test]
+    fn readme_lists_every_command_the_narration_shows() {
+        let readme = include_str!("../../../README.md");
+        let demo = readme
+            .split("\n## Demo\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README has a Demo section");
+        let default = Path::new("/tmp/volplane-demo/kubeconfig");
+        for view in VIEWS {
+            let line = command_line(default, &view);
+            assert!(demo.lines().any(|l| l == line), "README's Demo section lacks {line}");
+        }
+        // The health commands are README's own, shared with the health section.
+        for view in [HEALTH_EVENTS, ABNORMAL_VOLUMES, LEASES] {
+            assert!(readme.lines().any(|l| l == view.command), "{}", view.command);
+        }
+        assert!(
+            HEALTH_EVENTS
+                .command
+                .contains(&format!("eq . {:?}", volplane_health::model::REPORTING_CONTROLLER))
+        );
     }
 
     #[test]
