@@ -521,6 +521,13 @@ impl Store {
         self.uids.insert(uid, key.clone());
         self.objects.insert(key, object.clone());
         self.record(kind, namespace, ChangeType::Added, object.clone(), None);
+        // The garbage collector also takes what is created with owners that
+        // are all gone already (a controller acting on a stale cache), as
+        // kube-controller-manager's does once its graph sees the object.
+        let owners = owner_uids(&object);
+        if self.garbage_collection && !owners.is_empty() && owners.iter().all(|o| !self.uids.contains_key(o)) {
+            let _ = self.delete(kind, namespace, &name, &DeleteOptions::default());
+        }
         Ok(object)
     }
 
@@ -1031,6 +1038,41 @@ mod tests {
             .expect("delete");
         assert_eq!(store.get(pvcs(), "default", "p-data").expect_err("collected").code, 404);
         assert!(store.get(pvcs(), "default", "other").is_ok());
+    }
+
+    #[test]
+    fn garbage_collection_takes_what_is_created_for_an_owner_already_gone() {
+        let mut store = Store::new();
+        store.garbage_collection = true;
+        let pod = store
+            .create(pods(), "default", json!({"metadata": {"name": "p"}}))
+            .expect("pod");
+        let uid = pod["metadata"]["uid"].clone();
+        store
+            .delete(pods(), "default", "p", &DeleteOptions::default())
+            .expect("delete");
+        let start = store.revision();
+        let late = json!({"metadata": {"name": "p-data", "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": uid, "controller": true}]}});
+        store
+            .create(pvcs(), "default", late)
+            .expect("created, as the API server would");
+        assert_eq!(store.get(pvcs(), "default", "p-data").expect_err("collected").code, 404);
+        let changes: Vec<ChangeType> = store
+            .changes_since(start)
+            .expect("history")
+            .iter()
+            .map(|c| c.change)
+            .collect();
+        assert_eq!(changes, [ChangeType::Added, ChangeType::Deleted], "watchers see both");
+        store.garbage_collection = false;
+        let kept = json!({"metadata": {"name": "kept", "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": uid}]}});
+        store.create(pvcs(), "default", kept).expect("pvc");
+        assert!(
+            store.get(pvcs(), "default", "kept").is_ok(),
+            "no collector, no collection"
+        );
     }
 
     #[test]
