@@ -348,8 +348,13 @@ fn lease_client(mut config: kube::Config, args: &Args, metrics: &Arc<ApiMetrics>
     )
 }
 
-/// Requests per second leader election may make (a few per lease per retry period).
-const LEASE_BURST: u64 = 10;
+/// Requests per second leader election may make: a bound against a loop
+/// gone wrong, not a pace. Renewals take a few requests per lease per
+/// retry period, but taking a lease takes about a dozen at once (read,
+/// create, watch, lock, transitions, re-read), and a process runs up to
+/// three elections; at 10 the second election of a start waited for the
+/// next second.
+const LEASE_BURST: u64 = 50;
 
 /// A client on `config`'s stack: at most `burst` requests per `window`
 /// seconds when `limit` is given (retries pass the limiter again), every

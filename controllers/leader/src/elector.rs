@@ -364,8 +364,13 @@ impl Campaign<'_> {
     fn lease_event(&mut self, event: Result<watcher::Event<Lease>, watcher::Error>) -> Next {
         match event {
             Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => {
-                self.observed = Observed::of(&lease);
-                if self.observed.holder.is_none() && !self.manager_leads {
+                let observed = Observed::of(&lease);
+                // Only a release wakes a manager that waits for the old
+                // holder's expiry; a lease that was free already (a fresh
+                // one) is being taken, and a rebuild would cancel that.
+                let released = self.observed.holder.is_some() && observed.holder.is_none();
+                self.observed = observed;
+                if released && !self.manager_leads {
                     debug!(lease = %self.config.lease_name, "lease released; trying to take it now");
                     Next::Rebuild
                 } else {
@@ -440,5 +445,55 @@ impl Campaign<'_> {
         }
         self.published = next;
         self.term.send_replace(next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+
+    use super::*;
+
+    fn lease(holder: Option<&str>) -> Lease {
+        Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(str::to_string),
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        }
+    }
+
+    fn config() -> ElectionConfig {
+        ElectionConfig {
+            lease_name: "volplane-test".into(),
+            namespace: "default".into(),
+            identity: "me".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+
+    #[test]
+    fn only_a_release_rebuilds_the_manager() {
+        let config = config();
+        let term = watch::channel(Term::Following).0;
+        let (gauge, counter) = (Gauge::default(), Counter::default());
+        let mut campaign = Campaign::new(&config, &term, &gauge, &counter);
+        // A fresh lease, free from the start: the manager is taking it, and
+        // a rebuild would cancel that (then retry after a conflict backoff).
+        let free = campaign.lease_event(Ok(watcher::Event::InitApply(lease(None))));
+        assert!(matches!(free, Next::Keep));
+        let free_again = campaign.lease_event(Ok(watcher::Event::Apply(lease(None))));
+        assert!(matches!(free_again, Next::Keep));
+        // Held by another, then released: take it now, not at its expiry.
+        let held = campaign.lease_event(Ok(watcher::Event::Apply(lease(Some("other")))));
+        assert!(matches!(held, Next::Keep));
+        let released = campaign.lease_event(Ok(watcher::Event::Apply(lease(None))));
+        assert!(matches!(released, Next::Rebuild));
+        // Deleted: a fresh manager recreates it.
+        let deleted = campaign.lease_event(Ok(watcher::Event::Delete(lease(Some("other")))));
+        assert!(matches!(deleted, Next::Rebuild));
     }
 }
