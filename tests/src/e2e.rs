@@ -64,6 +64,9 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| panic!("{BIN_DIR_ENV} is not set"))
 }
 
+/// How often [`ControlPlane::start_with`] tries when a port was taken.
+const START_ATTEMPTS: u32 = 3;
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -186,8 +189,24 @@ impl ControlPlane {
         Self::start_with(bin_dir, Options::default()).await
     }
 
-    /// [`ControlPlane::start`] with `options`.
+    /// [`ControlPlane::start`] with `options`. The ports are picked free,
+    /// but another process may bind one before the component does (every
+    /// outgoing connection of a parallel test takes one too): then the whole
+    /// plane starts again on new ports, up to [`START_ATTEMPTS`] times.
     pub async fn start_with(bin_dir: &Path, options: Options) -> anyhow::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(bin_dir, options.clone()).await {
+                Err(error) if attempt < START_ATTEMPTS && format!("{error:#}").contains("address already in use") => {
+                    eprintln!("e2e: a port was taken before the control plane bound it; starting again on new ports");
+                    attempt += 1;
+                }
+                started => return started,
+            }
+        }
+    }
+
+    async fn start_once(bin_dir: &Path, options: Options) -> anyhow::Result<Self> {
         let turn = ONE_AT_A_TIME.lock().await;
         crate::wait::clear_failure();
         remove_abandoned_directories();
