@@ -187,6 +187,8 @@ impl Elector {
         let mut leases = self.lease_watch();
         let mut state = Campaign::new(config, &self.term, &leading_gauge, &transitions);
         let mut manager: Option<LeaseManager> = None;
+        // The loop ends on shutdown, unless the Lease watch ends first.
+        let mut watch_ended = false;
         tokio::pin!(shutdown);
         info!(lease = %config.lease_name, namespace = %config.namespace, identity = %config.identity, "leader election starting");
         loop {
@@ -196,10 +198,7 @@ impl Elector {
                     Err(error) => {
                         warn!(lease = %config.lease_name, %error, "cannot set up the lease; retrying");
                         tokio::select! {
-                            () = &mut shutdown => {
-                                state.stopping = true;
-                                break;
-                            }
+                            () = &mut shutdown => break,
                             () = tokio::time::sleep(config.retry_period) => {}
                         }
                     }
@@ -209,14 +208,14 @@ impl Elector {
             let deadline = state.deadline();
             let next = tokio::select! {
                 biased;
-                () = &mut shutdown => {
-                    state.stopping = true;
-                    break;
-                }
+                () = &mut shutdown => break,
                 changed = current.changed() => state.manager_changed(changed, &lease_api).await,
                 event = leases.next() => match event {
                     Some(event) => state.lease_event(event),
-                    None => break,
+                    None => {
+                        watch_ended = true;
+                        break;
+                    }
                 },
                 () = sleep_until(deadline), if deadline.is_some() => Next::Keep,
             };
@@ -227,16 +226,14 @@ impl Elector {
                 Next::RebuildLater => {
                     manager = None;
                     tokio::select! {
-                        () = &mut shutdown => {
-                            state.stopping = true;
-                            break;
-                        }
+                        () = &mut shutdown => break,
                         () = tokio::time::sleep(config.retry_period) => {}
                     }
                 }
             }
         }
         state.manager_leads = false;
+        state.stopping = !watch_ended;
         state.publish();
         if let Some(manager) = manager {
             release(config, manager).await;
