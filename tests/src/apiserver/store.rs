@@ -525,7 +525,7 @@ impl Store {
         // are all gone already (a controller acting on a stale cache), as
         // kube-controller-manager's does once its graph sees the object.
         let owners = owner_uids(&object);
-        if self.garbage_collection && !owners.is_empty() && owners.iter().all(|o| !self.uids.contains_key(o)) {
+        if self.garbage_collection && !owners.is_empty() && self.all_gone(&owners) {
             let _ = self.delete(kind, namespace, &name, &DeleteOptions::default());
         }
         Ok(object)
@@ -830,6 +830,11 @@ impl Store {
         }
     }
 
+    /// Whether no object with any of these uids exists.
+    fn all_gone(&self, uids: &[String]) -> bool {
+        uids.iter().all(|uid| !self.uids.contains_key(uid))
+    }
+
     /// Deletes objects owned by `uid` whose every owner is now gone.
     fn collect_dependents_of(&mut self, uid: &str) {
         let orphans: Vec<Key> = self
@@ -837,7 +842,7 @@ impl Store {
             .iter()
             .filter(|(_, object)| {
                 let owners = owner_uids(object);
-                owners.iter().any(|o| o == uid) && owners.iter().all(|o| !self.uids.contains_key(o))
+                owners.iter().any(|o| o == uid) && self.all_gone(&owners)
             })
             .map(|(key, _)| key.clone())
             .collect();
