@@ -341,12 +341,9 @@ impl<'a> Story<'a> {
 
     /// What `kubectl volplane <args>` prints against the demo.
     async fn plugin(&self, args: &[&str]) -> anyhow::Result<String> {
-        let kubeconfig = self.cluster.kubeconfig.display().to_string();
-        let argv = ["kubectl-volplane", "--kubeconfig", &kubeconfig]
-            .into_iter()
-            .chain(args.iter().copied());
+        let argv = std::iter::once("kubectl-volplane").chain(args.iter().copied());
         let args = PluginArgs::try_parse_from(argv).context("the demo's plugin command")?;
-        plugin::run(&args).await
+        plugin::answer(&self.cluster.client, &args).await
     }
 
     fn claims(&self) -> Api<PersistentVolumeClaim> {

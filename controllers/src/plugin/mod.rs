@@ -124,7 +124,12 @@ pub async fn main() -> ExitCode {
 
 /// What the plugin prints for `args`.
 pub async fn run(args: &PluginArgs) -> anyhow::Result<String> {
-    let client = connect(args).await?;
+    answer(&connect(args).await?, args).await
+}
+
+/// What the plugin prints for `args`, asking `client` (the connection
+/// flags of `args` are not read).
+pub async fn answer(client: &kube::Client, args: &PluginArgs) -> anyhow::Result<String> {
     let namespace = args
         .namespace
         .clone()
@@ -132,7 +137,7 @@ pub async fn run(args: &PluginArgs) -> anyhow::Result<String> {
     let color = std::io::stdout().is_terminal();
     match &args.command {
         Command::Capacity { class, driver } => {
-            let cluster = read_cluster(&client).await?;
+            let cluster = read_cluster(client).await?;
             let now = k8s_openapi::jiff::Timestamp::now();
             let rows = model::capacity_rows(&cluster, class.as_deref(), driver.as_deref(), now);
             render(args.output, &rows, || {
@@ -140,11 +145,11 @@ pub async fn run(args: &PluginArgs) -> anyhow::Result<String> {
             })
         }
         Command::Why { pod } => {
-            let why = why(&client, &namespace, pod).await?;
+            let why = why(client, &namespace, pod).await?;
             render(args.output, &why, || why_text(&why, color))
         }
         Command::Health => {
-            let rows = health_rows(&client, (!args.all_namespaces).then_some(namespace.as_str())).await?;
+            let rows = health_rows(client, (!args.all_namespaces).then_some(namespace.as_str())).await?;
             render(args.output, &rows, || health_table(&rows, args.all_namespaces))
         }
     }
