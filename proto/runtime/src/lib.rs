@@ -11,6 +11,7 @@
 //! - [`phase`]: where in a poll interval a periodic check of one item falls.
 //! - [`readiness`]: the "caches synced" flag behind `/readyz`.
 //! - [`naming`]: names Kubernetes derives, which two controllers must agree on.
+//! - [`slim`]: objects deserialized with only the fields controllers read.
 //! - [`text`]: cuts text from outside (CSI drivers, the API server,
 //!   admission webhooks) to the lengths the API server accepts, on a
 //!   character boundary.
@@ -22,6 +23,7 @@ pub mod leadership;
 pub mod naming;
 pub mod phase;
 pub mod readiness;
+pub mod slim;
 pub mod text;
 
 pub use backoff::Backoff;
