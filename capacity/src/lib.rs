@@ -3,17 +3,20 @@
 //! late-bound volumes fit.
 //!
 //! - [`model`]: pure — segments, classes, objects, reconciliation.
+//! - [`topology`]: pure — central mode's segments, updated event by event.
 //! - [`queue`]: pure — the work queue keyed by value, backoff and poll spreading.
-//! - [`reconcile`]: the I/O — watches, GetCapacity, writes, events, metrics.
+//! - [`reconcile`]: the I/O — the loop over the watches (`inputs`), GetCapacity, writes, events, metrics.
 //! - [`owner`]: resolves `--capacity-owner` to an owner reference.
 
 mod error;
+mod inputs;
 pub mod metrics;
 pub mod model;
 pub mod owner;
 pub mod quantity;
 pub mod queue;
 pub mod reconcile;
+pub mod topology;
 
 pub use error::{Error, Result};
 pub use metrics::CapacityMetrics;

@@ -20,7 +20,7 @@ pub struct CapacityMetrics {
     pub obsolete: Gauge,
     /// GetCapacity latency by gRPC code (`OK` on success).
     pub get_capacity_seconds: Family<OneLabel, Histogram>,
-    /// Writes to the API server by verb (create, update, delete).
+    /// Writes to the API server by verb (create, patch, delete).
     pub api_writes: Family<OneLabel, Counter>,
     /// Work items waiting or running.
     pub queue_depth: Gauge,

@@ -3,11 +3,14 @@
 //! the objects that exist map onto that. No I/O here.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::PersistentVolume;
-use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
+use k8s_openapi::api::core::v1::{NodeSelectorTerm, PersistentVolume, VolumeNodeAffinity};
+use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference, Time};
+use serde::Deserialize;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::quantity::{format_bytes, parse_bytes};
@@ -28,14 +31,25 @@ pub const GENERATE_NAME: &str = "csisc-";
 pub type Labels = BTreeMap<String, String>;
 
 /// A topology segment: the node labels a capacity applies to. Empty means
-/// every node.
+/// every node. Cheap to clone: work items, queues and indexes share one
+/// copy of the labels.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Segment(pub Labels);
+pub struct Segment(Arc<Labels>);
 
 impl Segment {
+    /// The segment of these labels.
+    pub fn new(labels: Labels) -> Self {
+        Self(Arc::new(labels))
+    }
+
     /// A segment from pairs.
     pub fn from_pairs<const N: usize>(pairs: [(&str, &str); N]) -> Self {
-        Self(pairs.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Self::new(pairs.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    /// Its labels.
+    pub fn labels(&self) -> &Labels {
+        &self.0
     }
 }
 
@@ -123,12 +137,13 @@ impl Tracking {
 }
 
 /// One unit of work: the capacity of one storage class in one segment.
+/// Cheap to clone (two shared pointers).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkItem {
     /// Where.
     pub segment: Segment,
     /// Which StorageClass (by name).
-    pub class: String,
+    pub class: Arc<str>,
 }
 
 impl std::fmt::Display for WorkItem {
@@ -137,50 +152,12 @@ impl std::fmt::Display for WorkItem {
     }
 }
 
-/// The segments of a driver with topology, computed centrally: for every
-/// CSINode listing `driver` with topology keys, those keys' values from the
-/// Node's labels. Nodes without a Node object or missing a key are skipped;
-/// equal segments collapse into one.
-pub fn central_segments<'a>(
-    driver: &str,
-    csinodes: impl IntoIterator<Item = &'a CSINode>,
-    node_labels: impl Fn(&str) -> Option<&'a Labels>,
-) -> BTreeSet<Segment> {
-    let mut segments = BTreeSet::new();
-    for csinode in csinodes {
-        let Some(node_name) = csinode.metadata.name.as_deref() else {
-            continue;
-        };
-        let Some(keys) = csinode
-            .spec
-            .drivers
-            .iter()
-            .find(|d| d.name == driver)
-            .and_then(|d| d.topology_keys.as_ref())
-            .filter(|keys| !keys.is_empty())
-        else {
-            continue;
-        };
-        let Some(labels) = node_labels(node_name) else {
-            continue;
-        };
-        let segment: Option<Labels> = keys
-            .iter()
-            .map(|key| labels.get(key).map(|value| (key.clone(), value.clone())))
-            .collect();
-        if let Some(segment) = segment {
-            segments.insert(Segment(segment));
-        }
-    }
-    segments
-}
-
 /// The per-node segment: the driver's `NodeGetInfo` topology, or — for a
 /// driver without topology support or topology — just this node.
 pub fn per_node_segment(node: &str, accessible_topology: Option<&Labels>) -> Segment {
     match accessible_topology.filter(|t| !t.is_empty()) {
-        Some(topology) => Segment(topology.clone()),
-        None => Segment(Labels::from([(HOSTNAME_LABEL.to_string(), node.to_string())])),
+        Some(topology) => Segment::new(topology.clone()),
+        None => Segment::new(Labels::from([(HOSTNAME_LABEL.to_string(), node.to_string())])),
     }
 }
 
@@ -188,7 +165,7 @@ pub fn per_node_segment(node: &str, accessible_topology: Option<&Labels>) -> Seg
 /// server would reject every object for it), or `None` when it can: each
 /// key a qualified name, each value a label value.
 pub fn invalid_segment(segment: &Segment) -> Option<String> {
-    segment.0.iter().find_map(|(key, value)| {
+    segment.labels().iter().find_map(|(key, value)| {
         if let Some(why) = invalid_label_key(key) {
             return Some(format!(
                 "topology key {:?} is not a valid label key: {why}",
@@ -277,11 +254,11 @@ pub fn capacity_parameters(class: &StorageClass, driver: &str, include_immediate
 
 /// Every (segment, class) pair.
 pub fn work_items<'a>(
-    segments: &BTreeSet<Segment>,
-    classes: impl IntoIterator<Item = &'a String> + Clone,
+    segments: impl IntoIterator<Item = &'a Segment>,
+    classes: impl IntoIterator<Item = &'a Arc<str>> + Clone,
 ) -> BTreeSet<WorkItem> {
     segments
-        .iter()
+        .into_iter()
         .flat_map(|segment| {
             classes.clone().into_iter().map(move |class| WorkItem {
                 segment: segment.clone(),
@@ -378,70 +355,124 @@ pub fn new_object(item: &WorkItem, value: PublishedCapacity, identity: &ObjectId
             ..ObjectMeta::default()
         },
         node_topology: Some(LabelSelector {
-            match_labels: Some(item.segment.0.clone()),
+            match_labels: Some(item.segment.labels().clone()),
             match_expressions: None,
         }),
-        storage_class_name: item.class.clone(),
+        storage_class_name: item.class.to_string(),
         capacity: Some(quantity(value.capacity)),
         maximum_volume_size: value.maximum_volume_size.map(quantity),
     }
 }
 
-/// Whether anything volplane owns in `existing` differs from what it would
-/// publish for `value` — capacity, maximum volume size (value or spelling),
-/// its two labels, the owner reference — so that a write is needed. Equal
-/// values in another spelling are rewritten once, to the form the API
-/// server keeps; after that the text matches and nothing is written.
-pub fn needs_update(existing: &CSIStorageCapacity, value: PublishedCapacity, identity: &ObjectIdentity) -> bool {
-    let capacity_ok = existing.capacity.as_ref() == Some(&quantity(value.capacity));
-    let maximum_ok = existing.maximum_volume_size == value.maximum_volume_size.map(quantity);
-    let labels = existing.metadata.labels.as_ref();
-    let label = |key: &str| labels.and_then(|l| l.get(key));
-    let labels_ok =
-        label(DRIVER_LABEL) == Some(&identity.driver) && label(MANAGED_BY_LABEL) == Some(&identity.managed_by);
-    let owners_ok = existing.metadata.owner_references.clone().unwrap_or_default()
-        == identity.owner_references().unwrap_or_default();
-    !(capacity_ok && maximum_ok && labels_ok && owners_ok)
+/// A CSIStorageCapacity as volplane reads it from the API server: what its
+/// decisions need, nothing else (no managed fields or annotations).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityObject {
+    /// Name, UID, resource version, creation time, labels, owner references.
+    #[serde(deserialize_with = "volplane_runtime::slim::metadata")]
+    pub metadata: ObjectMeta,
+    /// `nodeTopology`.
+    pub node_topology: Option<LabelSelector>,
+    /// `storageClassName`.
+    #[serde(default)]
+    pub storage_class_name: String,
+    /// `capacity`.
+    pub capacity: Option<Quantity>,
+    /// `maximumVolumeSize`.
+    pub maximum_volume_size: Option<Quantity>,
 }
 
-/// The replacement for `existing` when [`needs_update`], else `None`.
-/// Other labels and metadata are kept; owner references are replaced,
-/// never appended to.
-pub fn updated_object(
-    existing: &CSIStorageCapacity,
-    value: PublishedCapacity,
-    identity: &ObjectIdentity,
-) -> Option<CSIStorageCapacity> {
-    if !needs_update(existing, value, identity) {
+volplane_runtime::slim_resource!(CapacityObject, CSIStorageCapacity);
+
+/// What volplane keeps of one of its objects between watch events: about a
+/// hundred bytes, where the object itself is kilobytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownObject {
+    /// For delete preconditions.
+    pub uid: Option<String>,
+    /// The resource version (opaque: only compared for equality).
+    pub version: Option<String>,
+    /// When it was created: the oldest of duplicates stays.
+    pub created: Option<Time>,
+    /// The capacity it publishes, when it parses.
+    pub published: Option<PublishedCapacity>,
+    /// Whether it is exactly what volplane writes for `published`: the
+    /// quantities in canonical spelling, volplane's two labels, and exactly
+    /// the configured owner reference.
+    pub conforming: bool,
+}
+
+impl KnownObject {
+    /// What to keep of `object`, judged against `identity`.
+    pub fn of(object: &CapacityObject, identity: &ObjectIdentity) -> Self {
+        let published = published_capacity(object);
+        let spelled = published.is_some_and(|value| {
+            object.capacity.as_ref() == Some(&quantity(value.capacity))
+                && object.maximum_volume_size == value.maximum_volume_size.map(quantity)
+        });
+        let labels = object.metadata.labels.as_ref();
+        let label = |key: &str| labels.and_then(|l| l.get(key));
+        let labels_ok =
+            label(DRIVER_LABEL) == Some(&identity.driver) && label(MANAGED_BY_LABEL) == Some(&identity.managed_by);
+        let owners_ok = object.metadata.owner_references.as_deref().unwrap_or_default()
+            == identity.owner_references().as_deref().unwrap_or_default();
+        Self {
+            uid: object.metadata.uid.clone(),
+            version: object.metadata.resource_version.clone(),
+            created: object.metadata.creation_timestamp.clone(),
+            published,
+            conforming: spelled && labels_ok && owners_ok,
+        }
+    }
+}
+
+/// Whether an object known as `known` must be written to publish `value`:
+/// the value differs, or the object is not exactly what volplane writes
+/// (another spelling of the same value is rewritten once, to the form the
+/// API server keeps; after that nothing is written).
+pub fn needs_update(known: &KnownObject, value: PublishedCapacity) -> bool {
+    known.published != Some(value) || !known.conforming
+}
+
+/// The JSON merge patch that makes the object known as `known` publish
+/// `value` with volplane's labels and owner, when [`needs_update`]; else
+/// `None`. Other labels and metadata are kept; owner references are
+/// replaced, never appended to; the resource version it was decided on is
+/// a precondition (the API server answers a conflict if it changed).
+pub fn update_patch(known: &KnownObject, value: PublishedCapacity, identity: &ObjectIdentity) -> Option<Value> {
+    if !needs_update(known, value) {
         return None;
     }
-    let mut updated = existing.clone();
-    updated.capacity = Some(quantity(value.capacity));
-    updated.maximum_volume_size = value.maximum_volume_size.map(quantity);
-    let mut labels = existing.metadata.labels.clone().unwrap_or_default();
-    labels.insert(DRIVER_LABEL.to_string(), identity.driver.clone());
-    labels.insert(MANAGED_BY_LABEL.to_string(), identity.managed_by.clone());
-    updated.metadata.labels = Some(labels);
-    updated.metadata.owner_references = identity.owner_references();
-    updated.metadata.managed_fields = None;
-    Some(updated)
+    let mut metadata = json!({
+        "labels": {DRIVER_LABEL: identity.driver, MANAGED_BY_LABEL: identity.managed_by},
+        "ownerReferences": identity.owner_references(),
+    });
+    if let Some(version) = &known.version {
+        metadata["resourceVersion"] = json!(version);
+    }
+    Some(json!({
+        "metadata": metadata,
+        "capacity": quantity(value.capacity),
+        "maximumVolumeSize": value.maximum_volume_size.map(quantity),
+    }))
 }
 
 /// The work item an existing object stands for, if it has volplane's shape
 /// (a `nodeTopology` of plain `matchLabels`).
-pub fn item_of(object: &CSIStorageCapacity) -> Option<WorkItem> {
+pub fn item_of(object: &CapacityObject) -> Option<WorkItem> {
     let topology = object.node_topology.as_ref()?;
     if topology.match_expressions.as_ref().is_some_and(|e| !e.is_empty()) {
         return None;
     }
     Some(WorkItem {
-        segment: Segment(topology.match_labels.clone().unwrap_or_default()),
-        class: object.storage_class_name.clone(),
+        segment: Segment::new(topology.match_labels.clone().unwrap_or_default()),
+        class: object.storage_class_name.as_str().into(),
     })
 }
 
 /// The capacity an existing object publishes, when it parses.
-pub fn published_capacity(object: &CSIStorageCapacity) -> Option<PublishedCapacity> {
+pub fn published_capacity(object: &CapacityObject) -> Option<PublishedCapacity> {
     let capacity = parse_bytes(&object.capacity.as_ref()?.0)?;
     let maximum_volume_size = match &object.maximum_volume_size {
         Some(q) => Some(parse_bytes(&q.0)?),
@@ -458,9 +489,8 @@ pub fn published_capacity(object: &CSIStorageCapacity) -> Option<PublishedCapaci
 /// published, or it is no longer what volplane writes for that value
 /// (labels, owner, spelling). `known` without a readable capacity always
 /// needs one.
-pub fn changed_by_others(known: &CSIStorageCapacity, seen: &CSIStorageCapacity, identity: &ObjectIdentity) -> bool {
-    published_capacity(known)
-        .is_none_or(|value| published_capacity(seen) != Some(value) || needs_update(seen, value, identity))
+pub fn changed_by_others(known: &KnownObject, seen: &KnownObject) -> bool {
+    known.published.is_none() || seen.published != known.published || !seen.conforming
 }
 
 /// How the objects that exist map onto the items that should.
@@ -474,75 +504,128 @@ pub struct Reconciliation {
     pub missing: BTreeSet<WorkItem>,
 }
 
-/// Maps existing objects (already filtered to volplane's labels) onto the
-/// desired items. Among duplicates the oldest object (creation time, then
-/// name) is kept.
-pub fn reconcile_objects(desired: &BTreeSet<WorkItem>, existing: &[CSIStorageCapacity]) -> Reconciliation {
-    let mut ordered: Vec<&CSIStorageCapacity> = existing.iter().collect();
-    ordered.sort_by(|a, b| {
-        let key = |o: &CSIStorageCapacity| {
-            (
-                o.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                o.metadata.name.clone().unwrap_or_default(),
-            )
-        };
-        key(a).cmp(&key(b))
-    });
+/// One existing object (already filtered to volplane's labels), as
+/// [`reconcile_objects`] reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct Existing<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// The item its shape stands for (`None`: not volplane's shape).
+    pub item: Option<&'a WorkItem>,
+    /// When it was created.
+    pub created: Option<&'a Time>,
+}
+
+/// Maps existing objects onto the `desired` items. Among duplicates the
+/// oldest object (creation time, then name) is kept.
+pub fn reconcile_objects<'a>(
+    desired: impl IntoIterator<Item = WorkItem>,
+    is_desired: impl Fn(&WorkItem) -> bool,
+    existing: impl IntoIterator<Item = Existing<'a>>,
+) -> Reconciliation {
+    let mut ordered: Vec<Existing<'a>> = existing.into_iter().collect();
+    ordered.sort_by(|a, b| (a.created.map(|t| t.0), a.name).cmp(&(b.created.map(|t| t.0), b.name)));
     let mut result = Reconciliation::default();
     for object in ordered {
-        let Some(name) = object.metadata.name.clone() else {
-            continue;
-        };
-        match item_of(object) {
-            Some(item) if desired.contains(&item) && !result.adopt.contains_key(&item) => {
-                result.adopt.insert(item, name);
+        match object.item {
+            Some(item) if is_desired(item) && !result.adopt.contains_key(item) => {
+                result.adopt.insert(item.clone(), object.name.to_string());
             }
-            _ => result.delete.push(name),
+            _ => result.delete.push(object.name.to_string()),
         }
     }
-    result.missing = desired
-        .iter()
-        .filter(|i| !result.adopt.contains_key(*i))
-        .cloned()
-        .collect();
+    result.missing = desired.into_iter().filter(|i| !result.adopt.contains_key(i)).collect();
     result
 }
 
-/// The items a PV of `driver` affects: its class, in the segments its node
-/// affinity admits (all segments of the class when it has none).
-pub fn items_for_volume(pv: &PersistentVolume, driver: &str, items: &BTreeSet<WorkItem>) -> Vec<WorkItem> {
-    let Some(spec) = pv.spec.as_ref() else {
-        return Vec::new();
-    };
-    if spec.csi.as_ref().map(|c| c.driver.as_str()) != Some(driver) {
-        return Vec::new();
-    }
-    let Some(class) = spec.storage_class_name.as_deref() else {
-        return Vec::new();
-    };
+/// A PersistentVolume as the central capacity controller reads it: its
+/// driver, class and node affinity.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct VolumeObject {
+    /// Name and resource version.
+    #[serde(deserialize_with = "volplane_runtime::slim::metadata")]
+    pub metadata: ObjectMeta,
+    /// What decides the items it affects.
+    pub spec: Option<VolumeSpec>,
+}
+
+volplane_runtime::slim_resource!(VolumeObject, PersistentVolume);
+
+/// The part of a PV's spec [`items_for_volume`] reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSpec {
+    /// `csi.driver`.
+    pub csi: Option<VolumeDriver>,
+    /// `storageClassName`.
+    pub storage_class_name: Option<String>,
+    /// `nodeAffinity`.
+    pub node_affinity: Option<VolumeNodeAffinity>,
+}
+
+/// `spec.csi` of a PV, cut to the driver.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct VolumeDriver {
+    /// The CSI driver.
+    pub driver: String,
+}
+
+/// Whether `pv` is a volume of `driver`.
+pub fn is_volume_of(pv: &VolumeObject, driver: &str) -> bool {
+    pv.spec.as_ref().and_then(|s| s.csi.as_ref()).map(|c| c.driver.as_str()) == Some(driver)
+}
+
+/// The class and node affinity terms of `pv` when it is a volume of
+/// `driver` with a class: what decides the items it affects.
+pub fn volume_placement<'a>(pv: &'a VolumeObject, driver: &str) -> Option<(&'a str, &'a [NodeSelectorTerm])> {
+    let spec = pv.spec.as_ref().filter(|_| is_volume_of(pv, driver))?;
+    let class = spec.storage_class_name.as_deref()?;
     let terms = spec
         .node_affinity
         .as_ref()
         .and_then(|a| a.required.as_ref())
-        .map(|r| r.node_selector_terms.clone())
+        .map(|r| r.node_selector_terms.as_slice())
         .unwrap_or_default();
-    let admits = |segment: &Segment| {
-        terms.is_empty()
-            || terms.iter().any(|term| {
-                term.match_expressions.iter().flatten().all(|expr| {
-                    match segment.0.get(&expr.key) {
-                        // Only `In` can be decided from a segment; other operators admit.
-                        Some(value) if expr.operator == "In" => expr.values.iter().flatten().any(|v| v == value),
-                        _ => true,
-                    }
-                })
-            })
-    };
-    items
+    Some((class, terms))
+}
+
+/// The segments each of `terms` names exactly, when every term is made of
+/// single-value `In` expressions (provisioners write a volume's segment so).
+pub fn exact_segments(terms: &[NodeSelectorTerm]) -> Option<Vec<Segment>> {
+    terms
         .iter()
-        .filter(|item| item.class == class && admits(&item.segment))
-        .cloned()
-        .collect()
+        .map(exact_segment)
+        .collect::<Option<Vec<_>>>()
+        .filter(|s| !s.is_empty())
+}
+
+/// The segment a node selector term names exactly: only `In` expressions
+/// with one value each.
+fn exact_segment(term: &NodeSelectorTerm) -> Option<Segment> {
+    let expressions = term.match_expressions.as_deref().unwrap_or_default();
+    let labels: Option<Labels> = expressions
+        .iter()
+        .map(|expr| match (expr.operator.as_str(), expr.values.as_deref()) {
+            ("In", Some([value])) => Some((expr.key.clone(), value.clone())),
+            _ => None,
+        })
+        .collect();
+    labels.filter(|l| !l.is_empty()).map(Segment::new)
+}
+
+/// Whether any of `terms` admits `segment` (no terms: every segment). Only
+/// `In` can be decided from a segment; other operators admit.
+pub fn admits(terms: &[NodeSelectorTerm], segment: &Segment) -> bool {
+    terms.is_empty()
+        || terms.iter().any(|term| {
+            term.match_expressions
+                .iter()
+                .flatten()
+                .all(|expr| match segment.labels().get(&expr.key) {
+                    Some(value) if expr.operator == "In" => expr.values.iter().flatten().any(|v| v == value),
+                    _ => true,
+                })
+        })
 }
 
 #[cfg(test)]

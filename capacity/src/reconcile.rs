@@ -1,39 +1,50 @@
-//! The capacity controller's I/O: watches its inputs, runs the work queue,
+//! The capacity controller's I/O: follows its watches, runs the work queue,
 //! calls GetCapacity and writes CSIStorageCapacity objects.
 //!
 //! One task owns all state (no locks): it reacts to watch events and to
 //! finished work, and hands due work items to at most `workers` concurrent
-//! refresh futures, each of which calls GetCapacity once and writes at most
-//! one object.
+//! tasks. Items that ask the driver the same question — one segment,
+//! classes with equal parameters — share one GetCapacity call; each item
+//! then writes its own object only if its value changed.
+//!
+//! What it keeps per object is a [`KnownObject`] of about a hundred bytes;
+//! segments come from an incremental [`TopologyIndex`], so a Node event
+//! costs work for that node only.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
-use futures::stream::{BoxStream, FuturesUnordered};
-use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume};
-use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
+use futures::stream::FuturesUnordered;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
 use kube::Resource;
-use kube::api::{Api, DeleteParams, PostParams, Preconditions};
-use kube::core::PartialObjectMeta;
-use kube::runtime::WatchStreamExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher::Event;
+use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-use volplane_csi::{CapacityQuery, CsiClient};
+use volplane_csi::{CapacityQuery, CapacityReport, CsiClient};
 use volplane_runtime::events::{self, Announcement};
 use volplane_runtime::{Backoff, Leadership, Readiness, control_loop, phase};
 
 use crate::error::{Error, Result};
+use crate::inputs::{Inputs, NodeLabels, Signal};
 use crate::metrics::CapacityMetrics;
-use crate::model::{self, Enablement, Labels, ObjectIdentity, PublishedCapacity, Segment, Tracking, WorkItem};
+use crate::model::{
+    self, CapacityObject, Enablement, Existing, KnownObject, Labels, ObjectIdentity, PublishedCapacity, Segment,
+    Tracking, VolumeObject, WorkItem,
+};
 use crate::queue::{self, WorkQueue};
+use crate::topology::{Applied, KeySet, Segments, TopologyIndex};
 
 /// Where segments come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,11 +64,16 @@ pub struct CapacityConfig {
     pub send_topology: bool,
     /// Where segments come from.
     pub topology: Topology,
+    /// Refresh the items of a PV's class and segment when it is created or
+    /// deleted (central mode: one cluster-wide PV watch). A per-node
+    /// instance leaves it off and polls its local driver instead, so the
+    /// API server is not asked for every PV once per node.
+    pub volume_events: bool,
     /// Namespace, labels and owner of the objects.
     pub identity: ObjectIdentity,
     /// How often each item is refreshed.
     pub poll_interval: Duration,
-    /// Concurrent refreshes.
+    /// Concurrent driver calls and writes.
     pub workers: usize,
     /// Include Immediate-binding classes.
     pub include_immediate: bool,
@@ -90,36 +106,31 @@ impl std::fmt::Debug for CapacityController {
     }
 }
 
-enum Signal {
-    /// A store behind segments or classes changed (`synced`: its initial list finished).
-    Inputs {
-        source: &'static str,
-        synced: bool,
-    },
-    Capacity(Box<Event<CSIStorageCapacity>>),
-    Volume(Box<Event<PersistentVolume>>),
-    WatchFailed {
-        source: &'static str,
-        error: String,
-    },
+/// One GetCapacity question: items with equal ones share the answer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Query {
+    segment: Segment,
+    parameters: Arc<Labels>,
 }
 
-enum Outcome {
-    Written(Box<CSIStorageCapacity>, PublishedCapacity),
-    Unchanged(PublishedCapacity),
-}
-
-impl Outcome {
-    fn published(&self) -> PublishedCapacity {
-        match self {
-            Self::Written(_, value) | Self::Unchanged(value) => *value,
-        }
-    }
+/// A write of one item's object that succeeded.
+struct Written {
+    name: String,
+    version: Option<String>,
 }
 
 enum Done {
-    Refresh(WorkItem, Result<Outcome>),
+    Answered(Query, std::result::Result<CapacityReport, volplane_csi::CsiError>),
+    Wrote(WorkItem, PublishedCapacity, Result<Written>),
     Deleted(String, Result<()>),
+}
+
+/// What is known of one of volplane's objects, as the watch last delivered it.
+#[derive(Clone, Debug)]
+struct Stored {
+    /// The item its shape stands for.
+    item: Option<WorkItem>,
+    object: KnownObject,
 }
 
 /// A write of volplane's that the watch has not delivered yet.
@@ -141,21 +152,15 @@ const DELETE_RETRY: Backoff = Backoff {
     max: Duration::from_millis(3200),
 };
 
-fn input_signal<K>(source: &'static str, event: std::result::Result<Event<K>, watcher::Error>) -> Option<Signal> {
-    match event {
-        Ok(Event::InitDone) => Some(Signal::Inputs { source, synced: true }),
-        Ok(Event::Apply(_) | Event::Delete(_)) => Some(Signal::Inputs { source, synced: false }),
-        Ok(Event::Init | Event::InitApply(_)) => None,
-        Err(error) => Some(Signal::WatchFailed {
-            source,
-            error: error.to_string(),
-        }),
-    }
-}
+/// Warning events about one item are at least this far apart, however
+/// often it is polled (a per-node instance polls every few seconds).
+const WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
-fn object_name(object: &CSIStorageCapacity) -> String {
-    object.metadata.name.clone().unwrap_or_default()
-}
+/// Polls fall into this many slots per interval: the items of one slot are
+/// asked together, concurrently, which costs the process far less than
+/// waking up for each item alone, while the slots still spread the polls
+/// over the interval.
+const POLL_SLOTS: u32 = 64;
 
 impl CapacityController {
     /// A controller; nothing runs until [`CapacityController::run`].
@@ -183,7 +188,7 @@ impl CapacityController {
 
     /// Runs until `shutdown` completes, then waits for work in flight.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-        let mut inputs = self.inputs();
+        let mut inputs = Inputs::watch(&self.client, &self.config, self.config.volume_events);
         let mut signals = futures::stream::select_all(std::mem::take(&mut inputs.streams));
         let mut state = LoopState::new(self, inputs);
         let config = state.config.clone();
@@ -192,129 +197,75 @@ impl CapacityController {
         control_loop::run(&mut state, &mut signals, shutdown).await;
         Ok(())
     }
+}
 
-    /// The watches the loop follows: volplane's own objects, StorageClasses,
-    /// PVs, the CSIDriver (when it switches tracking) and, in central mode,
-    /// Nodes (metadata only) and CSINodes.
-    fn inputs(&self) -> Inputs {
-        let config = &self.config;
-        let client = &self.client;
-        let capacities: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), &config.identity.namespace);
-        let (capacity_store, writer) = reflector::store();
-        let selector = config.identity.selector();
-        let capacity_signals = reflector::reflector(
-            writer,
-            watcher::watcher(capacities, watcher::Config::default().labels(&selector)),
-        )
-        .default_backoff()
-        .map(|event| match event {
-            Ok(event) => Signal::Capacity(Box::new(event)),
-            Err(error) => Signal::WatchFailed {
-                source: "capacities",
-                error: error.to_string(),
-            },
-        })
-        .boxed();
-        let volume_signals = watcher::watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .map(|event| match event {
-                Ok(event) => Signal::Volume(Box::new(event)),
-                Err(error) => Signal::WatchFailed {
-                    source: "volumes",
-                    error: error.to_string(),
-                },
-            })
-            .boxed();
-        let (class_store, class_signals) = input_watch(Api::all(client.clone()), watcher::Config::default(), "classes");
-        let mut inputs = Inputs {
-            streams: vec![capacity_signals, class_signals, volume_signals],
-            required: ["capacities", "classes", "volumes"].into(),
-            capacity_store,
-            class_store,
-            driver_store: None,
-            topology_stores: None,
-        };
-        if config.enablement == Enablement::CsiDriver {
-            let by_name = watcher::Config::default().fields(&format!("metadata.name={}", config.driver));
-            let (store, signals) = input_watch(Api::all(client.clone()), by_name, "csidriver");
-            inputs.add("csidriver", signals);
-            inputs.driver_store = Some(store);
-        }
-        if config.topology == Topology::Central {
-            // Metadata only: node labels are all the segments need.
-            let (nodes, signals) = input_watch(Api::all(client.clone()), watcher::Config::default(), "nodes");
-            inputs.add("nodes", signals);
-            let (csinodes, signals) = input_watch(Api::all(client.clone()), watcher::Config::default(), "csinodes");
-            inputs.add("csinodes", signals);
-            inputs.topology_stores = Some((nodes, csinodes));
-        }
-        inputs
+/// A watched collection's list in progress: the names it delivered so far.
+#[derive(Debug, Default)]
+struct Relist(Option<HashSet<String>>);
+
+impl Relist {
+    fn start(&mut self) {
+        self.0 = Some(HashSet::new());
     }
-}
 
-/// The watches behind the loop: their stores, and their events as signals.
-struct Inputs {
-    streams: Vec<BoxStream<'static, Signal>>,
-    /// Sources whose first list must be done before the loop acts.
-    required: BTreeSet<&'static str>,
-    capacity_store: Store<CSIStorageCapacity>,
-    class_store: Store<StorageClass>,
-    driver_store: Option<Store<CSIDriver>>,
-    topology_stores: Option<(Store<PartialObjectMeta<Node>>, Store<CSINode>)>,
-}
-
-impl Inputs {
-    fn add(&mut self, source: &'static str, signals: BoxStream<'static, Signal>) {
-        self.required.insert(source);
-        self.streams.push(signals);
+    fn saw(&mut self, name: &str) {
+        if let Some(names) = &mut self.0 {
+            names.insert(name.to_string());
+        }
     }
-}
 
-/// A cached watch of `K` whose events are input signals from `source`.
-fn input_watch<K>(api: Api<K>, config: watcher::Config, source: &'static str) -> (Store<K>, BoxStream<'static, Signal>)
-where
-    K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    let signals = reflector::reflector(writer, watcher::watcher(api, config))
-        .default_backoff()
-        .filter_map(move |event| async move { input_signal(source, event) })
-        .boxed();
-    (store, signals)
+    /// The list is done: the names it did not deliver are gone.
+    fn gone<'a>(&mut self, known: impl Iterator<Item = &'a str>) -> Vec<String> {
+        let listed = self.0.take().unwrap_or_default();
+        known.filter(|n| !listed.contains(*n)).map(str::to_string).collect()
+    }
 }
 
 struct LoopState {
-    api: Api<CSIStorageCapacity>,
+    client: kube::Client,
+    api: Api<CapacityObject>,
     csi: CsiClient,
     config: Arc<CapacityConfig>,
     metrics: Arc<CapacityMetrics>,
     recorder: Recorder,
-    capacity_store: Store<CSIStorageCapacity>,
     class_store: Store<StorageClass>,
-    topology_stores: Option<(Store<PartialObjectMeta<Node>>, Store<CSINode>)>,
     /// The driver's CSIDriver object (`--capacity-enablement csidriver`).
     driver_store: Option<Store<CSIDriver>>,
+    segments: Segments,
+    /// (Re)starts the Node watch with the topology keys to keep.
+    node_keys: Option<watch::Sender<Option<KeySet>>>,
+    nodes_relist: Relist,
+    csinodes_relist: Relist,
     /// Whether capacity is tracked, as last announced.
     tracking: Option<Tracking>,
+    /// The classes published for, with their GetCapacity parameters (none
+    /// while tracking is off).
+    classes: BTreeMap<Arc<str>, Arc<Labels>>,
     /// Items whose maximum volume size was reported above their capacity (said once).
     oversized: HashSet<WorkItem>,
     required: BTreeSet<&'static str>,
     synced_sources: BTreeSet<&'static str>,
     synced: bool,
-    items: BTreeSet<WorkItem>,
-    parameters: BTreeMap<String, Labels>,
-    /// The object standing for each item, as the watch last delivered it;
-    /// nothing else writes here.
-    objects: BTreeMap<WorkItem, CSIStorageCapacity>,
+    /// volplane's objects by name, as the watch delivered them.
+    store: HashMap<String, Stored>,
+    /// The objects of a list in progress.
+    listing: Option<HashMap<String, Stored>>,
+    /// The object (by name) standing for each item.
+    objects: HashMap<WorkItem, String>,
     /// Volplane's own writes the watch has not delivered yet, per item.
     unseen: HashMap<WorkItem, Unseen>,
     /// Items that came due while their write was unseen: run once it is seen.
     deferred: HashSet<WorkItem>,
     deleting: HashSet<String>,
-    volumes: HashSet<String>,
+    /// Hashes of the names of the driver's PVs (to tell a new PV from an update).
+    volumes: HashSet<u64>,
+    volumes_listing: Option<HashSet<u64>>,
+    hasher: RandomState,
     queue: WorkQueue<WorkItem>,
-    refreshing: usize,
+    /// Questions in flight and the items waiting for each answer.
+    asking: HashMap<Query, Vec<WorkItem>>,
+    /// Driver calls and writes in flight.
+    busy: usize,
     tasks: FuturesUnordered<BoxFuture<'static, Done>>,
     last_warning: HashMap<WorkItem, Instant>,
     start: Instant,
@@ -333,7 +284,7 @@ impl control_loop::State for LoopState {
         self.dispatch();
         self.update_gauges();
         // Due work waits while another instance leads, and while every
-        // worker is busy: a finished refresh wakes the loop then (a timer
+        // worker is busy: a finished task wakes the loop then (a timer
         // already due would spin it).
         self.queue.next_due().filter(|_| self.leading && self.has_free_worker())
     }
@@ -366,7 +317,13 @@ impl control_loop::State for LoopState {
     }
 
     fn finished_on_shutdown(&mut self, done: Done) {
-        self.finished_on_shutdown(done);
+        match done {
+            Done::Answered(query, Err(error)) => {
+                warn!(segment = %query.segment, %error, "GetCapacity failed during shutdown");
+            }
+            Done::Wrote(item, _, Err(error)) => warn!(%item, %error, "write failed during shutdown"),
+            _ => {}
+        }
     }
 }
 
@@ -380,29 +337,40 @@ impl LoopState {
                 instance: Some(config.instance.clone()),
             },
         );
+        let segments = match &config.topology {
+            Topology::Fixed(segment) => Segments::Fixed(segment.clone()),
+            Topology::Central => Segments::Central(TopologyIndex::new(&config.driver)),
+        };
         Self {
-            api: Api::namespaced(controller.client, &config.identity.namespace),
+            api: Api::namespaced(controller.client.clone(), &config.identity.namespace),
+            client: controller.client,
             csi: controller.csi,
             metrics: controller.metrics,
             recorder,
-            capacity_store: inputs.capacity_store,
-            class_store: inputs.class_store,
-            topology_stores: inputs.topology_stores,
-            driver_store: inputs.driver_store,
+            class_store: inputs.classes,
+            driver_store: inputs.driver,
+            segments,
+            node_keys: inputs.node_keys,
+            nodes_relist: Relist::default(),
+            csinodes_relist: Relist::default(),
             tracking: None,
+            classes: BTreeMap::new(),
             oversized: HashSet::new(),
             required: inputs.required,
             synced_sources: BTreeSet::new(),
             synced: false,
-            items: BTreeSet::new(),
-            parameters: BTreeMap::new(),
-            objects: BTreeMap::new(),
+            store: HashMap::new(),
+            listing: None,
+            objects: HashMap::new(),
             unseen: HashMap::new(),
             deferred: HashSet::new(),
             deleting: HashSet::new(),
             volumes: HashSet::new(),
+            volumes_listing: None,
+            hasher: RandomState::new(),
             queue: WorkQueue::default(),
-            refreshing: 0,
+            asking: HashMap::new(),
+            busy: 0,
             tasks: FuturesUnordered::new(),
             last_warning: HashMap::new(),
             start: Instant::now(),
@@ -411,6 +379,21 @@ impl LoopState {
             ready: controller.ready,
             config,
         }
+    }
+
+    /// Whether an object should stand for `item` now.
+    fn desired(&self, item: &WorkItem) -> bool {
+        self.classes.contains_key(&item.class) && self.segments.contains(&item.segment)
+    }
+
+    /// Every item that should have an object now.
+    fn desired_items(&self) -> impl Iterator<Item = WorkItem> + '_ {
+        self.segments.iter().flat_map(|segment| {
+            self.classes.keys().map(move |class| WorkItem {
+                segment: segment.clone(),
+                class: class.clone(),
+            })
+        })
     }
 
     /// Notices a change of leadership. A new leader first settles what
@@ -425,8 +408,8 @@ impl LoopState {
         if leading {
             info!("leading: publishing capacity");
             if self.synced {
-                self.recompute_items();
-                self.resync_objects();
+                self.follow_classes();
+                self.resync_objects(&HashMap::new());
             }
         } else {
             info!(
@@ -438,33 +421,26 @@ impl LoopState {
 
     fn signal(&mut self, signal: Signal) {
         match signal {
-            Signal::Inputs { source, synced } => {
-                if synced {
-                    self.synced_sources.insert(source);
-                }
-                if self.synced {
-                    self.recompute_items();
-                } else {
-                    self.try_initial_sync();
-                }
-            }
-            Signal::Capacity(event) => match *event {
-                Event::InitDone => {
-                    self.synced_sources.insert("capacities");
-                    if self.synced {
-                        self.resync_objects();
-                    } else {
-                        self.try_initial_sync();
-                    }
-                }
-                Event::Apply(object) if self.synced => self.on_object(object),
-                Event::Delete(object) if self.synced => self.on_object_deleted(&object),
-                _ => {}
-            },
+            Signal::Classes { synced } => self.inputs_changed("classes", synced),
+            Signal::Driver { synced } => self.inputs_changed("csidriver", synced),
+            Signal::Node(event) => self.on_node(event),
+            Signal::CsiNode(event) => self.on_csinode(*event),
+            Signal::Capacity(event) => self.on_capacity(*event),
             Signal::Volume(event) => self.on_volume(*event),
             Signal::WatchFailed { source, error } => {
                 warn!(source, %error, "watch failed; retrying with backoff");
             }
+        }
+    }
+
+    fn inputs_changed(&mut self, source: &'static str, synced: bool) {
+        if synced {
+            self.synced_sources.insert(source);
+        }
+        if self.synced {
+            self.follow_classes();
+        } else {
+            self.try_initial_sync();
         }
     }
 
@@ -473,31 +449,148 @@ impl LoopState {
             return;
         }
         self.synced = true;
-        self.recompute_items();
-        self.resync_objects();
+        self.follow_classes();
+        self.resync_objects(&HashMap::new());
         info!(
-            items = self.items.len(),
+            segments = self.segments.len(),
+            classes = self.classes.len(),
             objects = self.objects.len(),
             "capacity controller synced"
         );
         self.ready.mark_ready();
     }
 
-    fn segments(&self) -> BTreeSet<Segment> {
-        match (&self.config.topology, &self.topology_stores) {
-            (Topology::Fixed(segment), _) => [segment.clone()].into(),
-            (Topology::Central, Some((nodes, csinodes))) => {
-                let labels: HashMap<String, Labels> = nodes
-                    .state()
-                    .iter()
-                    .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
-                    .collect();
-                let csinodes = csinodes.state();
-                model::central_segments(&self.config.driver, csinodes.iter().map(|c| c.as_ref()), |name| {
-                    labels.get(name)
-                })
+    fn index(&mut self) -> Option<&mut TopologyIndex> {
+        match &mut self.segments {
+            Segments::Central(index) => Some(index),
+            Segments::Fixed(_) => None,
+        }
+    }
+
+    fn on_node(&mut self, event: Event<NodeLabels>) {
+        let applied = match event {
+            Event::Init => {
+                self.nodes_relist.start();
+                return;
             }
-            (Topology::Central, None) => BTreeSet::new(),
+            Event::InitApply(node) => {
+                self.nodes_relist.saw(&node.name);
+                self.apply_node(node)
+            }
+            Event::Apply(node) => self.apply_node(node),
+            Event::Delete(node) => self.index().map(|index| index.delete_node(&node.name)),
+            Event::InitDone => {
+                let gone = match &mut self.segments {
+                    Segments::Central(index) => self.nodes_relist.gone(index.node_names()),
+                    Segments::Fixed(_) => Vec::new(),
+                };
+                for name in gone {
+                    let applied = self.index().map(|index| index.delete_node(&name));
+                    self.segments_changed(applied);
+                }
+                self.synced_sources.insert("nodes");
+                self.try_initial_sync();
+                return;
+            }
+        };
+        self.segments_changed(applied);
+    }
+
+    fn apply_node(&mut self, node: NodeLabels) -> Option<Applied> {
+        self.index()
+            .map(|index| index.apply_node(&node.name, node.labels, node.kept))
+    }
+
+    fn on_csinode(&mut self, event: Event<k8s_openapi::api::storage::v1::CSINode>) {
+        let applied = match event {
+            Event::Init => {
+                self.csinodes_relist.start();
+                return;
+            }
+            Event::InitApply(csinode) => {
+                self.csinodes_relist
+                    .saw(csinode.metadata.name.as_deref().unwrap_or_default());
+                self.index().map(|index| index.apply_csinode(&csinode))
+            }
+            Event::Apply(csinode) => self.index().map(|index| index.apply_csinode(&csinode)),
+            Event::Delete(csinode) => {
+                let name = csinode.metadata.name.unwrap_or_default();
+                self.index().map(|index| index.delete_csinode(&name))
+            }
+            Event::InitDone => {
+                let gone = match &mut self.segments {
+                    Segments::Central(index) => self.csinodes_relist.gone(index.csinode_names()),
+                    Segments::Fixed(_) => Vec::new(),
+                };
+                for name in gone {
+                    let applied = self.index().map(|index| index.delete_csinode(&name));
+                    self.segments_changed(applied);
+                }
+                if self.synced_sources.insert("csinodes") {
+                    // The keys are known: the Node watch can start.
+                    self.restart_node_watch();
+                }
+                self.try_initial_sync();
+                return;
+            }
+        };
+        if applied.as_ref().is_some_and(|a| a.nodes_stale) && self.synced_sources.contains("csinodes") {
+            info!("a CSINode names a new topology key; listing the Nodes again");
+            self.restart_node_watch();
+        }
+        self.segments_changed(applied);
+    }
+
+    fn restart_node_watch(&mut self) {
+        let keys = match &self.segments {
+            Segments::Central(index) => index.keys(),
+            Segments::Fixed(_) => return,
+        };
+        if let Some(sender) = &self.node_keys {
+            sender.send_replace(Some(keys));
+        }
+    }
+
+    /// Segments came or went: their items are scheduled or dropped.
+    fn segments_changed(&mut self, applied: Option<Applied>) {
+        let Some(applied) = applied else {
+            return;
+        };
+        if !self.synced {
+            return;
+        }
+        let now = Instant::now();
+        let classes: Vec<Arc<str>> = self.classes.keys().cloned().collect();
+        for segment in applied.removed {
+            for class in &classes {
+                self.drop_item(WorkItem {
+                    segment: segment.clone(),
+                    class: class.clone(),
+                });
+            }
+        }
+        for segment in applied.added {
+            for class in &classes {
+                let item = WorkItem {
+                    segment: segment.clone(),
+                    class: class.clone(),
+                };
+                debug!(%item, "new work item");
+                self.queue.schedule(item, now);
+            }
+        }
+    }
+
+    /// An item is no longer desired: its work stops and its object goes.
+    fn drop_item(&mut self, item: WorkItem) {
+        debug!(%item, "work item gone");
+        self.queue.forget(&item);
+        self.last_warning.remove(&item);
+        self.oversized.remove(&item);
+        self.unseen.remove(&item);
+        self.deferred.remove(&item);
+        if let Some(name) = self.objects.remove(&item) {
+            self.delete(&name);
         }
     }
 
@@ -541,119 +634,194 @@ impl LoopState {
         tracking.enabled()
     }
 
-    fn recompute_items(&mut self) {
+    /// Follows the StorageClasses and the enablement switch: items of new
+    /// classes are scheduled, items of classes gone (or of every class,
+    /// when tracking is switched off) are dropped with their objects.
+    fn follow_classes(&mut self) {
         let tracked = self.follow_tracking();
-        let parameters: BTreeMap<String, Labels> = self
-            .class_store
-            .state()
-            .iter()
-            .filter_map(|class| {
-                let params = model::capacity_parameters(class, &self.config.driver, self.config.include_immediate)?;
-                Some((class.metadata.name.clone()?, params))
-            })
-            .collect();
-        // Switched off, nothing is desired: every object goes, no GetCapacity calls.
-        let items = if tracked {
-            model::work_items(&self.segments(), parameters.keys())
-        } else {
-            BTreeSet::new()
-        };
-        let now = Instant::now();
-        for item in items.difference(&self.items) {
-            debug!(%item, "new work item");
-            self.queue.schedule(item.clone(), now);
-        }
-        let removed: Vec<WorkItem> = self.items.difference(&items).cloned().collect();
-        for item in removed {
-            debug!(%item, "work item gone");
-            self.queue.forget(&item);
-            self.last_warning.remove(&item);
-            self.oversized.remove(&item);
-            self.unseen.remove(&item);
-            self.deferred.remove(&item);
-            if let Some(object) = self.objects.remove(&item) {
-                self.delete(&object);
+        let mut classes: BTreeMap<Arc<str>, Arc<Labels>> = BTreeMap::new();
+        if tracked {
+            for class in self.class_store.state() {
+                let (Some(name), Some(parameters)) = (
+                    class.metadata.name.as_deref(),
+                    model::capacity_parameters(&class, &self.config.driver, self.config.include_immediate),
+                ) else {
+                    continue;
+                };
+                // Keep the shared copies the items already hold.
+                let name = self
+                    .classes
+                    .get_key_value(name)
+                    .map_or_else(|| Arc::from(name), |(known, _)| known.clone());
+                classes.insert(name, Arc::new(parameters));
             }
         }
-        self.items = items;
-        self.parameters = parameters;
+        let removed: Vec<Arc<str>> = self
+            .classes
+            .keys()
+            .filter(|c| !classes.contains_key(*c))
+            .cloned()
+            .collect();
+        let added: Vec<Arc<str>> = classes
+            .keys()
+            .filter(|c| !self.classes.contains_key(*c))
+            .cloned()
+            .collect();
+        self.classes = classes;
+        let segments: Vec<Segment> = self.segments.iter().cloned().collect();
+        for class in removed {
+            for segment in &segments {
+                self.drop_item(WorkItem {
+                    segment: segment.clone(),
+                    class: class.clone(),
+                });
+            }
+        }
+        let now = Instant::now();
+        for class in added {
+            for segment in &segments {
+                self.queue.schedule(
+                    WorkItem {
+                        segment: segment.clone(),
+                        class: class.clone(),
+                    },
+                    now,
+                );
+            }
+        }
+    }
+
+    /// An object as the watch delivered it, with its item sharing the
+    /// loop's copies of segment and class.
+    fn stored(&self, object: &CapacityObject) -> Stored {
+        let item = model::item_of(object).map(|item| WorkItem {
+            class: self
+                .classes
+                .get_key_value(&*item.class)
+                .map_or(item.class, |(known, _)| known.clone()),
+            segment: self.segments.shared(item.segment),
+        });
+        Stored {
+            item,
+            object: KnownObject::of(object, &self.config.identity),
+        }
+    }
+
+    fn on_capacity(&mut self, event: Event<CapacityObject>) {
+        match event {
+            Event::Init => self.listing = Some(HashMap::new()),
+            Event::InitApply(object) => {
+                let stored = self.stored(&object);
+                if let (Some(listing), Some(name)) = (&mut self.listing, object.metadata.name) {
+                    listing.insert(name, stored);
+                }
+            }
+            Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                let previous = std::mem::replace(&mut self.store, listed);
+                self.synced_sources.insert("capacities");
+                if self.synced {
+                    self.resync_objects(&previous);
+                } else {
+                    self.try_initial_sync();
+                }
+            }
+            Event::Apply(object) => {
+                let Some(name) = object.metadata.name.clone() else {
+                    return;
+                };
+                let stored = self.stored(&object);
+                let previous = self.store.insert(name.clone(), stored.clone());
+                if self.synced {
+                    self.on_object(&name, previous.as_ref(), &stored);
+                }
+            }
+            Event::Delete(object) => {
+                let Some(name) = object.metadata.name.clone() else {
+                    return;
+                };
+                let stored = self.stored(&object);
+                self.store.remove(&name);
+                if self.synced {
+                    self.on_object_deleted(&name, &stored);
+                }
+            }
+        }
     }
 
     /// After the capacity watch (re-)listed: the listed objects are mapped
     /// onto the items by [`model::reconcile_objects`]; what vanished
     /// meanwhile is re-created, what appeared is adopted or deleted, what
-    /// changed is refreshed.
-    fn resync_objects(&mut self) {
+    /// changed since `previous` (the objects before the list) is refreshed.
+    fn resync_objects(&mut self, previous: &HashMap<String, Stored>) {
         let now = Instant::now();
         self.unseen.clear();
         for item in std::mem::take(&mut self.deferred) {
             self.queue.schedule(item, now);
         }
-        let mut listed: Vec<CSIStorageCapacity> =
-            self.capacity_store.state().iter().map(|o| o.as_ref().clone()).collect();
-        let names: HashSet<String> = listed.iter().map(object_name).collect();
         // Deletes in flight stay; those whose object is gone are done.
-        self.deleting.retain(|name| names.contains(name));
-        listed.retain(|o| !self.deleting.contains(&object_name(o)));
-        let plan = model::reconcile_objects(&self.items, &listed);
-        let mut by_name: HashMap<String, CSIStorageCapacity> =
-            listed.into_iter().map(|o| (object_name(&o), o)).collect();
+        let store = &self.store;
+        self.deleting.retain(|name| store.contains_key(name));
+        let listed = self
+            .store
+            .iter()
+            .filter(|(name, _)| !self.deleting.contains(*name))
+            .map(|(name, stored)| Existing {
+                name,
+                item: stored.item.as_ref(),
+                created: stored.object.created.as_ref(),
+            });
+        let plan = model::reconcile_objects(self.desired_items(), |item| self.desired(item), listed);
         for name in &plan.delete {
-            if let Some(object) = by_name.remove(name) {
-                self.delete(&object);
-            }
+            self.delete(name);
         }
-        let previous = std::mem::take(&mut self.objects);
+        let known = std::mem::take(&mut self.objects);
         for (item, name) in plan.adopt {
-            let Some(object) = by_name.remove(&name) else {
-                continue;
-            };
-            let refresh = match previous.get(&item) {
-                Some(known) if object_name(known) == name => {
-                    model::changed_by_others(known, &object, &self.config.identity)
+            let refresh = match (known.get(&item), previous.get(&name), self.store.get(&name)) {
+                (Some(was), Some(before), Some(now)) if *was == name => {
+                    model::changed_by_others(&before.object, &now.object)
                 }
+                (Some(was), None, Some(_)) if *was == name => false,
                 _ => {
                     debug!(%item, %name, "adopting object");
                     true
                 }
             };
-            self.objects.insert(item.clone(), object);
             if refresh && !self.queue.is_in_flight(&item) {
-                self.queue.schedule(item, now);
+                self.queue.schedule(item.clone(), now);
             }
+            self.objects.insert(item, name);
         }
         for item in plan.missing {
-            if previous.contains_key(&item) {
+            if known.contains_key(&item) {
                 info!(%item, "object deleted by someone else; re-creating");
             }
             self.queue.schedule(item, now);
         }
     }
 
-    /// The watch delivered `object`. Our own writes are recognised by their
-    /// version; until ours arrives, what comes before it is not taken for
-    /// someone else's change.
-    fn on_object(&mut self, object: CSIStorageCapacity) {
-        let name = object_name(&object);
-        if self.deleting.contains(&name) {
+    /// The watch delivered object `name` (`previous`: how it was before).
+    /// Our own writes are recognised by their version; until ours arrives,
+    /// what comes before it is not taken for someone else's change.
+    fn on_object(&mut self, name: &str, previous: Option<&Stored>, now: &Stored) {
+        if self.deleting.contains(name) {
             return;
         }
-        let Some(item) = model::item_of(&object).filter(|item| self.items.contains(item)) else {
-            self.delete(&object);
+        let Some(item) = now.item.clone().filter(|item| self.desired(item)) else {
+            self.delete(name);
             return;
         };
         let awaited = self.unseen.get(&item).is_some_and(|unseen| unseen.name == name);
         if self
             .unseen
             .get(&item)
-            .is_some_and(|unseen| unseen.name == name && unseen.version == object.metadata.resource_version)
+            .is_some_and(|unseen| unseen.name == name && unseen.version == now.object.version)
         {
             self.write_seen(&item);
         }
         match self.objects.get(&item) {
-            Some(known) if object_name(known) == name => {
-                let changed = !awaited && model::changed_by_others(known, &object, &self.config.identity);
-                self.objects.insert(item.clone(), object);
+            Some(known) if known == name => {
+                let changed = !awaited && previous.is_none_or(|p| model::changed_by_others(&p.object, &now.object));
                 if changed && !self.queue.is_pending(&item) {
                     debug!(%item, %name, "object changed by someone else; refreshing");
                     self.queue.schedule(item, Instant::now());
@@ -661,10 +829,10 @@ impl LoopState {
             }
             Some(_) => {
                 debug!(%item, %name, "duplicate object");
-                self.delete(&object);
+                self.delete(name);
             }
             None => {
-                self.objects.insert(item.clone(), object);
+                self.objects.insert(item.clone(), name.to_string());
                 // An item in flight is usually creating this very object:
                 // its result arrives next, no second run needed.
                 if !awaited && !self.queue.is_in_flight(&item) {
@@ -699,45 +867,50 @@ impl LoopState {
         }
     }
 
-    fn on_object_deleted(&mut self, object: &CSIStorageCapacity) {
-        let name = object_name(object);
-        self.deleting.remove(&name);
-        let Some(item) = model::item_of(object) else {
+    fn on_object_deleted(&mut self, name: &str, stored: &Stored) {
+        self.deleting.remove(name);
+        let Some(item) = stored.item.clone() else {
             return;
         };
         if self.unseen.get(&item).is_some_and(|unseen| unseen.name == name) {
             self.write_seen(&item);
         }
-        if self.objects.get(&item).is_some_and(|known| object_name(known) == name) {
+        if self.objects.get(&item).is_some_and(|known| known == name) {
             self.objects.remove(&item);
-            if self.items.contains(&item) {
+            if self.desired(&item) {
                 info!(%item, %name, "object deleted by someone else; re-creating");
                 self.queue.schedule(item, Instant::now());
             }
         }
     }
 
-    fn on_volume(&mut self, event: Event<PersistentVolume>) {
-        let ours = |pv: &PersistentVolume| {
-            pv.spec.as_ref().and_then(|s| s.csi.as_ref()).map(|c| c.driver.as_str())
-                == Some(self.config.driver.as_str())
-        };
+    fn volume_key(&self, pv: &VolumeObject) -> u64 {
+        self.hasher.hash_one(pv.metadata.name.as_deref().unwrap_or_default())
+    }
+
+    fn on_volume(&mut self, event: Event<VolumeObject>) {
+        let driver = self.config.driver.as_str();
         match event {
-            Event::InitApply(pv) if ours(&pv) => {
-                self.volumes.insert(pv.metadata.name.clone().unwrap_or_default());
+            Event::Init => self.volumes_listing = Some(HashSet::new()),
+            Event::InitApply(pv) if model::is_volume_of(&pv, driver) => {
+                let key = self.volume_key(&pv);
+                if let Some(listing) = &mut self.volumes_listing {
+                    listing.insert(key);
+                }
             }
             Event::InitDone => {
+                self.volumes = self.volumes_listing.take().unwrap_or_default();
                 self.synced_sources.insert("volumes");
                 self.try_initial_sync();
             }
-            Event::Apply(pv) if ours(&pv) => {
-                let created = self.volumes.insert(pv.metadata.name.clone().unwrap_or_default());
+            Event::Apply(pv) if model::is_volume_of(&pv, driver) => {
+                let created = self.volumes.insert(self.volume_key(&pv));
                 if created && self.synced {
                     self.refresh_for_volume(&pv, "created");
                 }
             }
-            Event::Delete(pv) if ours(&pv) => {
-                self.volumes.remove(&pv.metadata.name.clone().unwrap_or_default());
+            Event::Delete(pv) if model::is_volume_of(&pv, driver) => {
+                self.volumes.remove(&self.volume_key(&pv));
                 if self.synced {
                     self.refresh_for_volume(&pv, "deleted");
                 }
@@ -746,57 +919,48 @@ impl LoopState {
         }
     }
 
-    fn refresh_for_volume(&mut self, pv: &PersistentVolume, what: &str) {
+    /// Refreshes the items of the PV's class in the segments its node
+    /// affinity admits.
+    fn refresh_for_volume(&mut self, pv: &VolumeObject, what: &str) {
+        let Some((class, terms)) = model::volume_placement(pv, &self.config.driver) else {
+            return;
+        };
+        let Some((class, _)) = self.classes.get_key_value(class) else {
+            return;
+        };
+        let class = class.clone();
         let now = Instant::now();
-        for item in model::items_for_volume(pv, &self.config.driver, &self.items) {
+        for segment in self.segments.admitted(terms) {
+            let item = WorkItem {
+                segment,
+                class: class.clone(),
+            };
             debug!(%item, pv = ?pv.metadata.name, what, "volume changed; refreshing");
             self.queue.schedule(item, now);
         }
     }
 
-    fn delete(&mut self, object: &CSIStorageCapacity) {
-        let name = object_name(object);
+    fn delete(&mut self, name: &str) {
         // A follower leaves it to the leader (or to itself once it leads).
-        if name.is_empty() || !self.leading || !self.deleting.insert(name.clone()) {
+        if name.is_empty() || !self.leading || !self.deleting.insert(name.to_string()) {
             return;
         }
         let api = self.api.clone();
         let leadership = self.leadership.clone();
         let metrics = self.metrics.clone();
+        let uid = self.store.get(name).and_then(|s| s.object.uid.clone());
         let params = DeleteParams {
-            preconditions: object.metadata.uid.clone().map(|uid| Preconditions {
+            preconditions: uid.map(|uid| Preconditions {
                 uid: Some(uid),
                 resource_version: None,
             }),
             ..DeleteParams::default()
         };
+        let name = name.to_string();
         info!(%name, "deleting obsolete CSIStorageCapacity");
         self.tasks.push(
             async move {
-                let mut attempt = 0u32;
-                let result = loop {
-                    attempt += 1;
-                    let Ok(deleted) = leadership.guard(api.delete(&name, &params)).await else {
-                        break Err(Error::NotLeader(volplane_runtime::NotLeader));
-                    };
-                    match deleted {
-                        Ok(_) => {
-                            metrics.wrote("delete");
-                            break Ok(());
-                        }
-                        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => break Ok(()),
-                        Err(error) if attempt >= 5 => {
-                            break Err(Error::Write {
-                                verb: "delete",
-                                source: error,
-                            });
-                        }
-                        Err(error) => {
-                            warn!(%name, %error, attempt, "delete failed; retrying");
-                            tokio::time::sleep(DELETE_RETRY.delay(attempt)).await;
-                        }
-                    }
-                };
+                let result = delete_with_retries(&api, &name, &params, &leadership, &metrics).await;
                 Done::Deleted(name, result)
             }
             .boxed(),
@@ -804,9 +968,11 @@ impl LoopState {
     }
 
     fn has_free_worker(&self) -> bool {
-        self.refreshing < self.config.workers.max(1)
+        self.busy < self.config.workers.max(1)
     }
 
+    /// Hands due items to free workers: an item joins the question in
+    /// flight for its segment and parameters, or asks a new one.
     fn dispatch(&mut self) {
         if !self.synced || !self.leading {
             return;
@@ -824,36 +990,72 @@ impl LoopState {
                 continue;
             }
             let Some(parameters) = self
-                .parameters
+                .classes
                 .get(&item.class)
+                .filter(|_| self.segments.contains(&item.segment))
                 .cloned()
-                .filter(|_| self.items.contains(&item))
             else {
                 self.queue.finish(&item);
                 continue;
             };
-            self.refreshing += 1;
-            let current = self.objects.get(&item).cloned();
-            let work = Refresh {
-                api: self.api.clone(),
-                csi: self.csi.clone(),
-                config: self.config.clone(),
-                metrics: self.metrics.clone(),
-                leadership: self.leadership.clone(),
+            let query = Query {
+                segment: item.segment.clone(),
+                parameters,
             };
-            self.tasks.push(
-                async move {
-                    let result = work.run(&item, parameters, current).await;
-                    Done::Refresh(item, result)
+            match self.asking.entry(query) {
+                Entry::Occupied(mut waiting) => waiting.get_mut().push(item),
+                Entry::Vacant(slot) => {
+                    let query = slot.key().clone();
+                    slot.insert(vec![item]);
+                    self.ask(query);
                 }
-                .boxed(),
-            );
+            }
         }
+    }
+
+    /// Asks the driver `query`.
+    fn ask(&mut self, query: Query) {
+        self.busy += 1;
+        let csi = self.csi.clone();
+        let metrics = self.metrics.clone();
+        let request = CapacityQuery {
+            parameters: (*query.parameters).clone(),
+            topology: self.config.send_topology.then(|| query.segment.labels().clone()),
+        };
+        self.tasks.push(
+            async move {
+                let started = Instant::now();
+                let report = csi.get_capacity(&request).await;
+                let code = match &report {
+                    Ok(_) => "OK",
+                    Err(error) => error.label(),
+                };
+                metrics
+                    .get_capacity_seconds
+                    .get_or_create(&vec![("grpc_code", code.to_string())])
+                    .observe(started.elapsed().as_secs_f64());
+                Done::Answered(query, report)
+            }
+            .boxed(),
+        );
     }
 
     fn finished(&mut self, done: Done) {
         match done {
-            Done::Refresh(item, result) => self.refreshed(item, result),
+            Done::Answered(query, report) => {
+                self.busy -= 1;
+                let waiting = self.asking.remove(&query).unwrap_or_default();
+                for item in waiting {
+                    match &report {
+                        Ok(report) => self.answered(item, *report),
+                        Err(error) => self.refreshed(item, Err(Error::Csi(error.clone()))),
+                    }
+                }
+            }
+            Done::Wrote(item, value, result) => {
+                self.busy -= 1;
+                self.refreshed(item, result.map(|written| (Some(written), value)));
+            }
             Done::Deleted(name, result) => {
                 self.deleting.remove(&name);
                 match result {
@@ -866,23 +1068,77 @@ impl LoopState {
         }
     }
 
-    /// The item's next regular poll.
-    fn next_poll(&self, item: &WorkItem) -> Instant {
-        let phase = phase::phase(&item.to_string(), self.config.poll_interval);
-        queue::next_poll(Instant::now(), self.start, self.config.poll_interval, phase)
+    /// The driver answered for `item`: its object is created or patched
+    /// when the value (or anything else volplane owns in it) changed.
+    fn answered(&mut self, item: WorkItem, report: CapacityReport) {
+        let value = PublishedCapacity {
+            capacity: report.available_capacity,
+            maximum_volume_size: report.maximum_volume_size,
+        };
+        if !self.desired(&item) {
+            self.queue.finish(&item);
+            return;
+        }
+        if !self.leading {
+            self.refreshed(item, Err(Error::NotLeader(volplane_runtime::NotLeader)));
+            return;
+        }
+        let known = self
+            .objects
+            .get(&item)
+            .and_then(|name| Some((name.clone(), self.store.get(name)?)));
+        let write = match known {
+            None => Write::Create(Box::new(model::new_object(&item, value, &self.config.identity))),
+            Some((name, stored)) => match model::update_patch(&stored.object, value, &self.config.identity) {
+                None => {
+                    self.refreshed(item, Ok((None, value)));
+                    return;
+                }
+                Some(patch) => Write::Patch(name, patch),
+            },
+        };
+        self.busy += 1;
+        let writer = Writer {
+            client: self.client.clone(),
+            url: self.api.resource_url().to_string(),
+            leadership: self.leadership.clone(),
+            metrics: self.metrics.clone(),
+        };
+        self.tasks.push(
+            async move {
+                let result = writer.write(&item, write).await;
+                Done::Wrote(item, value, result)
+            }
+            .boxed(),
+        );
     }
 
-    fn refreshed(&mut self, item: WorkItem, result: Result<Outcome>) {
-        self.refreshing -= 1;
+    /// The item's next regular poll: all classes of a segment at once, in
+    /// one of [`POLL_SLOTS`] slots of the interval.
+    fn next_poll(&self, item: &WorkItem) -> Instant {
+        let interval = self.config.poll_interval;
+        let slot = interval / POLL_SLOTS;
+        let phase = phase::phase(&item.segment.to_string(), interval);
+        let phase = if slot.is_zero() {
+            phase
+        } else {
+            slot * u32::try_from(phase.as_nanos() / slot.as_nanos()).unwrap_or(0)
+        };
+        queue::next_poll(Instant::now(), self.start, interval, phase)
+    }
+
+    /// A run of `item` ended: with what was written (if anything) and the
+    /// value published, or an error.
+    fn refreshed(&mut self, item: WorkItem, result: Result<(Option<Written>, PublishedCapacity)>) {
         self.queue.finish(&item);
-        let desired = self.items.contains(&item);
+        let desired = self.desired(&item);
         let next = match result {
-            Ok(outcome) => {
+            Ok((written, value)) => {
                 self.queue.succeeded(&item);
                 self.last_warning.remove(&item);
-                self.note_oversized(&item, outcome.published());
-                if let Outcome::Written(object, _) = outcome {
-                    self.wrote(&item, *object, desired);
+                self.note_oversized(&item, value);
+                if let Some(written) = written {
+                    self.wrote(&item, written, desired);
                 }
                 self.next_poll(&item)
             }
@@ -905,16 +1161,15 @@ impl LoopState {
         }
     }
 
-    /// A refresh wrote `object`: the watch will bring it back; until then
+    /// A refresh wrote `written`: the watch will bring it back; until then
     /// it is awaited (or it is deleted at once when nobody needs it).
-    fn wrote(&mut self, item: &WorkItem, object: CSIStorageCapacity, desired: bool) {
-        let name = object_name(&object);
-        let version = object.metadata.resource_version.clone();
+    fn wrote(&mut self, item: &WorkItem, written: Written, desired: bool) {
+        let Written { name, version } = written;
         match self.objects.get(item) {
-            _ if !desired => self.delete(&object),
-            Some(known) if object_name(known) != name => self.delete(&object),
+            _ if !desired => self.delete(&name),
+            Some(known) if *known != name => self.delete(&name),
             // The watch was quicker than the response.
-            Some(known) if known.metadata.resource_version == version => {}
+            Some(_) if self.store.get(&name).is_some_and(|s| s.object.version == version) => {}
             _ => {
                 let unseen = Unseen {
                     name,
@@ -944,22 +1199,18 @@ impl LoopState {
         retry_at
     }
 
-    fn finished_on_shutdown(&mut self, done: Done) {
-        if let Done::Refresh(item, Err(error)) = &done {
-            warn!(%item, %error, "refresh failed during shutdown");
-        }
-    }
-
-    /// A Warning event on the owner, at most once per item per poll interval.
+    /// A Warning event on the owner, at most once per item per poll
+    /// interval, and per minute when polls are more frequent.
     fn warn_event(&mut self, item: &WorkItem, error: &Error) {
         let Some(target) = self.config.event_target.clone() else {
             return;
         };
         let now = Instant::now();
+        let quiet = self.config.poll_interval.max(WARNING_INTERVAL);
         if self
             .last_warning
             .get(item)
-            .is_some_and(|last| now.duration_since(*last) < self.config.poll_interval)
+            .is_some_and(|last| now.duration_since(*last) < quiet)
         {
             return;
         }
@@ -988,7 +1239,9 @@ impl LoopState {
 
     fn update_gauges(&self) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        self.metrics.desired.set(gauge(self.items.len()));
+        self.metrics
+            .desired
+            .set(gauge(self.segments.len() * self.classes.len()));
         self.metrics.current.set(gauge(self.objects.len()));
         self.metrics.obsolete.set(gauge(self.deleting.len()));
         self.metrics
@@ -997,62 +1250,83 @@ impl LoopState {
     }
 }
 
-/// One refresh: GetCapacity, then create or update the object if needed.
-struct Refresh {
-    api: Api<CSIStorageCapacity>,
-    csi: CsiClient,
-    config: Arc<CapacityConfig>,
-    metrics: Arc<CapacityMetrics>,
-    leadership: Leadership,
+/// A write for one item.
+enum Write {
+    Create(Box<CSIStorageCapacity>),
+    Patch(String, Value),
 }
 
-impl Refresh {
-    async fn run(&self, item: &WorkItem, parameters: Labels, current: Option<CSIStorageCapacity>) -> Result<Outcome> {
-        let query = CapacityQuery {
-            parameters,
-            topology: self.config.send_topology.then(|| item.segment.0.clone()),
+/// Writes objects, reading back only what the loop needs of the answer.
+struct Writer {
+    client: kube::Client,
+    url: String,
+    leadership: Leadership,
+    metrics: Arc<CapacityMetrics>,
+}
+
+impl Writer {
+    async fn write(&self, item: &WorkItem, write: Write) -> Result<Written> {
+        let request = kube::core::Request::new(&self.url);
+        let (verb, built) = match &write {
+            Write::Create(object) => (
+                "create",
+                serde_json::to_vec(object)
+                    .map_err(kube::core::request::Error::SerializeBody)
+                    .and_then(|body| request.create(&PostParams::default(), body)),
+            ),
+            Write::Patch(name, patch) => (
+                "patch",
+                request.patch(name, &PatchParams::default(), &Patch::Merge(patch)),
+            ),
         };
-        let started = Instant::now();
-        let report = self.csi.get_capacity(&query).await;
-        let code = match &report {
-            Ok(_) => "OK",
-            Err(error) => error.label(),
+        let built = built.map_err(|source| Error::Write {
+            verb,
+            source: kube::Error::BuildRequest(source),
+        })?;
+        let written: CapacityObject = self
+            .leadership
+            .guard(self.client.request(built))
+            .await?
+            .map_err(|source| Error::Write { verb, source })?;
+        self.metrics.wrote(verb);
+        let name = written.metadata.name.unwrap_or_default();
+        debug!(%item, %name, verb, "wrote CSIStorageCapacity");
+        Ok(Written {
+            name,
+            version: written.metadata.resource_version,
+        })
+    }
+}
+
+async fn delete_with_retries(
+    api: &Api<CapacityObject>,
+    name: &str,
+    params: &DeleteParams,
+    leadership: &Leadership,
+    metrics: &CapacityMetrics,
+) -> Result<()> {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let Ok(deleted) = leadership.guard(api.delete(name, params)).await else {
+            return Err(Error::NotLeader(volplane_runtime::NotLeader));
         };
-        self.metrics
-            .get_capacity_seconds
-            .get_or_create(&vec![("grpc_code", code.to_string())])
-            .observe(started.elapsed().as_secs_f64());
-        let report = report.map_err(Error::Csi)?;
-        let value = PublishedCapacity {
-            capacity: report.available_capacity,
-            maximum_volume_size: report.maximum_volume_size,
-        };
-        match current {
-            None => {
-                let object = model::new_object(item, value, &self.config.identity);
-                let created = self
-                    .leadership
-                    .guard(self.api.create(&PostParams::default(), &object))
-                    .await?
-                    .map_err(|source| Error::Write { verb: "create", source })?;
-                self.metrics.wrote("create");
-                debug!(%item, name = ?created.metadata.name, capacity = value.capacity, "created CSIStorageCapacity");
-                Ok(Outcome::Written(Box::new(created), value))
+        match deleted {
+            Ok(_) => {
+                metrics.wrote("delete");
+                return Ok(());
             }
-            Some(existing) => match model::updated_object(&existing, value, &self.config.identity) {
-                None => Ok(Outcome::Unchanged(value)),
-                Some(updated) => {
-                    let name = object_name(&existing);
-                    let replaced = self
-                        .leadership
-                        .guard(self.api.replace(&name, &PostParams::default(), &updated))
-                        .await?
-                        .map_err(|source| Error::Write { verb: "update", source })?;
-                    self.metrics.wrote("update");
-                    debug!(%item, %name, capacity = value.capacity, "updated CSIStorageCapacity");
-                    Ok(Outcome::Written(Box::new(replaced), value))
-                }
-            },
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => return Ok(()),
+            Err(error) if attempt >= 5 => {
+                return Err(Error::Write {
+                    verb: "delete",
+                    source: error,
+                });
+            }
+            Err(error) => {
+                warn!(%name, %error, attempt, "delete failed; retrying");
+                tokio::time::sleep(DELETE_RETRY.delay(attempt)).await;
+            }
         }
     }
 }

@@ -40,6 +40,7 @@ fn config(poll: Duration, topology: Topology, send_topology: bool) -> CapacityCo
         driver: DRIVER.into(),
         send_topology,
         topology,
+        volume_events: true,
         identity: ObjectIdentity {
             namespace: NS.into(),
             driver: DRIVER.into(),
@@ -345,6 +346,79 @@ async fn nodes_and_classes_coming_and_going_add_and_remove_objects() {
 }
 
 #[tokio::test]
+async fn a_new_topology_key_lists_the_nodes_again_and_publishes_the_finer_segments() {
+    let mut h = Harness::new().await;
+    for (name, zone, rack) in [("n1", "a", "r1"), ("n2", "a", "r2")] {
+        let node: Node = serde_json::from_value(
+            json!({"metadata": {"name": name, "labels": {"zone": zone, "rack": rack, "kubernetes.io/hostname": name}}}),
+        )
+        .expect("node");
+        Api::<Node>::all(h.client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("node");
+    }
+    let csinodes = Api::<CSINode>::all(h.client.clone());
+    let csinode = |name: &str, keys: &[&str]| -> CSINode {
+        serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"drivers": [{"name": DRIVER, "nodeID": name, "topologyKeys": keys}]}}))
+        .expect("csinode")
+    };
+    for name in ["n1", "n2"] {
+        csinodes
+            .create(&PostParams::default(), &csinode(name, &["zone"]))
+            .await
+            .expect("csinode");
+    }
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(GI));
+    h.start(config(Duration::from_secs(3600), Topology::Central, true))
+        .await;
+    let topologies = || async {
+        let mut all: Vec<BTreeMap<String, String>> = h
+            .capacities()
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|o| o.node_topology?.match_labels)
+            .collect();
+        all.sort();
+        all
+    };
+    let zone_a = BTreeMap::from([("zone".to_string(), "a".to_string())]);
+    eventually_some(Duration::from_secs(20), "one object for zone a", || async {
+        (topologies().await == [zone_a.clone()]).then_some(())
+    })
+    .await;
+
+    // A driver upgrade: its nodes now report racks too. The rack labels were
+    // not kept, so the Nodes are listed again.
+    for name in ["n1", "n2"] {
+        let mut upgraded = csinodes.get(name).await.expect("csinode");
+        upgraded.spec = csinode(name, &["zone", "rack"]).spec;
+        csinodes
+            .replace(name, &PostParams::default(), &upgraded)
+            .await
+            .expect("upgrade");
+    }
+    let rack = |r: &str| {
+        BTreeMap::from([
+            ("rack".to_string(), r.to_string()),
+            ("zone".to_string(), "a".to_string()),
+        ])
+    };
+    eventually_some(
+        Duration::from_secs(20),
+        "one object per rack, none for the zone",
+        || async { (topologies().await == [rack("r1"), rack("r2")]).then_some(()) },
+    )
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn capacity_changes_propagate_and_unchanged_polls_write_nothing() {
     let mut h = Harness::new().await;
     h.add_node("n1", Some("a"), &["zone"]).await;
@@ -523,6 +597,41 @@ async fn polls_call_get_capacity_once_per_item_per_interval() {
 }
 
 #[tokio::test]
+async fn classes_with_equal_parameters_share_one_get_capacity_call_per_segment() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    // Two classes ask the driver the same question, a third another one.
+    h.add_class("fast", "WaitForFirstConsumer", &[("tier", "fast")]).await;
+    h.add_class("fast-retain", "WaitForFirstConsumer", &[("tier", "fast")])
+        .await;
+    h.add_class("slow", "WaitForFirstConsumer", &[("tier", "slow")]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(4 * GI));
+    h.driver
+        .set_capacity(None, Some(labels([("tier", "slow")])), CapacityAnswer::available(GI));
+    h.start(config(Duration::from_secs(3600), Topology::Central, true))
+        .await;
+    h.wait_for_published(
+        "every class in every zone",
+        &[
+            ("fast", Some("a"), 4 * GI, None),
+            ("fast", Some("b"), 4 * GI, None),
+            ("fast-retain", Some("a"), 4 * GI, None),
+            ("fast-retain", Some("b"), 4 * GI, None),
+            ("slow", Some("a"), GI, None),
+            ("slow", Some("b"), GI, None),
+        ],
+    )
+    .await;
+    assert_eq!(
+        h.driver.count(CsiMethod::GetCapacity),
+        4,
+        "one call per zone and distinct parameters, not one per class"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn objects_deleted_by_someone_else_are_recreated_and_foreign_objects_untouched() {
     let mut h = Harness::new().await;
     h.add_node("n1", Some("a"), &["zone"]).await;
@@ -620,7 +729,7 @@ async fn api_conflicts_and_dropped_watches_heal() {
     h.wait_for_published("initial", &[("fast", Some("a"), GI, None)]).await;
 
     h.double
-        .fail_next(Some(Verb::Update), Some("csistoragecapacities"), 2, 409);
+        .fail_next(Some(Verb::Patch), Some("csistoragecapacities"), 2, 409);
     h.driver.set_default_capacity(CapacityAnswer::available(2 * GI));
     h.wait_for_published("after conflicts", &[("fast", Some("a"), 2 * GI, None)])
         .await;
@@ -763,7 +872,7 @@ async fn its_own_updates_coming_back_through_the_watch_cause_no_refresh() {
     // A slow driver: the second volume arrives while the first refresh runs.
     h.driver.set_delay(CsiMethod::GetCapacity, Duration::from_millis(300));
     let calls = h.driver.count(CsiMethod::GetCapacity);
-    let updates = h.double.count(Verb::Update, "csistoragecapacities");
+    let updates = h.double.count(Verb::Patch, "csistoragecapacities");
     let volumes = Api::<PersistentVolume>::all(h.client.clone());
     for name in ["pv-1", "pv-2"] {
         volumes
@@ -790,7 +899,7 @@ async fn its_own_updates_coming_back_through_the_watch_cause_no_refresh() {
     )
     .await;
     assert_eq!(
-        h.double.count(Verb::Update, "csistoragecapacities"),
+        h.double.count(Verb::Patch, "csistoragecapacities"),
         updates + 2,
         "one update per changed item, none repeated after a conflict"
     );
@@ -843,8 +952,9 @@ async fn per_node_mode_publishes_the_fixed_segment_of_this_node() {
     h.add_class("fast", "WaitForFirstConsumer", &[]).await;
     h.driver
         .set_capacity(Some(zone("a")), None, CapacityAnswer::available(7 * GI));
-    let mut cfg = config(Duration::from_secs(60), Topology::Fixed(Segment(zone("a"))), true);
+    let mut cfg = config(Duration::from_secs(60), Topology::Fixed(Segment::new(zone("a"))), true);
     cfg.identity.managed_by = "volplane-n1".into();
+    cfg.volume_events = false;
     h.start(cfg).await;
     let api = h.capacities();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -880,8 +990,8 @@ async fn the_csidriver_switch_turns_publishing_on_and_off_without_a_restart() {
     let mut h = Harness::new().await;
     h.add_node("n1", Some("a"), &["zone"]).await;
     h.add_node("n2", Some("b"), &["zone"]).await;
-    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
-    h.add_class("slow", "WaitForFirstConsumer", &[]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[("tier", "fast")]).await;
+    h.add_class("slow", "WaitForFirstConsumer", &[("tier", "slow")]).await;
     h.driver.set_default_capacity(CapacityAnswer::available(GI));
     // An hour between polls: whatever is published comes from the switch itself.
     let mut cfg = config(Duration::from_secs(3600), Topology::Central, true);

@@ -194,8 +194,10 @@ pub struct Args {
     pub capacity_owner: CapacityOwner,
 
     /// How often each (segment, storage class) is refreshed; polls are spread over the interval.
-    #[arg(long, env = "CAPACITY_POLL_INTERVAL", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
-    pub capacity_poll_interval: Duration,
+    /// Default 1m, and 5s with --node-deployment: a per-node instance asks its local driver
+    /// often instead of watching every PersistentVolume in the cluster.
+    #[arg(long, env = "CAPACITY_POLL_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub capacity_poll_interval: Option<Duration>,
 
     /// Concurrent GetCapacity refreshes.
     #[arg(long, env = "CAPACITY_WORKERS", value_name = "N", default_value_t = 64,
@@ -381,6 +383,17 @@ impl Args {
         selected
     }
 
+    /// `--capacity-poll-interval`, or its default for the mode: 1m
+    /// centrally, 5s per node (GetCapacity on the local socket is cheap, and
+    /// frequent polls replace a cluster-wide PV watch on every node).
+    pub fn capacity_poll_interval(&self) -> Duration {
+        self.capacity_poll_interval.unwrap_or(if self.node_deployment {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(60)
+        })
+    }
+
     /// Checks combinations of flags that clap cannot check alone.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.plan().map(|_| ())
@@ -423,7 +436,7 @@ impl Args {
         if self.kube_api_qps.is_some_and(|qps| !qps.is_finite() || qps < 0.0) {
             anyhow::bail!("--kube-api-qps must be a number >= 0 (0 disables the limit)");
         }
-        if self.capacity_poll_interval.is_zero() {
+        if self.capacity_poll_interval.is_some_and(|interval| interval.is_zero()) {
             anyhow::bail!("--capacity-poll-interval must be greater than zero");
         }
         if self.csi_timeout.is_zero() {
@@ -687,7 +700,7 @@ mod tests {
     #[test]
     fn capacity_flags_have_documented_defaults_and_checks() {
         let args = parse(&["--csi-address", "/x.sock"]).expect("valid");
-        assert_eq!(args.capacity_poll_interval, Duration::from_secs(60));
+        assert_eq!(args.capacity_poll_interval(), Duration::from_secs(60));
         assert_eq!(args.capacity_workers, 64);
         assert_eq!(args.capacity_owner, CapacityOwner::Auto);
         assert!(!args.node_deployment && !args.capacity_for_immediate_binding);

@@ -52,13 +52,14 @@ pub async fn build(
         driver: driver.name.clone(),
         send_topology,
         topology,
+        volume_events: node.is_none(),
         identity: ObjectIdentity {
             namespace: namespace.to_string(),
             driver: model::driver_label_value(&driver.name),
             managed_by: model::managed_by(node),
             owner,
         },
-        poll_interval: args.capacity_poll_interval,
+        poll_interval: args.capacity_poll_interval(),
         workers: usize::from(args.capacity_workers),
         include_immediate: args.capacity_for_immediate_binding,
         enablement: match args.capacity_enablement {
@@ -67,7 +68,7 @@ pub async fn build(
         },
         backoff: Backoff {
             base: Duration::from_millis(500),
-            max: args.capacity_poll_interval.min(Duration::from_secs(300)),
+            max: args.capacity_poll_interval().min(Duration::from_secs(300)),
         },
         event_target,
         instance,

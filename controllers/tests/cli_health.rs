@@ -34,6 +34,10 @@ async fn bound_pv(api: &ApiServerDouble, pv: &str, claim: &str) {
         .create(&PostParams::default(), &objects::bound_pv(pv, DRIVER, "apps", claim))
         .await
         .expect("pv");
+    Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(api.client(), "apps")
+        .create(&PostParams::default(), &objects::bound_claim(claim, "apps", pv))
+        .await
+        .expect("claim");
 }
 
 /// Abnormal with `abnormal`'s message, else healthy; 400 of 1000 bytes and

@@ -289,6 +289,22 @@ fn assert_covered(double: &ApiServerDouble, grants: &Grants, what: &str) {
     assert!(missing.is_empty(), "{what}: deploy/ RBAC does not allow: {missing:#?}");
 }
 
+/// The collections volplane listed or watched without a label or field
+/// selector, or outside a namespace of its own: what a DaemonSet would make
+/// the API server send once per node.
+fn unselected_reads(double: &ApiServerDouble) -> Vec<String> {
+    let mut resources: Vec<String> = double
+        .requests()
+        .into_iter()
+        .filter(|r| r.user_agent.starts_with("volplane/") && matches!(r.verb, Verb::List | Verb::Watch))
+        .filter(|r| r.label_selector.is_none() && r.field_selector.is_none())
+        .map(|r| r.resource)
+        .collect();
+    resources.sort_unstable();
+    resources.dedup();
+    resources
+}
+
 fn write_verbs(double: &ApiServerDouble, resource: &str) -> Vec<&'static str> {
     let mut verbs: Vec<&'static str> = double
         .requests()
@@ -366,7 +382,7 @@ async fn the_capacity_sidecar_deployment_rbac_covers_every_request() {
             && !write_verbs(&double, "events").is_empty()
     })
     .await;
-    // A new volume of the driver refreshes its class at once: an update.
+    // A new volume of the driver refreshes its class at once: a patch.
     driver.set_default_capacity(CapacityAnswer::available(2 << 30));
     create(
         &client,
@@ -378,8 +394,8 @@ async fn the_capacity_sidecar_deployment_rbac_covers_every_request() {
                  "csi": {"driver": DRIVER, "volumeHandle": "v1"}}}),
     )
     .await;
-    eventually(Duration::from_secs(20), "an update", || {
-        write_verbs(&double, "csistoragecapacities") == ["create", "delete", "update"]
+    eventually(Duration::from_secs(20), "a patch", || {
+        write_verbs(&double, "csistoragecapacities") == ["create", "delete", "patch"]
     })
     .await;
     let (code, _) = running.terminate().await;
@@ -435,11 +451,23 @@ async fn the_per_node_daemonset_rbac_covers_every_request() {
             && !write_verbs(&double, "events").is_empty()
     })
     .await;
+    // A volume created on the node: the driver reports less, and the
+    // frequent local poll (no PV watch per node) publishes it.
+    driver.set_default_capacity(CapacityAnswer::available(1 << 29));
+    eventually(Duration::from_secs(20), "a patch", || {
+        write_verbs(&double, "csistoragecapacities") == ["create", "delete", "patch"]
+    })
+    .await;
     let (code, _) = running.terminate().await;
     assert_eq!(code, Some(0));
     assert!(
         write_verbs(&double, "leases").is_empty(),
         "per-node mode does not elect"
+    );
+    assert_eq!(
+        unselected_reads(&double),
+        ["storageclasses"],
+        "an instance on every node reads no other collection cluster-wide"
     );
     assert_covered(
         &double,
@@ -503,6 +531,15 @@ async fn bound_volume_in_use(client: &kube::Client) {
         "PersistentVolume",
         "persistentvolumes",
         serde_json::to_value(pv).expect("json"),
+    )
+    .await;
+    let claim = volplane_tests::objects::bound_claim("data", "apps", "pv-data");
+    create(
+        client,
+        "v1",
+        "PersistentVolumeClaim",
+        "persistentvolumeclaims",
+        serde_json::to_value(claim).expect("json"),
     )
     .await;
     let pod = volplane_tests::objects::pod_using("user", "apps", "n1", &["data"]);
@@ -583,6 +620,11 @@ async fn the_health_node_daemonset_rbac_covers_every_request() {
     assert!(
         write_verbs(&double, "leases").is_empty(),
         "per-node mode does not elect"
+    );
+    assert!(
+        unselected_reads(&double).is_empty(),
+        "an instance on every node reads no collection cluster-wide: {:?}",
+        unselected_reads(&double)
     );
     assert_covered(
         &double,

@@ -49,7 +49,7 @@ impl fmt::Display for CsiMethod {
 ///
 /// [`CsiError::is_retryable`] is the one place that decides whether calling
 /// again can help.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum CsiError {
     /// The `--csi-address` value is not a unix socket address.
     #[error("invalid CSI address {address:?}: {reason}")]

@@ -17,6 +17,17 @@ pub fn bound_pv(name: &str, driver: &str, namespace: &str, claim: &str) -> Persi
     .expect("a valid PersistentVolume")
 }
 
+/// The claim `namespace/name` (UID `uid-<name>`) bound to the PV `volume`,
+/// as [`bound_pv`] pairs with it: what a node reads to find a pod's volume.
+pub fn bound_claim(name: &str, namespace: &str, volume: &str) -> PersistentVolumeClaim {
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}")},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}, "volumeName": volume},
+        "status": {"phase": "Bound"}}),
+    )
+    .expect("a valid PersistentVolumeClaim")
+}
+
 /// A pod `namespace/name` assigned to `node` that mounts each of `claims`
 /// (volumes `v0`, `v1`, …), with no containers.
 pub fn pod_using(name: &str, namespace: &str, node: &str, claims: &[&str]) -> Pod {

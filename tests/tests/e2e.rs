@@ -129,6 +129,7 @@ mod capacity {
                 driver: DRIVER.into(),
                 send_topology: true,
                 topology: Topology::Central,
+                volume_events: true,
                 identity: ObjectIdentity {
                     namespace: ns.into(),
                     driver: DRIVER.into(),

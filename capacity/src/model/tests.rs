@@ -5,14 +5,6 @@ use super::*;
 
 const DRIVER: &str = "hostpath.csi.k8s.io";
 
-fn csinode(name: &str, driver: &str, keys: &[&str]) -> CSINode {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"drivers": [{"name": driver, "nodeID": name, "topologyKeys": keys}]}
-    }))
-    .expect("csinode")
-}
-
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
@@ -73,52 +65,27 @@ fn existing(name: &str, item: &WorkItem, created_secs: i64) -> CSIStorageCapacit
     object
 }
 
-#[test]
-fn segments_come_from_topology_keys_and_node_labels() {
-    let nodes = BTreeMap::from([
-        (
-            "n1".to_string(),
-            labels(&[("zone", "a"), ("rack", "r1"), ("other", "x")]),
-        ),
-        ("n2".to_string(), labels(&[("zone", "a"), ("rack", "r1")])),
-        ("n3".to_string(), labels(&[("zone", "b"), ("rack", "r2")])),
-        ("n4".to_string(), labels(&[("zone", "c")])),
-    ]);
-    let csinodes = [
-        csinode("n1", DRIVER, &["zone", "rack"]),
-        csinode("n2", DRIVER, &["rack", "zone"]),
-        csinode("n3", DRIVER, &["zone", "rack"]),
-        // Missing the rack label: skipped.
-        csinode("n4", DRIVER, &["zone", "rack"]),
-        // Another driver only: skipped.
-        csinode("n5", "other.csi", &["zone"]),
-        // No Node object: skipped.
-        csinode("ghost", DRIVER, &["zone"]),
-        // The driver without topology keys: skipped.
-        csinode("n6", DRIVER, &[]),
-    ];
-    let segments = central_segments(DRIVER, &csinodes, |name| nodes.get(name));
-    let want: BTreeSet<Segment> = [
-        Segment::from_pairs([("rack", "r1"), ("zone", "a")]),
-        Segment::from_pairs([("rack", "r2"), ("zone", "b")]),
-    ]
-    .into();
-    assert_eq!(segments, want);
+/// `object` as the watch delivers it to volplane: the slim type.
+fn slim(object: &CSIStorageCapacity) -> CapacityObject {
+    serde_json::from_value(serde_json::to_value(object).expect("json")).expect("slim")
 }
 
-#[test]
-fn a_label_change_moves_a_node_to_another_segment() {
-    let csinodes = [csinode("n1", DRIVER, &["zone"])];
-    let before = BTreeMap::from([("n1".to_string(), labels(&[("zone", "a")]))]);
-    let after = BTreeMap::from([("n1".to_string(), labels(&[("zone", "b")]))]);
-    assert_eq!(
-        central_segments(DRIVER, &csinodes, |n| before.get(n)),
-        [Segment::from_pairs([("zone", "a")])].into()
-    );
-    assert_eq!(
-        central_segments(DRIVER, &csinodes, |n| after.get(n)),
-        [Segment::from_pairs([("zone", "b")])].into()
-    );
+/// What volplane keeps of `object`.
+fn known(object: &CSIStorageCapacity, identity: &ObjectIdentity) -> KnownObject {
+    KnownObject::of(&slim(object), identity)
+}
+
+/// `object` after volplane's update for `value`, as the API server applies
+/// the merge patch; `None` when no write is needed.
+fn updated(
+    object: &CSIStorageCapacity,
+    value: PublishedCapacity,
+    identity: &ObjectIdentity,
+) -> Option<CSIStorageCapacity> {
+    let patch = update_patch(&known(object, identity), value, identity)?;
+    let mut json = serde_json::to_value(object).expect("json");
+    json_patch::merge(&mut json, &patch);
+    Some(serde_json::from_value(json).expect("patched object"))
 }
 
 #[test]
@@ -221,8 +188,8 @@ fn an_unchanged_capacity_needs_no_write() {
     };
     let object = new_object(&item("a", "fast"), value, &identity(None));
     assert_eq!(object.capacity, Some(Quantity("3906250Ki".into())));
-    assert!(!needs_update(&object, value, &identity(None)));
-    assert_eq!(updated_object(&object, value, &identity(None)), None);
+    assert!(!needs_update(&known(&object, &identity(None)), value));
+    assert_eq!(updated(&object, value, &identity(None)), None);
 }
 
 #[test]
@@ -233,15 +200,18 @@ fn a_write_is_needed_when_labels_or_owner_drift() {
     };
     let mut object = new_object(&item("a", "fast"), value, &identity(None));
     object.metadata.labels = None;
-    assert!(needs_update(&object, value, &identity(None)), "labels gone");
+    assert!(needs_update(&known(&object, &identity(None)), value), "labels gone");
     let object = new_object(&item("a", "fast"), value, &identity(None));
     let bigger = PublishedCapacity {
         capacity: 2 << 30,
         ..value
     };
-    assert!(needs_update(&object, bigger, &identity(None)), "capacity changed");
+    assert!(
+        needs_update(&known(&object, &identity(None)), bigger),
+        "capacity changed"
+    );
     let owned = identity(Some(owner("Deployment", "volplane", "uid-1")));
-    assert!(needs_update(&object, value, &owned), "owner added");
+    assert!(needs_update(&known(&object, &owned), value), "owner added");
 }
 
 #[test]
@@ -254,11 +224,11 @@ fn the_same_value_in_another_spelling_is_rewritten_once_then_never() {
     // Written by an older volplane or by hand: equal values, other text.
     object.capacity = Some(Quantity("4G".into()));
     object.maximum_volume_size = Some(Quantity("10737418240".into()));
-    assert_eq!(published_capacity(&object), Some(value), "compared by value");
-    let rewritten = updated_object(&object, value, &identity(None)).expect("rewritten to the stored form");
+    assert_eq!(published_capacity(&slim(&object)), Some(value), "compared by value");
+    let rewritten = updated(&object, value, &identity(None)).expect("rewritten to the stored form");
     assert_eq!(rewritten.capacity, Some(Quantity("3906250Ki".into())));
     assert_eq!(rewritten.maximum_volume_size, Some(Quantity("10Gi".into())));
-    assert_eq!(updated_object(&rewritten, value, &identity(None)), None);
+    assert_eq!(updated(&rewritten, value, &identity(None)), None);
 }
 
 #[test]
@@ -272,10 +242,10 @@ fn a_changed_capacity_or_maximum_is_rewritten() {
         capacity: 200,
         maximum_volume_size: None,
     };
-    let updated = updated_object(&object, after, &identity(None)).expect("changed");
-    assert_eq!(updated.capacity, Some(Quantity("200".into())));
-    assert_eq!(updated.maximum_volume_size, None);
-    assert_eq!(updated_object(&updated, after, &identity(None)), None);
+    let rewritten = updated(&object, after, &identity(None)).expect("changed");
+    assert_eq!(rewritten.capacity, Some(Quantity("200".into())));
+    assert_eq!(rewritten.maximum_volume_size, None);
+    assert_eq!(updated(&rewritten, after, &identity(None)), None);
 }
 
 #[test]
@@ -293,7 +263,7 @@ fn a_foreign_or_stale_owner_reference_is_replaced_never_appended() {
         owner("Deployment", "csi-controller", "old-uid"),
         owner("StatefulSet", "someone-else", "x"),
     ]);
-    let updated = updated_object(
+    let rewritten = updated(
         &object,
         PublishedCapacity {
             capacity: 1,
@@ -302,7 +272,18 @@ fn a_foreign_or_stale_owner_reference_is_replaced_never_appended() {
         &identity(Some(ours.clone())),
     )
     .expect("owner changes");
-    assert_eq!(updated.metadata.owner_references, Some(vec![ours]));
+    assert_eq!(rewritten.metadata.owner_references, Some(vec![ours]));
+    // And back to no owner: the references go entirely.
+    let unowned = updated(
+        &rewritten,
+        PublishedCapacity {
+            capacity: 1,
+            maximum_volume_size: None,
+        },
+        &identity(None),
+    )
+    .expect("owner removed");
+    assert_eq!(unowned.metadata.owner_references, None);
 }
 
 #[test]
@@ -319,7 +300,7 @@ fn foreign_labels_are_kept_and_ours_restored() {
     l.insert("team".into(), "storage".into());
     l.insert(MANAGED_BY_LABEL.into(), "tampered".into());
     object.metadata.labels = Some(l);
-    let updated = updated_object(
+    let rewritten = updated(
         &object,
         PublishedCapacity {
             capacity: 1,
@@ -328,9 +309,24 @@ fn foreign_labels_are_kept_and_ours_restored() {
         &identity(None),
     )
     .expect("label fixed");
-    let l = updated.metadata.labels.unwrap_or_default();
+    let l = rewritten.metadata.labels.unwrap_or_default();
     assert_eq!(l.get("team").map(String::as_str), Some("storage"));
     assert_eq!(l.get(MANAGED_BY_LABEL).map(String::as_str), Some("volplane"));
+}
+
+/// [`reconcile_objects`] over full objects, as their slim copies.
+fn reconcile(desired: &BTreeSet<WorkItem>, objects: &[CSIStorageCapacity]) -> Reconciliation {
+    let slims: Vec<CapacityObject> = objects.iter().map(slim).collect();
+    let items: Vec<Option<WorkItem>> = slims.iter().map(item_of).collect();
+    reconcile_objects(
+        desired.iter().cloned(),
+        |item| desired.contains(item),
+        slims.iter().zip(&items).map(|(o, item)| Existing {
+            name: o.metadata.name.as_deref().unwrap_or_default(),
+            item: item.as_ref(),
+            created: o.metadata.creation_timestamp.as_ref(),
+        }),
+    )
 }
 
 #[test]
@@ -343,7 +339,7 @@ fn reconciliation_adopts_the_oldest_and_deletes_duplicates_and_obsolete() {
         existing("csisc-gone-class", &item("b", "slow"), 100),
         existing("csisc-gone-zone", &item("z", "fast"), 100),
     ];
-    let plan = reconcile_objects(&desired, &objects);
+    let plan = reconcile(&desired, &objects);
     assert_eq!(
         plan.adopt,
         BTreeMap::from([
@@ -364,9 +360,9 @@ fn objects_with_match_expressions_are_not_ours_in_shape() {
         match_labels: None,
         match_expressions: Some(vec![Default::default()]),
     });
-    assert_eq!(item_of(&object), None);
+    assert_eq!(item_of(&slim(&object)), None);
     object.node_topology = None;
-    assert_eq!(item_of(&object), None);
+    assert_eq!(item_of(&slim(&object)), None);
 }
 
 #[test]
@@ -385,8 +381,7 @@ fn managed_by_fits_a_label_value_for_any_node_name() {
 
 #[test]
 fn pv_events_refresh_only_matching_items() {
-    let items: BTreeSet<WorkItem> = [item("a", "fast"), item("b", "fast"), item("a", "slow")].into();
-    let pv = |driver: &str, class: Option<&str>, zone: Option<&str>| -> PersistentVolume {
+    let pv = |driver: &str, class: Option<&str>, zone: Option<&str>| -> VolumeObject {
         let affinity = zone.map(|z| {
             json!({"required": {"nodeSelectorTerms": [{"matchExpressions": [
                 {"key": "zone", "operator": "In", "values": [z]}]}]}})
@@ -394,20 +389,34 @@ fn pv_events_refresh_only_matching_items() {
         serde_json::from_value(json!({
             "metadata": {"name": "pv"},
             "spec": {"csi": {"driver": driver, "volumeHandle": "v"}, "storageClassName": class,
-                     "nodeAffinity": affinity}
+                     "nodeAffinity": affinity, "capacity": {"storage": "1Gi"}}
         }))
         .expect("pv")
     };
+    let segments = [
+        Segment::from_pairs([("zone", "a")]),
+        Segment::from_pairs([("zone", "b")]),
+    ];
+    let admitted = |pv: &VolumeObject| -> Option<(String, Vec<Segment>)> {
+        let (class, terms) = volume_placement(pv, DRIVER)?;
+        Some((
+            class.to_string(),
+            segments.iter().filter(|s| admits(terms, s)).cloned().collect(),
+        ))
+    };
     assert_eq!(
-        items_for_volume(&pv(DRIVER, Some("fast"), Some("a")), DRIVER, &items),
-        [item("a", "fast")]
+        admitted(&pv(DRIVER, Some("fast"), Some("a"))),
+        Some(("fast".into(), vec![segments[0].clone()]))
     );
     assert_eq!(
-        items_for_volume(&pv(DRIVER, Some("fast"), None), DRIVER, &items),
-        [item("a", "fast"), item("b", "fast")]
+        admitted(&pv(DRIVER, Some("fast"), None)),
+        Some(("fast".into(), segments.to_vec()))
     );
-    assert!(items_for_volume(&pv("other", Some("fast"), Some("a")), DRIVER, &items).is_empty());
-    assert!(items_for_volume(&pv(DRIVER, None, Some("a")), DRIVER, &items).is_empty());
+    assert_eq!(admitted(&pv("other", Some("fast"), Some("a"))), None);
+    assert_eq!(admitted(&pv(DRIVER, None, Some("a"))), None);
+    let in_a = pv(DRIVER, Some("fast"), Some("a"));
+    let (_, terms) = volume_placement(&in_a, DRIVER).expect("placed");
+    assert_eq!(exact_segments(terms), Some(vec![segments[0].clone()]), "named exactly");
 }
 
 fn arb_item() -> impl Strategy<Value = WorkItem> {
@@ -425,12 +434,12 @@ proptest! {
             .enumerate()
             .map(|(i, (item, t))| existing(&format!("o{i}"), item, *t))
             .collect();
-        let plan = reconcile_objects(&desired, &objects);
+        let plan = reconcile(&desired, &objects);
         // Adopted items are desired and their objects stand for them.
         for (item, name) in &plan.adopt {
             prop_assert!(desired.contains(item));
             let object = objects.iter().find(|o| o.metadata.name.as_deref() == Some(name));
-            prop_assert_eq!(object.and_then(item_of), Some(item.clone()));
+            prop_assert_eq!(object.map(slim).as_ref().and_then(item_of), Some(item.clone()));
         }
         // Each object is adopted or deleted, never both, never neither.
         for object in &objects {
@@ -455,9 +464,9 @@ proptest! {
         let ident = identity(with_owner.then(|| owner("Deployment", "d", "u")));
         let old = new_object(&item("a", "c"), PublishedCapacity { capacity: old_capacity, maximum_volume_size: old_maximum }, &identity(None));
         let value = PublishedCapacity { capacity, maximum_volume_size: maximum };
-        let once = updated_object(&old, value, &ident).unwrap_or(old);
-        prop_assert_eq!(updated_object(&once, value, &ident), None);
-        prop_assert_eq!(published_capacity(&once), Some(value));
+        let once = updated(&old, value, &ident).unwrap_or(old);
+        prop_assert_eq!(updated(&once, value, &ident), None);
+        prop_assert_eq!(published_capacity(&slim(&once)), Some(value));
     }
 
     #[test]
@@ -512,8 +521,8 @@ mod any_text {
         fn refresh_failure_notes_fit(class in any::<String>(), key in any::<String>(), value in any::<String>(),
                                      error in any::<String>(), repeat in 1usize..300) {
             let item = WorkItem {
-                segment: Segment(Labels::from([(key.repeat(repeat), value.repeat(repeat))])),
-                class: class.repeat(repeat),
+                segment: Segment::new(Labels::from([(key.repeat(repeat), value.repeat(repeat))])),
+                class: class.repeat(repeat).into(),
             };
             let note = refresh_failure_note(&item, &error.repeat(repeat));
             prop_assert!(note.len() <= EVENT_NOTE_MAX_BYTES);
@@ -523,7 +532,7 @@ mod any_text {
         /// Any segment gets an answer; the reason, if any, stays short.
         #[test]
         fn segment_checks_never_panic(key in any::<String>(), value in any::<String>(), repeat in 1usize..200) {
-            let segment = Segment(Labels::from([(key.repeat(repeat), value.repeat(repeat))]));
+            let segment = Segment::new(Labels::from([(key.repeat(repeat), value.repeat(repeat))]));
             if let Some(reason) = invalid_segment(&segment) {
                 prop_assert!(reason.len() < 1024, "{}", reason.len());
             }
@@ -546,7 +555,8 @@ fn a_newer_version_needs_a_refresh_only_when_someone_else_changed_it() {
         capacity: 1 << 30,
         maximum_volume_size: None,
     };
-    let ours = new_object(&item("a", "fast"), value, &identity(None));
+    let id = identity(None);
+    let ours = new_object(&item("a", "fast"), value, &id);
     let mut relabelled = ours.clone();
     relabelled
         .metadata
@@ -554,25 +564,59 @@ fn a_newer_version_needs_a_refresh_only_when_someone_else_changed_it() {
         .get_or_insert_default()
         .insert("team".into(), "storage".into());
     assert!(
-        !changed_by_others(&ours, &relabelled, &identity(None)),
+        !changed_by_others(&known(&ours, &id), &known(&relabelled, &id)),
         "a foreign label is not ours to fix"
     );
     let mut edited = ours.clone();
     edited.capacity = Some(Quantity("5Gi".into()));
     assert!(
-        changed_by_others(&ours, &edited, &identity(None)),
+        changed_by_others(&known(&ours, &id), &known(&edited, &id)),
         "capacity edited by hand"
     );
     let mut unlabelled = ours.clone();
     unlabelled.metadata.labels = None;
     assert!(
-        changed_by_others(&ours, &unlabelled, &identity(None)),
+        changed_by_others(&known(&ours, &id), &known(&unlabelled, &id)),
         "volplane's labels removed"
     );
     let mut unreadable = ours.clone();
     unreadable.capacity = Some(Quantity("lots".into()));
     assert!(
-        changed_by_others(&unreadable, &ours, &identity(None)),
+        changed_by_others(&known(&unreadable, &id), &known(&ours, &id)),
         "nothing known to compare with"
+    );
+}
+
+#[test]
+fn the_update_patch_carries_the_version_it_was_decided_on() {
+    let value = PublishedCapacity {
+        capacity: 1 << 30,
+        maximum_volume_size: None,
+    };
+    let id = identity(None);
+    let mut object = new_object(&item("a", "fast"), value, &id);
+    object.metadata.resource_version = Some("42".into());
+    let patch = update_patch(
+        &known(&object, &id),
+        PublishedCapacity {
+            capacity: 1 << 20,
+            maximum_volume_size: None,
+        },
+        &id,
+    )
+    .expect("changed");
+    assert_eq!(patch["metadata"]["resourceVersion"], json!("42"));
+    assert_eq!(patch["capacity"], json!("1Mi"));
+    assert_eq!(patch["maximumVolumeSize"], Value::Null, "removed when unset");
+}
+
+#[test]
+fn what_volplane_keeps_of_an_object_is_small() {
+    // The object itself (managed fields, labels, topology) is kilobytes;
+    // per object only this and a name are kept.
+    assert!(
+        std::mem::size_of::<KnownObject>() <= 128,
+        "{}",
+        std::mem::size_of::<KnownObject>()
     );
 }

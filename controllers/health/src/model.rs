@@ -217,34 +217,6 @@ pub fn watched(pv: &PersistentVolume, driver: &str) -> Option<Watched> {
     })
 }
 
-/// Keeps what [`watched`] reads of a PV: name, CSI driver and handle,
-/// claim reference and phase (for the node side's cache of every PV).
-pub fn trim_pv(pv: PersistentVolume) -> PersistentVolume {
-    use k8s_openapi::api::core::v1::{CSIPersistentVolumeSource, PersistentVolumeSpec, PersistentVolumeStatus};
-    let spec = pv.spec.map(|spec| PersistentVolumeSpec {
-        csi: spec.csi.map(|csi| CSIPersistentVolumeSource {
-            driver: csi.driver,
-            volume_handle: csi.volume_handle,
-            ..Default::default()
-        }),
-        claim_ref: spec.claim_ref,
-        ..Default::default()
-    });
-    PersistentVolume {
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-            name: pv.metadata.name,
-            uid: pv.metadata.uid,
-            resource_version: pv.metadata.resource_version,
-            ..Default::default()
-        },
-        spec,
-        status: pv.status.map(|status| PersistentVolumeStatus {
-            phase: status.phase,
-            ..Default::default()
-        }),
-    }
-}
-
 /// The PVCs (namespace, name) a pod mounts, including the PVCs of its
 /// generic ephemeral volumes (`<pod>-<volume>`).
 pub fn pod_claims(pod: &Pod) -> Vec<(String, String)> {

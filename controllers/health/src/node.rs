@@ -2,8 +2,12 @@
 //! volume of this driver that pods on this node use, every interval.
 //! Usage becomes metrics; a condition change becomes an event on each pod
 //! using the volume. Runs on every node, no election.
+//!
+//! It reads only its node's pods (a field-selected watch) and, once per pod,
+//! each of their claims and its PV by name: an instance on every node must
+//! not list every PV in the cluster.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +15,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, Pod};
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{EventType, Recorder, Reporter};
@@ -81,7 +85,7 @@ impl NodeHealthAgent {
         }
     }
 
-    /// Turns true once the pod and PV caches are filled.
+    /// Turns true once the pod cache is filled.
     pub fn readiness(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
     }
@@ -91,11 +95,7 @@ impl NodeHealthAgent {
         let config = self.config.clone();
         let on_this_node = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node));
         let (pods, pods_ready, pod_watch) = cached(Api::all(self.client.clone()), on_this_node, model::trim_pod);
-        let all = watcher::Config::default();
-        let (pvs, pvs_ready, pv_watch) = cached(Api::all(self.client.clone()), all, model::trim_pv);
-        let watches = tokio::spawn(async move {
-            tokio::join!(pod_watch, pv_watch);
-        });
+        let watches = tokio::spawn(pod_watch);
         let ready = self.ready;
         let recorder = Recorder::new(
             self.client.clone(),
@@ -111,7 +111,7 @@ impl NodeHealthAgent {
                 watches.abort();
                 return;
             }
-            _ = ready.mark_ready_when_all(vec![pods_ready, pvs_ready]) => {}
+            _ = ready.mark_ready_when_all(vec![pods_ready]) => {}
         }
         info!(node = %config.node, driver = %config.driver, interval = ?config.interval, "node health agent synced");
 
@@ -123,6 +123,7 @@ impl NodeHealthAgent {
             conditions: HashMap::new(),
             labelled: BTreeSet::new(),
         };
+        let mut volumes = Volumes::new(self.client.clone(), config.clone());
         let mut ticker = tokio::time::interval(config.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -130,10 +131,9 @@ impl NodeHealthAgent {
                 biased;
                 () = &mut shutdown => break,
                 _ = ticker.tick() => {
-                    let published = published(&config, &pods, &pvs);
                     tokio::select! {
                         () = &mut shutdown => break,
-                        () = round.run(published) => {}
+                        () = async { round.run(volumes.published(&pods).await).await } => {}
                     }
                 }
             }
@@ -177,50 +177,126 @@ where
     (store, ready, filling)
 }
 
-/// The volumes of this driver that pods on this node use, by PV name.
-fn published(
-    config: &NodeHealthConfig,
-    pods: &Store<Pod>,
-    pvs: &Store<PersistentVolume>,
-) -> BTreeMap<String, Published> {
-    let by_claim: BTreeMap<(String, String), Watched> = pvs
-        .state()
-        .iter()
-        .filter_map(|pv| model::watched(pv, &config.driver))
-        .map(|w| ((w.namespace.clone(), w.claim.clone()), w))
-        .collect();
-    let mut out: BTreeMap<String, Published> = BTreeMap::new();
-    for pod in pods.state() {
-        let Some(uid) = pod.metadata.uid.clone() else {
-            continue;
-        };
-        let running = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(config.node.as_str());
-        if !running {
-            continue;
+/// A pod's claim: (pod UID, namespace, claim name).
+type ClaimKey = (String, String, String);
+
+/// Finds the volumes of this node's pods by name: each claim of a pod, then
+/// the PV it is bound to, read once per pod and kept while the pod is on
+/// the node. A claim not bound yet is asked again next round.
+struct Volumes {
+    client: kube::Client,
+    config: Arc<NodeHealthConfig>,
+    /// What each pod's claim is bound to (`None`: not this driver's volume).
+    known: HashMap<ClaimKey, Option<Watched>>,
+}
+
+impl Volumes {
+    fn new(client: kube::Client, config: Arc<NodeHealthConfig>) -> Self {
+        Self {
+            client,
+            config,
+            known: HashMap::new(),
         }
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            namespace: pod.metadata.namespace.clone(),
-            name: pod.metadata.name.clone(),
-            uid: Some(uid.clone()),
-            ..ObjectReference::default()
-        };
-        for claim in model::pod_claims(&pod) {
-            let Some(volume) = by_claim.get(&claim) else {
+    }
+
+    /// The volumes of this driver that pods on this node use, by PV name.
+    async fn published(&mut self, pods: &Store<Pod>) -> BTreeMap<String, Published> {
+        let node = self.config.node.as_str();
+        let pods: Vec<Arc<Pod>> = pods
+            .state()
+            .into_iter()
+            .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            .filter(|pod| pod.metadata.uid.is_some())
+            .collect();
+        let keys: Vec<(Arc<Pod>, ClaimKey)> = pods
+            .iter()
+            .flat_map(|pod| {
+                let uid = pod.metadata.uid.clone().unwrap_or_default();
+                model::pod_claims(pod)
+                    .into_iter()
+                    .map(move |(namespace, claim)| (pod.clone(), (uid.clone(), namespace, claim)))
+            })
+            .collect();
+        let wanted: HashSet<&ClaimKey> = keys.iter().map(|(_, key)| key).collect();
+        self.known.retain(|key, _| wanted.contains(key));
+        let missing: Vec<ClaimKey> = keys
+            .iter()
+            .map(|(_, key)| key)
+            .filter(|key| !self.known.contains_key(*key))
+            .cloned()
+            .collect();
+        let this = &*self;
+        let found: Vec<(ClaimKey, Option<Option<Watched>>)> = futures::stream::iter(missing)
+            .map(|key| async move {
+                let found = this.look_up(&key.1, &key.2).await;
+                (key, found)
+            })
+            .buffer_unordered(self.config.workers.max(1))
+            .collect()
+            .await;
+        for (key, found) in found {
+            if let Some(found) = found {
+                self.known.insert(key, found);
+            }
+        }
+        let mut out: BTreeMap<String, Published> = BTreeMap::new();
+        for (pod, key) in &keys {
+            let Some(Some(volume)) = self.known.get(key) else {
                 continue;
             };
-            let path = model::published_path(&config.kubelet_dir, &uid, &volume.pv);
+            let reference = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                namespace: pod.metadata.namespace.clone(),
+                name: pod.metadata.name.clone(),
+                uid: Some(key.0.clone()),
+                ..ObjectReference::default()
+            };
+            let path = model::published_path(&self.config.kubelet_dir, &key.0, &volume.pv);
             out.entry(volume.pv.clone())
                 .or_insert_with(|| Published {
                     volume: volume.clone(),
                     pods: Vec::new(),
                 })
                 .pods
-                .push((reference.clone(), path));
+                .push((reference, path));
+        }
+        out
+    }
+
+    /// The volume behind claim `namespace/name`: `Some(Some(_))` a bound
+    /// volume of this driver, `Some(None)` a volume of another driver (for
+    /// good), `None` not known yet (no claim, not bound, or a failed read).
+    async fn look_up(&self, namespace: &str, name: &str) -> Option<Option<Watched>> {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), namespace);
+        let claim = match claims.get_opt(name).await {
+            Ok(claim) => claim?,
+            Err(error) => {
+                debug!(%namespace, claim = %name, %error, "cannot read the claim; next round");
+                return None;
+            }
+        };
+        let volume = claim.spec.and_then(|s| s.volume_name).filter(|v| !v.is_empty())?;
+        let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
+        match pvs.get_opt(&volume).await {
+            Ok(Some(pv)) => {
+                let ours = pv.spec.as_ref().and_then(|s| s.csi.as_ref()).map(|c| c.driver.as_str())
+                    == Some(self.config.driver.as_str());
+                if !ours {
+                    return Some(None);
+                }
+                // Bound to this very claim (not a stale name): else next round.
+                model::watched(&pv, &self.config.driver)
+                    .filter(|w| w.namespace == namespace && w.claim == name)
+                    .map(Some)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                debug!(pv = %volume, %error, "cannot read the volume; next round");
+                None
+            }
         }
     }
-    out
 }
 
 /// One round's bookkeeping, kept between rounds.

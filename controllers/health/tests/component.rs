@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -111,12 +111,16 @@ impl Harness {
         }
     }
 
-    /// A bound PV of `driver` for the claim `claim` (handle `h-<pv>`).
+    /// A bound PV of `driver` for the claim `claim` (handle `h-<pv>`), and the claim.
     async fn bound_pv(&self, pv: &str, driver: &str, claim: &str) {
         Api::<PersistentVolume>::all(self.client.clone())
             .create(&PostParams::default(), &objects::bound_pv(pv, driver, NS, claim))
             .await
             .expect("create pv");
+        Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), NS)
+            .create(&PostParams::default(), &objects::bound_claim(claim, NS, pv))
+            .await
+            .expect("create claim");
     }
 
     async fn set_phase(&self, pv: &str, phase: &str) {

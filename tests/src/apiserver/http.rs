@@ -226,6 +226,8 @@ async fn handle(
         namespace: target.namespace.clone(),
         name: target.name.clone(),
         subresource: target.subresource.clone(),
+        label_selector: query.get("labelSelector").filter(|s| !s.is_empty()).cloned(),
+        field_selector: query.get("fieldSelector").filter(|s| !s.is_empty()).cloned(),
         at: std::time::Instant::now(),
         user_agent: headers
             .get(header::USER_AGENT)

@@ -76,6 +76,10 @@ pub struct RequestRecord {
     pub name: Option<String>,
     /// The subresource, e.g. `status`.
     pub subresource: Option<String>,
+    /// The `labelSelector` of a list or watch, if any.
+    pub label_selector: Option<String>,
+    /// The `fieldSelector` of a list or watch, if any.
+    pub field_selector: Option<String>,
     /// When the request arrived.
     pub at: std::time::Instant,
     /// The client's `User-Agent` header.

@@ -242,30 +242,6 @@ fn trimmed_pods_keep_node_and_claims() {
 }
 
 #[test]
-fn trimmed_pvs_are_watched_alike() {
-    let mut bound = pv("p1", "d", "Bound", Some(("ns", "c1")));
-    bound.metadata.annotations = Some([("a".to_string(), "b".to_string())].into());
-    if let Some(csi) = bound.spec.as_mut().and_then(|s| s.csi.as_mut()) {
-        csi.volume_attributes = Some([("big".to_string(), "x".repeat(1000))].into());
-    }
-    for volume in [
-        bound,
-        pv("p2", "d", "Released", Some(("ns", "c2"))),
-        pv("p3", "other", "Bound", Some(("ns", "c3"))),
-    ] {
-        let trimmed = trim_pv(volume.clone());
-        assert_eq!(watched(&trimmed, "d"), watched(&volume, "d"));
-        assert!(trimmed.metadata.annotations.is_none());
-        assert!(
-            trimmed
-                .spec
-                .and_then(|s| s.csi)
-                .is_some_and(|c| c.volume_attributes.is_none())
-        );
-    }
-}
-
-#[test]
 fn trimmed_nodes_keep_name_and_readiness() {
     let since = "2026-01-01T00:00:00Z";
     let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {"a": "b"}},

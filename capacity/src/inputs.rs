@@ -1,0 +1,238 @@
+//! The watches behind the capacity controller, as one stream of signals.
+//!
+//! Everything large is cut on arrival: CSIStorageCapacity objects and PVs
+//! are deserialized into slim types, Node metadata is cut to the labels of
+//! the driver's topology keys before it reaches the loop. Only the few
+//! StorageClasses and the driver's CSIDriver are cached whole.
+
+use std::collections::BTreeSet;
+
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, StorageClass};
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::watch;
+
+use crate::model::{CapacityObject, Enablement, Labels, VolumeObject};
+use crate::reconcile::CapacityConfig;
+use crate::topology::{KeySet, kept_labels};
+
+/// A Node as the loop sees it: its name and the labels of the known
+/// topology keys.
+#[derive(Clone, Debug)]
+pub struct NodeLabels {
+    /// The node's name.
+    pub name: String,
+    /// Its labels for the keys in `kept`.
+    pub labels: Labels,
+    /// The keys the labels were cut to.
+    pub kept: KeySet,
+}
+
+/// What the watches deliver to the loop.
+pub enum Signal {
+    /// The StorageClass cache changed (`synced`: its list finished).
+    Classes { synced: bool },
+    /// The CSIDriver cache changed.
+    Driver { synced: bool },
+    /// A Node event (central mode).
+    Node(Event<NodeLabels>),
+    /// A CSINode event (central mode).
+    CsiNode(Box<Event<CSINode>>),
+    /// An event of volplane's own CSIStorageCapacity objects.
+    Capacity(Box<Event<CapacityObject>>),
+    /// A PV event (central mode).
+    Volume(Box<Event<VolumeObject>>),
+    /// A watch failed; it retries with backoff.
+    WatchFailed { source: &'static str, error: String },
+}
+
+/// The watches: their streams, the caches of the small collections, and
+/// the switch that (re)starts the Node watch with a key set.
+pub struct Inputs {
+    /// Every watch's signals.
+    pub streams: Vec<BoxStream<'static, Signal>>,
+    /// Sources whose first list must be done before the loop acts.
+    pub required: BTreeSet<&'static str>,
+    /// StorageClasses.
+    pub classes: Store<StorageClass>,
+    /// The driver's CSIDriver (`--capacity-enablement csidriver`).
+    pub driver: Option<Store<CSIDriver>>,
+    /// Starts the Node watch, and lists the Nodes again, with the keys to keep.
+    pub node_keys: Option<watch::Sender<Option<KeySet>>>,
+}
+
+impl Inputs {
+    /// The watches the loop follows: volplane's own objects (label-selected),
+    /// StorageClasses, the CSIDriver by name (when it switches tracking) and,
+    /// in central mode, PVs, CSINodes and Nodes (metadata). A per-node
+    /// instance reads no cluster-wide collection but the StorageClasses.
+    pub fn watch(client: &kube::Client, config: &CapacityConfig, central: bool) -> Self {
+        let capacities: Api<CapacityObject> = Api::namespaced(client.clone(), &config.identity.namespace);
+        let selected = watcher::Config::default().labels(&config.identity.selector());
+        let capacity_signals = watcher::watcher(capacities, selected)
+            .default_backoff()
+            .map(|event| match event {
+                Ok(event) => Signal::Capacity(Box::new(event)),
+                Err(error) => failed("capacities", &error),
+            })
+            .boxed();
+        let (classes, class_signals) = cached(Api::all(client.clone()), watcher::Config::default(), |synced| {
+            Signal::Classes { synced }
+        });
+        let mut inputs = Self {
+            streams: vec![capacity_signals, class_signals],
+            required: ["capacities", "classes"].into(),
+            classes,
+            driver: None,
+            node_keys: None,
+        };
+        if config.enablement == Enablement::CsiDriver {
+            let by_name = watcher::Config::default().fields(&format!("metadata.name={}", config.driver));
+            let (store, signals) = cached(Api::all(client.clone()), by_name, |synced| Signal::Driver { synced });
+            inputs.add("csidriver", signals);
+            inputs.driver = Some(store);
+        }
+        if central {
+            inputs.add(
+                "volumes",
+                signals("volumes", Api::<VolumeObject>::all(client.clone()), |e| {
+                    Signal::Volume(Box::new(e))
+                }),
+            );
+        }
+        if central && config.topology == crate::reconcile::Topology::Central {
+            inputs.add(
+                "csinodes",
+                signals("csinodes", Api::<CSINode>::all(client.clone()), |e| {
+                    Signal::CsiNode(Box::new(e))
+                }),
+            );
+            let (keys, kept) = watch::channel(None);
+            inputs.add("nodes", node_labels(client.clone(), kept));
+            inputs.node_keys = Some(keys);
+        }
+        inputs
+    }
+
+    fn add(&mut self, source: &'static str, signals: BoxStream<'static, Signal>) {
+        self.required.insert(source);
+        self.streams.push(signals);
+    }
+}
+
+fn failed(source: &'static str, error: &watcher::Error) -> Signal {
+    Signal::WatchFailed {
+        source,
+        error: error.to_string(),
+    }
+}
+
+/// A watch of `K` whose events go to the loop as they are.
+fn signals<K>(
+    source: &'static str,
+    api: Api<K>,
+    signal: impl Fn(Event<K>) -> Signal + Send + 'static,
+) -> BoxStream<'static, Signal>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(move |event| match event {
+            Ok(event) => signal(event),
+            Err(error) => failed(source, &error),
+        })
+        .boxed()
+}
+
+/// A cached watch of `K`: the loop hears that it changed, and reads the cache.
+fn cached<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: fn(bool) -> Signal,
+) -> (Store<K>, BoxStream<'static, Signal>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let source = K::plural(&Default::default()).into_owned();
+    let signals = reflector::reflector(writer, watcher::watcher(api, config))
+        .default_backoff()
+        .filter_map(move |event| {
+            let signal = match event {
+                Ok(Event::InitDone) => Some(changed(true)),
+                Ok(Event::Apply(_) | Event::Delete(_)) => Some(changed(false)),
+                Ok(Event::Init | Event::InitApply(_)) => None,
+                Err(error) => Some(Signal::WatchFailed {
+                    source: if source == "storageclasses" {
+                        "classes"
+                    } else {
+                        "csidriver"
+                    },
+                    error: error.to_string(),
+                }),
+            };
+            async move { signal }
+        })
+        .boxed();
+    (store, signals)
+}
+
+/// The Node watch, metadata only, each node cut to the labels of the keys
+/// `keys` holds. It starts once `keys` has a value (the CSINodes are
+/// listed), and starts over — listing the Nodes again — whenever the value
+/// changes (a CSINode named a new topology key).
+fn node_labels(client: kube::Client, keys: watch::Receiver<Option<KeySet>>) -> BoxStream<'static, Signal> {
+    let restarts = keys.clone();
+    let key_sets = futures::stream::unfold((keys, None::<KeySet>), |(mut keys, last)| async move {
+        let next = keys
+            .wait_for(|now| now.is_some() && *now != last)
+            .await
+            .ok()
+            .and_then(|now| now.clone())?;
+        Some((next.clone(), (keys, Some(next))))
+    });
+    let changes = key_sets.map(move |kept: KeySet| {
+        let mut changed = restarts.clone();
+        let until = {
+            let kept = kept.clone();
+            async move {
+                let _ = changed.wait_for(|now| now.as_ref() != Some(&kept)).await;
+            }
+        };
+        let nodes: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
+        watcher::watcher(nodes, watcher::Config::default())
+            .default_backoff()
+            .take_until(until.boxed())
+            .map(move |event| match event {
+                Ok(event) => Signal::Node(cut(event, &kept)),
+                Err(error) => failed("nodes", &error),
+            })
+            .boxed()
+    });
+    changes.flatten().boxed()
+}
+
+/// A Node event cut to the labels of `kept`.
+fn cut(event: Event<PartialObjectMeta<Node>>, kept: &KeySet) -> Event<NodeLabels> {
+    let node = |meta: PartialObjectMeta<Node>| NodeLabels {
+        labels: kept_labels(meta.metadata.labels.as_ref(), kept),
+        name: meta.metadata.name.unwrap_or_default(),
+        kept: kept.clone(),
+    };
+    match event {
+        Event::Init => Event::Init,
+        Event::InitApply(meta) => Event::InitApply(node(meta)),
+        Event::InitDone => Event::InitDone,
+        Event::Apply(meta) => Event::Apply(node(meta)),
+        Event::Delete(meta) => Event::Delete(node(meta)),
+    }
+}
