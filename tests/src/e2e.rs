@@ -114,6 +114,9 @@ fn remove_abandoned_directories() {
 pub struct Options {
     /// Keep kube-controller-manager's own ephemeral-volume-controller on.
     pub kcm_ephemeral: bool,
+    /// Write the API server's audit log (every request, metadata level);
+    /// read it with [`ControlPlane::audit_log`].
+    pub audit: bool,
 }
 
 /// The processes of a control plane, watched for unexpected exits.
@@ -233,7 +236,7 @@ impl ControlPlane {
         };
         let keys = plane.write_credentials()?;
         let etcd_url = plane.start_etcd()?;
-        plane.start_api_server(&etcd_url, api_port, &keys)?;
+        plane.start_api_server(&etcd_url, api_port, &keys, options.audit)?;
         plane.wait_until_ready(Duration::from_secs(90)).await?;
         plane.start_controller_manager(&keys, &options)?;
         plane.start_scheduler()?;
@@ -280,7 +283,17 @@ impl ControlPlane {
         Ok(etcd_url)
     }
 
-    fn start_api_server(&self, etcd_url: &str, port: u16, keys: &Credentials) -> anyhow::Result<()> {
+    fn start_api_server(&self, etcd_url: &str, port: u16, keys: &Credentials, audit: bool) -> anyhow::Result<()> {
+        let mut audit_args = Vec::new();
+        if audit {
+            let policy = self.root().join("audit-policy.yaml");
+            std::fs::write(&policy, AUDIT_POLICY)?;
+            audit_args = vec![
+                format!("--audit-policy-file={}", policy.display()),
+                format!("--audit-log-path={}", self.audit_log_path().display()),
+                "--audit-log-mode=blocking".to_string(),
+            ];
+        }
         self.spawn(
             "kube-apiserver",
             &[
@@ -297,8 +310,26 @@ impl ControlPlane {
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
                 "--disable-admission-plugins=ServiceAccount".into(),
                 "--allow-privileged=true".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(audit_args)
+            .collect::<Vec<String>>(),
         )
+    }
+
+    fn audit_log_path(&self) -> PathBuf {
+        self.root().join("audit.log")
+    }
+
+    /// Every request in the API server's audit log so far (started with
+    /// [`Options::audit`]); a watch shows once its response has started.
+    pub fn audit_log(&self) -> anyhow::Result<Vec<AuditRecord>> {
+        let text = std::fs::read_to_string(self.audit_log_path()).context("read the audit log")?;
+        Ok(text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .map(|event| AuditRecord::of(&event))
+            .collect())
     }
 
     fn start_controller_manager(&self, keys: &Credentials, options: &Options) -> anyhow::Result<()> {
@@ -587,6 +618,61 @@ impl ControlPlane {
                 .context("create CSINode")?;
         }
         Ok(())
+    }
+}
+
+/// Every request at metadata level; a watch is logged when its response
+/// starts, so watches still open are seen.
+const AUDIT_POLICY: &str =
+    "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  - level: Metadata\n";
+
+/// One request from the API server's audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// `get`, `list`, `watch`, `create`, …
+    pub verb: String,
+    /// Who asked, e.g. `system:serviceaccount:volplane:volplane-capacity-node`.
+    pub user: String,
+    /// The resource's plural.
+    pub resource: String,
+    /// The namespace in the request, if any.
+    pub namespace: Option<String>,
+    /// The object's name, if the request named one.
+    pub name: Option<String>,
+    /// The request's `labelSelector`, if any.
+    pub label_selector: Option<String>,
+    /// The request's `fieldSelector`, if any.
+    pub field_selector: Option<String>,
+}
+
+impl AuditRecord {
+    fn of(event: &serde_json::Value) -> Self {
+        let text = |value: &serde_json::Value| value.as_str().map(str::to_string);
+        let uri = event["requestURI"].as_str().unwrap_or_default();
+        let query = uri.split_once('?').map_or("", |(_, query)| query);
+        let parameter = |key: &str| {
+            form_urlencoded::parse(query.as_bytes())
+                .find(|(k, v)| k == key && !v.is_empty())
+                .map(|(_, v)| v.into_owned())
+        };
+        Self {
+            verb: text(&event["verb"]).unwrap_or_default(),
+            user: text(&event["user"]["username"]).unwrap_or_default(),
+            resource: text(&event["objectRef"]["resource"]).unwrap_or_default(),
+            namespace: text(&event["objectRef"]["namespace"]),
+            name: text(&event["objectRef"]["name"]),
+            label_selector: parameter("labelSelector"),
+            field_selector: parameter("fieldSelector"),
+        }
+    }
+
+    /// A list or watch of a whole collection: no name, no label or field
+    /// selector.
+    pub fn is_unselected_read(&self) -> bool {
+        matches!(self.verb.as_str(), "list" | "watch")
+            && self.name.is_none()
+            && self.label_selector.is_none()
+            && self.field_selector.is_none()
     }
 }
 
