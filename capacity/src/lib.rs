@@ -4,7 +4,6 @@
 //!
 //! - [`model`]: pure — segments, classes, objects, reconciliation.
 //! - [`topology`]: pure — central mode's segments, updated event by event.
-//! - [`queue`]: pure — the work queue keyed by value, backoff and poll spreading.
 //! - [`reconcile`]: the I/O — the loop over the watches (`inputs`), GetCapacity, writes, events, metrics.
 //! - [`owner`]: resolves `--capacity-owner` to an owner reference.
 
@@ -14,7 +13,6 @@ pub mod metrics;
 pub mod model;
 pub mod owner;
 pub mod quantity;
-pub mod queue;
 pub mod reconcile;
 pub mod topology;
 

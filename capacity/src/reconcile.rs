@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use volplane_csi::{CapacityQuery, CapacityReport, CsiClient};
 use volplane_runtime::events::{self, Announcement};
+use volplane_runtime::work_queue::{self, WorkQueue};
 use volplane_runtime::{Backoff, Leadership, Readiness, control_loop, phase};
 
 use crate::error::{Error, Result};
@@ -43,7 +44,6 @@ use crate::model::{
     self, CapacityObject, Enablement, Existing, KnownObject, Labels, ObjectIdentity, PublishedCapacity, Segment,
     Tracking, VolumeObject, WorkItem,
 };
-use crate::queue::{self, WorkQueue};
 use crate::topology::{Applied, KeySet, Segments, TopologyIndex};
 
 /// Where segments come from.
@@ -1124,7 +1124,7 @@ impl LoopState {
         } else {
             slot * u32::try_from(phase.as_nanos() / slot.as_nanos()).unwrap_or(0)
         };
-        queue::next_poll(Instant::now(), self.start, interval, phase)
+        work_queue::next_poll(Instant::now(), self.start, interval, phase)
     }
 
     /// A run of `item` ended: with what was written (if anything) and the

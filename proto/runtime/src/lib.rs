@@ -12,6 +12,7 @@
 //! - [`readiness`]: the "caches synced" flag behind `/readyz`.
 //! - [`naming`]: names Kubernetes derives, which two controllers must agree on.
 //! - [`slim`]: objects deserialized with only the fields controllers read.
+//! - [`work_queue`]: the work queue keyed by value, with backoff and poll spreading.
 //! - [`text`]: cuts text from outside (CSI drivers, the API server,
 //!   admission webhooks) to the lengths the API server accepts, on a
 //!   character boundary.
@@ -25,7 +26,9 @@ pub mod phase;
 pub mod readiness;
 pub mod slim;
 pub mod text;
+pub mod work_queue;
 
 pub use backoff::Backoff;
 pub use leadership::{Leadership, NotLeader, Term};
 pub use readiness::Readiness;
+pub use work_queue::WorkQueue;

@@ -1,10 +1,12 @@
-//! The work queue: items keyed by value, so repeats merge; at most one run
-//! per item at a time; per-item exponential backoff; polls spread over the
-//! interval. Pure: time comes in as arguments.
+//! The work queue of the hand-written controllers: items keyed by value,
+//! so repeats merge; at most one run per item at a time; per-item
+//! exponential backoff; polls spread over the interval. Pure: time comes in
+//! as arguments.
 //!
 //! kube-runtime's own runner (which has the in-flight exclusion) is private
-//! to its `Controller`, which keys work by Kubernetes object; capacity work
-//! items are (segment, class) values, so the queue lives here.
+//! to its `Controller`, which also keeps every object it reconciles; the
+//! capacity controller's items are (segment, class) values and the
+//! ephemeral controller keeps a few bytes per pod, so the queue lives here.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
@@ -97,7 +99,7 @@ impl<T: Ord + Hash + Clone> WorkQueue<T> {
         self.failures.remove(item);
     }
 
-    /// Counts a failure; returns how many in a row, for [`volplane_runtime::Backoff::delay`].
+    /// Counts a failure; returns how many in a row, for [`crate::Backoff::delay`].
     pub fn failed(&mut self, item: &T) -> u32 {
         let failures = self.failures.entry(item.clone()).or_insert(0);
         *failures += 1;
@@ -143,9 +145,9 @@ pub fn next_poll(now: Instant, start: Instant, interval: Duration, phase: Durati
 
 #[cfg(test)]
 mod tests {
+    use crate::Backoff;
+    use crate::phase::phase;
     use proptest::prelude::*;
-    use volplane_runtime::Backoff;
-    use volplane_runtime::phase::phase;
 
     use super::*;
 
