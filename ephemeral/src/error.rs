@@ -20,7 +20,7 @@ impl ClaimFailure {
     }
 }
 
-/// What a reconcile of one pod can fail with.
+/// What handling one pod can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Some volumes of the pod failed; the others were handled.

@@ -2,8 +2,8 @@
 //! creates the PVC `<pod>-<volume>` owned by the pod, so garbage collection
 //! removes it with the pod.
 //!
-//! - [`model`]: pure — names, metadata, ownership, trimming.
-//! - [`reconcile`]: the kube-runtime controller — watches, creates, events, metrics.
+//! - [`model`]: pure — slim pods and claims, names, metadata, ownership, shared templates.
+//! - [`reconcile`]: the I/O — the loop over the pod and claim watches, creates, events, metrics.
 
 mod error;
 pub mod metrics;

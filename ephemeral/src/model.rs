@@ -6,131 +6,145 @@
 //! `<pod>-<volume>` and check that the PVC's controller owner reference
 //! carries the pod's UID.
 
-use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Weak};
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimTemplate, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use serde::Deserialize;
 
-/// What the controller keeps of a pod in memory: identity, deletion, its
-/// generic ephemeral volumes' templates and its phase. A cached `Pod`
-/// itself, even emptied, is over 2 KiB plus over 3 KiB per volume (every
-/// volume source is a field); this is a few hundred bytes.
-#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
-pub struct EphemeralPod {
-    /// Name, namespace, UID, resource version, creation and deletion time.
+/// A pod as the controller reads it from the API server: identity, its
+/// volumes (only generic ephemeral ones are kept whole) and its phase.
+/// Everything else in the pod — containers, status, managed fields — is
+/// skipped by the parser.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SlimPod {
+    /// Name, namespace, UID, creation and deletion time.
+    #[serde(deserialize_with = "volplane_runtime::slim::metadata")]
     pub metadata: ObjectMeta,
-    /// (volume name, claim template) of each generic ephemeral volume.
-    pub volumes: Vec<(String, PersistentVolumeClaimTemplate)>,
+    /// `spec.volumes`.
+    pub spec: Option<SlimPodSpec>,
     /// `status.phase`.
+    pub status: Option<SlimPodStatus>,
+}
+
+volplane_runtime::slim_resource!(SlimPod, Pod);
+
+/// The part of a pod's spec the controller reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SlimPodSpec {
+    /// The pod's volumes.
+    pub volumes: Option<Vec<SlimVolume>>,
+}
+
+/// A pod volume: its name and, for a generic ephemeral volume, the template.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SlimVolume {
+    /// The volume name.
+    pub name: String,
+    /// `ephemeral`, when it is a generic ephemeral volume.
+    pub ephemeral: Option<SlimEphemeral>,
+}
+
+/// `volume.ephemeral`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimEphemeral {
+    /// The claim template.
+    pub volume_claim_template: Option<PersistentVolumeClaimTemplate>,
+}
+
+/// The part of a pod's status the controller reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SlimPodStatus {
+    /// `Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`.
     pub phase: Option<String>,
 }
 
-impl From<Pod> for EphemeralPod {
-    fn from(pod: Pod) -> Self {
-        let meta = pod.metadata;
-        let volumes = pod
-            .spec
-            .and_then(|s| s.volumes)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|v| Some((v.name, v.ephemeral?.volume_claim_template?)))
-            .collect();
-        Self {
-            metadata: ObjectMeta {
-                name: meta.name,
-                namespace: meta.namespace,
-                uid: meta.uid,
-                resource_version: meta.resource_version,
-                creation_timestamp: meta.creation_timestamp,
-                deletion_timestamp: meta.deletion_timestamp,
-                ..ObjectMeta::default()
-            },
-            volumes,
-            phase: pod.status.and_then(|s| s.phase),
-        }
-    }
+/// A PVC as the controller reads it: its metadata, for ownership.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SlimClaim {
+    /// Name, namespace, UID, owner references.
+    #[serde(deserialize_with = "volplane_runtime::slim::metadata")]
+    pub metadata: ObjectMeta,
 }
 
-/// A pod for kube-runtime's caches and events: the `v1` `Pod` resource.
-impl kube::Resource for EphemeralPod {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
+volplane_runtime::slim_resource!(SlimClaim, PersistentVolumeClaim);
 
-    fn kind(_: &()) -> Cow<'_, str> {
-        "Pod".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "pods".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+/// A pod's generic ephemeral volumes: (volume name, claim template). Pods
+/// with equal volumes (the pods of one workload) share one copy.
+pub type Volumes = Arc<[Volume]>;
+
+/// One generic ephemeral volume: its name and claim template.
+pub type Volume = (String, PersistentVolumeClaimTemplate);
+
+/// Who a claim is made for: the pod's namespace, name and UID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodIdentity<'a> {
+    /// The pod's namespace (the claim's too).
+    pub namespace: &'a str,
+    /// The pod's name.
+    pub name: &'a str,
+    /// The pod's UID, which the claim's owner reference carries.
+    pub uid: &'a str,
 }
 
 /// The PVC name of ephemeral volume `volume` in pod `pod`.
 pub use volplane_runtime::naming::ephemeral_claim as claim_name;
 
 /// Whether the pod still needs its volumes: not being deleted, not finished.
-pub fn is_active(pod: &EphemeralPod) -> bool {
+pub fn is_active(pod: &SlimPod) -> bool {
     let finished = pod
-        .phase
-        .as_deref()
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
         .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
     pod.metadata.deletion_timestamp.is_none() && !finished
 }
 
 /// The pod's generic ephemeral volumes: (volume name, claim template).
-pub fn ephemeral_volumes(pod: &EphemeralPod) -> Vec<(&str, &PersistentVolumeClaimTemplate)> {
-    pod.volumes
+pub fn ephemeral_volumes(pod: &SlimPod) -> Vec<Volume> {
+    pod.spec
         .iter()
-        .map(|(name, template)| (name.as_str(), template))
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| Some((v.name.clone(), v.ephemeral.as_ref()?.volume_claim_template.clone()?)))
         .collect()
 }
 
 /// The owner reference every ephemeral PVC carries: the pod, as controller.
-pub fn owner_reference(pod: &EphemeralPod) -> Option<OwnerReference> {
-    Some(OwnerReference {
+pub fn owner_reference(pod: &PodIdentity<'_>) -> OwnerReference {
+    OwnerReference {
         api_version: "v1".into(),
         kind: "Pod".into(),
-        name: pod.metadata.name.clone()?,
-        uid: pod.metadata.uid.clone()?,
+        name: pod.name.to_string(),
+        uid: pod.uid.to_string(),
         controller: Some(true),
         block_owner_deletion: Some(true),
-    })
+    }
 }
 
 /// The PVC to create for one ephemeral volume: labels and annotations from
 /// the template only, exactly one owner reference (the pod), the template's
-/// spec verbatim. `None` when the pod has no name, namespace or UID yet.
+/// spec verbatim.
 pub fn desired_claim(
-    pod: &EphemeralPod,
+    pod: &PodIdentity<'_>,
     volume: &str,
     template: &PersistentVolumeClaimTemplate,
-) -> Option<PersistentVolumeClaim> {
-    let pod_name = pod.metadata.name.as_deref()?;
-    let namespace = pod.metadata.namespace.clone()?;
+) -> PersistentVolumeClaim {
     let template_meta = template.metadata.clone().unwrap_or_default();
-    Some(PersistentVolumeClaim {
+    PersistentVolumeClaim {
         metadata: ObjectMeta {
-            name: Some(claim_name(pod_name, volume)),
-            namespace: Some(namespace),
+            name: Some(claim_name(pod.name, volume)),
+            namespace: Some(pod.namespace.to_string()),
             labels: template_meta.labels,
             annotations: template_meta.annotations,
-            owner_references: Some(vec![owner_reference(pod)?]),
+            owner_references: Some(vec![owner_reference(pod)]),
             ..ObjectMeta::default()
         },
         spec: Some(template.spec.clone()),
         status: None,
-    })
+    }
 }
 
 /// Who an existing PVC with the expected name belongs to.
@@ -160,20 +174,78 @@ pub fn ownership(claim: &ObjectMeta, pod_uid: &str) -> Ownership {
     }
 }
 
-/// What the controller keeps of a PVC's metadata: identity and owners,
-/// which is all [`ownership`] and the re-queueing of pods read. Managed
-/// fields, labels, annotations and finalizers are dropped before the cache.
-pub fn trim_claim(meta: &mut ObjectMeta) {
-    let full = std::mem::take(meta);
-    *meta = ObjectMeta {
-        name: full.name,
-        namespace: full.namespace,
-        uid: full.uid,
-        resource_version: full.resource_version,
-        deletion_timestamp: full.deletion_timestamp,
-        owner_references: full.owner_references,
-        ..ObjectMeta::default()
-    };
+/// The UID of the pod that controls a PVC (its controller owner reference
+/// of kind Pod), the one thing the controller keeps per claim.
+pub fn controlling_pod(claim: &ObjectMeta) -> Option<&str> {
+    claim
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true))
+        .filter(|r| r.kind == "Pod")
+        .map(|r| r.uid.as_str())
+}
+
+/// What one ephemeral volume of a pod needs, from what the claim cache
+/// knows of its PVC: `None` no claim, `Some(uid)` a claim controlled by the
+/// pod with that UID, `Some(None)` a claim controlled by no pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// The pod's claim exists.
+    Nothing,
+    /// No claim by that name: create it.
+    Create,
+    /// A claim by that name that is not the pod's: read it and report.
+    Check,
+}
+
+/// What a volume needs, given the cached claim's controlling pod.
+pub fn need(cached: Option<Option<&str>>, pod_uid: &str) -> Need {
+    match cached {
+        None => Need::Create,
+        Some(Some(uid)) if uid == pod_uid => Need::Nothing,
+        Some(_) => Need::Check,
+    }
+}
+
+/// Hands out one shared copy of equal [`Volumes`]: 50,000 pods of a few
+/// workloads keep a few copies of their claim templates, not 50,000.
+#[derive(Debug, Default)]
+pub struct VolumesInterner {
+    hasher: RandomState,
+    known: HashMap<u64, Vec<Weak<[Volume]>>>,
+    since_pruned: usize,
+}
+
+impl VolumesInterner {
+    /// The shared copy of `volumes`.
+    pub fn intern(&mut self, volumes: Vec<Volume>) -> Volumes {
+        // Equal volumes serialize alike (maps are ordered); the hash only
+        // narrows the search, equality decides.
+        let key = self
+            .hasher
+            .hash_one(serde_json::to_string(&volumes).unwrap_or_default());
+        let bucket = self.known.entry(key).or_default();
+        bucket.retain(|weak| weak.strong_count() > 0);
+        if let Some(shared) = bucket
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|shared| shared[..] == volumes[..])
+        {
+            return shared;
+        }
+        let shared: Volumes = volumes.into();
+        bucket.push(Arc::downgrade(&shared));
+        self.since_pruned += 1;
+        if self.since_pruned > 1024 {
+            self.known.retain(|_, bucket| {
+                bucket.retain(|weak| weak.strong_count() > 0);
+                !bucket.is_empty()
+            });
+            self.since_pruned = 0;
+        }
+        shared
+    }
 }
 
 /// Why creating a PVC failed, as a metric label.

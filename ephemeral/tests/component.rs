@@ -405,3 +405,53 @@ async fn finished_and_terminating_pods_get_no_claims_and_deleted_pods_take_their
     h.wait_for_claims("collected with the pod", &[]).await;
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_claim_deleted_under_an_active_pod_is_created_again() {
+    let mut h = Harness::new().await;
+    // A long retry delay: only the claim watch can make the controller act in time.
+    h.start(Duration::from_secs(60)).await;
+    let pod = h.create_pod("app", &["v"]).await;
+    h.wait_for_claims("the claim", &["app-v"]).await;
+    h.claims()
+        .delete("app-v", &DeleteParams::default())
+        .await
+        .expect("delete claim");
+    eventually(Duration::from_secs(20), "created again", || {
+        h.double.count(Verb::Create, "persistentvolumeclaims") == 2
+    })
+    .await;
+    let again = h.claims().get("app-v").await.expect("claim");
+    assert_eq!(
+        again.metadata.owner_references.unwrap_or_default()[0].uid,
+        pod.metadata.uid.unwrap_or_default()
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_with_every_claim_in_place_creates_nothing() {
+    let mut h = Harness::new().await;
+    h.start(Duration::from_millis(100)).await;
+    let names: Vec<String> = (0..20).map(|i| format!("p{i:02}")).collect();
+    for name in &names {
+        h.create_pod(name, &["v"]).await;
+    }
+    let claims: Vec<String> = names.iter().map(|n| format!("{n}-v")).collect();
+    let claims: Vec<&str> = claims.iter().map(String::as_str).collect();
+    h.wait_for_claims("twenty claims", &claims).await;
+    h.stop().await;
+    let creates = h.double.count(Verb::Create, "persistentvolumeclaims");
+
+    h.start(Duration::from_millis(100)).await;
+    h.create_pod("after", &["v"]).await;
+    let mut all = claims.clone();
+    all.insert(0, "after-v");
+    h.wait_for_claims("the new pod's claim", &all).await;
+    assert_eq!(
+        h.double.count(Verb::Create, "persistentvolumeclaims"),
+        creates + 1,
+        "only the new pod's claim"
+    );
+    h.stop().await;
+}

@@ -308,7 +308,10 @@ mod ephemeral {
     #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn beside_the_controller_managers_own_controller_each_pod_gets_one_claim_and_a_foreign_claim_is_left_alone() {
-        let options = volplane_tests::e2e::Options { kcm_ephemeral: true };
+        let options = volplane_tests::e2e::Options {
+            kcm_ephemeral: true,
+            ..Default::default()
+        };
         let plane = ControlPlane::start_with(&bin_dir(), options)
             .await
             .expect("control plane starts");

@@ -6,9 +6,18 @@ fn pod(value: serde_json::Value) -> Pod {
     serde_json::from_value(value).expect("pod")
 }
 
-/// The pod as the controller caches it.
-fn cached(pod: &Pod) -> EphemeralPod {
-    EphemeralPod::from(pod.clone())
+/// The pod as the controller reads it.
+fn cached(pod: &Pod) -> SlimPod {
+    serde_json::from_value(serde_json::to_value(pod).expect("json")).expect("slim pod")
+}
+
+/// Who `pod` is, for its claims.
+fn identity(pod: &SlimPod) -> PodIdentity<'_> {
+    PodIdentity {
+        namespace: pod.metadata.namespace.as_deref().unwrap_or_default(),
+        name: pod.metadata.name.as_deref().unwrap_or_default(),
+        uid: pod.metadata.uid.as_deref().unwrap_or_default(),
+    }
 }
 
 fn web() -> Pod {
@@ -44,7 +53,7 @@ fn claim_names_are_pod_dash_volume() {
 #[test]
 fn only_ephemeral_volumes_need_claims() {
     let p = cached(&web());
-    let names: Vec<&str> = ephemeral_volumes(&p).into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = ephemeral_volumes(&p).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["scratch", "cache"]);
     let plain =
         pod(json!({"metadata": {"name": "p"}, "spec": {"containers": [], "volumes": [{"name": "v", "emptyDir": {}}]}}));
@@ -76,8 +85,8 @@ fn terminating_and_finished_pods_are_skipped() {
 #[test]
 fn the_claim_takes_metadata_from_the_template_only_and_the_spec_verbatim() {
     let p = cached(&web());
-    let (volume, template) = ephemeral_volumes(&p)[0];
-    let claim = desired_claim(&p, volume, template).expect("claim");
+    let (volume, template) = &ephemeral_volumes(&p)[0];
+    let claim = desired_claim(&identity(&p), volume, template);
     assert_eq!(claim.metadata.name.as_deref(), Some("web-0-scratch"));
     assert_eq!(claim.metadata.namespace.as_deref(), Some("shop"));
     assert_eq!(
@@ -99,8 +108,8 @@ fn the_claim_takes_metadata_from_the_template_only_and_the_spec_verbatim() {
 #[test]
 fn a_nil_storage_class_stays_nil_and_no_metadata_means_none() {
     let p = cached(&web());
-    let (volume, template) = ephemeral_volumes(&p)[1];
-    let claim = desired_claim(&p, volume, template).expect("claim");
+    let (volume, template) = &ephemeral_volumes(&p)[1];
+    let claim = desired_claim(&identity(&p), volume, template);
     assert_eq!(claim.spec.and_then(|s| s.storage_class_name), None);
     assert_eq!(claim.metadata.labels, None);
     assert_eq!(claim.metadata.annotations, None);
@@ -109,8 +118,8 @@ fn a_nil_storage_class_stays_nil_and_no_metadata_means_none() {
 #[test]
 fn exactly_one_owner_reference_the_pod_as_controller() {
     let p = cached(&web());
-    let (volume, template) = ephemeral_volumes(&p)[0];
-    let claim = desired_claim(&p, volume, template).expect("claim");
+    let (volume, template) = &ephemeral_volumes(&p)[0];
+    let claim = desired_claim(&identity(&p), volume, template);
     assert_eq!(
         claim.metadata.owner_references,
         Some(vec![OwnerReference {
@@ -122,16 +131,6 @@ fn exactly_one_owner_reference_the_pod_as_controller() {
             block_owner_deletion: Some(true),
         }])
     );
-}
-
-#[test]
-fn a_pod_without_uid_gets_no_claim_yet() {
-    let mut p = web();
-    p.metadata.uid = None;
-    let p = cached(&p);
-    let original = cached(&web());
-    let (volume, template) = ephemeral_volumes(&original)[0];
-    assert!(desired_claim(&p, volume, template).is_none());
 }
 
 #[test]
@@ -160,24 +159,49 @@ fn ownership_is_decided_by_the_controller_reference_uid() {
 }
 
 #[test]
-fn the_cached_pod_keeps_only_what_the_controller_reads() {
+fn the_slim_pod_keeps_only_what_the_controller_reads() {
     let p = cached(&web());
     assert_eq!(p.metadata.name.as_deref(), Some("web-0"));
     assert_eq!(p.metadata.uid.as_deref(), Some("pod-uid"));
-    assert!(p.metadata.managed_fields.is_none() && p.metadata.labels.is_none() && p.metadata.annotations.is_none());
-    assert_eq!(p.volumes.len(), 2, "the configMap volume is not kept");
-    assert_eq!(p.phase.as_deref(), Some("Pending"));
-    // It is the same pod to kube-runtime: kind, version, object reference.
-    let reference = kube::Resource::object_ref(&p, &());
-    assert_eq!(
-        (
-            reference.api_version.as_deref(),
-            reference.kind.as_deref(),
-            reference.name.as_deref()
-        ),
-        (Some("v1"), Some("Pod"), Some("web-0"))
+    assert!(p.metadata.managed_fields.is_none() && p.metadata.annotations.is_none());
+    let volumes = p.spec.as_ref().and_then(|s| s.volumes.as_ref()).expect("volumes");
+    assert_eq!(volumes.len(), 3, "every volume, named");
+    assert!(
+        volumes[2].ephemeral.is_none(),
+        "the configMap volume's source is not read"
     );
-    assert_eq!(<EphemeralPod as kube::Resource>::plural(&()), "pods");
+    assert_eq!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Pending"));
+}
+
+#[test]
+fn pods_with_equal_volumes_share_one_copy() {
+    let mut interner = VolumesInterner::default();
+    let a = interner.intern(ephemeral_volumes(&cached(&web())));
+    let b = interner.intern(ephemeral_volumes(&cached(&web())));
+    assert!(Arc::ptr_eq(&a, &b), "equal volumes, one allocation");
+    let mut other = web();
+    other
+        .spec
+        .as_mut()
+        .expect("spec")
+        .volumes
+        .as_mut()
+        .expect("volumes")
+        .truncate(1);
+    let c = interner.intern(ephemeral_volumes(&cached(&other)));
+    assert!(!Arc::ptr_eq(&a, &c));
+    assert_eq!(c.len(), 1);
+    drop((a, b));
+    let again = interner.intern(ephemeral_volumes(&cached(&web())));
+    assert_eq!(again.len(), 2, "a copy nobody holds any more is made again");
+}
+
+#[test]
+fn what_a_volume_needs_follows_the_cached_claims_controlling_pod() {
+    assert_eq!(need(None, "u1"), Need::Create);
+    assert_eq!(need(Some(Some("u1")), "u1"), Need::Nothing);
+    assert_eq!(need(Some(Some("u0")), "u1"), Need::Check, "an earlier pod's claim");
+    assert_eq!(need(Some(None), "u1"), Need::Check, "a claim no pod controls");
 }
 
 #[test]
@@ -190,22 +214,18 @@ fn failure_reasons_by_status_code() {
 }
 
 #[test]
-fn a_cached_claim_keeps_what_ownership_reads_and_nothing_else() {
-    let mut meta: ObjectMeta = serde_json::from_value(serde_json::json!({
-        "name": "p-data", "namespace": "ns", "uid": "c1", "resourceVersion": "7",
-        "labels": {"app": "x"}, "annotations": {"big": "x".repeat(4096)},
-        "finalizers": ["kubernetes.io/pvc-protection"],
-        "managedFields": [{"manager": "kube-controller-manager", "operation": "Update"}],
-        "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u1", "controller": true}]
+fn a_claim_is_known_by_the_pod_that_controls_it() {
+    let meta: ObjectMeta = serde_json::from_value(serde_json::json!({
+        "name": "p-data", "namespace": "ns",
+        "ownerReferences": [
+            {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "s", "uid": "u0"},
+            {"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u1", "controller": true}]
     }))
     .expect("meta");
-    let before = ownership(&meta, "u1");
-    trim_claim(&mut meta);
-    assert_eq!(ownership(&meta, "u1"), before);
-    assert_eq!(
-        (meta.name.as_deref(), meta.namespace.as_deref()),
-        (Some("p-data"), Some("ns"))
-    );
-    assert!(meta.labels.is_none() && meta.annotations.is_none() && meta.managed_fields.is_none());
-    assert!(meta.finalizers.is_none());
+    assert_eq!(controlling_pod(&meta), Some("u1"));
+    assert_eq!(ownership(&meta, "u1"), Ownership::Pod);
+    let statefulset: ObjectMeta = serde_json::from_value(serde_json::json!({"name": "p-data",
+        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "s", "uid": "u1", "controller": true}]}))
+    .expect("meta");
+    assert_eq!(controlling_pod(&statefulset), None, "controlled, but not by a pod");
 }
