@@ -5,36 +5,45 @@
 //! VOLPLANE_E2E_BIN_DIR=$(../shared/k8s/install) cargo test --release -p volplane --test bench_real -- --ignored --nocapture --test-threads 1
 //! ```
 //!
-//! Sizes: `VOLPLANE_BENCH_NODES` and `VOLPLANE_BENCH_CLASSES` (capacity,
-//! default 100 nodes × 2 classes; csi-provisioner at its defaults, 1 QPS,
-//! runs only up to 400 objects),
-//! `VOLPLANE_BENCH_PODS` (ephemeral, default 2000; `VOLPLANE_BENCH_INCUMBENT=0`
-//! leaves kube-controller-manager out), `VOLPLANE_BENCH_ARGS` (more
-//! arguments for volplane's capacity runs), `VOLPLANE_BENCH_ROUNDS` (capacity:
-//! raw and volplane alternate this many times, medians reported, default 3),
-//! `VOLPLANE_BENCH_VOLUMES`
-//! and `VOLPLANE_BENCH_WINDOW_SECONDS` (health, default 20 volumes, 30 s).
+//! Sizes and knobs (environment):
+//! - capacity: `VOLPLANE_BENCH_NODES` × `VOLPLANE_BENCH_CLASSES` objects
+//!   (default 100 × 2; the issue's sizes are 1,000 × 4 and 5,000 × 4),
+//!   `VOLPLANE_BENCH_ROUNDS` (raw and volplane alternate, medians reported,
+//!   default 3), `VOLPLANE_BENCH_RAW_IN_FLIGHT` (the raw client's requests
+//!   in flight, default 32), `VOLPLANE_BENCH_POLL_SECONDS` (volplane's poll
+//!   interval for the steady-state figure, default 30), `VOLPLANE_BENCH_ARGS`
+//!   (more flags for volplane); csi-provisioner at its defaults (1 QPS) runs
+//!   only up to 400 objects;
+//! - per-node reads: `VOLPLANE_BENCH_NODES` nodes and `VOLPLANE_BENCH_VOLUMES` PVs;
+//! - ephemeral: `VOLPLANE_BENCH_PODS` pods (default 2,000) in bursts of
+//!   `VOLPLANE_BENCH_BURST` (default 2,000); `VOLPLANE_BENCH_INCUMBENT=0`
+//!   leaves kube-controller-manager out;
+//! - health: `VOLPLANE_BENCH_VOLUMES` (default 20 for the events window,
+//!   10,000 for the sweep) and `VOLPLANE_BENCH_WINDOW_SECONDS` (default 30).
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
-use kube::api::{Api, ListParams};
-use kube::runtime::watcher;
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
-use support::{Running, status_kib};
-use volplane_tests::e2e::{ControlPlane, HostPath, bin_dir};
+use support::{Running, http_get, status_kib};
+use volplane_csi::ControllerCapability;
+use volplane_tests::driver::{DriverConfig, TestDriver, TestVolume};
+use volplane_tests::e2e::{AuditRecord, ControlPlane, HostPath, Options, bin_dir};
 use volplane_tests::objects::create;
 use volplane_tests::process::{Process, cpu_seconds};
+use volplane_tests::raw;
 use volplane_tests::wait::eventually_some;
 
 const PARALLEL: usize = 16;
-const LIMIT: Duration = Duration::from_secs(600);
+const LIMIT: Duration = Duration::from_secs(900);
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -48,54 +57,43 @@ async fn namespace(client: &kube::Client, name: &str) {
     .await;
 }
 
+/// Peak RSS in MiB of `pid`.
+fn peak_mib(pid: u32) -> f64 {
+    status_kib(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0
+}
+
 /// Peak RSS in MiB and CPU seconds of `pid`, for the report.
 fn footprint(pid: u32) -> String {
-    let peak = status_kib(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
-    format!("peak RSS {peak:.0} MiB, CPU {:.2} s", cpu_seconds(pid))
+    format!("peak RSS {:.0} MiB, CPU {:.2} s", peak_mib(pid), cpu_seconds(pid))
 }
 
-/// Runs `items` through `PARALLEL` workers, each with its own client (its own connections).
-async fn in_parallel<F, Fut>(plane: &ControlPlane, items: Vec<usize>, work: F)
-where
-    F: Fn(kube::Client, usize) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let mut lanes: Vec<Vec<usize>> = vec![Vec::new(); PARALLEL];
-    for (i, item) in items.into_iter().enumerate() {
-        lanes[i % PARALLEL].push(item);
-    }
-    let mut tasks = Vec::new();
-    for lane in lanes {
-        let client = plane.new_client().await.expect("client");
-        let work = work.clone();
-        tasks.push(tokio::spawn(async move {
-            for item in lane {
-                work(client.clone(), item).await;
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("worker");
-    }
+/// How many objects the collection at `path` holds: one list of one item
+/// and the server's count of the rest (cheap, unlike listing them all).
+async fn count(client: &kube::Client, path: &str) -> usize {
+    let Ok(request) = http::Request::get(format!("{path}?limit=1")).body(Vec::new()) else {
+        return 0;
+    };
+    let Ok(text) = client.request_text(request).await else {
+        return 0;
+    };
+    let list: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let items = list["items"].as_array().map_or(0, Vec::len);
+    let rest = list["metadata"]["remainingItemCount"].as_u64().unwrap_or(0);
+    items + usize::try_from(rest).unwrap_or(0)
 }
 
-/// When the first and when all `want` CSIStorageCapacity objects were in
-/// `namespace`, from `started` (polled every 50 ms).
+/// When the first and when all `want` objects were in the collection at
+/// `path`, from `started` (polled every 100 ms).
 #[derive(Clone, Copy)]
 struct Published {
     first: Option<Duration>,
     all: Option<Duration>,
 }
 
-async fn capacity_objects_after(client: &kube::Client, namespace: &str, want: usize, started: Instant) -> Published {
-    let api: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), namespace);
+async fn objects_after(client: &kube::Client, path: &str, want: usize, started: Instant) -> Published {
     let mut first = None;
     while started.elapsed() < LIMIT {
-        let count = api
-            .list_metadata(&ListParams::default())
-            .await
-            .map(|l| l.items.len())
-            .unwrap_or(0);
+        let count = count(client, path).await;
         if count > 0 && first.is_none() {
             first = Some(started.elapsed());
         }
@@ -105,9 +103,13 @@ async fn capacity_objects_after(client: &kube::Client, namespace: &str, want: us
                 all: Some(started.elapsed()),
             };
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Published { first, all: None }
+}
+
+fn capacities_path(namespace: &str) -> String {
+    format!("/apis/storage.k8s.io/v1/namespaces/{namespace}/csistoragecapacities")
 }
 
 /// The median of `times` (a run that did not finish counts as the longest).
@@ -124,10 +126,38 @@ fn seconds(time: Option<Duration>) -> String {
     )
 }
 
-fn provisioner(plane: &ControlPlane, name: &str, driver: &HostPath, namespace: &str, extra: &[&str]) -> Process {
-    plane
-        .start_csi_provisioner(name, driver, namespace, extra)
-        .expect("start csi-provisioner")
+fn listed(times: &[Option<Duration>]) -> String {
+    times.iter().map(|t| seconds(*t)).collect::<Vec<_>>().join(", ")
+}
+
+/// The sum of every sample of `metric` (a counter, or a histogram's
+/// `_count` or `_sum`) on volplane's admin endpoint.
+fn scraped(admin: std::net::SocketAddr, metric: &str) -> f64 {
+    let (_, text) = http_get(admin, "/metrics");
+    text.lines()
+        .filter(|line| line.split(['{', ' ']).next() == Some(metric))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs `work` over `items` with `PARALLEL` at a time on `client`.
+async fn in_parallel<T, F, Fut>(items: Vec<T>, work: F)
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    futures::stream::iter(items).for_each_concurrent(PARALLEL, work).await;
+}
+
+/// `nodes` fake nodes with hostpathplugin's topology label and CSINode,
+/// created `PARALLEL` at a time.
+async fn hostpath_nodes(plane: &ControlPlane, nodes: usize) -> Vec<String> {
+    let names: Vec<String> = (0..nodes).map(|i| format!("node-{i}")).collect();
+    in_parallel(names.clone(), |node| async move {
+        plane.add_hostpath_node(&node).await.expect("node");
+    })
+    .await;
+    names
 }
 
 #[ignore = "benchmark on a real control plane; see the module docs"]
@@ -147,51 +177,58 @@ async fn capacity_process_start_to_all_objects_published() {
         )
         .await;
     }
-    let node_names: Vec<String> = (0..nodes).map(|i| format!("node-{i}")).collect();
-    for node in &node_names {
-        plane.add_hostpath_node(node).await.expect("node");
-    }
+    let node_names = hostpath_nodes(&plane, nodes).await;
     let driver = plane
         .start_hostpath("controller", &[("fast", "100Gi"), ("slow", "10Gi")])
         .await
         .expect("hostpathplugin");
     let address = driver.address();
     let rounds = env_number("VOLPLANE_BENCH_ROUNDS", 3).max(1);
+    let poll = Duration::from_secs(env_number("VOLPLANE_BENCH_POLL_SECONDS", 30) as u64);
     let extra = std::env::var("VOLPLANE_BENCH_ARGS").unwrap_or_default();
-    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let mut args: Vec<String> = extra.split_whitespace().map(String::from).collect();
+    args.extend(["--capacity-poll-interval".into(), format!("{}s", poll.as_secs())]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
     // Raw and volplane alternate, each in a fresh namespace, so both see the
     // API server in the same state; the medians are reported.
-    let (mut raw, mut ours, mut first, mut ratios) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut ours_footprint = String::new();
+    let (mut raws, mut ours, mut first, mut ratios) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut last = None;
     for round in 0..rounds {
         let raw_time = raw_creates(&plane, &format!("bench-raw-{round}"), &node_names, classes).await;
-        let (published, used) = volplane_run(&plane, &address, &format!("bench-volplane-{round}"), &extra, want).await;
+        let (published, volplane) =
+            volplane_run(&plane, &address, &format!("bench-volplane-{round}"), &args, want).await;
         if let Some(all) = published.all {
             ratios.push(format!("{:.2}", all.as_secs_f64() / raw_time.as_secs_f64()));
         }
-        raw.push(Some(raw_time));
+        println!(
+            "round {round}: raw {:.2} s, volplane {} ({})",
+            raw_time.as_secs_f64(),
+            seconds(published.all),
+            footprint(volplane.pid())
+        );
+        raws.push(Some(raw_time));
         ours.push(published.all);
         first.push(published.first);
-        ours_footprint = used;
+        last = Some(volplane);
     }
-    let listed = |times: &[Option<Duration>]| times.iter().map(|t| seconds(*t)).collect::<Vec<_>>().join(", ");
+    let Some(mut volplane) = last else {
+        return;
+    };
+    let in_flight = env_number("VOLPLANE_BENCH_RAW_IN_FLIGHT", 32);
     let mut report = vec![
         (
             format!(
-                "raw parallel creates (16 connections), median of {rounds} ({})",
-                listed(&raw)
+                "raw creates ({in_flight} in flight), median of {rounds} ({})",
+                listed(&raws)
             ),
-            median(&raw),
+            median(&raws),
             String::new(),
         ),
         (
-            format!(
-                "volplane (defaults: flow control is the API server's), median of {rounds} ({})",
-                listed(&ours)
-            ),
+            format!("volplane (defaults), median of {rounds} ({})", listed(&ours)),
             median(&ours),
-            ours_footprint,
+            footprint(volplane.pid()),
         ),
         (
             format!(
@@ -203,15 +240,12 @@ async fn capacity_process_start_to_all_objects_published() {
             String::new(),
         ),
     ];
-
-    let mut qps200 = extra.clone();
-    qps200.extend(["--kube-api-qps", "200"]);
-    let (published, used) = volplane_run(&plane, &address, "bench-volplane-qps200", &qps200, want).await;
-    report.push((
-        "volplane (--kube-api-qps 200, the old fixed default)".to_string(),
-        published.all,
-        used,
-    ));
+    let admin = volplane.admin_address().await;
+    let (steady, steady_cpu) = steady_state(&volplane, admin, poll).await;
+    let idle_rate = steady_cpu / poll.as_secs_f64();
+    let node_events = node_events(&plane, &volplane, admin, &node_names, idle_rate).await;
+    let (code, _) = volplane.terminate().await;
+    assert_eq!(code, Some(0));
 
     let slow = [("csi-provisioner (defaults)", "bench-provisioner", &[][..])];
     let slow = if want <= 400 { &slow[..] } else { &[] };
@@ -235,8 +269,12 @@ async fn capacity_process_start_to_all_objects_published() {
         let mut args = vec!["--enable-capacity", "--capacity-ownerref-level=-1"];
         args.extend_from_slice(extra);
         let started = Instant::now();
-        let process = provisioner(&plane, namespace_name, &driver, namespace_name, &args);
-        let time = capacity_objects_after(&client, namespace_name, want, started).await.all;
+        let process = plane
+            .start_csi_provisioner(namespace_name, &driver, namespace_name, &args)
+            .expect("csi-provisioner");
+        let time = objects_after(&client, &capacities_path(namespace_name), want, started)
+            .await
+            .all;
         report.push((name.to_string(), time, footprint(process.pid())));
     }
 
@@ -246,42 +284,43 @@ async fn capacity_process_start_to_all_objects_published() {
     for (name, time, footprint) in report {
         println!("  {name:<100} {:>10}  {footprint}", seconds(time));
     }
+    println!(
+        "  volplane steady state, one {} s poll of {want} unchanged items: {steady}",
+        poll.as_secs()
+    );
+    println!("  volplane, {nodes} Node updates (a label no topology key reads): {node_events}");
 }
 
 /// The API server's own limit: one object per (node, class) into
-/// `namespace` from 16 parallel connections; the time they took.
+/// `namespace` from the raw client; the time they took.
 async fn raw_creates(plane: &ControlPlane, namespace_name: &str, nodes: &[String], classes: usize) -> Duration {
     namespace(&plane.client(), namespace_name).await;
-    let api_namespace = namespace_name.to_string();
-    let nodes = nodes.to_vec();
-    let started = Instant::now();
-    in_parallel(plane, (0..nodes.len() * classes).collect(), move |client, i| {
-        let node = nodes[i / classes].clone();
-        let api: Api<CSIStorageCapacity> = Api::namespaced(client, &api_namespace);
-        async move {
-            create(
-                &api,
-                json!({"metadata": {"generateName": "csisc-", "labels": {"csi.storage.k8s.io/managed-by": "raw"}},
-                       "storageClassName": if i % 2 == 0 { "fast" } else { "slow" },
-                       "nodeTopology": {"matchLabels": {HostPath::TOPOLOGY_KEY: node}},
-                       "capacity": "100Gi", "maximumVolumeSize": "100Gi"}),
-            )
-            .await;
-        }
-    })
-    .await;
-    started.elapsed()
+    let bodies: Vec<Vec<u8>> = (0..nodes.len() * classes)
+        .map(|i| {
+            serde_json::to_vec(&json!({"apiVersion": "storage.k8s.io/v1", "kind": "CSIStorageCapacity",
+                "metadata": {"generateName": "csisc-", "labels": {"csi.storage.k8s.io/managed-by": "raw"}},
+                "storageClassName": format!("class-{}", i % classes),
+                "nodeTopology": {"matchLabels": {HostPath::TOPOLOGY_KEY: nodes[i / classes]}},
+                "capacity": "100Gi", "maximumVolumeSize": "100Gi"}))
+            .expect("json")
+        })
+        .collect();
+    let client = plane.new_client().await.expect("client");
+    let in_flight = env_number("VOLPLANE_BENCH_RAW_IN_FLIGHT", 32);
+    raw::create_all(&client, &capacities_path(namespace_name), bodies, in_flight)
+        .await
+        .expect("raw creates")
 }
 
 /// Starts volplane's capacity controller for `namespace` (with `extra`
-/// arguments) and waits for its `want` objects; its footprint at the end.
+/// arguments) and waits for its `want` objects; keeps it running.
 async fn volplane_run(
     plane: &ControlPlane,
     address: &str,
     namespace_name: &str,
     extra: &[&str],
     want: usize,
-) -> (Published, String) {
+) -> (Published, Running) {
     let client = plane.client();
     namespace(&client, namespace_name).await;
     let mut args = vec![
@@ -293,58 +332,345 @@ async fn volplane_run(
         "--capacity-owner",
         "none",
         "--leader-election=false",
+        "--http-endpoint",
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
     let started = Instant::now();
     let volplane = Running::start(plane.kubeconfig(), &args);
-    let published = capacity_objects_after(&client, namespace_name, want, started).await;
-    (published, footprint(volplane.pid()))
+    let published = objects_after(&client, &capacities_path(namespace_name), want, started).await;
+    (published, volplane)
 }
 
-/// Creates `pods` pods with one generic ephemeral volume each in `namespace`
-/// from 16 parallel connections, and returns (last pod created, last claim seen).
-async fn pods_to_claims(plane: &ControlPlane, namespace_name: &str, pods: usize) -> (Instant, Option<Instant>) {
-    let client = plane.client();
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace_name);
-    let seen = tokio::spawn(async move {
-        let mut names = BTreeSet::new();
-        let stream = watcher::watcher(claims, watcher::Config::default()).boxed();
-        let mut stream = stream;
-        let deadline = Instant::now() + LIMIT;
-        while Instant::now() < deadline {
-            let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await else {
-                continue;
-            };
-            if let Ok(watcher::Event::Apply(claim) | watcher::Event::InitApply(claim)) = event
-                && let Some(name) = claim.metadata.name
-            {
-                names.insert(name);
-                if names.len() >= pods {
-                    return Some(Instant::now());
-                }
-            }
-        }
-        None
-    });
-    let namespace_owned = namespace_name.to_string();
-    in_parallel(plane, (0..pods).collect(), move |client, i| {
-        let namespace_owned = namespace_owned.clone();
+/// CPU, GetCapacity calls and writes of a running volplane over one poll
+/// interval after everything is published (the report, and the CPU seconds).
+async fn steady_state(volplane: &Running, admin: std::net::SocketAddr, poll: Duration) -> (String, f64) {
+    let calls = "volplane_capacity_get_capacity_duration_seconds_count";
+    let writes = "volplane_capacity_api_writes_total";
+    // After the creates, the next polls spread over the following interval
+    // (each at least half an interval away): wait it out, then measure one.
+    tokio::time::sleep(poll).await;
+    let (cpu, called, wrote) = (
+        cpu_seconds(volplane.pid()),
+        scraped(admin, calls),
+        scraped(admin, writes),
+    );
+    // A benchmark window, not a settle time: one poll interval is measured.
+    tokio::time::sleep(poll).await;
+    let used = cpu_seconds(volplane.pid()) - cpu;
+    let report = format!(
+        "CPU {used:.2} s, {:.0} GetCapacity calls, {:.0} writes, peak RSS {:.0} MiB",
+        scraped(admin, calls) - called,
+        scraped(admin, writes) - wrote,
+        peak_mib(volplane.pid())
+    );
+    (report, used)
+}
+
+/// Every node gets a new label no topology key reads: what the cluster does
+/// to Nodes all the time. volplane's CPU for them above its polling
+/// (`idle_rate` CPU seconds per second), and its writes.
+async fn node_events(
+    plane: &ControlPlane,
+    volplane: &Running,
+    admin: std::net::SocketAddr,
+    nodes: &[String],
+    idle_rate: f64,
+) -> String {
+    let writes = "volplane_capacity_api_writes_total";
+    let (cpu, wrote) = (cpu_seconds(volplane.pid()), scraped(admin, writes));
+    let api: Api<Node> = Api::all(plane.new_client().await.expect("client"));
+    let started = Instant::now();
+    in_parallel(nodes.to_vec(), |node| {
+        let api = api.clone();
         async move {
-            let api: Api<Pod> = Api::namespaced(client, &namespace_owned);
-            create(
-                &api,
-                json!({"metadata": {"name": format!("pod-{i}")},
-                       "spec": {"schedulerName": "bench-unscheduled",
-                                "containers": [{"name": "c", "image": "registry.invalid/none"}],
-                                "volumes": [{"name": "data", "ephemeral": {"volumeClaimTemplate": {"spec": {
-                                    "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}}]}}),
+            api.patch(
+                &node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"bench.volplane.dev/touched": "yes"}}})),
             )
-            .await;
+            .await
+            .expect("patch node");
         }
     })
     .await;
-    let last_pod = Instant::now();
-    (last_pod, seen.await.expect("watch"))
+    let patched = started.elapsed();
+    // The events reach volplane within its watch; a second covers them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_seconds(volplane.pid()) - cpu;
+    let above = (used - idle_rate * started.elapsed().as_secs_f64()).max(0.0);
+    format!(
+        "CPU {used:.2} s, {above:.2} s above polling ({:.0} µs per event), {:.0} writes; the patches took {:.2} s",
+        above * 1e6 / nodes.len() as f64,
+        scraped(admin, writes) - wrote,
+        patched.as_secs_f64()
+    )
+}
+
+/// The whole-collection reads (list or watch without name or selector) of
+/// each client, by user agent prefix, and of which resources.
+fn whole_collection_reads(log: &[AuditRecord], agent: &str) -> BTreeMap<String, usize> {
+    let mut reads = BTreeMap::new();
+    for record in log
+        .iter()
+        .filter(|r| r.user_agent.starts_with(agent) && r.is_unselected_read())
+    {
+        *reads.entry(format!("{} {}", record.verb, record.resource)).or_insert(0) += 1;
+    }
+    reads
+}
+
+#[ignore = "benchmark on a real control plane; see the module docs"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_instances_api_reads() {
+    let nodes = env_number("VOLPLANE_BENCH_NODES", 100);
+    let volumes = env_number("VOLPLANE_BENCH_VOLUMES", 1000);
+    let options = Options {
+        audit: true,
+        ..Options::default()
+    };
+    let plane = ControlPlane::start_with(&bin_dir(), options)
+        .await
+        .expect("control plane");
+    let client = plane.client();
+    namespace(&client, "volplane").await;
+    plane.create_hostpath_classes().await.expect("CSIDriver and classes");
+    let node_names = hostpath_nodes(&plane, nodes).await;
+    // Volumes of other nodes: what a whole-collection PV read brings along.
+    let bodies: Vec<Vec<u8>> = (0..volumes)
+        .map(|i| {
+            serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": format!("pv-{i}")},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                         "csi": {"driver": HostPath::DRIVER, "volumeHandle": format!("v-{i}")},
+                         "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                             {"key": HostPath::TOPOLOGY_KEY, "operator": "In", "values": [node_names[i % nodes]]}]}]}}}}))
+            .expect("json")
+        })
+        .collect();
+    raw::create_all(&client, "/api/v1/persistentvolumes", bodies, 32)
+        .await
+        .expect("PVs");
+    let driver = plane
+        .start_hostpath("node-0", &[("fast", "100Gi"), ("slow", "10Gi")])
+        .await
+        .expect("hostpathplugin");
+    let volplane = Running::start(
+        plane.kubeconfig(),
+        &[
+            "--controllers=capacity,health",
+            "--node-deployment",
+            "--node-name",
+            "node-0",
+            "--csi-address",
+            &driver.address(),
+            "--namespace",
+            "volplane",
+        ],
+    );
+    let provisioner = plane
+        .start_csi_provisioner_as(
+            "csi-provisioner-node-0",
+            &driver,
+            plane.kubeconfig(),
+            &[("NAMESPACE", "volplane"), ("NODE_NAME", "node-0")],
+            &[
+                "--node-deployment=true",
+                "--enable-capacity",
+                "--capacity-ownerref-level=-1",
+            ],
+        )
+        .expect("csi-provisioner");
+    // Both publish node-0's objects; then their reads are all made.
+    let published = eventually_some(Duration::from_secs(120), "both published node-0's capacity", || async {
+        let n = count(&client, &capacities_path("volplane")).await;
+        (n >= 4).then_some(n)
+    })
+    .await;
+    // A benchmark window: both run side by side for it.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let log = plane.audit_log().expect("audit log");
+    println!(
+        "\nper-node instances on a cluster of {nodes} nodes and {volumes} PVs ({published} capacity objects): \
+         lists and watches of whole collections, per instance"
+    );
+    for (name, agent, pid) in [
+        ("volplane (capacity + node health)", "volplane/", volplane.pid()),
+        (
+            "csi-provisioner --node-deployment",
+            "csi-provisioner",
+            provisioner.pid(),
+        ),
+    ] {
+        let reads = whole_collection_reads(&log, agent);
+        let total: usize = reads.values().sum();
+        println!("  {name:<40} {total:>3} requests: {reads:?}; {}", footprint(pid));
+    }
+}
+
+/// Pods `prefix-0…` with one generic ephemeral volume each, raw-created in
+/// `namespace`; when the last was created.
+async fn raw_pods(client: &kube::Client, namespace_name: &str, prefix: &str, pods: usize) -> Instant {
+    let bodies: Vec<Vec<u8>> = (0..pods)
+        .map(|i| {
+            serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("{prefix}-{i}")},
+                "spec": {"schedulerName": "bench-unscheduled",
+                         "containers": [{"name": "c", "image": "registry.invalid/none"}],
+                         "volumes": [{"name": "data", "ephemeral": {"volumeClaimTemplate": {"spec": {
+                             "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}}]}}))
+            .expect("json")
+        })
+        .collect();
+    raw::create_all(client, &format!("/api/v1/namespaces/{namespace_name}/pods"), bodies, 32)
+        .await
+        .expect("pods");
+    Instant::now()
+}
+
+fn claims_path(namespace: &str) -> String {
+    format!("/api/v1/namespaces/{namespace}/persistentvolumeclaims")
+}
+
+/// What one controller did with bursts of pods.
+struct EphemeralRun {
+    lags: Vec<Duration>,
+    peak: f64,
+    cpu: f64,
+    restart: Option<String>,
+}
+
+/// Bursts of `burst` pods, each in its own namespace, until `pods`; the
+/// lag from each burst's last pod to its last claim.
+async fn bursts(plane: &ControlPlane, prefix: &str, pods: usize, burst: usize) -> Vec<Duration> {
+    let client = plane.new_client().await.expect("client");
+    let mut lags = Vec::new();
+    for (b, start) in (0..pods).step_by(burst.max(1)).enumerate() {
+        let ns = format!("{prefix}-{b}");
+        namespace(&client, &ns).await;
+        let size = burst.min(pods - start);
+        let last_pod = raw_pods(&client, &ns, "pod", size).await;
+        let seen = objects_after(&client, &claims_path(&ns), size, last_pod).await;
+        lags.push(seen.all.unwrap_or(LIMIT));
+    }
+    lags
+}
+
+fn lag_summary(lags: &[Duration]) -> String {
+    let mut sorted = lags.to_vec();
+    sorted.sort();
+    let at = |q: usize| sorted.get((sorted.len() * q / 100).min(sorted.len().saturating_sub(1)));
+    format!(
+        "{} bursts: lag median {:.2} s, max {:.2} s",
+        sorted.len(),
+        at(50).map_or(0.0, Duration::as_secs_f64),
+        sorted.last().map_or(0.0, Duration::as_secs_f64)
+    )
+}
+
+#[ignore = "benchmark on a real control plane; see the module docs"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_last_pod_to_last_claim() {
+    let pods = env_number("VOLPLANE_BENCH_PODS", 2000);
+    let burst = env_number("VOLPLANE_BENCH_BURST", 2000).max(1);
+    let mut report = Vec::new();
+
+    // Each controller on a control plane of its own: neither sees the other's pods.
+    {
+        let plane = ControlPlane::start(&bin_dir()).await.expect("control plane");
+        let args = [
+            "--controllers=ephemeral",
+            "--namespace",
+            "default",
+            "--leader-election=false",
+            "--http-endpoint",
+            "127.0.0.1:0",
+        ];
+        let volplane = Running::start(plane.kubeconfig(), &args);
+        wait_until_serving(&plane.client(), "default").await;
+        let lags = bursts(&plane, "bench-volplane", pods, burst).await;
+        let (peak, cpu) = (peak_mib(volplane.pid()), cpu_seconds(volplane.pid()));
+        let (code, _) = volplane.terminate().await;
+        assert_eq!(code, Some(0));
+        let restart = restart(&plane, &args, pods, burst).await;
+        report.push((
+            "volplane".to_string(),
+            EphemeralRun {
+                lags,
+                peak,
+                cpu,
+                restart: Some(restart),
+            },
+        ));
+    }
+    // VOLPLANE_BENCH_INCUMBENT=0 measures volplane alone.
+    if env_number("VOLPLANE_BENCH_INCUMBENT", 1) != 0 {
+        let plane = ControlPlane::start(&bin_dir()).await.expect("control plane");
+        let kcm = plane
+            .start_controller_manager_with(
+                "bench-kcm",
+                "ephemeral-volume-controller",
+                &["--kube-api-qps=200", "--kube-api-burst=400"],
+            )
+            .expect("kube-controller-manager");
+        wait_until_serving(&plane.client(), "default").await;
+        let lags = bursts(&plane, "bench-kcm", pods, burst).await;
+        report.push((
+            "kube-controller-manager (--kube-api-qps 200 --kube-api-burst 400)".to_string(),
+            EphemeralRun {
+                lags,
+                peak: peak_mib(kcm.pid()),
+                cpu: cpu_seconds(kcm.pid()),
+                restart: None,
+            },
+        ));
+    }
+
+    println!(
+        "\nephemeral: {pods} pods in bursts of {burst} (raw client, 32 in flight), last pod of a burst → its last PVC"
+    );
+    for (name, run) in report {
+        println!(
+            "  {name:<70} {}; peak RSS {:.0} MiB, CPU {:.2} s",
+            lag_summary(&run.lags),
+            run.peak,
+            run.cpu
+        );
+        if let Some(restart) = run.restart {
+            println!("    restart with every pod and claim in place: {restart}");
+        }
+    }
+}
+
+/// volplane started again on the same cluster: time to ready, claims it
+/// created (none are missing), peak RSS, and the lag of one more burst.
+async fn restart(plane: &ControlPlane, args: &[&str], pods: usize, burst: usize) -> String {
+    let started = Instant::now();
+    let mut volplane = Running::start(plane.kubeconfig(), args);
+    let admin = volplane.admin_address().await;
+    let ready = eventually_some(LIMIT, "volplane ready after the restart", || async {
+        (http_get(admin, "/readyz").0 == 200).then(|| started.elapsed())
+    })
+    .await;
+    let peak_after_lists = peak_mib(volplane.pid());
+    let client = plane.client();
+    let ns = "bench-volplane-after-restart";
+    namespace(&client, ns).await;
+    let size = burst.min(pods);
+    let last_pod = raw_pods(&client, ns, "pod", size).await;
+    let lag = objects_after(&client, &claims_path(ns), size, last_pod).await.all;
+    let created = scraped(admin, "volplane_ephemeral_claims_created_total");
+    let line = format!(
+        "ready after {:.2} s, peak RSS {:.0} MiB by then ({:.0} MiB after one more burst); \
+         claims created {created:.0} (the new burst's {size}); that burst's lag {}",
+        ready.as_secs_f64(),
+        peak_after_lists,
+        peak_mib(volplane.pid()),
+        seconds(lag)
+    );
+    let (code, _) = volplane.terminate().await;
+    assert_eq!(code, Some(0));
+    line
 }
 
 /// Waits until the ephemeral controller in charge answers a probe pod.
@@ -363,77 +689,6 @@ async fn wait_until_serving(client: &kube::Client, namespace_name: &str) {
         claims.get("probe-data").await.ok().map(|_| ())
     })
     .await;
-    pods.delete("probe", &Default::default()).await.expect("delete probe");
-    // Garbage collection may have removed it with its pod already.
-    match claims.delete("probe-data", &Default::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 404 => {}
-        Err(error) => panic!("delete probe claim: {error}"),
-    }
-}
-
-#[ignore = "benchmark on a real control plane; see the module docs"]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ephemeral_last_pod_to_last_claim() {
-    let pods = env_number("VOLPLANE_BENCH_PODS", 2000);
-    let plane = ControlPlane::start(&bin_dir()).await.expect("control plane");
-    let client = plane.client();
-    let mut report = Vec::new();
-
-    for (name, namespace_name, extra) in [
-        ("volplane (defaults)", "bench-volplane", &[][..]),
-        (
-            "volplane --kube-api-qps 200",
-            "bench-volplane-qps",
-            &["--kube-api-qps", "200"][..],
-        ),
-    ] {
-        namespace(&client, namespace_name).await;
-        let mut args = vec![
-            "--controllers=ephemeral",
-            "--namespace",
-            namespace_name,
-            "--leader-election=false",
-        ];
-        args.extend_from_slice(extra);
-        let volplane = Running::start(plane.kubeconfig(), &args);
-        wait_until_serving(&client, namespace_name).await;
-        let (last_pod, last_claim) = pods_to_claims(&plane, namespace_name, pods).await;
-        report.push((
-            name,
-            last_claim.map(|c| c.saturating_duration_since(last_pod)),
-            footprint(volplane.pid()),
-        ));
-    }
-
-    // VOLPLANE_BENCH_INCUMBENT=0 measures volplane alone (e.g. its memory at 10,000 pods).
-    let incumbent = env_number("VOLPLANE_BENCH_INCUMBENT", 1) != 0;
-    let incumbents = [
-        ("kube-controller-manager (defaults)", "bench-kcm", &[][..]),
-        (
-            "kube-controller-manager --kube-api-qps 200",
-            "bench-kcm-qps",
-            &["--kube-api-qps=200", "--kube-api-burst=400"][..],
-        ),
-    ];
-    for (name, namespace_name, extra) in incumbents.into_iter().filter(|_| incumbent) {
-        namespace(&client, namespace_name).await;
-        let kcm = plane
-            .start_controller_manager_with(namespace_name, "ephemeral-volume-controller", extra)
-            .expect("kube-controller-manager");
-        wait_until_serving(&client, namespace_name).await;
-        let (last_pod, last_claim) = pods_to_claims(&plane, namespace_name, pods).await;
-        report.push((
-            name,
-            last_claim.map(|c| c.saturating_duration_since(last_pod)),
-            footprint(kcm.pid()),
-        ));
-    }
-
-    println!("\nephemeral: {pods} pods from {PARALLEL} parallel clients, last pod created → last PVC seen");
-    for (name, time, footprint) in report {
-        println!("  {name:<45} {:>10}  {footprint}", seconds(time));
-    }
 }
 
 /// Occurrences of events with `reason` per regarding object, by who reported them.
@@ -484,7 +739,9 @@ async fn health_events_per_abnormal_volume_over_a_window() {
     )
     .await;
     let driver = plane.start_hostpath("node-1", &[]).await.expect("hostpathplugin");
-    let _provisioner = provisioner(&plane, "csi-provisioner", &driver, ns, &[]);
+    let _provisioner = plane
+        .start_csi_provisioner("csi-provisioner", &driver, ns, &[])
+        .expect("csi-provisioner");
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     for i in 0..volumes {
         create(
@@ -527,19 +784,7 @@ async fn health_events_per_abnormal_volume_over_a_window() {
             "5s",
         ],
     );
-    let monitor_binary =
-        volplane_tests::e2e::find_binary(plane.bin_dir(), "csi-external-health-monitor-controller").expect("monitor");
-    let monitor = plane
-        .start_process(
-            "external-health-monitor",
-            &monitor_binary.to_string_lossy(),
-            &[
-                format!("--csi-address={}", driver.socket().display()),
-                format!("--kubeconfig={}", plane.kubeconfig().display()),
-                "--list-volumes-interval=5s".into(),
-            ],
-        )
-        .expect("external-health-monitor");
+    let monitor = external_health_monitor(&plane, driver.socket(), "5s");
     // A benchmark window, not a settle time: both run side by side for it.
     tokio::time::sleep(window).await;
     let elapsed = started.elapsed();
@@ -559,6 +804,151 @@ async fn health_events_per_abnormal_volume_over_a_window() {
     println!(
         "  volplane: {}; external-health-monitor: {}",
         footprint(volplane.pid()),
+        footprint(monitor.pid())
+    );
+}
+
+fn external_health_monitor(plane: &ControlPlane, socket: &Path, interval: &str) -> Process {
+    let binary =
+        volplane_tests::e2e::find_binary(plane.bin_dir(), "csi-external-health-monitor-controller").expect("monitor");
+    plane
+        .start_process(
+            "external-health-monitor",
+            &binary.to_string_lossy(),
+            &[
+                format!("--csi-address={}", socket.display()),
+                format!("--kubeconfig={}", plane.kubeconfig().display()),
+                format!("--list-volumes-interval={interval}"),
+            ],
+        )
+        .expect("external-health-monitor")
+}
+
+#[ignore = "benchmark on a real control plane; see the module docs"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_sweep_of_many_healthy_volumes() {
+    let volumes = env_number("VOLPLANE_BENCH_VOLUMES", 10_000);
+    let window = Duration::from_secs(env_number("VOLPLANE_BENCH_WINDOW_SECONDS", 30) as u64);
+    let options = Options {
+        audit: true,
+        ..Options::default()
+    };
+    let plane = ControlPlane::start_with(&bin_dir(), options)
+        .await
+        .expect("control plane");
+    let client = plane.client();
+    let ns = "bench-health";
+    namespace(&client, ns).await;
+    namespace(&client, "volplane").await;
+    const DRIVER: &str = "bench-health.csi.volplane.dev";
+    let driver = TestDriver::start(DriverConfig {
+        name: DRIVER.into(),
+        controller_capabilities: vec![
+            ControllerCapability::ListVolumes,
+            ControllerCapability::GetVolume,
+            ControllerCapability::VolumeCondition,
+        ],
+        ..DriverConfig::default()
+    })
+    .await
+    .expect("driver");
+    for i in 0..volumes {
+        driver.put_volume(&format!("h-pv-{i:05}"), TestVolume::healthy());
+    }
+    // Bound claims and volumes, as the PV controller leaves them.
+    let claims: Vec<Vec<u8>> = (0..volumes)
+        .map(|i| {
+            serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": format!("claim-{i:05}")},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": format!("pv-{i:05}"),
+                         "resources": {"requests": {"storage": "1Gi"}}}}))
+            .expect("json")
+        })
+        .collect();
+    raw::create_all(&client, &claims_path(ns), claims, 32)
+        .await
+        .expect("claims");
+    let pvs: Vec<Vec<u8>> = (0..volumes)
+        .map(|i| {
+            serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": format!("pv-{i:05}")},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                         "csi": {"driver": DRIVER, "volumeHandle": format!("h-pv-{i:05}")},
+                         "claimRef": {"namespace": ns, "name": format!("claim-{i:05}")}}}))
+            .expect("json")
+        })
+        .collect();
+    raw::create_all(&client, "/api/v1/persistentvolumes", pvs, 32)
+        .await
+        .expect("PVs");
+    // kube-controller-manager binds each pre-bound pair; a full list every few seconds watches it.
+    let pv_api = Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(client.clone());
+    let binding = Instant::now();
+    let bound = loop {
+        let bound = pv_api
+            .list(&ListParams::default())
+            .await
+            .map(|l| {
+                l.items
+                    .iter()
+                    .filter(|pv| pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if bound >= volumes || binding.elapsed() > LIMIT {
+            break bound;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    };
+
+    let started = Instant::now();
+    let mut volplane = Running::start(
+        plane.kubeconfig(),
+        &[
+            "--controllers=health",
+            "--csi-address",
+            &driver.address(),
+            "--namespace",
+            "volplane",
+            "--leader-election=false",
+            "--health-list-interval",
+            "10s",
+            "--http-endpoint",
+            "127.0.0.1:0",
+        ],
+    );
+    let admin = volplane.admin_address().await;
+    let first_sweep = eventually_some(LIMIT, "volplane's first sweep", || async {
+        (scraped(admin, "volplane_health_sweep_duration_seconds_count") >= 1.0).then(|| started.elapsed())
+    })
+    .await;
+    let sweep = scraped(admin, "volplane_health_sweep_duration_seconds_sum");
+    let monitor = external_health_monitor(&plane, driver.socket(), "10s");
+    let (cpu, monitor_cpu) = (cpu_seconds(volplane.pid()), cpu_seconds(monitor.pid()));
+    // A benchmark window: both sweep the same volumes side by side.
+    tokio::time::sleep(window).await;
+    let log = plane.audit_log().expect("audit log");
+    let writes = |agent: &str| {
+        log.iter()
+            .filter(|r: &&AuditRecord| r.user_agent.starts_with(agent) && r.is_write())
+            .count()
+    };
+    println!(
+        "\nhealth: {volumes} healthy bound volumes ({bound} bound), ListVolumes every 10 s, {} s side by side",
+        window.as_secs()
+    );
+    println!(
+        "  volplane: process start → first sweep done {:.2} s (the sweep itself {sweep:.2} s); in the window CPU {:.2} s, \
+         {} writes in all; {}",
+        first_sweep.as_secs_f64(),
+        cpu_seconds(volplane.pid()) - cpu,
+        writes("volplane/"),
+        footprint(volplane.pid())
+    );
+    println!(
+        "  external-health-monitor: in the window CPU {:.2} s, {} writes in all; {}",
+        cpu_seconds(monitor.pid()) - monitor_cpu,
+        writes("csi-external-health-monitor"),
         footprint(monitor.pid())
     );
 }

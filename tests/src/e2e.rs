@@ -633,6 +633,8 @@ pub struct AuditRecord {
     pub verb: String,
     /// Who asked, e.g. `system:serviceaccount:volplane:volplane-capacity-node`.
     pub user: String,
+    /// The client's `User-Agent`, e.g. `volplane/0.1.0 (…)`.
+    pub user_agent: String,
     /// The resource's plural.
     pub resource: String,
     /// The namespace in the request, if any.
@@ -658,12 +660,21 @@ impl AuditRecord {
         Self {
             verb: text(&event["verb"]).unwrap_or_default(),
             user: text(&event["user"]["username"]).unwrap_or_default(),
+            user_agent: text(&event["userAgent"]).unwrap_or_default(),
             resource: text(&event["objectRef"]["resource"]).unwrap_or_default(),
             namespace: text(&event["objectRef"]["namespace"]),
             name: text(&event["objectRef"]["name"]),
             label_selector: parameter("labelSelector"),
             field_selector: parameter("fieldSelector"),
         }
+    }
+
+    /// Whether the request changed something.
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self.verb.as_str(),
+            "create" | "update" | "patch" | "delete" | "deletecollection"
+        )
     }
 
     /// A list or watch of a whole collection: no name, no label or field
@@ -842,12 +853,26 @@ impl ControlPlane {
         namespace: &str,
         extra: &[&str],
     ) -> anyhow::Result<Process> {
+        self.start_csi_provisioner_as(name, driver, &self.kubeconfig, &[("NAMESPACE", namespace)], extra)
+    }
+
+    /// [`ControlPlane::start_csi_provisioner`] with another `kubeconfig`
+    /// (another identity) and environment `env` (e.g. `NODE_NAME` for
+    /// `--node-deployment`).
+    pub fn start_csi_provisioner_as(
+        &self,
+        name: &str,
+        driver: &HostPath,
+        kubeconfig: &Path,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> anyhow::Result<Process> {
         let binary = find_binary(&self.bin_dir, "csi-provisioner")?;
         let mut command = std::process::Command::new(binary);
         command
-            .env("NAMESPACE", namespace)
+            .envs(env.iter().copied())
             .arg(format!("--csi-address={}", driver.socket().display()))
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .args(extra);
         Process::spawn_command(name, command, self.log_path(name))
     }

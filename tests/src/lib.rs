@@ -16,4 +16,5 @@ pub mod e2e;
 pub mod events;
 pub mod objects;
 pub mod process;
+pub mod raw;
 pub mod wait;
