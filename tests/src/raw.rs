@@ -19,15 +19,36 @@ pub async fn create_all(
     bodies: Vec<Vec<u8>>,
     in_flight: usize,
 ) -> anyhow::Result<Duration> {
-    let requests: Vec<http::Request<Body>> = bodies
+    let requests = bodies
         .into_iter()
-        .map(|body| {
-            http::Request::post(path)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body))
-                .context("request")
-        })
+        .map(|body| request(http::Method::POST, path, "application/json", body))
         .collect::<anyhow::Result<_>>()?;
+    send_all(client, requests, in_flight).await
+}
+
+/// One request with a JSON body of `content_type`.
+pub fn request(
+    method: http::Method,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<http::Request<Body>> {
+    http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Body::from(body))
+        .context("request")
+}
+
+/// Sends every one of `requests` with `in_flight` at a time over `client`'s
+/// connection pool, and returns how long they took. Fails on the first
+/// answer that is not a success.
+pub async fn send_all(
+    client: &kube::Client,
+    requests: Vec<http::Request<Body>>,
+    in_flight: usize,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut answers = futures::stream::iter(requests)
         .map(|request| async move {
@@ -40,7 +61,7 @@ pub async fn create_all(
     while let Some(answer) = answers.next().await {
         let (status, body) = answer?;
         if !status.is_success() {
-            bail!("create answered {status}: {}", String::from_utf8_lossy(&body));
+            bail!("the API server answered {status}: {}", String::from_utf8_lossy(&body));
         }
     }
     Ok(started.elapsed())
