@@ -126,6 +126,10 @@ impl ElectionMetrics {
 struct Observed {
     holder: Option<String>,
     renewed: Option<SystemTime>,
+    /// The Lease's resourceVersion when it is a number (etcd's revision, as
+    /// every API server writes it): the watch may deliver a version older
+    /// than the one read after taking the lease, and that must not undo it.
+    version: Option<u64>,
 }
 
 impl Observed {
@@ -134,7 +138,13 @@ impl Observed {
         Self {
             holder: spec.and_then(|s| s.holder_identity.clone()).filter(|h| !h.is_empty()),
             renewed: spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0.into()),
+            version: lease.metadata.resource_version.as_deref().and_then(|v| v.parse().ok()),
         }
+    }
+
+    /// Whether `self` is an older version of the Lease than `known`.
+    fn older_than(&self, known: &Observed) -> bool {
+        matches!((self.version, known.version), (Some(new), Some(old)) if new < old)
     }
 }
 
@@ -362,6 +372,9 @@ impl Campaign<'_> {
         match event {
             Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => {
                 let observed = Observed::of(&lease);
+                if observed.older_than(&self.observed) {
+                    return Next::Keep;
+                }
                 // Only a release wakes a manager that waits for the old
                 // holder's expiry; a lease that was free already (a fresh
                 // one) is being taken, and a rebuild would cancel that.
@@ -492,5 +505,41 @@ mod tests {
         // Deleted: a fresh manager recreates it.
         let deleted = campaign.lease_event(Ok(watcher::Event::Delete(lease(Some("other")))));
         assert!(matches!(deleted, Next::Rebuild));
+    }
+
+    fn versioned(holder: Option<&str>, version: &str, renewed: SystemTime) -> Lease {
+        let mut lease = lease(holder);
+        lease.metadata.resource_version = Some(version.into());
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                k8s_openapi::jiff::Timestamp::try_from(renewed).expect("a time after 1970"),
+            ));
+        }
+        lease
+    }
+
+    #[test]
+    fn a_watch_event_older_than_the_lease_read_after_taking_it_keeps_the_term() {
+        let config = config();
+        let term = watch::channel(Term::Following).0;
+        let (gauge, counter) = (Gauge::default(), Counter::default());
+        let mut campaign = Campaign::new(&config, &term, &gauge, &counter);
+        let now = SystemTime::now();
+        // Taken: the manager leads, and the Lease read right after says so.
+        campaign.manager_leads = true;
+        campaign.observed = Observed::of(&versioned(Some("me"), "12", now));
+        campaign.publish();
+        assert!(matches!(*term.borrow(), Term::Leading { number: 1, .. }));
+        // The watch then delivers the free Lease as it was before (an older
+        // version): still leading, no transition.
+        let stale = campaign.lease_event(Ok(watcher::Event::Apply(versioned(None, "11", now))));
+        assert!(matches!(stale, Next::Keep));
+        campaign.publish();
+        assert!(matches!(*term.borrow(), Term::Leading { number: 1, .. }));
+        assert_eq!(counter.get(), 1, "one transition: started leading");
+        // A newer version that names another holder does end the term.
+        campaign.lease_event(Ok(watcher::Event::Apply(versioned(Some("other"), "13", now))));
+        campaign.publish();
+        assert!(matches!(*term.borrow(), Term::Following));
     }
 }
