@@ -48,17 +48,51 @@ pub async fn build(
     else {
         return Ok(None);
     };
-    let config = CapacityConfig {
-        driver: driver.name.clone(),
-        send_topology,
+    let identity = ObjectIdentity {
+        namespace: namespace.to_string(),
+        driver: model::driver_label_value(&driver.name),
+        managed_by: model::managed_by(node),
+        owner,
+    };
+    let placement = Placement {
         topology,
-        volume_events: node.is_none(),
-        identity: ObjectIdentity {
-            namespace: namespace.to_string(),
-            driver: model::driver_label_value(&driver.name),
-            managed_by: model::managed_by(node),
-            owner,
-        },
+        send_topology,
+        per_node: node.is_some(),
+    };
+    let config = config(args, &driver.name, placement, identity, event_target, instance);
+    Ok(Some(CapacityController::new(
+        client.clone(),
+        csi.clone(),
+        config,
+        metrics,
+        leadership,
+    )))
+}
+
+/// Where the controller publishes: its segments, whether GetCapacity gets
+/// them, and whether this is a per-node instance.
+struct Placement {
+    topology: Topology,
+    send_topology: bool,
+    per_node: bool,
+}
+
+/// The controller's settings from the flags and what startup found out.
+fn config(
+    args: &Args,
+    driver: &str,
+    placement: Placement,
+    identity: ObjectIdentity,
+    event_target: Option<ObjectReference>,
+    instance: String,
+) -> CapacityConfig {
+    CapacityConfig {
+        driver: driver.to_string(),
+        send_topology: placement.send_topology,
+        topology: placement.topology,
+        // A per-node instance polls its local driver instead of a cluster-wide PV watch.
+        volume_events: !placement.per_node,
+        identity,
         poll_interval: args.capacity_poll_interval(),
         workers: usize::from(args.capacity_workers),
         include_immediate: args.capacity_for_immediate_binding,
@@ -72,14 +106,7 @@ pub async fn build(
         },
         event_target,
         instance,
-    };
-    Ok(Some(CapacityController::new(
-        client.clone(),
-        csi.clone(),
-        config,
-        metrics,
-        leadership,
-    )))
+    }
 }
 
 /// `--capacity-owner` for this mode: `auto` is the Node per node, the
