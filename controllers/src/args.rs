@@ -96,6 +96,29 @@ pub enum CapacityEnablement {
     Always,
 }
 
+/// `--ephemeral-release`: which finished pods give their claims back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum EphemeralRelease {
+    /// Pods that failed without ever starting a container (the kubelet
+    /// rejected them at admission).
+    #[default]
+    Rejected,
+    /// Every pod in a terminal phase (Succeeded, Failed).
+    Terminated,
+    /// None, as kube-controller-manager: claims stay until the pod object goes.
+    Never,
+}
+
+impl From<EphemeralRelease> for volplane_ephemeral::ReleaseMode {
+    fn from(release: EphemeralRelease) -> Self {
+        match release {
+            EphemeralRelease::Rejected => Self::Rejected,
+            EphemeralRelease::Terminated => Self::Terminated,
+            EphemeralRelease::Never => Self::Never,
+        }
+    }
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -224,6 +247,17 @@ pub struct Args {
     #[arg(long, env = "EPHEMERAL_WORKERS", value_name = "N", default_value_t = 50,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub ephemeral_workers: u16,
+
+    /// Which finished pods give their ephemeral volumes' claims back while
+    /// the pod object stays: the claim is deleted and, once its volume is
+    /// provably not in use, PVC protection is lifted.
+    #[arg(long, env = "EPHEMERAL_RELEASE", value_enum, default_value_t = EphemeralRelease::Rejected)]
+    pub ephemeral_release: EphemeralRelease,
+
+    /// How long after its last container finished an admitted pod's claims
+    /// wait before release, for the kubelet to unmount the volumes.
+    #[arg(long, env = "EPHEMERAL_RELEASE_DELAY", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+    pub ephemeral_release_delay: Duration,
 
     /// Time between ListVolumes sweeps of the health controller.
     #[arg(long, env = "HEALTH_LIST_INTERVAL", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]

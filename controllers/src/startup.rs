@@ -179,6 +179,8 @@ impl Controllers<'_> {
                 base: Duration::from_millis(500),
                 max: Duration::from_secs(300),
             },
+            release: args.ephemeral_release.into(),
+            release_delay: args.ephemeral_release_delay,
         };
         let leadership = self.elections.join(args, EPHEMERAL_LEASE.to_string());
         let ephemeral = EphemeralController::new(self.client.clone(), config, metrics, leadership);

@@ -2,6 +2,7 @@
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -16,6 +17,11 @@ pub struct EphemeralMetrics {
     pub pod_to_claim_seconds: Histogram,
     /// Pod reconciles by outcome (`ok`, `failed`, `not_leading`).
     pub reconciles: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Claims of finished pods released, by reason (`rejected`, `terminated`).
+    pub released: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Finished pods whose claims wait for their node (Ready again, or no
+    /// longer listing the volume in `status.volumesInUse`).
+    pub releases_waiting: Gauge,
 }
 
 impl EphemeralMetrics {
@@ -33,6 +39,8 @@ impl EphemeralMetrics {
             failures: Family::default(),
             pod_to_claim_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             reconciles: Family::default(),
+            released: Family::default(),
+            releases_waiting: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("ephemeral");
         sub.register(
@@ -54,6 +62,16 @@ impl EphemeralMetrics {
             "reconciles",
             "pod reconciles by outcome: ok, failed, not_leading (skipped; redone when this instance leads)",
             metrics.reconciles.clone(),
+        );
+        sub.register(
+            "released",
+            "PVCs of finished pods released (deleted, PVC protection lifted), by reason: rejected, terminated",
+            metrics.released.clone(),
+        );
+        sub.register(
+            "releases_waiting",
+            "finished pods whose PVCs wait for their node: NotReady, or still listing the volume in status.volumesInUse",
+            metrics.releases_waiting.clone(),
         );
         metrics
     }

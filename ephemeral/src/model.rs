@@ -33,9 +33,12 @@ volplane_runtime::slim_resource!(SlimPod, Pod);
 
 /// The part of a pod's spec the controller reads.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SlimPodSpec {
     /// The pod's volumes.
     pub volumes: Option<Vec<SlimVolume>>,
+    /// The node the pod is bound to.
+    pub node_name: Option<String>,
 }
 
 /// A pod volume: its name and, for a generic ephemeral volume, the template.
@@ -57,9 +60,96 @@ pub struct SlimEphemeral {
 
 /// The part of a pod's status the controller reads.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SlimPodStatus {
     /// `Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`.
     pub phase: Option<String>,
+    /// Why the pod is in this phase (`OutOfcpu`, `NodeAffinity`, …).
+    pub reason: Option<String>,
+    /// `initContainerStatuses`.
+    pub init_container_statuses: Option<Vec<SlimContainerStatus>>,
+    /// `containerStatuses`.
+    pub container_statuses: Option<Vec<SlimContainerStatus>>,
+    /// `ephemeralContainerStatuses`.
+    pub ephemeral_container_statuses: Option<Vec<SlimContainerStatus>>,
+}
+
+impl SlimPodStatus {
+    /// Every container status of the pod: init, regular and ephemeral.
+    pub fn containers(&self) -> impl Iterator<Item = &SlimContainerStatus> {
+        [
+            &self.init_container_statuses,
+            &self.container_statuses,
+            &self.ephemeral_container_statuses,
+        ]
+        .into_iter()
+        .flatten()
+        .flatten()
+    }
+}
+
+/// A container status as far as releasing claims needs it: did the
+/// container ever run, and when did it finish.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimContainerStatus {
+    /// The current state.
+    pub state: Option<SlimContainerState>,
+    /// The state before the last restart.
+    pub last_state: Option<SlimContainerState>,
+    /// Whether the startup probe passed.
+    pub started: Option<bool>,
+}
+
+/// `running`, `terminated` (with `finishedAt`) or neither (waiting).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SlimContainerState {
+    /// Present while the container runs.
+    pub running: Option<serde::de::IgnoredAny>,
+    /// Present once it has exited.
+    pub terminated: Option<SlimTerminated>,
+}
+
+/// `state.terminated`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimTerminated {
+    /// When the container exited.
+    pub finished_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+/// A node as the release of finished pods' claims reads it: Ready, and
+/// the volumes its kubelet has in use.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SlimNode {
+    /// Its name.
+    #[serde(deserialize_with = "volplane_runtime::slim::metadata")]
+    pub metadata: ObjectMeta,
+    /// Conditions and `volumesInUse`.
+    pub status: Option<SlimNodeStatus>,
+}
+
+volplane_runtime::slim_resource!(SlimNode, k8s_openapi::api::core::v1::Node);
+
+/// The part of a node's status the controller reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimNodeStatus {
+    /// Its conditions, of which Ready counts.
+    pub conditions: Option<Vec<SlimCondition>>,
+    /// The unique names of the volumes the kubelet has in use (attachable
+    /// drivers only).
+    pub volumes_in_use: Option<Vec<String>>,
+}
+
+/// A condition's type and status.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SlimCondition {
+    /// `Ready`, …
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False`, `Unknown`.
+    pub status: String,
 }
 
 /// A PVC as the controller reads it: its metadata, for ownership.
@@ -197,6 +287,8 @@ pub enum Need {
     Create,
     /// A claim by that name that is not the pod's: read it and report.
     Check,
+    /// The pod is finished and its claim is to be released.
+    Release,
 }
 
 /// What a volume needs, given the cached claim's controlling pod.
@@ -205,6 +297,15 @@ pub fn need(cached: Option<Option<&str>>, pod_uid: &str) -> Need {
         None => Need::Create,
         Some(Some(uid)) if uid == pod_uid => Need::Nothing,
         Some(_) => Need::Check,
+    }
+}
+
+/// What a volume of a finished pod needs: its own claim released;
+/// nothing for a claim that is missing or someone else's.
+pub fn release_need(cached: Option<Option<&str>>, pod_uid: &str) -> Need {
+    match cached {
+        Some(Some(uid)) if uid == pod_uid => Need::Release,
+        _ => Need::Nothing,
     }
 }
 

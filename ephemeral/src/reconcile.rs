@@ -11,17 +11,26 @@
 //! watch confirms it later); a claim deleted while its pod is active is
 //! created again; a pod blocked by a foreign claim of its name is retried
 //! the moment that claim is deleted or adopted.
+//!
+//! Finished pods (see [`crate::release`]) are kept only while they still
+//! own a claim that `--ephemeral-release` gives back; then a node watch
+//! (slim: Ready and `volumesInUse`, hashed) tells when a claim that waits
+//! for its node may go. A release deletes the claim with a UID precondition
+//! and lifts its `kubernetes.io/pvc-protection` finalizer under a
+//! resourceVersion precondition.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::future::{BoxFuture, join_all};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, PersistentVolumeClaimTemplate};
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::{
+    ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimTemplate,
+};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
@@ -33,7 +42,13 @@ use volplane_runtime::{Backoff, Leadership, Readiness, WorkQueue, control_loop};
 
 use crate::error::{ClaimFailure, Error};
 use crate::metrics::EphemeralMetrics;
-use crate::model::{self, FailureReason, Need, Ownership, PodIdentity, SlimClaim, SlimPod, Volumes, VolumesInterner};
+use crate::model::{
+    self, FailureReason, Need, Ownership, PodIdentity, SlimClaim, SlimNode, SlimPod, Volumes, VolumesInterner,
+};
+use crate::release::{self, Finished, NodeFacts, ReleaseMode, Verdict};
+
+/// The finalizer of PVC protection, lifted from a released claim.
+const PVC_PROTECTION: &str = "kubernetes.io/pvc-protection";
 
 /// Settings of the ephemeral controller.
 #[derive(Clone, Debug)]
@@ -44,6 +59,11 @@ pub struct EphemeralConfig {
     pub instance: String,
     /// Retry delays of a pod whose claims failed.
     pub backoff: Backoff,
+    /// Which finished pods give their claims back.
+    pub release: ReleaseMode,
+    /// How long after its last container finished an admitted pod's claims
+    /// wait, for the kubelet to unmount them.
+    pub release_delay: Duration,
 }
 
 /// The ephemeral controller. Every replica watches; only while
@@ -77,26 +97,53 @@ impl std::fmt::Display for Key {
     }
 }
 
-/// What is kept of an active pod with generic ephemeral volumes.
+/// What is kept of a pod with generic ephemeral volumes: an active one,
+/// or a finished one whose claims are to be released.
 #[derive(Clone, Debug)]
 struct PodState {
     uid: Box<str>,
     /// Creation time in seconds since the epoch (the latency metric).
     created: Option<i64>,
     volumes: Volumes,
+    finished: Option<FinishedPod>,
+}
+
+/// A finished pod whose claims `--ephemeral-release` gives back.
+#[derive(Clone, Debug)]
+struct FinishedPod {
+    facts: Finished,
+    node: Option<Arc<str>>,
+    /// When volplane first saw it finished (seconds since the epoch).
+    first_seen: i64,
 }
 
 enum Signal {
     Pod(Box<Event<SlimPod>>),
     Claim(Box<Event<SlimClaim>>),
+    Node(Box<Event<SlimNode>>),
     WatchFailed { source: &'static str, error: String },
+}
+
+/// What became of one volume of a handled pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Done {
+    /// Its claim exists and is the pod's (created now or found).
+    Created(String),
+    /// Its claim was released.
+    Released(String),
+    /// Nothing to release: the claim is gone, not the pod's, or already
+    /// being deleted and held by someone else's finalizer.
+    Untouched(String),
+    /// Its node lists the volume in `status.volumesInUse`, as of the node's
+    /// `generation`.
+    Waiting { generation: u64 },
 }
 
 /// A handled pod: the outcome of each volume that needed work.
 struct Handled {
     pod: Key,
     uid: Box<str>,
-    outcomes: Vec<Result<String, ClaimFailure>>,
+    outcomes: Vec<Result<Done, ClaimFailure>>,
 }
 
 impl EphemeralController {
@@ -141,8 +188,25 @@ impl EphemeralController {
                     error: error.to_string(),
                 },
             });
-        let mut signals = futures::stream::select(pods.boxed(), claims.boxed());
-        info!(workers = self.config.workers, "ephemeral controller starting");
+        let mut signals = futures::stream::select_all([pods.boxed(), claims.boxed()]);
+        if self.config.release != ReleaseMode::Never {
+            let nodes = watcher::watcher(Api::<SlimNode>::all(self.client.clone()), watcher::Config::default())
+                .default_backoff()
+                .map(|event| match event {
+                    Ok(event) => Signal::Node(Box::new(event)),
+                    Err(error) => Signal::WatchFailed {
+                        source: "nodes",
+                        error: error.to_string(),
+                    },
+                });
+            signals.push(nodes.boxed());
+        }
+        info!(
+            workers = self.config.workers,
+            release = ?self.config.release,
+            release_delay = ?self.config.release_delay,
+            "ephemeral controller starting"
+        );
         let mut state = LoopState::new(self);
         control_loop::run(&mut state, &mut signals, shutdown).await;
         info!("ephemeral controller stopped");
@@ -158,7 +222,8 @@ struct LoopState {
     leadership: Leadership,
     leading: bool,
     ready: Readiness,
-    namespaces: HashSet<Arc<str>>,
+    /// Namespace and node names, shared between keys.
+    names: HashSet<Arc<str>>,
     interner: VolumesInterner,
     /// Active pods with generic ephemeral volumes.
     pods: HashMap<Key, PodState>,
@@ -166,8 +231,15 @@ struct LoopState {
     /// Every claim, with the UID of the pod that controls it (if one does).
     claims: HashMap<Key, Option<Box<str>>>,
     claims_listing: Option<HashMap<Key, Option<Box<str>>>>,
+    /// Nodes (only when claims are released): Ready and volumes in use.
+    nodes: HashMap<Arc<str>, NodeFacts>,
+    nodes_listing: Option<HashMap<Arc<str>, NodeFacts>>,
+    node_changes: u64,
+    /// Finished pods waiting for their node to change, by node.
+    waiting: HashMap<Key, Arc<str>>,
     pods_listed: bool,
     claims_listed: bool,
+    nodes_listed: bool,
     synced: bool,
     queue: WorkQueue<Key>,
     /// Claims held by someone else, and the pod waiting for each name.
@@ -201,6 +273,7 @@ impl control_loop::State for LoopState {
         match signal {
             Signal::Pod(event) => self.on_pod(*event),
             Signal::Claim(event) => self.on_claim(*event),
+            Signal::Node(event) => self.on_node(*event),
             Signal::WatchFailed { source, error } => warn!(source, %error, "watch failed; retrying with backoff"),
         }
     }
@@ -229,6 +302,7 @@ impl LoopState {
             controller: "volplane-ephemeral".into(),
             instance: Some(controller.config.instance.clone()),
         };
+        let controller_release_never = controller.config.release == ReleaseMode::Never;
         Self {
             recorder: Recorder::new(controller.client.clone(), reporter),
             client: controller.client,
@@ -237,14 +311,19 @@ impl LoopState {
             leadership: controller.leadership,
             leading: false,
             ready: controller.ready,
-            namespaces: HashSet::new(),
+            names: HashSet::new(),
             interner: VolumesInterner::default(),
             pods: HashMap::new(),
             pods_listing: None,
             claims: HashMap::new(),
             claims_listing: None,
+            nodes: HashMap::new(),
+            nodes_listing: None,
+            node_changes: 0,
+            waiting: HashMap::new(),
             pods_listed: false,
             claims_listed: false,
+            nodes_listed: controller_release_never,
             synced: false,
             queue: WorkQueue::default(),
             blocked: HashMap::new(),
@@ -252,38 +331,67 @@ impl LoopState {
         }
     }
 
-    fn key(&mut self, meta: &kube::api::ObjectMeta) -> Option<Key> {
-        let namespace = meta.namespace.as_deref()?;
-        let name = meta.name.as_deref()?;
-        let namespace = match self.namespaces.get(namespace) {
+    /// The shared copy of a namespace or node name.
+    fn name(&mut self, name: &str) -> Arc<str> {
+        match self.names.get(name) {
             Some(shared) => shared.clone(),
             None => {
-                let shared: Arc<str> = namespace.into();
-                self.namespaces.insert(shared.clone());
+                let shared: Arc<str> = name.into();
+                self.names.insert(shared.clone());
                 shared
             }
-        };
+        }
+    }
+
+    fn key(&mut self, meta: &kube::api::ObjectMeta) -> Option<Key> {
+        let namespace = self.name(meta.namespace.as_deref()?);
         Some(Key {
             namespace,
-            name: name.into(),
+            name: meta.name.as_deref()?.into(),
         })
     }
 
-    /// What is kept of `pod`: nothing unless it is active and has generic
-    /// ephemeral volumes.
+    /// What is kept of `pod`: nothing unless it has generic ephemeral
+    /// volumes and is active, or finished in a way whose claims are released.
     fn pod_state(&mut self, pod: &SlimPod) -> Option<(Key, PodState)> {
-        if !model::is_active(pod) {
-            return None;
-        }
+        let finished = if model::is_active(pod) {
+            None
+        } else {
+            Some(release::finished(pod, self.config.release)?)
+        };
         let volumes = model::ephemeral_volumes(pod);
         if volumes.is_empty() {
             return None;
         }
         let key = self.key(&pod.metadata)?;
+        let uid: Box<str> = pod.metadata.uid.as_deref()?.into();
+        let finished = match finished {
+            None => None,
+            Some(facts) => {
+                let node = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .map(|n| self.name(n));
+                // Seen finished before: the wait counts from then.
+                let first_seen = self
+                    .pods
+                    .get(&key)
+                    .filter(|known| known.uid == uid)
+                    .and_then(|known| known.finished.as_ref())
+                    .map_or_else(epoch_seconds, |known| known.first_seen);
+                Some(FinishedPod {
+                    facts,
+                    node,
+                    first_seen,
+                })
+            }
+        };
         let state = PodState {
-            uid: pod.metadata.uid.as_deref()?.into(),
+            uid,
             created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
             volumes: self.interner.intern(volumes),
+            finished,
         };
         Some((key, state))
     }
@@ -412,7 +520,7 @@ impl LoopState {
 
     /// Both watches have listed: decisions can be made.
     fn listed(&mut self) {
-        if self.synced || !(self.pods_listed && self.claims_listed) {
+        if self.synced || !(self.pods_listed && self.claims_listed && self.nodes_listed) {
             return;
         }
         self.synced = true;
@@ -447,7 +555,12 @@ impl LoopState {
                     name: model::claim_name(&key.name, volume).into(),
                 };
                 let cached = self.claims.get(&claim).map(|owner| owner.as_deref());
-                (i, model::need(cached, &state.uid))
+                let need = if state.finished.is_some() {
+                    model::release_need(cached, &state.uid)
+                } else {
+                    model::need(cached, &state.uid)
+                };
+                (i, need)
             })
             .filter(|(_, need)| *need != Need::Nothing)
             .collect()
@@ -459,6 +572,12 @@ impl LoopState {
             return;
         };
         if self.needs(key, state).is_empty() {
+            if state.finished.is_some() {
+                // Nothing (left) to release: not kept.
+                self.pods.remove(key);
+                self.forget(key);
+                return;
+            }
             self.queue.succeeded(key);
             return;
         }
@@ -475,6 +594,115 @@ impl LoopState {
     fn forget(&mut self, key: &Key) {
         self.queue.forget(key);
         self.blocked.retain(|_, waiting| waiting != key);
+        if self.waiting.remove(key).is_some() {
+            self.metrics.releases_waiting.set(gauge_value(self.waiting.len()));
+        }
+    }
+
+    /// Finished pod `key` waits until its node changes.
+    fn wait_for_node(&mut self, key: Key, node: Arc<str>) {
+        self.waiting.insert(key, node);
+        self.metrics.releases_waiting.set(gauge_value(self.waiting.len()));
+    }
+
+    fn on_node(&mut self, event: Event<SlimNode>) {
+        match event {
+            Event::Init => self.nodes_listing = Some(HashMap::new()),
+            Event::InitApply(node) => {
+                let Some(name) = node.metadata.name.as_deref() else {
+                    return;
+                };
+                let name = self.name(name);
+                self.node_changes += 1;
+                let facts = node_facts(&node, self.node_changes);
+                if let Some(listing) = &mut self.nodes_listing {
+                    listing.insert(name, facts);
+                }
+            }
+            Event::InitDone => {
+                self.nodes = self.nodes_listing.take().unwrap_or_default();
+                self.nodes_listed = true;
+                if self.synced {
+                    // Nodes may have changed while the watch was down.
+                    let waiting: Vec<Key> = self.waiting.keys().cloned().collect();
+                    self.recheck(waiting);
+                }
+                self.listed();
+            }
+            Event::Apply(node) => {
+                let Some(name) = node.metadata.name.as_deref() else {
+                    return;
+                };
+                let name = self.name(name);
+                self.node_changes += 1;
+                let facts = node_facts(&node, self.node_changes);
+                let known = self.nodes.get(&name);
+                let changed = known.is_none_or(|k| k.ready != facts.ready || k.volumes_in_use != facts.volumes_in_use);
+                self.nodes.insert(name.clone(), facts);
+                if changed {
+                    self.node_changed(&name);
+                }
+            }
+            Event::Delete(node) => {
+                if let Some(name) = node.metadata.name.as_deref() {
+                    let name = self.name(name);
+                    self.nodes.remove(&name);
+                    self.node_changed(&name);
+                }
+            }
+        }
+    }
+
+    /// The pods waiting for node `name` decide again.
+    fn node_changed(&mut self, name: &Arc<str>) {
+        let waiting: Vec<Key> = self
+            .waiting
+            .iter()
+            .filter(|(_, node)| *node == name)
+            .map(|(pod, _)| pod.clone())
+            .collect();
+        self.recheck(waiting);
+    }
+
+    fn recheck(&mut self, pods: Vec<Key>) {
+        for pod in pods {
+            self.waiting.remove(&pod);
+            self.look_at(&pod);
+        }
+        self.metrics.releases_waiting.set(gauge_value(self.waiting.len()));
+    }
+
+    /// Whether finished pod `key` may give its claims back now; if not, it
+    /// waits for its node or is queued for when it may.
+    fn may_release(&mut self, key: &Key, finished: &FinishedPod) -> Option<Option<NodeFacts>> {
+        let node = match &finished.node {
+            None => None,
+            Some(name) => Some((name.clone(), self.nodes.get(name).cloned())),
+        };
+        let view = match &node {
+            None => release::Node::None,
+            Some((_, None)) => release::Node::Gone,
+            Some((_, Some(facts))) => release::Node::Known(facts),
+        };
+        let now = epoch_seconds();
+        let delay = i64::try_from(self.config.release_delay.as_secs()).unwrap_or(i64::MAX);
+        match release::timing(&finished.facts, view, now, finished.first_seen, delay) {
+            Verdict::Release => Some(node.and_then(|(_, facts)| facts)),
+            Verdict::NotBefore(due) => {
+                let wait = Duration::from_secs(u64::try_from(due - now).unwrap_or(0));
+                self.queue.schedule(key.clone(), Instant::now() + wait);
+                None
+            }
+            Verdict::WaitForNode(why) => {
+                if let Some((name, _)) = node {
+                    if !self.waiting.contains_key(key) {
+                        info!(pod = %key, node = %name, why, "claims of a finished pod wait for its node");
+                    }
+                    self.wait_for_node(key.clone(), name);
+                }
+                None
+            }
+        }
     }
 
     fn has_free_worker(&self) -> bool {
@@ -500,6 +728,27 @@ impl LoopState {
                 self.queue.succeeded(&key);
                 continue;
             }
+            if let Some(finished) = state.finished.clone() {
+                let state = state.clone();
+                let Some(node) = self.may_release(&key, &finished) else {
+                    // Scheduled for later, or waiting for its node.
+                    self.queue.finish(&key);
+                    continue;
+                };
+                let work = ReleaseWork {
+                    client: self.client.clone(),
+                    recorder: self.recorder.clone(),
+                    leadership: self.leadership.clone(),
+                    metrics: self.metrics.clone(),
+                    pod: key,
+                    state,
+                    finished,
+                    node,
+                    needs,
+                };
+                self.tasks.push(work.run().boxed());
+                continue;
+            }
             let work = PodWork {
                 client: self.client.clone(),
                 recorder: self.recorder.clone(),
@@ -518,9 +767,10 @@ impl LoopState {
         self.queue.finish(&pod);
         let current = self.pods.get(&pod).is_some_and(|state| state.uid == uid);
         let mut failures = Vec::new();
+        let mut waiting_since = None;
         for outcome in outcomes {
             match outcome {
-                Ok(claim) => {
+                Ok(Done::Created(claim)) => {
                     // Known at once: a pod event before the watch confirms it creates nothing twice.
                     let claim = Key {
                         namespace: pod.namespace.clone(),
@@ -528,6 +778,25 @@ impl LoopState {
                     };
                     self.claims.insert(claim, Some(uid.clone()));
                 }
+                Ok(Done::Released(claim)) => {
+                    // Gone (the watch confirms it).
+                    self.claims.remove(&Key {
+                        namespace: pod.namespace.clone(),
+                        name: claim.into(),
+                    });
+                }
+                Ok(Done::Untouched(claim)) => {
+                    // Not the pod's to release after all: nothing more to do
+                    // for it until the watch says otherwise.
+                    let claim = Key {
+                        namespace: pod.namespace.clone(),
+                        name: claim.into(),
+                    };
+                    if let Some(owner) = self.claims.get_mut(&claim) {
+                        *owner = None;
+                    }
+                }
+                Ok(Done::Waiting { generation }) => waiting_since = Some(generation),
                 Err(failure) => failures.push(failure),
             }
         }
@@ -542,9 +811,15 @@ impl LoopState {
             self.metrics.reconciled("not_leading");
             return;
         }
+        if let Some(generation) = waiting_since {
+            self.wait_for_volumes_in_use(&pod, generation);
+        }
         if failures.is_empty() {
             self.queue.succeeded(&pod);
             self.metrics.reconciled("ok");
+            if waiting_since.is_none() {
+                self.look_at(&pod);
+            }
             return;
         }
         self.metrics.reconciled("failed");
@@ -561,6 +836,221 @@ impl LoopState {
         let delay = self.config.backoff.delay(attempts);
         warn!(%pod, error = %Error::Claims(failures), retry_in = ?delay, "ephemeral volumes not ready");
         self.queue.schedule(pod, Instant::now() + delay);
+    }
+
+    /// Finished pod `key` found its node listing a claim's volume in
+    /// `status.volumesInUse` as of the node's `generation`: it waits for the
+    /// node's next change (now, if it changed meanwhile).
+    fn wait_for_volumes_in_use(&mut self, key: &Key, generation: u64) {
+        let Some(node) = self.pods.get(key).and_then(|s| s.finished.as_ref()?.node.clone()) else {
+            return;
+        };
+        if self.nodes.get(&node).is_none_or(|facts| facts.generation != generation) {
+            self.look_at(key);
+            return;
+        }
+        if !self.waiting.contains_key(key) {
+            info!(pod = %key, %node, "claims of a finished pod wait: its node lists the volume in status.volumesInUse");
+        }
+        self.wait_for_node(key.clone(), node);
+    }
+}
+
+/// Seconds since the epoch, now.
+fn epoch_seconds() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn gauge_value(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+/// What is kept of a node: Ready, and its volumes in use, hashed.
+fn node_facts(node: &SlimNode, generation: u64) -> NodeFacts {
+    let status = node.status.as_ref();
+    NodeFacts {
+        ready: status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        volumes_in_use: status
+            .and_then(|s| s.volumes_in_use.as_ref())
+            .map(|v| v.iter().map(|name| release::volume_key(name)).collect())
+            .unwrap_or_default(),
+        generation,
+    }
+}
+
+/// The claims of one finished pod, released.
+struct ReleaseWork {
+    client: kube::Client,
+    recorder: Recorder,
+    leadership: Leadership,
+    metrics: Arc<EphemeralMetrics>,
+    pod: Key,
+    state: PodState,
+    finished: FinishedPod,
+    /// The pod's node as last seen, if it has one that exists.
+    node: Option<NodeFacts>,
+    needs: Vec<(usize, Need)>,
+}
+
+impl ReleaseWork {
+    async fn run(self) -> Handled {
+        let outcomes: Vec<Result<Done, ClaimFailure>> = join_all(self.needs.iter().map(|(i, _)| {
+            let (volume, _) = &self.state.volumes[*i];
+            self.release(volume)
+        }))
+        .await;
+        for (outcome, (i, _)) in outcomes.iter().zip(&self.needs) {
+            match outcome {
+                Ok(Done::Released(claim)) => self.announce(claim, &self.state.volumes[*i].0).await,
+                Err(failure) if failure.reason != FailureReason::NotLeader => {
+                    warn!(pod = %self.pod, claim = %failure.claim, message = %failure.message, "cannot release the claim of a finished pod");
+                }
+                _ => {}
+            }
+        }
+        Handled {
+            pod: self.pod.clone(),
+            uid: self.state.uid.clone(),
+            outcomes,
+        }
+    }
+
+    /// Releases the claim of `volume` if it is the pod's and its volume is
+    /// not in use: delete (UID precondition), then lift PVC protection.
+    async fn release(&self, volume: &str) -> Result<Done, ClaimFailure> {
+        let name = model::claim_name(&self.pod.name, volume);
+        let failure = |reason: FailureReason, message: String| ClaimFailure {
+            claim: name.clone(),
+            reason,
+            message,
+        };
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.pod.namespace);
+        let claim = match api.get_opt(&name).await {
+            Ok(Some(claim)) => claim,
+            Ok(None) => return Ok(Done::Untouched(name)),
+            Err(error) => {
+                return Err(failure(
+                    FailureReason::Other,
+                    format!("cannot read PVC {name}: {error}"),
+                ));
+            }
+        };
+        if model::controlling_pod(&claim.metadata) != Some(&*self.state.uid) {
+            return Ok(Done::Untouched(name));
+        }
+        if let Some(node) = &self.node
+            && !node.volumes_in_use.is_empty()
+        {
+            let pv = claim
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.as_deref())
+                .filter(|n| !n.is_empty());
+            let in_use = match pv {
+                None => false,
+                Some(pv) => match Api::<PersistentVolume>::all(self.client.clone()).get_opt(pv).await {
+                    Ok(pv) => {
+                        let csi = pv.as_ref().and_then(|pv| pv.spec.as_ref()?.csi.as_ref());
+                        let volume = csi.map_or(release::Volume::Other, |csi| release::Volume::Csi {
+                            driver: &csi.driver,
+                            handle: &csi.volume_handle,
+                        });
+                        release::in_use(node, &volume)
+                    }
+                    Err(error) => return Err(failure(FailureReason::Other, format!("cannot read PV {pv}: {error}"))),
+                },
+            };
+            if in_use {
+                return Ok(Done::Waiting {
+                    generation: node.generation,
+                });
+            }
+        }
+        let mut claim = claim;
+        if claim.metadata.deletion_timestamp.is_none() {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: claim.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            let Ok(deleted) = self.leadership.guard(api.delete(&name, &params)).await else {
+                return Err(failure(FailureReason::NotLeader, "not leading".into()));
+            };
+            match deleted {
+                // Left: still there, held by finalizers; Right: deleted.
+                Ok(result) => match result.left() {
+                    Some(terminating) => claim = terminating,
+                    None => return Ok(Done::Released(name)),
+                },
+                // Gone, or another object by that name now.
+                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+                    return Ok(Done::Untouched(name));
+                }
+                Err(error) => {
+                    return Err(failure(
+                        FailureReason::Other,
+                        format!("deleting PVC {name} failed: {error}"),
+                    ));
+                }
+            }
+        }
+        let finalizers = claim.metadata.finalizers.clone().unwrap_or_default();
+        if !finalizers.iter().any(|f| f == PVC_PROTECTION) {
+            // Deleted by someone else and held by another finalizer: theirs.
+            return Ok(Done::Untouched(name));
+        }
+        let others: Vec<&String> = finalizers.iter().filter(|f| *f != PVC_PROTECTION).collect();
+        // The resourceVersion makes it a compare-and-swap: the list of
+        // finalizers written is the one just read.
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": claim.metadata.resource_version,
+            "finalizers": others,
+        }});
+        let Ok(patched) = self
+            .leadership
+            .guard(api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)))
+            .await
+        else {
+            return Err(failure(FailureReason::NotLeader, "not leading".into()));
+        };
+        match patched {
+            Ok(_) => Ok(Done::Released(name)),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(Done::Released(name)),
+            Err(error) => Err(failure(
+                FailureReason::Other,
+                format!("lifting PVC protection from {name} failed (retried): {error}"),
+            )),
+        }
+    }
+
+    /// The Normal event on the pod, the metric and the log line of a release.
+    async fn announce(&self, claim: &str, volume: &str) {
+        let facts = &self.finished.facts;
+        let reason = facts.ending.label();
+        self.metrics.released.get_or_create(&vec![("reason", reason)]).inc();
+        info!(pod = %self.pod, claim, reason, "released the claim of a finished pod");
+        let announcement = Announcement::normal(
+            "EphemeralVolumeReleased",
+            "ReleaseClaim",
+            release::note(claim, volume, facts),
+        );
+        let target = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(self.pod.namespace.to_string()),
+            name: Some(self.pod.name.to_string()),
+            uid: Some(self.state.uid.to_string()),
+            ..ObjectReference::default()
+        };
+        if let Err(error) = events::publish(&self.recorder, &self.leadership, &announcement, &target).await {
+            warn!(%error, "cannot publish event");
+        }
     }
 }
 
@@ -584,9 +1074,14 @@ impl PodWork {
             name: &self.pod.name,
             uid: &self.state.uid,
         };
-        let outcomes = join_all(self.needs.iter().map(|(i, need)| {
-            let (volume, template) = &self.state.volumes[*i];
-            self.ensure_claim(identity, volume, template, *need)
+        let this = &self;
+        let outcomes: Vec<Result<Done, ClaimFailure>> = join_all(self.needs.iter().map(|(i, need)| {
+            let (volume, template) = &this.state.volumes[*i];
+            async move {
+                this.ensure_claim(identity, volume, template, *need)
+                    .await
+                    .map(Done::Created)
+            }
         }))
         .await;
         for failure in outcomes.iter().filter_map(|o| o.as_ref().err()) {
@@ -744,6 +1239,7 @@ mod tests {
                 uid: slim.metadata.uid.as_deref().unwrap_or_default().into(),
                 created: None,
                 volumes: model::ephemeral_volumes(&slim).into(),
+                finished: None,
             },
             needs: vec![(0, Need::Create)],
         }
@@ -771,7 +1267,7 @@ mod tests {
         double.clear_requests();
 
         let handled = work.run().await;
-        assert_eq!(handled.outcomes, [Ok("p-v".to_string())]);
+        assert_eq!(handled.outcomes, [Ok(Done::Created("p-v".to_string()))]);
         assert_eq!(
             double.count(Verb::Create, "persistentvolumeclaims"),
             1,

@@ -8,7 +8,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
+use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics, ReleaseMode};
 use volplane_runtime::{Backoff, Leadership, Term};
 use volplane_tests::apiserver::{ApiServerDouble, Verb};
 use volplane_tests::background::Background;
@@ -20,6 +20,7 @@ struct Harness {
     registry: Registry,
     metrics: Arc<EphemeralMetrics>,
     leadership: Leadership,
+    release: ReleaseMode,
     running: Option<Background<Result<(), volplane_ephemeral::Error>>>,
 }
 
@@ -36,6 +37,7 @@ impl Harness {
             registry,
             metrics,
             leadership: Leadership::unconditional(),
+            release: ReleaseMode::default(),
             running: None,
         }
     }
@@ -57,6 +59,8 @@ impl Harness {
                     base: retry_base,
                     max: Duration::from_secs(300),
                 },
+                release: self.release,
+                release_delay: Duration::from_secs(1),
             },
             self.metrics.clone(),
             self.leadership.clone(),
@@ -453,5 +457,299 @@ async fn a_restart_with_every_claim_in_place_creates_nothing() {
         creates + 1,
         "only the new pod's claim"
     );
+    h.stop().await;
+}
+
+/// Waits until `check` resolves to true, failing after `limit`.
+async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    volplane_tests::wait::eventually_some(limit, what, || {
+        let done = check();
+        async move { done.await.then_some(()) }
+    })
+    .await;
+}
+
+impl Harness {
+    /// Writes `status` as the kubelet would, through the status subresource.
+    async fn set_pod_status(&self, pod: &str, status: serde_json::Value) {
+        self.pods()
+            .patch_status(pod, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+            .await
+            .expect("pod status");
+    }
+
+    /// Adds PVC protection's finalizer, as its admission plugin does.
+    async fn protect(&self, claim: &str) {
+        self.claims()
+            .patch(
+                claim,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": ["kubernetes.io/pvc-protection"]}})),
+            )
+            .await
+            .expect("finalizer");
+    }
+
+    async fn events(&self, reason: &str) -> Vec<Event> {
+        Api::<Event>::namespaced(self.client.clone(), "default")
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .collect()
+    }
+
+    fn metric(&self, line_start: &str) -> Option<f64> {
+        self.metrics_text()
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// A claim that is there, not being deleted, its finalizers intact.
+    async fn assert_untouched(&self, claim: &str) {
+        let claim = self.claims().get(claim).await.expect("still there");
+        assert!(claim.metadata.deletion_timestamp.is_none(), "{claim:?}");
+        assert_eq!(
+            claim.metadata.finalizers.as_deref(),
+            Some(&["kubernetes.io/pvc-protection".to_string()][..]),
+            "{claim:?}"
+        );
+    }
+}
+
+/// The status the kubelet writes on an admission rejection.
+fn rejected() -> serde_json::Value {
+    json!({"phase": "Failed", "reason": "OutOfcpu",
+           "message": "Pod was rejected: Node didn't have enough resource: cpu, requested: 64000, used: 0, capacity: 2000"})
+}
+
+fn succeeded() -> serde_json::Value {
+    json!({"phase": "Succeeded", "containerStatuses": [{"name": "c", "image": "i", "imageID": "", "ready": false,
+        "restartCount": 0, "state": {"terminated": {"exitCode": 0, "finishedAt": "2026-01-01T00:00:00Z"}}}]})
+}
+
+#[tokio::test]
+async fn a_rejected_pods_claim_is_deleted_its_protection_lifted_and_announced() {
+    let mut h = Harness::new().await;
+    h.start(Duration::from_millis(50)).await;
+    h.create_pod("job", &["scratch"]).await;
+    h.wait_for_claims("the claim", &["job-scratch"]).await;
+    h.protect("job-scratch").await;
+    h.set_pod_status("job", rejected()).await;
+    h.wait_for_claims("released", &[]).await;
+    let deletes: Vec<_> = h
+        .double
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "persistentvolumeclaims" && r.verb == Verb::Delete)
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+    assert_eq!(
+        h.double.count(Verb::Patch, "persistentvolumeclaims"),
+        2,
+        "the test's finalizer, then volplane lifting it"
+    );
+    let released = volplane_tests::wait::eventually_some(Duration::from_secs(10), "the event", || async {
+        h.events("EphemeralVolumeReleased").await.into_iter().next()
+    })
+    .await;
+    assert_eq!(released.type_.as_deref(), Some("Normal"));
+    assert_eq!(released.regarding.and_then(|r| r.name).as_deref(), Some("job"));
+    let note = released.note.unwrap_or_default();
+    assert!(note.contains("job-scratch") && note.contains("OutOfcpu"), "{note}");
+    assert_eq!(
+        h.metric("volplane_ephemeral_released_total{reason=\"rejected\"}"),
+        Some(1.0)
+    );
+    assert!(h.warnings().await.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn each_mode_releases_what_it_says_and_nothing_else() {
+    let mut h = Harness::new().await;
+    for release in [ReleaseMode::Never, ReleaseMode::Rejected, ReleaseMode::Terminated] {
+        h.release = release;
+        h.start(Duration::from_millis(50)).await;
+        let tag = format!("{release:?}").to_lowercase();
+        let (done, failed) = (format!("done-{tag}"), format!("failed-{tag}"));
+        h.create_pod(&done, &["v"]).await;
+        h.create_pod(&failed, &["v"]).await;
+        let (done_claim, failed_claim) = (format!("{done}-v"), format!("{failed}-v"));
+        for claim in [&done_claim, &failed_claim] {
+            wait_until(Duration::from_secs(20), "the claim", || async {
+                h.claims().get_opt(claim).await.ok().flatten().is_some()
+            })
+            .await;
+            h.protect(claim).await;
+        }
+        h.set_pod_status(&done, succeeded()).await;
+        h.set_pod_status(&failed, rejected()).await;
+        // A pod created afterwards proves the loop has seen both statuses.
+        let probe = format!("probe-{tag}");
+        h.create_pod(&probe, &["v"]).await;
+        let probe_claim = format!("{probe}-v");
+        wait_until(Duration::from_secs(20), "the probe's claim", || async {
+            h.claims().get_opt(&probe_claim).await.ok().flatten().is_some()
+        })
+        .await;
+        let gone = |claim: String| {
+            let claims = h.claims();
+            async move { claims.get_opt(&claim).await.ok().flatten().is_none() }
+        };
+        match release {
+            ReleaseMode::Never => {
+                h.assert_untouched(&done_claim).await;
+                h.assert_untouched(&failed_claim).await;
+            }
+            ReleaseMode::Rejected => {
+                wait_until(Duration::from_secs(20), "the rejected pod's claim released", || {
+                    gone(failed_claim.clone())
+                })
+                .await;
+                h.assert_untouched(&done_claim).await;
+            }
+            ReleaseMode::Terminated => {
+                // The container finished long ago: the 1 s delay has passed.
+                wait_until(Duration::from_secs(20), "both released", || async {
+                    gone(failed_claim.clone()).await && gone(done_claim.clone()).await
+                })
+                .await;
+                // The Succeeded pods of every round so far: the claims the
+                // earlier modes kept go now.
+                for earlier in ["done-never-v", "done-rejected-v"] {
+                    wait_until(
+                        Duration::from_secs(20),
+                        "earlier rounds' Succeeded pods released",
+                        || gone(earlier.to_string()),
+                    )
+                    .await;
+                }
+                assert_eq!(
+                    h.metric("volplane_ephemeral_released_total{reason=\"terminated\"}"),
+                    Some(3.0)
+                );
+            }
+        }
+        h.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn claims_that_are_not_the_finished_pods_own_are_never_touched() {
+    let mut h = Harness::new().await;
+    h.start(Duration::from_millis(50)).await;
+    // A finished pod whose claim name is taken by another pod's claim (the
+    // same name, another UID: a live pod's, or garbage collection takes it),
+    // and one whose claim name is taken by a PVC nobody owns.
+    let keeper = h.create_pod("keeper", &[]).await;
+    let other_uid = keeper.metadata.uid.clone().expect("uid");
+    for (pod, owner) in [("reused", Some(other_uid.as_str())), ("unowned", None)] {
+        let owners = owner
+            .map(|uid| json!([{"apiVersion": "v1", "kind": "Pod", "name": "keeper", "uid": uid, "controller": true}]));
+        let claim: PersistentVolumeClaim = serde_json::from_value(json!({"metadata": {"name": format!("{pod}-v"),
+            "finalizers": ["kubernetes.io/pvc-protection"], "ownerReferences": owners}}))
+        .expect("pvc");
+        h.claims().create(&PostParams::default(), &claim).await.expect("claim");
+        h.create_pod(pod, &["v"]).await;
+        h.set_pod_status(pod, rejected()).await;
+    }
+    // A running pod's claim.
+    h.create_pod("running", &["v"]).await;
+    h.wait_for_claims("running's claim", &["reused-v", "running-v", "unowned-v"])
+        .await;
+    h.protect("running-v").await;
+    h.set_pod_status("running", json!({"phase": "Running"})).await;
+    // A rejected pod released afterwards proves the others were decided.
+    h.create_pod("probe", &["v"]).await;
+    h.wait_for_claims("the probe's claim", &["probe-v", "reused-v", "running-v", "unowned-v"])
+        .await;
+    h.set_pod_status("probe", rejected()).await;
+    h.wait_for_claims("the probe released", &["reused-v", "running-v", "unowned-v"])
+        .await;
+    for claim in ["reused-v", "running-v", "unowned-v"] {
+        h.assert_untouched(claim).await;
+    }
+    assert_eq!(
+        h.double.count(Verb::Delete, "persistentvolumeclaims"),
+        1,
+        "the probe's only"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_claim_waits_while_its_node_lists_the_volume_in_use_and_goes_when_it_stops() {
+    let mut h = Harness::new().await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(h.client.clone());
+    let in_use = "kubernetes.io/csi/attach.example.com^vol-1";
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({"metadata": {"name": "n1"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "volumesInUse": [in_use]}}))
+    .expect("node");
+    nodes.create(&PostParams::default(), &node).await.expect("node");
+    let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(json!({"metadata": {"name": "pv-1"},
+        "spec": {"csi": {"driver": "attach.example.com", "volumeHandle": "vol-1"}}}))
+    .expect("pv");
+    Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(h.client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .expect("pv");
+    h.start(Duration::from_millis(50)).await;
+    h.create_pod("db", &["data"]).await;
+    h.pods()
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodeName": "n1"}})),
+        )
+        .await
+        .expect("bound");
+    h.wait_for_claims("the claim", &["db-data"]).await;
+    h.protect("db-data").await;
+    h.claims()
+        .patch(
+            "db-data",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"volumeName": "pv-1"}})),
+        )
+        .await
+        .expect("bound claim");
+    h.set_pod_status("db", rejected()).await;
+    eventually(Duration::from_secs(20), "the claim waits for its node", || {
+        h.metric("volplane_ephemeral_releases_waiting") == Some(1.0)
+    })
+    .await;
+    h.assert_untouched("db-data").await;
+    // Another volume of the node's changes nothing.
+    nodes
+        .patch_status(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"volumesInUse": [in_use, "kubernetes.io/csi/attach.example.com^vol-2"]}})),
+        )
+        .await
+        .expect("node status");
+    h.create_pod("probe", &["v"]).await;
+    h.wait_for_claims("the probe's claim", &["db-data", "probe-v"]).await;
+    h.assert_untouched("db-data").await;
+    // The kubelet is done with it.
+    nodes
+        .patch_status(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"volumesInUse": ["kubernetes.io/csi/attach.example.com^vol-2"]}})),
+        )
+        .await
+        .expect("node status");
+    h.wait_for_claims("released once the node stops listing it", &["probe-v"])
+        .await;
+    assert_eq!(h.metric("volplane_ephemeral_releases_waiting"), Some(0.0));
     h.stop().await;
 }

@@ -268,6 +268,8 @@ mod ephemeral {
                     base: Duration::from_millis(200),
                     max: Duration::from_secs(300),
                 },
+                release: volplane_ephemeral::ReleaseMode::default(),
+                release_delay: Duration::from_secs(60),
             },
             Arc::new(EphemeralMetrics::register(&mut registry)),
             volplane_runtime::Leadership::unconditional(),

@@ -329,6 +329,9 @@ fn why_text(why: &Why, color: bool) -> String {
         (true, false) => ("\x1b[31m", "\x1b[0m"),
     };
     out.push_str(&format!("{start}{}{end}\n", why.verdict));
+    if let Some(held) = &why.held {
+        out.push_str(&format!("Finished: {held}\n"));
+    }
     out
 }
 

@@ -275,6 +275,9 @@ pub struct Why {
     pub nodes: Vec<(String, Vec<Fit>)>,
     /// One line.
     pub verdict: String,
+    /// When the pod has finished and its ephemeral claims still exist:
+    /// who holds them and whether volplane releases them.
+    pub held: Option<String>,
 }
 
 /// The claims behind `pod`'s volumes: named PVCs, and generic ephemeral
@@ -453,12 +456,60 @@ pub fn why(pod: &Pod, pvcs: &[PersistentVolumeClaim], pvs: &[PersistentVolume], 
     let scheduled_on = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     let verdict = verdict(&pod_name, &claims, &fitting, nodes.len(), scheduled_on.as_deref());
     Why {
+        held: held(pod, pvcs),
         pod: pod_name,
         scheduled_on,
         claims,
         nodes,
         verdict,
     }
+}
+
+/// Whether a finished pod still holds ephemeral claims, and whether
+/// volplane's `--ephemeral-release` gives them back.
+pub fn held(pod: &Pod, pvcs: &[PersistentVolumeClaim]) -> Option<String> {
+    use volplane_ephemeral::model::{SlimPod, claim_name, controlling_pod};
+    use volplane_ephemeral::release::{Ending, ReleaseMode, finished};
+    let slim: SlimPod = serde_json::to_value(pod)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())?;
+    let uid = pod.metadata.uid.as_deref()?;
+    let name = pod.metadata.name.as_deref()?;
+    let held: Vec<String> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter(|v| v.ephemeral.is_some())
+        .map(|v| claim_name(name, &v.name))
+        .filter(|claim| {
+            pvcs.iter()
+                .any(|p| p.metadata.name.as_deref() == Some(claim) && controlling_pod(&p.metadata) == Some(uid))
+        })
+        .collect();
+    if held.is_empty() {
+        return None;
+    }
+    let claims = held.join(", ");
+    // `Terminated` accepts every finished pod; the ending says which mode releases it.
+    let done = finished(&slim, ReleaseMode::Terminated)?;
+    let why = done.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+    Some(match done.ending {
+        Ending::Rejected => format!(
+            "the pod failed before any container started{why} and will never run, but still holds {claims}: \
+             volplane releases them with --ephemeral-release=rejected (the default) or terminated{}",
+            if done.never_admitted {
+                " at once"
+            } else {
+                ", --ephemeral-release-delay after the pod finished"
+            }
+        ),
+        Ending::Terminated => format!(
+            "the pod has terminated and will never run again, but still holds {claims}: \
+             volplane releases them only with --ephemeral-release=terminated, \
+             --ephemeral-release-delay after its last container finished; \
+             otherwise they stay until the pod is deleted"
+        ),
+    })
 }
 
 fn verdict(pod: &str, claims: &[Claim], fitting: &[&str], nodes: usize, scheduled_on: Option<&str>) -> String {

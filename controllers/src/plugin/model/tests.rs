@@ -303,3 +303,38 @@ fn selectors_are_written_like_kubectl() {
     assert_eq!(selector_text(&selector), "zone=a,rack in (1,2),!gpu");
     assert_eq!(selector_text(&LabelSelector::default()), "<all>");
 }
+
+#[test]
+fn a_finished_pod_holding_its_claims_says_whether_volplane_releases_them() {
+    let mut pod = ephemeral_pod("job", "10Gi");
+    pod.metadata.uid = Some("u1".into());
+    let owned: PersistentVolumeClaim = from(json!({"metadata": {"name": "job-data",
+        "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "job", "uid": "u1", "controller": true}]}}));
+    let foreign: PersistentVolumeClaim = from(json!({"metadata": {"name": "job-data"}}));
+    assert_eq!(held(&pod, std::slice::from_ref(&owned)), None, "not finished");
+
+    pod.status = Some(from(
+        json!({"phase": "Failed", "reason": "OutOfcpu", "message": "Pod was rejected: …"}),
+    ));
+    let rejected = held(&pod, std::slice::from_ref(&owned)).expect("held");
+    assert!(
+        rejected.contains("job-data")
+            && rejected.contains("OutOfcpu")
+            && rejected.contains("the default")
+            && rejected.contains("at once"),
+        "{rejected}"
+    );
+    assert_eq!(held(&pod, &[foreign]), None, "not its claim");
+    assert_eq!(held(&pod, &[]), None, "already gone");
+
+    pod.status = Some(from(
+        json!({"phase": "Succeeded", "containerStatuses": [{"name": "c", "image": "i", "imageID": "",
+        "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": 0}}}]}),
+    ));
+    let terminated = held(&pod, &[owned]).expect("held");
+    assert!(
+        terminated.contains("only with --ephemeral-release=terminated")
+            && terminated.contains("until the pod is deleted"),
+        "{terminated}"
+    );
+}
