@@ -126,6 +126,12 @@ fn every_manifest_parses_into_typed_objects() {
                 "CSIDriver" => drop(typed::<CSIDriver>(path, &doc)),
                 "StorageClass" => drop(typed::<StorageClass>(path, &doc)),
                 "Pod" => drop(typed::<Pod>(path, &doc)),
+                "ValidatingAdmissionPolicy" => drop(typed::<
+                    k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy,
+                >(path, &doc)),
+                "ValidatingAdmissionPolicyBinding" => drop(typed::<
+                    k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding,
+                >(path, &doc)),
                 "FlowSchema" => drop(typed::<k8s_openapi::api::flowcontrol::v1::FlowSchema>(path, &doc)),
                 "PriorityLevelConfiguration" => drop(typed::<
                     k8s_openapi::api::flowcontrol::v1::PriorityLevelConfiguration,
