@@ -20,7 +20,8 @@ pub struct EphemeralMetrics {
     /// Claims of finished pods released, by reason (`rejected`, `terminated`).
     pub released: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Finished pods whose claims wait for their node (Ready again, or no
-    /// longer listing the volume in `status.volumesInUse`).
+    /// longer listing the volume in `status.volumesInUse`) or for a pod
+    /// that mounts the claim by name.
     pub releases_waiting: Gauge,
 }
 
@@ -70,7 +71,7 @@ impl EphemeralMetrics {
         );
         sub.register(
             "releases_waiting",
-            "finished pods whose PVCs wait for their node: NotReady, or still listing the volume in status.volumesInUse",
+            "finished pods whose PVCs wait: for their node (NotReady, or listing the volume in status.volumesInUse) or for a pod that mounts the claim by name",
             metrics.releases_waiting.clone(),
         );
         metrics

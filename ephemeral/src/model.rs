@@ -15,17 +15,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use serde::Deserialize;
 
 /// A pod as the controller reads it from the API server: identity, its
-/// volumes (only generic ephemeral ones are kept whole) and its phase.
-/// Everything else in the pod — containers, status, managed fields — is
-/// skipped by the parser.
+/// volumes (generic ephemeral ones whole, claims referenced by name), its
+/// node, and of its status the phase, reason and whether containers ever
+/// ran. Everything else in the pod — containers, managed fields, the rest of
+/// the status — is skipped by the parser.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct SlimPod {
     /// Name, namespace, UID, creation and deletion time.
     #[serde(deserialize_with = "volplane_runtime::slim::metadata")]
     pub metadata: ObjectMeta,
-    /// `spec.volumes`.
+    /// `spec.volumes` and `spec.nodeName`.
     pub spec: Option<SlimPodSpec>,
-    /// `status.phase`.
+    /// `status`: phase, reason, container states.
     pub status: Option<SlimPodStatus>,
 }
 
@@ -48,6 +49,17 @@ pub struct SlimVolume {
     pub name: String,
     /// `ephemeral`, when it is a generic ephemeral volume.
     pub ephemeral: Option<SlimEphemeral>,
+    /// `persistentVolumeClaim`, when it mounts a claim by name.
+    #[serde(rename = "persistentVolumeClaim")]
+    pub claim: Option<SlimClaimSource>,
+}
+
+/// `volume.persistentVolumeClaim`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimClaimSource {
+    /// The claim's name, in the pod's namespace.
+    pub claim_name: String,
 }
 
 /// `volume.ephemeral`.
@@ -191,6 +203,25 @@ pub fn is_active(pod: &SlimPod) -> bool {
         .and_then(|s| s.phase.as_deref())
         .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
     pod.metadata.deletion_timestamp.is_none() && !finished
+}
+
+/// The claims a pod that has not finished mounts by name
+/// (`persistentVolumeClaim.claimName`): they are in use, whoever owns them.
+/// A pod being deleted still counts until it has finished.
+pub fn claims_in_use(pod: &SlimPod) -> Vec<&str> {
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
+    if finished {
+        return Vec::new();
+    }
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| Some(v.claim.as_ref()?.claim_name.as_str()))
+        .collect()
 }
 
 /// The pod's generic ephemeral volumes: (volume name, claim template).

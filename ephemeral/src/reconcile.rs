@@ -47,9 +47,6 @@ use crate::model::{
 };
 use crate::release::{self, Finished, NodeFacts, ReleaseMode, Verdict};
 
-/// The finalizer of PVC protection, lifted from a released claim.
-const PVC_PROTECTION: &str = "kubernetes.io/pvc-protection";
-
 /// Settings of the ephemeral controller.
 #[derive(Clone, Debug)]
 pub struct EphemeralConfig {
@@ -67,7 +64,7 @@ pub struct EphemeralConfig {
 }
 
 /// The ephemeral controller. Every replica watches; only while
-/// `leadership` allows does it create claims or publish events.
+/// `leadership` allows does it create or release claims or publish events.
 pub struct EphemeralController {
     client: kube::Client,
     config: EphemeralConfig,
@@ -124,6 +121,14 @@ enum Signal {
     WatchFailed { source: &'static str, error: String },
 }
 
+/// When a finished pod's claims may go.
+enum Timing {
+    /// Now; its node as last seen, if it has one that exists.
+    Now { node: Option<NodeFacts> },
+    /// Not yet: queued for later, or waiting for a change.
+    Later,
+}
+
 /// What became of one volume of a handled pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Done {
@@ -163,7 +168,8 @@ impl EphemeralController {
         }
     }
 
-    /// Turns true once the pod and claim watches have listed.
+    /// Turns true once the pod and claim watches (and the node watch, when
+    /// claims are released) have listed.
     pub fn readiness(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
     }
@@ -225,7 +231,8 @@ struct LoopState {
     /// Namespace and node names, shared between keys.
     names: HashSet<Arc<str>>,
     interner: VolumesInterner,
-    /// Active pods with generic ephemeral volumes.
+    /// Pods with generic ephemeral volumes: active ones, and finished ones
+    /// while they own a claim that is to be released.
     pods: HashMap<Key, PodState>,
     pods_listing: Option<HashMap<Key, PodState>>,
     /// Every claim, with the UID of the pod that controls it (if one does).
@@ -235,8 +242,16 @@ struct LoopState {
     nodes: HashMap<Arc<str>, NodeFacts>,
     nodes_listing: Option<HashMap<Arc<str>, NodeFacts>>,
     node_changes: u64,
-    /// Finished pods waiting for their node to change, by node.
+    /// Finished pods waiting for their node to change, and the node.
     waiting: HashMap<Key, Arc<str>>,
+    /// Claims that pods which have not finished mount by name, with those
+    /// pods (only when claims are released): in use, never released.
+    claim_users: HashMap<Key, HashSet<Key>>,
+    /// Per pod, the claims it mounts by name (to keep `claim_users`).
+    pod_refs: HashMap<Key, Box<[Box<str>]>>,
+    refs_listing: Option<HashMap<Key, Box<[Box<str>]>>>,
+    /// Claims of finished pods waiting for their other users, and the pod.
+    waiting_on_claim: HashMap<Key, Key>,
     pods_listed: bool,
     claims_listed: bool,
     nodes_listed: bool,
@@ -321,6 +336,10 @@ impl LoopState {
             nodes_listing: None,
             node_changes: 0,
             waiting: HashMap::new(),
+            claim_users: HashMap::new(),
+            pod_refs: HashMap::new(),
+            refs_listing: None,
+            waiting_on_claim: HashMap::new(),
             pods_listed: false,
             claims_listed: false,
             nodes_listed: controller_release_never,
@@ -404,17 +423,29 @@ impl LoopState {
         }
         self.leading = leading;
         if leading {
-            info!("leading: creating claims");
+            info!("leading: creating and releasing claims");
             self.look_at_every_pod();
         } else {
-            info!(in_flight = self.tasks.len(), "not leading: no claims created");
+            info!(
+                in_flight = self.tasks.len(),
+                "not leading: no claims created or released"
+            );
         }
     }
 
     fn on_pod(&mut self, event: Event<SlimPod>) {
         match event {
-            Event::Init => self.pods_listing = Some(HashMap::new()),
+            Event::Init => {
+                self.pods_listing = Some(HashMap::new());
+                self.refs_listing = Some(HashMap::new());
+            }
             Event::InitApply(pod) => {
+                if let Some((key, refs)) = self.claim_refs(&pod)
+                    && !refs.is_empty()
+                    && let Some(listing) = &mut self.refs_listing
+                {
+                    listing.insert(key, refs);
+                }
                 if let Some((key, state)) = self.pod_state(&pod)
                     && let Some(listing) = &mut self.pods_listing
                 {
@@ -428,25 +459,38 @@ impl LoopState {
                 for key in gone {
                     self.forget(&key);
                 }
+                self.rebuild_claim_users();
                 self.pods_listed = true;
+                if self.synced {
+                    // Pods may have changed while the watch was down.
+                    self.look_at_every_pod();
+                }
                 self.listed();
             }
-            Event::Apply(pod) => match self.pod_state(&pod) {
-                Some((key, state)) => {
-                    self.pods.insert(key.clone(), state);
-                    if self.synced {
-                        self.look_at(&key);
+            Event::Apply(pod) => {
+                if let Some((key, refs)) = self.claim_refs(&pod) {
+                    self.set_claim_refs(&key, refs);
+                }
+                match self.pod_state(&pod) {
+                    Some((key, state)) => {
+                        self.pods.insert(key.clone(), state);
+                        // It changed: whatever it waited for is decided again.
+                        self.stop_waiting(&key);
+                        if self.synced {
+                            self.look_at(&key);
+                        }
+                    }
+                    None => {
+                        if let Some(key) = self.key(&pod.metadata) {
+                            self.pods.remove(&key);
+                            self.forget(&key);
+                        }
                     }
                 }
-                None => {
-                    if let Some(key) = self.key(&pod.metadata) {
-                        self.pods.remove(&key);
-                        self.forget(&key);
-                    }
-                }
-            },
+            }
             Event::Delete(pod) => {
                 if let Some(key) = self.key(&pod.metadata) {
+                    self.set_claim_refs(&key, Box::default());
                     self.pods.remove(&key);
                     self.forget(&key);
                 }
@@ -594,15 +638,97 @@ impl LoopState {
     fn forget(&mut self, key: &Key) {
         self.queue.forget(key);
         self.blocked.retain(|_, waiting| waiting != key);
-        if self.waiting.remove(key).is_some() {
-            self.metrics.releases_waiting.set(gauge_value(self.waiting.len()));
-        }
+        self.stop_waiting(key);
+    }
+
+    /// Pod `key` no longer waits for its node or a claim's other users.
+    fn stop_waiting(&mut self, key: &Key) {
+        self.waiting.remove(key);
+        self.waiting_on_claim.retain(|_, pod| pod != key);
+        self.count_waiting();
+    }
+
+    fn count_waiting(&self) {
+        let pods: HashSet<&Key> = self.waiting.keys().chain(self.waiting_on_claim.values()).collect();
+        self.metrics.releases_waiting.set(gauge_value(pods.len()));
     }
 
     /// Finished pod `key` waits until its node changes.
     fn wait_for_node(&mut self, key: Key, node: Arc<str>) {
         self.waiting.insert(key, node);
-        self.metrics.releases_waiting.set(gauge_value(self.waiting.len()));
+        self.count_waiting();
+    }
+
+    /// The claims `pod` mounts by name, when claims are released at all.
+    fn claim_refs(&mut self, pod: &SlimPod) -> Option<(Key, Box<[Box<str>]>)> {
+        if self.config.release == ReleaseMode::Never {
+            return None;
+        }
+        let refs = model::claims_in_use(pod).into_iter().map(Box::from).collect();
+        Some((self.key(&pod.metadata)?, refs))
+    }
+
+    fn claim_key(pod: &Key, claim: &str) -> Key {
+        Key {
+            namespace: pod.namespace.clone(),
+            name: claim.into(),
+        }
+    }
+
+    /// Pod `key` now mounts `refs` by name; a claim it no longer uses and
+    /// nobody else does lets the finished pod waiting for it go on.
+    fn set_claim_refs(&mut self, key: &Key, refs: Box<[Box<str>]>) {
+        let old = if refs.is_empty() {
+            self.pod_refs.remove(key)
+        } else {
+            self.pod_refs.insert(key.clone(), refs.clone())
+        };
+        for claim in old.iter().flatten() {
+            let claim = Self::claim_key(key, claim);
+            if let Some(users) = self.claim_users.get_mut(&claim) {
+                users.remove(key);
+                if users.is_empty() {
+                    self.claim_users.remove(&claim);
+                    if let Some(pod) = self.waiting_on_claim.remove(&claim) {
+                        self.count_waiting();
+                        self.look_at(&pod);
+                    }
+                }
+            }
+        }
+        for claim in refs.iter() {
+            self.claim_users
+                .entry(Self::claim_key(key, claim))
+                .or_default()
+                .insert(key.clone());
+        }
+    }
+
+    /// After a pod list: the claim users from what was listed.
+    fn rebuild_claim_users(&mut self) {
+        let Some(listed) = self.refs_listing.take() else {
+            return;
+        };
+        self.claim_users.clear();
+        for (pod, refs) in &listed {
+            for claim in refs.iter() {
+                self.claim_users
+                    .entry(Self::claim_key(pod, claim))
+                    .or_default()
+                    .insert(pod.clone());
+            }
+        }
+        self.pod_refs = listed;
+        let free: Vec<Key> = self
+            .waiting_on_claim
+            .iter()
+            .filter(|(claim, _)| !self.claim_users.contains_key(*claim))
+            .map(|(_, pod)| pod.clone())
+            .collect();
+        for pod in free {
+            self.stop_waiting(&pod);
+            self.look_at(&pod);
+        }
     }
 
     fn on_node(&mut self, event: Event<SlimNode>) {
@@ -634,12 +760,13 @@ impl LoopState {
                     return;
                 };
                 let name = self.name(name);
-                self.node_changes += 1;
-                let facts = node_facts(&node, self.node_changes);
+                let facts = node_facts(&node, self.node_changes + 1);
                 let known = self.nodes.get(&name);
-                let changed = known.is_none_or(|k| k.ready != facts.ready || k.volumes_in_use != facts.volumes_in_use);
-                self.nodes.insert(name.clone(), facts);
-                if changed {
+                // Only what a release reads counts as a change (heartbeats,
+                // labels and images do not).
+                if known.is_none_or(|k| k.ready != facts.ready || k.volumes_in_use != facts.volumes_in_use) {
+                    self.node_changes += 1;
+                    self.nodes.insert(name.clone(), facts);
                     self.node_changed(&name);
                 }
             }
@@ -669,29 +796,31 @@ impl LoopState {
             self.waiting.remove(&pod);
             self.look_at(&pod);
         }
-        self.metrics.releases_waiting.set(gauge_value(self.waiting.len()));
+        self.count_waiting();
     }
 
     /// Whether finished pod `key` may give its claims back now; if not, it
     /// waits for its node or is queued for when it may.
-    fn may_release(&mut self, key: &Key, finished: &FinishedPod) -> Option<Option<NodeFacts>> {
+    fn release_timing(&mut self, key: &Key, finished: &FinishedPod) -> Timing {
         let node = match &finished.node {
             None => None,
             Some(name) => Some((name.clone(), self.nodes.get(name).cloned())),
         };
         let view = match &node {
-            None => release::Node::None,
-            Some((_, None)) => release::Node::Gone,
-            Some((_, Some(facts))) => release::Node::Known(facts),
+            None => release::NodeView::NotBound,
+            Some((_, None)) => release::NodeView::Gone,
+            Some((_, Some(facts))) => release::NodeView::Known(facts),
         };
         let now = epoch_seconds();
         let delay = i64::try_from(self.config.release_delay.as_secs()).unwrap_or(i64::MAX);
         match release::timing(&finished.facts, view, now, finished.first_seen, delay) {
-            Verdict::Release => Some(node.and_then(|(_, facts)| facts)),
+            Verdict::Release => Timing::Now {
+                node: node.and_then(|(_, facts)| facts),
+            },
             Verdict::NotBefore(due) => {
                 let wait = Duration::from_secs(u64::try_from(due - now).unwrap_or(0));
                 self.queue.schedule(key.clone(), Instant::now() + wait);
-                None
+                Timing::Later
             }
             Verdict::WaitForNode(why) => {
                 if let Some((name, _)) = node {
@@ -700,9 +829,28 @@ impl LoopState {
                     }
                     self.wait_for_node(key.clone(), name);
                 }
-                None
+                Timing::Later
             }
         }
+    }
+
+    /// Of the claims finished pod `key` would release, those that a pod
+    /// which has not finished mounts by name wait for it; the others go.
+    fn not_in_use(&mut self, key: &Key, state: &PodState, needs: Vec<(usize, Need)>) -> Vec<(usize, Need)> {
+        let mut free = Vec::with_capacity(needs.len());
+        for (i, need) in needs {
+            let claim = Self::claim_key(key, &model::claim_name(&key.name, &state.volumes[i].0));
+            if self.claim_users.contains_key(&claim) {
+                if !self.waiting_on_claim.contains_key(&claim) {
+                    info!(pod = %key, %claim, "the claim of a finished pod waits: another pod mounts it by name");
+                }
+                self.waiting_on_claim.insert(claim, key.clone());
+                self.count_waiting();
+            } else {
+                free.push((i, need));
+            }
+        }
+        free
     }
 
     fn has_free_worker(&self) -> bool {
@@ -726,12 +874,20 @@ impl LoopState {
             if needs.is_empty() {
                 self.queue.finish(&key);
                 self.queue.succeeded(&key);
+                // A finished pod with nothing to release is not kept.
+                self.look_at(&key);
                 continue;
             }
             if let Some(finished) = state.finished.clone() {
                 let state = state.clone();
-                let Some(node) = self.may_release(&key, &finished) else {
-                    // Scheduled for later, or waiting for its node.
+                let needs = self.not_in_use(&key, &state, needs);
+                let timing = if needs.is_empty() {
+                    Timing::Later
+                } else {
+                    self.release_timing(&key, &finished)
+                };
+                let Timing::Now { node } = timing else {
+                    // Scheduled for later, or waiting for its node or a claim's users.
                     self.queue.finish(&key);
                     continue;
                 };
@@ -834,7 +990,7 @@ impl LoopState {
         }
         let attempts = self.queue.failed(&pod);
         let delay = self.config.backoff.delay(attempts);
-        warn!(%pod, error = %Error::Claims(failures), retry_in = ?delay, "ephemeral volumes not ready");
+        warn!(%pod, error = %Error::Claims(failures), retry_in = ?delay, "ephemeral volumes not handled; retrying");
         self.queue.schedule(pod, Instant::now() + delay);
     }
 
@@ -904,12 +1060,8 @@ impl ReleaseWork {
         }))
         .await;
         for (outcome, (i, _)) in outcomes.iter().zip(&self.needs) {
-            match outcome {
-                Ok(Done::Released(claim)) => self.announce(claim, &self.state.volumes[*i].0).await,
-                Err(failure) if failure.reason != FailureReason::NotLeader => {
-                    warn!(pod = %self.pod, claim = %failure.claim, message = %failure.message, "cannot release the claim of a finished pod");
-                }
-                _ => {}
+            if let Ok(Done::Released(claim)) = outcome {
+                self.announce(claim, &self.state.volumes[*i].0).await;
             }
         }
         Handled {
@@ -923,55 +1075,34 @@ impl ReleaseWork {
     /// not in use: delete (UID precondition), then lift PVC protection.
     async fn release(&self, volume: &str) -> Result<Done, ClaimFailure> {
         let name = model::claim_name(&self.pod.name, volume);
-        let failure = |reason: FailureReason, message: String| ClaimFailure {
+        let failure = |message: String| ClaimFailure {
             claim: name.clone(),
-            reason,
+            reason: FailureReason::Other,
             message,
         };
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.pod.namespace);
-        let claim = match api.get_opt(&name).await {
-            Ok(Some(claim)) => claim,
-            Ok(None) => return Ok(Done::Untouched(name)),
-            Err(error) => {
-                return Err(failure(
-                    FailureReason::Other,
-                    format!("cannot read PVC {name}: {error}"),
-                ));
-            }
+        let not_leading = || ClaimFailure {
+            claim: name.clone(),
+            reason: FailureReason::NotLeader,
+            message: "not leading".into(),
         };
-        if model::controlling_pod(&claim.metadata) != Some(&*self.state.uid) {
-            return Ok(Done::Untouched(name));
-        }
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.pod.namespace);
+        // Read fresh: the cache may be behind, and only the pod's own claim is touched.
+        let claim = match api.get_opt(&name).await {
+            Ok(Some(claim)) if model::controlling_pod(&claim.metadata) == Some(&*self.state.uid) => claim,
+            Ok(_) => return Ok(Done::Untouched(name)),
+            Err(error) => return Err(failure(format!("cannot read PVC {name}: {error}"))),
+        };
         if let Some(node) = &self.node
-            && !node.volumes_in_use.is_empty()
+            && self.in_use(node, &claim).await.map_err(failure)?
         {
-            let pv = claim
-                .spec
-                .as_ref()
-                .and_then(|s| s.volume_name.as_deref())
-                .filter(|n| !n.is_empty());
-            let in_use = match pv {
-                None => false,
-                Some(pv) => match Api::<PersistentVolume>::all(self.client.clone()).get_opt(pv).await {
-                    Ok(pv) => {
-                        let csi = pv.as_ref().and_then(|pv| pv.spec.as_ref()?.csi.as_ref());
-                        let volume = csi.map_or(release::Volume::Other, |csi| release::Volume::Csi {
-                            driver: &csi.driver,
-                            handle: &csi.volume_handle,
-                        });
-                        release::in_use(node, &volume)
-                    }
-                    Err(error) => return Err(failure(FailureReason::Other, format!("cannot read PV {pv}: {error}"))),
-                },
-            };
-            if in_use {
-                return Ok(Done::Waiting {
-                    generation: node.generation,
-                });
-            }
+            return Ok(Done::Waiting {
+                generation: node.generation,
+            });
         }
-        let mut claim = claim;
-        if claim.metadata.deletion_timestamp.is_none() {
+        let claim = if claim.metadata.deletion_timestamp.is_some() {
+            // Deleted before (by an earlier run, or someone else).
+            claim
+        } else {
             let params = DeleteParams {
                 preconditions: Some(Preconditions {
                     uid: claim.metadata.uid.clone(),
@@ -979,54 +1110,58 @@ impl ReleaseWork {
                 }),
                 ..DeleteParams::default()
             };
-            let Ok(deleted) = self.leadership.guard(api.delete(&name, &params)).await else {
-                return Err(failure(FailureReason::NotLeader, "not leading".into()));
-            };
-            match deleted {
+            match self.leadership.guard(api.delete(&name, &params)).await {
+                Err(_) => return Err(not_leading()),
                 // Left: still there, held by finalizers; Right: deleted.
-                Ok(result) => match result.left() {
-                    Some(terminating) => claim = terminating,
+                Ok(Ok(result)) => match result.left() {
+                    Some(terminating) => terminating,
                     None => return Ok(Done::Released(name)),
                 },
                 // Gone, or another object by that name now.
-                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+                Ok(Err(kube::Error::Api(status))) if status.code == 404 || status.code == 409 => {
                     return Ok(Done::Untouched(name));
                 }
-                Err(error) => {
-                    return Err(failure(
-                        FailureReason::Other,
-                        format!("deleting PVC {name} failed: {error}"),
-                    ));
-                }
+                Ok(Err(error)) => return Err(failure(format!("deleting PVC {name} failed: {error}"))),
             }
-        }
-        let finalizers = claim.metadata.finalizers.clone().unwrap_or_default();
-        if !finalizers.iter().any(|f| f == PVC_PROTECTION) {
-            // Deleted by someone else and held by another finalizer: theirs.
+        };
+        let Some(kept) = release::without_protection(claim.metadata.finalizers.as_deref().unwrap_or_default()) else {
+            // Held only by someone else's finalizers: theirs to lift.
             return Ok(Done::Untouched(name));
-        }
-        let others: Vec<&String> = finalizers.iter().filter(|f| *f != PVC_PROTECTION).collect();
-        // The resourceVersion makes it a compare-and-swap: the list of
-        // finalizers written is the one just read.
+        };
+        // The resourceVersion makes it a compare-and-swap: the finalizers
+        // written are those just read, less PVC protection's.
         let patch = serde_json::json!({"metadata": {
             "resourceVersion": claim.metadata.resource_version,
-            "finalizers": others,
+            "finalizers": kept,
         }});
-        let Ok(patched) = self
+        match self
             .leadership
             .guard(api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)))
             .await
-        else {
-            return Err(failure(FailureReason::NotLeader, "not leading".into()));
-        };
-        match patched {
-            Ok(_) => Ok(Done::Released(name)),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(Done::Released(name)),
-            Err(error) => Err(failure(
-                FailureReason::Other,
-                format!("lifting PVC protection from {name} failed (retried): {error}"),
-            )),
+        {
+            Err(_) => Err(not_leading()),
+            Ok(Ok(_)) => Ok(Done::Released(name)),
+            Ok(Err(kube::Error::Api(status))) if status.code == 404 => Ok(Done::Released(name)),
+            Ok(Err(error)) => Err(failure(format!("lifting PVC protection from {name} failed: {error}"))),
         }
+    }
+
+    /// Whether `node` lists the volume of `claim` in `status.volumesInUse`
+    /// (its PV is read only when the node lists anything).
+    async fn in_use(&self, node: &NodeFacts, claim: &PersistentVolumeClaim) -> Result<bool, String> {
+        let pv = claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_name.as_deref())
+            .filter(|n| !n.is_empty());
+        let Some(pv) = pv.filter(|_| !node.volumes_in_use.is_empty()) else {
+            return Ok(false);
+        };
+        let pv = Api::<PersistentVolume>::all(self.client.clone())
+            .get_opt(pv)
+            .await
+            .map_err(|error| format!("cannot read PV {pv}: {error}"))?;
+        Ok(release::in_use(node, &release::volume_source(pv.as_ref())))
     }
 
     /// The Normal event on the pod, the metric and the log line of a release.
@@ -1172,12 +1307,9 @@ impl PodWork {
     fn count_created(&self) {
         self.metrics.created.inc();
         if let Some(created) = self.state.created {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
             self.metrics
                 .pod_to_claim_seconds
-                .observe(u32::try_from((now - created).max(0)).map_or(f64::MAX, f64::from));
+                .observe(u32::try_from((epoch_seconds() - created).max(0)).map_or(f64::MAX, f64::from));
         }
     }
 

@@ -22,7 +22,12 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 
+use k8s_openapi::api::core::v1::PersistentVolume;
+
 use crate::model::SlimPod;
+
+/// The finalizer of PVC protection, lifted from a released claim.
+pub const PVC_PROTECTION: &str = "kubernetes.io/pvc-protection";
 
 /// `--ephemeral-release`: which finished pods give their claims back.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -141,9 +146,9 @@ pub fn csi_unique_name(driver: &str, handle: &str) -> String {
 
 /// What the node says about the claim's volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Node<'a> {
+pub enum NodeView<'a> {
     /// The pod was never bound to a node.
-    None,
+    NotBound,
     /// Its node object is gone.
     Gone,
     /// Its node, as last seen.
@@ -164,11 +169,11 @@ pub enum Verdict {
 /// The time rule: may the claims of `pod` go at `now` (seconds since the
 /// epoch), given its node? `first_seen` stands in for `since` when no
 /// container status has a finish time.
-pub fn timing(pod: &Finished, node: Node<'_>, now: i64, first_seen: i64, delay_seconds: i64) -> Verdict {
+pub fn timing(pod: &Finished, node: NodeView<'_>, now: i64, first_seen: i64, delay_seconds: i64) -> Verdict {
     if pod.never_admitted {
         return Verdict::Release;
     }
-    if let Node::Known(facts) = node
+    if let NodeView::Known(facts) = node
         && !facts.ready
     {
         return Verdict::WaitForNode("its node is not Ready, so its kubelet may not have unmounted the volume yet");
@@ -182,7 +187,7 @@ pub fn timing(pod: &Finished, node: Node<'_>, now: i64, first_seen: i64, delay_s
 
 /// The volume behind a claim, as far as `status.volumesInUse` needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Volume<'a> {
+pub enum VolumeSource<'a> {
     /// The claim is not bound: nothing to be in use.
     Unbound,
     /// A CSI volume.
@@ -197,14 +202,38 @@ pub enum Volume<'a> {
     Other,
 }
 
+/// The volume behind a bound claim: its PV as read (`None`: gone, which
+/// counts as unknown).
+pub fn volume_source(pv: Option<&PersistentVolume>) -> VolumeSource<'_> {
+    match pv.and_then(|pv| pv.spec.as_ref()?.csi.as_ref()) {
+        Some(csi) => VolumeSource::Csi {
+            driver: &csi.driver,
+            handle: &csi.volume_handle,
+        },
+        None => VolumeSource::Other,
+    }
+}
+
+/// The finalizers a claim keeps once PVC protection is lifted, or `None`
+/// when it has none to lift.
+pub fn without_protection(finalizers: &[String]) -> Option<Vec<&str>> {
+    finalizers.iter().any(|f| f == PVC_PROTECTION).then(|| {
+        finalizers
+            .iter()
+            .map(String::as_str)
+            .filter(|f| *f != PVC_PROTECTION)
+            .collect()
+    })
+}
+
 /// Whether the node lists the volume in `status.volumesInUse`.
-pub fn in_use(node: &NodeFacts, volume: &Volume<'_>) -> bool {
+pub fn in_use(node: &NodeFacts, volume: &VolumeSource<'_>) -> bool {
     match volume {
-        Volume::Unbound => false,
-        Volume::Csi { driver, handle } => node
+        VolumeSource::Unbound => false,
+        VolumeSource::Csi { driver, handle } => node
             .volumes_in_use
             .contains(&volume_key(&csi_unique_name(driver, handle))),
-        Volume::Other => !node.volumes_in_use.is_empty(),
+        VolumeSource::Other => !node.volumes_in_use.is_empty(),
     }
 }
 

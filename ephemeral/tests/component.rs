@@ -21,6 +21,7 @@ struct Harness {
     metrics: Arc<EphemeralMetrics>,
     leadership: Leadership,
     release: ReleaseMode,
+    release_delay: Duration,
     running: Option<Background<Result<(), volplane_ephemeral::Error>>>,
 }
 
@@ -38,6 +39,7 @@ impl Harness {
             metrics,
             leadership: Leadership::unconditional(),
             release: ReleaseMode::default(),
+            release_delay: Duration::from_secs(1),
             running: None,
         }
     }
@@ -60,7 +62,7 @@ impl Harness {
                     max: Duration::from_secs(300),
                 },
                 release: self.release,
-                release_delay: Duration::from_secs(1),
+                release_delay: self.release_delay,
             },
             self.metrics.clone(),
             self.leadership.clone(),
@@ -736,6 +738,13 @@ async fn a_claim_waits_while_its_node_lists_the_volume_in_use_and_goes_when_it_s
         )
         .await
         .expect("node status");
+    // Decided again (the PV read again), still waiting.
+    let pv_reads = h.double.count(Verb::Get, "persistentvolumes");
+    wait_until(Duration::from_secs(20), "decided again after the node changed", || {
+        let more = h.double.count(Verb::Get, "persistentvolumes") > pv_reads;
+        async move { more }
+    })
+    .await;
     h.create_pod("probe", &["v"]).await;
     h.wait_for_claims("the probe's claim", &["db-data", "probe-v"]).await;
     h.assert_untouched("db-data").await;
@@ -751,5 +760,58 @@ async fn a_claim_waits_while_its_node_lists_the_volume_in_use_and_goes_when_it_s
     h.wait_for_claims("released once the node stops listing it", &["probe-v"])
         .await;
     assert_eq!(h.metric("volplane_ephemeral_releases_waiting"), Some(0.0));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_claim_another_pod_mounts_by_name_waits_until_that_pod_has_finished() {
+    let mut h = Harness::new().await;
+    h.start(Duration::from_millis(50)).await;
+    h.create_pod("producer", &["out"]).await;
+    h.wait_for_claims("the claim", &["producer-out"]).await;
+    h.protect("producer-out").await;
+    // The next step of the workflow reads the result through the claim.
+    let reader: Pod = serde_json::from_value(json!({"metadata": {"name": "reader"},
+        "spec": {"containers": [{"name": "c", "image": "i"}],
+                 "volumes": [{"name": "in", "persistentVolumeClaim": {"claimName": "producer-out"}}]}}))
+    .expect("pod");
+    h.pods().create(&PostParams::default(), &reader).await.expect("reader");
+    h.set_pod_status("reader", json!({"phase": "Running"})).await;
+    h.set_pod_status("producer", rejected()).await;
+    wait_until(Duration::from_secs(20), "the claim waits for its reader", || {
+        let waiting = h.metric("volplane_ephemeral_releases_waiting") == Some(1.0);
+        async move { waiting }
+    })
+    .await;
+    h.assert_untouched("producer-out").await;
+    assert_eq!(h.double.count(Verb::Delete, "persistentvolumeclaims"), 0);
+    // The reader finishes: the claim goes.
+    h.set_pod_status("reader", succeeded()).await;
+    h.wait_for_claims("released once nobody mounts it", &[]).await;
+    assert_eq!(h.metric("volplane_ephemeral_releases_waiting"), Some(0.0));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_admitted_pods_claim_waits_the_delay_after_its_last_container_finished() {
+    let mut h = Harness::new().await;
+    h.release = ReleaseMode::Terminated;
+    h.release_delay = Duration::from_secs(2);
+    h.start(Duration::from_millis(50)).await;
+    h.create_pod("batch", &["v"]).await;
+    h.wait_for_claims("the claim", &["batch-v"]).await;
+    h.protect("batch-v").await;
+    let finished = k8s_openapi::jiff::Timestamp::now();
+    let status = json!({"phase": "Succeeded", "containerStatuses": [{"name": "c", "image": "i", "imageID": "",
+        "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": 0, "finishedAt": finished.to_string()}}}]});
+    let written = std::time::Instant::now();
+    h.set_pod_status("batch", status).await;
+    h.wait_for_claims("released after the delay", &[]).await;
+    // finishedAt has whole seconds: the release is due at most 1 s early.
+    let after = written.elapsed();
+    assert!(
+        after >= Duration::from_secs(1),
+        "released {after:?} after the pod finished"
+    );
     h.stop().await;
 }

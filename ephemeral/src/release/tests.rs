@@ -28,7 +28,10 @@ fn a_pod_rejected_at_admission_is_released_in_both_modes_and_at_once() {
         assert!(finished.never_admitted);
         assert_eq!(finished.reason.as_deref(), Some("OutOfcpu"));
         let not_ready = NodeFacts::default();
-        assert_eq!(timing(&finished, Node::Known(&not_ready), 0, 0, 3600), Verdict::Release);
+        assert_eq!(
+            timing(&finished, NodeView::Known(&not_ready), 0, 0, 3600),
+            Verdict::Release
+        );
     }
     assert_eq!(finished(&rejected(), ReleaseMode::Never), None);
 }
@@ -90,10 +93,13 @@ fn an_admitted_pod_that_never_ran_is_rejected_but_waits_for_the_kubelet_like_a_t
         ..NodeFacts::default()
     };
     assert_eq!(
-        timing(&finished, Node::Known(&ready), 100, 100, 60),
+        timing(&finished, NodeView::Known(&ready), 100, 100, 60),
         Verdict::NotBefore(160)
     );
-    assert_eq!(timing(&finished, Node::Known(&ready), 160, 100, 60), Verdict::Release);
+    assert_eq!(
+        timing(&finished, NodeView::Known(&ready), 160, 100, 60),
+        Verdict::Release
+    );
 }
 
 #[test]
@@ -115,24 +121,24 @@ fn a_terminated_pod_waits_for_the_delay_after_its_last_container_and_for_a_ready
     let not_ready = NodeFacts::default();
     // The container's finish time counts, not when volplane saw the pod.
     assert_eq!(
-        timing(&done, Node::Known(&ready), at + 5, at + 5, 30),
+        timing(&done, NodeView::Known(&ready), at + 5, at + 5, 30),
         Verdict::NotBefore(at + 30)
     );
     assert_eq!(
-        timing(&done, Node::Known(&ready), at + 30, at + 29, 30),
+        timing(&done, NodeView::Known(&ready), at + 30, at + 29, 30),
         Verdict::Release
     );
     assert!(matches!(
-        timing(&done, Node::Known(&not_ready), at + 3600, at, 30),
+        timing(&done, NodeView::Known(&not_ready), at + 3600, at, 30),
         Verdict::WaitForNode(_)
     ));
-    assert_eq!(timing(&done, Node::Gone, at + 30, at, 30), Verdict::Release);
-    assert_eq!(timing(&done, Node::None, at + 30, at, 30), Verdict::Release);
+    assert_eq!(timing(&done, NodeView::Gone, at + 30, at, 30), Verdict::Release);
+    assert_eq!(timing(&done, NodeView::NotBound, at + 30, at, 30), Verdict::Release);
     // No finish time in any status: from when volplane first saw it finished.
     let no_time = finished(&pod(json!({"phase": "Succeeded", "containerStatuses": [{"name": "c", "state": {"terminated": {"exitCode": 0}}}]})), ReleaseMode::Terminated)
         .expect("done");
     assert_eq!(
-        timing(&no_time, Node::Known(&ready), 1000, 990, 30),
+        timing(&no_time, NodeView::Known(&ready), 1000, 990, 30),
         Verdict::NotBefore(1020)
     );
 }
@@ -144,22 +150,22 @@ fn volumes_in_use_hold_exactly_their_csi_volume_and_anything_unknown() {
         volumes_in_use: [volume_key("kubernetes.io/csi/hostpath.csi.k8s.io^abc")].into(),
         generation: 1,
     };
-    let ours = Volume::Csi {
+    let ours = VolumeSource::Csi {
         driver: "hostpath.csi.k8s.io",
         handle: "abc",
     };
-    let other = Volume::Csi {
+    let other = VolumeSource::Csi {
         driver: "hostpath.csi.k8s.io",
         handle: "abcd",
     };
     assert!(in_use(&node, &ours));
     assert!(!in_use(&node, &other));
-    assert!(!in_use(&node, &Volume::Unbound));
+    assert!(!in_use(&node, &VolumeSource::Unbound));
     assert!(
-        in_use(&node, &Volume::Other),
+        in_use(&node, &VolumeSource::Other),
         "an unknown kind waits while anything is listed"
     );
-    assert!(!in_use(&NodeFacts::default(), &Volume::Other));
+    assert!(!in_use(&NodeFacts::default(), &VolumeSource::Other));
 }
 
 #[test]
