@@ -254,6 +254,13 @@ pub struct Args {
     #[arg(long, env = "EPHEMERAL_RELEASE", value_enum, default_value_t = EphemeralRelease::Rejected)]
     pub ephemeral_release: EphemeralRelease,
 
+    /// How long after it first sees a new pod volplane creates its claims.
+    /// For a migration only: while kube-controller-manager's own
+    /// ephemeral-volume-controller still runs, it creates them first, and
+    /// neither side warns about the other's claim.
+    #[arg(long, env = "EPHEMERAL_CREATE_DELAY", value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub ephemeral_create_delay: Duration,
+
     /// How long after its last container finished an admitted pod's claims
     /// wait before release, for the kubelet to unmount the volumes.
     #[arg(long, env = "EPHEMERAL_RELEASE_DELAY", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]

@@ -181,6 +181,7 @@ impl Controllers<'_> {
             },
             release: args.ephemeral_release.into(),
             release_delay: args.ephemeral_release_delay,
+            create_delay: args.ephemeral_create_delay,
         };
         let leadership = self.elections.join(args, EPHEMERAL_LEASE.to_string());
         let ephemeral = EphemeralController::new(self.client.clone(), config, metrics, leadership);

@@ -61,6 +61,10 @@ pub struct EphemeralConfig {
     /// How long after its last container finished an admitted pod's claims
     /// wait, for the kubelet to unmount them.
     pub release_delay: Duration,
+    /// How long after volplane first sees a new pod it creates the pod's
+    /// claims: while kube-controller-manager's own controller still runs
+    /// (a migration), it creates them first and neither side warns.
+    pub create_delay: Duration,
 }
 
 /// The ephemeral controller. Every replica watches; only while
@@ -473,10 +477,14 @@ impl LoopState {
                 }
                 match self.pod_state(&pod) {
                     Some((key, state)) => {
+                        let new = state.finished.is_none() && self.pods.get(&key).is_none_or(|k| k.uid != state.uid);
                         self.pods.insert(key.clone(), state);
                         // It changed: whatever it waited for is decided again.
                         self.stop_waiting(&key);
-                        if self.synced {
+                        if new && !self.config.create_delay.is_zero() && self.synced && self.leading {
+                            // kube-controller-manager's controller goes first.
+                            self.queue.schedule(key, Instant::now() + self.config.create_delay);
+                        } else if self.synced {
                             self.look_at(&key);
                         }
                     }

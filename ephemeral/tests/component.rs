@@ -22,6 +22,7 @@ struct Harness {
     leadership: Leadership,
     release: ReleaseMode,
     release_delay: Duration,
+    create_delay: Duration,
     running: Option<Background<Result<(), volplane_ephemeral::Error>>>,
 }
 
@@ -40,6 +41,7 @@ impl Harness {
             leadership: Leadership::unconditional(),
             release: ReleaseMode::default(),
             release_delay: Duration::from_secs(1),
+            create_delay: Duration::ZERO,
             running: None,
         }
     }
@@ -63,6 +65,7 @@ impl Harness {
                 },
                 release: self.release,
                 release_delay: self.release_delay,
+                create_delay: self.create_delay,
             },
             self.metrics.clone(),
             self.leadership.clone(),
@@ -813,5 +816,32 @@ async fn an_admitted_pods_claim_waits_the_delay_after_its_last_container_finishe
         after >= Duration::from_secs(1),
         "released {after:?} after the pod finished"
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn with_a_create_delay_the_other_controller_goes_first_and_nothing_is_created_twice() {
+    let mut h = Harness::new().await;
+    h.create_delay = Duration::from_millis(500);
+    h.start(Duration::from_millis(50)).await;
+    // kube-controller-manager's controller creates this pod's claim at once.
+    let pod = h.create_pod("first", &["v"]).await;
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({"metadata": {"name": "first-v",
+        "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "first", "uid": pod.metadata.uid,
+                             "controller": true, "blockOwnerDeletion": true}]}}))
+    .expect("pvc");
+    h.claims().create(&PostParams::default(), &claim).await.expect("claim");
+    // Nobody creates this one's: volplane does, after the delay.
+    let created = std::time::Instant::now();
+    h.create_pod("second", &["v"]).await;
+    h.wait_for_claims("the second pod's claim", &["first-v", "second-v"]).await;
+    let after = created.elapsed();
+    assert!(after >= Duration::from_millis(500), "created {after:?} after the pod");
+    assert_eq!(
+        h.double.count(Verb::Create, "persistentvolumeclaims"),
+        2,
+        "the other controller's and volplane's one: no AlreadyExists race"
+    );
+    assert!(h.warnings().await.is_empty());
     h.stop().await;
 }

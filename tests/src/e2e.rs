@@ -162,6 +162,19 @@ impl Processes {
         });
     }
 
+    /// Takes process `name` out of the watched set (its exit is then no
+    /// failure) and kills it.
+    fn stop_one(&self, name: &str) -> bool {
+        let Ok(mut list) = self.list.lock() else {
+            return false;
+        };
+        let Some(index) = list.iter().position(|p| p.name() == name) else {
+            return false;
+        };
+        list.remove(index).kill();
+        true
+    }
+
     /// Kills everything, the last started first (etcd last).
     fn stop(&self) {
         self.stopping.store(true, Ordering::Relaxed);
@@ -465,6 +478,20 @@ impl ControlPlane {
     /// A new admin client with its own connections (for parallel load).
     pub async fn new_client(&self) -> anyhow::Result<kube::Client> {
         client_for(&self.kubeconfig).await
+    }
+
+    /// Stops the control plane's own kube-controller-manager (for a restart
+    /// with other flags through [`ControlPlane::start_controller_manager_with`]).
+    pub fn stop_controller_manager(&self) -> anyhow::Result<()> {
+        if !self.processes.stop_one("kube-controller-manager") {
+            bail!("kube-controller-manager is not running");
+        }
+        Ok(())
+    }
+
+    /// The service-account signing key kube-controller-manager is given.
+    pub fn service_account_key(&self) -> PathBuf {
+        self.root().join("sa.key")
     }
 
     /// Starts an extra kube-controller-manager running only `controllers`,

@@ -270,6 +270,7 @@ mod ephemeral {
                 },
                 release: volplane_ephemeral::ReleaseMode::default(),
                 release_delay: Duration::from_secs(60),
+                create_delay: Duration::ZERO,
             },
             Arc::new(EphemeralMetrics::register(&mut registry)),
             volplane_runtime::Leadership::unconditional(),

@@ -128,6 +128,44 @@ pub fn announcement(last: Option<&Condition>, now: &Condition) -> Option<Announc
     })
 }
 
+/// How long an earlier event about a claim's condition — from
+/// external-health-monitor before a migration, or from volplane itself —
+/// stands for an announcement volplane would make now.
+pub const ANNOUNCED_WINDOW: Duration = Duration::from_secs(3600);
+
+/// One earlier event about a claim, from anyone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EarlierEvent {
+    /// Its reason.
+    pub reason: String,
+    /// Its message (note).
+    pub message: String,
+    /// When it was last seen.
+    pub at: SystemTime,
+    /// Who reported it (the event's source or reporting controller).
+    pub by: String,
+}
+
+/// The earlier event that already says what `announcement` would: the
+/// latest condition event about the claim within [`ANNOUNCED_WINDOW`] of
+/// `now`, if it has the same reason (and, for an abnormal condition, the
+/// same message). Then volplane records the condition without a second
+/// event; a later change is announced as usual.
+pub fn already_announced<'a>(
+    announcement: &Announcement,
+    earlier: &'a [EarlierEvent],
+    now: SystemTime,
+) -> Option<&'a EarlierEvent> {
+    let since = now.checked_sub(ANNOUNCED_WINDOW).unwrap_or(SystemTime::UNIX_EPOCH);
+    let latest = earlier
+        .iter()
+        .filter(|e| (e.reason == REASON_ABNORMAL || e.reason == REASON_NORMAL) && e.at >= since)
+        .max_by_key(|e| e.at)?;
+    let same = latest.reason == announcement.reason
+        && (announcement.reason == REASON_NORMAL || truncate(&latest.message) == announcement.note);
+    same.then_some(latest)
+}
+
 /// The condition last announced for a PV, as kept in its annotation.
 pub fn announced(pv: &PersistentVolume) -> Option<Condition> {
     pv.metadata

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, Pod};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, ObjectReference, PersistentVolume, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -941,6 +941,57 @@ async fn check(csi: &CsiClient, volume_handle: &str) -> Result<Observation, CsiE
 /// Publishes the event on the PVC (if there is one), then records the
 /// condition on the PV. `Err` only when the event did not go out: a failed
 /// annotation is written again after the next check, never the event.
+/// The earlier event about the claim that already says what
+/// `announcement` would (external-health-monitor's before a migration, or
+/// volplane's own), read from the claim's events; `None` when there is
+/// none or they cannot be read (then the announcement is made).
+async fn earlier_announcement(
+    pvs: &Api<PersistentVolume>,
+    volume: &Watched,
+    announcement: &Announcement,
+) -> Option<model::EarlierEvent> {
+    let events: Api<CoreEvent> = Api::namespaced(pvs.clone().into_client(), &volume.namespace);
+    let selector = format!(
+        "involvedObject.kind=PersistentVolumeClaim,involvedObject.name={}",
+        volume.claim
+    );
+    let listed = match events.list(&ListParams::default().fields(&selector)).await {
+        Ok(listed) => listed.items,
+        Err(error) => {
+            debug!(claim = %volume.claim, %error, "cannot read the claim's events; announcing");
+            return None;
+        }
+    };
+    let earlier: Vec<model::EarlierEvent> = listed
+        .into_iter()
+        .filter_map(|e| {
+            let at = [
+                e.series
+                    .as_ref()
+                    .and_then(|s| s.last_observed_time.as_ref())
+                    .map(|t| t.0),
+                e.event_time.as_ref().map(|t| t.0),
+                e.last_timestamp.as_ref().map(|t| t.0),
+                e.first_timestamp.as_ref().map(|t| t.0),
+            ]
+            .into_iter()
+            .flatten()
+            .max()?;
+            Some(model::EarlierEvent {
+                reason: e.reason?,
+                message: e.message.unwrap_or_default(),
+                at: SystemTime::from(at),
+                by: e
+                    .reporting_component
+                    .filter(|c| !c.is_empty())
+                    .or_else(|| e.source.and_then(|s| s.component))
+                    .unwrap_or_default(),
+            })
+        })
+        .collect();
+    model::already_announced(announcement, &earlier, SystemTime::now()).cloned()
+}
+
 async fn announce(
     recorder: &Recorder,
     leadership: &Leadership,
@@ -950,7 +1001,15 @@ async fn announce(
     announcement: Option<&Announcement>,
     metrics: &HealthMetrics,
 ) -> Result<(), Error> {
-    if let Some(announcement) = announcement {
+    let earlier = match announcement {
+        Some(announcement) => earlier_announcement(pvs, volume, announcement).await,
+        None => None,
+    };
+    if let (Some(announcement), Some(earlier)) = (announcement, &earlier) {
+        info!(pv = %volume.pv, namespace = %volume.namespace, claim = %volume.claim, reason = announcement.reason,
+              by = %earlier.by, "already announced within the hour; recorded without a second event");
+    }
+    if let Some(announcement) = announcement.filter(|_| earlier.is_none()) {
         let type_ = if announcement.warning {
             EventType::Warning
         } else {

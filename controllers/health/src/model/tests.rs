@@ -270,3 +270,47 @@ fn published_paths_are_under_the_kubelet_dir() {
         "/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~csi/pv-1/mount"
     );
 }
+
+fn earlier(reason: &str, message: &str, minutes_ago: u64, now: SystemTime) -> EarlierEvent {
+    EarlierEvent {
+        reason: reason.into(),
+        message: message.into(),
+        at: now - Duration::from_secs(minutes_ago * 60),
+        by: "csi-pv-monitor-controller-hostpath.csi.k8s.io".into(),
+    }
+}
+
+#[test]
+fn a_condition_announced_by_anyone_within_the_hour_is_not_announced_again() {
+    let now = SystemTime::now();
+    let abnormal = announcement(None, &Condition::Abnormal("disk gone".into())).expect("announced");
+    let normal = announcement(Some(&Condition::Abnormal("disk gone".into())), &Condition::Normal).expect("announced");
+    // The incumbent said it 10 minutes ago: volplane only records it.
+    let said = [earlier(REASON_ABNORMAL, "disk gone", 10, now)];
+    assert_eq!(already_announced(&abnormal, &said, now), Some(&said[0]));
+    // Too long ago, another message, or a recovery since: announced.
+    assert_eq!(
+        already_announced(&abnormal, &[earlier(REASON_ABNORMAL, "disk gone", 61, now)], now),
+        None
+    );
+    assert_eq!(
+        already_announced(&abnormal, &[earlier(REASON_ABNORMAL, "disk full", 10, now)], now),
+        None
+    );
+    let recovered_since = [
+        earlier(REASON_ABNORMAL, "disk gone", 20, now),
+        earlier(REASON_NORMAL, "fine", 10, now),
+    ];
+    assert_eq!(already_announced(&abnormal, &recovered_since, now), None);
+    // A recovery already announced (in the incumbent's words) is not repeated.
+    assert_eq!(
+        already_announced(&normal, &recovered_since, now),
+        Some(&recovered_since[1])
+    );
+    // Other reasons do not count.
+    assert_eq!(
+        already_announced(&abnormal, &[earlier("NodeFailed", "disk gone", 1, now)], now),
+        None
+    );
+    assert_eq!(already_announced(&abnormal, &[], now), None);
+}

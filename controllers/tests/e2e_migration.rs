@@ -1,0 +1,337 @@
+//! The migration runbooks of README.md, on a real control plane: moving
+//! generic ephemeral volumes from kube-controller-manager's
+//! ephemeral-volume-controller to volplane while pods keep arriving.
+//! Ignored unless `VOLPLANE_E2E_BIN_DIR` is set; see README.md.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::watcher;
+use serde_json::json;
+use support::Running;
+use volplane_tests::e2e::{ControlPlane, Options, bin_dir};
+use volplane_tests::wait::eventually_some;
+
+/// Pods are created this often, before, during and after the switch.
+const POD_EVERY: Duration = Duration::from_millis(100);
+
+fn pod(name: &str) -> Pod {
+    serde_json::from_value(json!({"metadata": {"name": name},
+        "spec": {"containers": [{"name": "c", "image": "registry.invalid/none"}],
+                 "volumes": [{"name": "data", "ephemeral": {"volumeClaimTemplate": {
+                     "metadata": {"labels": {"app": "migration"}},
+                     "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}}]}}))
+    .expect("pod")
+}
+
+/// When each claim was first seen by a watch of the test's own.
+type Seen = Arc<Mutex<HashMap<String, Instant>>>;
+
+fn watch_claims(client: kube::Client) -> (Seen, tokio::task::JoinHandle<()>) {
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        let claims = Api::<PersistentVolumeClaim>::namespaced(client, "default");
+        let mut events = watcher::watcher(claims, watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            if let Ok(watcher::Event::Apply(claim) | watcher::Event::InitApply(claim)) = event
+                && let Some(name) = claim.metadata.name
+                && let Ok(mut seen) = record.lock()
+            {
+                seen.entry(name).or_insert_with(Instant::now);
+            }
+        }
+    });
+    (seen, task)
+}
+
+/// Creates pods every [`POD_EVERY`] for `during`, recording when each one's
+/// create returned.
+async fn create_pods(pods: &Api<Pod>, next: &mut usize, during: Duration, created: &mut Vec<(Pod, Instant)>) {
+    let until = Instant::now() + during;
+    while Instant::now() < until {
+        let pod = pods
+            .create(&PostParams::default(), &pod(&format!("pod-{next:04}")))
+            .await
+            .expect("pod");
+        created.push((pod, Instant::now()));
+        *next += 1;
+        tokio::time::sleep(POD_EVERY).await;
+    }
+}
+
+/// Warnings of either ephemeral controller (the scheduler's about the
+/// node-less cluster and the API server's own are not theirs).
+async fn warnings(client: &kube::Client) -> Vec<String> {
+    let new: Vec<String> = Api::<Event>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning") && !not_theirs(e.reason.as_deref()))
+        .map(|e| format!("{:?}: {:?}", e.reason, e.note))
+        .collect();
+    let old = Api::<CoreEvent>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning") && !not_theirs(e.reason.as_deref()))
+        .map(|e| format!("{:?}: {:?}", e.reason, e.message));
+    new.into_iter().chain(old).collect()
+}
+
+fn not_theirs(reason: Option<&str>) -> bool {
+    matches!(reason, Some("FailedScheduling" | "KubeAPIReadyz"))
+}
+
+#[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_kube_controller_managers_ephemeral_volume_controller_while_pods_arrive() {
+    let options = Options {
+        kcm_ephemeral: true,
+        ..Options::default()
+    };
+    let plane = ControlPlane::start_with(&bin_dir(), options)
+        .await
+        .expect("control plane starts");
+    let client = plane.client();
+    let (seen, watch) = watch_claims(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let (mut next, mut created) = (0, Vec::new());
+
+    // kube-controller-manager alone.
+    create_pods(&pods, &mut next, Duration::from_secs(2), &mut created).await;
+    // Step 1 of the runbook: volplane beside it (releases off while both run).
+    let mut volplane = Running::start(
+        plane.kubeconfig(),
+        &[
+            "--controllers=ephemeral",
+            "--leader-election=false",
+            "--ephemeral-release=never",
+            "--ephemeral-create-delay=500ms",
+        ],
+    );
+    let starting = Instant::now();
+    let mut during_start = Vec::new();
+    let creating = create_pods(&pods, &mut next, Duration::from_secs(3), &mut during_start);
+    let ((), _) = tokio::join!(creating, volplane.wait_for("volplane is ready"));
+    created.extend(during_start);
+    println!(
+        "volplane ready {:.2} s after it started",
+        starting.elapsed().as_secs_f64()
+    );
+    // Step 2: kube-controller-manager restarts without its controller.
+    plane.stop_controller_manager().expect("stop kube-controller-manager");
+    let _kcm = plane
+        .start_controller_manager_with(
+            "kube-controller-manager-2",
+            "*,-ephemeral-volume-controller,-node-lifecycle-controller",
+            &[
+                &format!(
+                    "--service-account-private-key-file={}",
+                    plane.service_account_key().display()
+                ),
+                "--use-service-account-credentials=false",
+                "--cluster-name=volplane-e2e",
+            ],
+        )
+        .expect("kube-controller-manager again");
+    create_pods(&pods, &mut next, Duration::from_secs(3), &mut created).await;
+
+    // Every pod has exactly its claim, with the exact owner contract.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let all = eventually_some(Duration::from_secs(30), "a claim for every pod", || async {
+        let all = claims.list(&ListParams::default()).await.ok()?.items;
+        (all.len() >= created.len()).then_some(all)
+    })
+    .await;
+    assert_eq!(all.len(), created.len(), "one claim per pod, none twice");
+    let by_name: HashMap<String, &PersistentVolumeClaim> =
+        all.iter().filter_map(|c| Some((c.metadata.name.clone()?, c))).collect();
+    let mut waits = Vec::new();
+    for (pod, at) in &created {
+        let name = format!("{}-data", pod.metadata.name.as_deref().expect("name"));
+        let claim = by_name.get(&name).unwrap_or_else(|| panic!("no {name}"));
+        let owners = claim.metadata.owner_references.clone().unwrap_or_default();
+        assert_eq!(owners.len(), 1, "{name}: {owners:?}");
+        let owner = &owners[0];
+        assert_eq!(
+            (
+                owner.api_version.as_str(),
+                owner.kind.as_str(),
+                Some(&owner.name),
+                Some(&owner.uid)
+            ),
+            ("v1", "Pod", pod.metadata.name.as_ref(), pod.metadata.uid.as_ref()),
+            "{name}"
+        );
+        assert_eq!((owner.controller, owner.block_owner_deletion), (Some(true), Some(true)));
+        let first_seen = seen.lock().expect("seen").get(&name).copied().expect("watched");
+        waits.push(first_seen.saturating_duration_since(*at));
+    }
+    waits.sort();
+    let longest = waits.last().copied().unwrap_or_default();
+    println!(
+        "{} pods: claim after the pod p50 {:.3} s, max {:.3} s",
+        waits.len(),
+        waits[waits.len() / 2].as_secs_f64(),
+        longest.as_secs_f64()
+    );
+    assert!(
+        longest <= Duration::from_secs(1),
+        "a pod waited {longest:?} for its claim"
+    );
+    let warnings = warnings(&client).await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    watch.abort();
+    let (code, lines) = volplane.terminate().await;
+    assert_eq!(code, Some(0), "{}", lines.join("\n"));
+}
+
+mod health {
+    use k8s_openapi::api::core::v1::{Namespace, PersistentVolume};
+    use k8s_openapi::api::storage::v1::StorageClass;
+    use support::metric_value;
+    use volplane_health::model::{REASON_ABNORMAL, REASON_NORMAL};
+    use volplane_tests::e2e::HostPath;
+    use volplane_tests::objects::create;
+
+    use super::*;
+
+    const NS: &str = "e2e-migration";
+
+    async fn count(client: &kube::Client, reason: &str) -> usize {
+        volplane_tests::events::count(client, NS, reason, "data").await
+    }
+
+    /// Waits until the checks counter with `result` has grown by `sweeps`.
+    async fn wait_for_checks(volplane: std::net::SocketAddr, result: &str, sweeps: f64) {
+        let start = metric_value(volplane, "volplane_health_checks_total", &[("result", result)]);
+        volplane_tests::wait::eventually(Duration::from_secs(30), "more sweeps", || {
+            metric_value(volplane, "volplane_health_checks_total", &[("result", result)]) >= start + sweeps
+        })
+        .await;
+    }
+
+    #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn from_external_health_monitor_a_condition_it_announced_is_not_announced_again() {
+        let plane = ControlPlane::start(&bin_dir()).await.expect("control plane starts");
+        let client = plane.client();
+        create(
+            &Api::<Namespace>::all(client.clone()),
+            json!({"metadata": {"name": NS}}),
+        )
+        .await;
+        plane.add_hostpath_node("node-1").await.expect("node");
+        create(
+            &Api::<StorageClass>::all(client.clone()),
+            json!({"metadata": {"name": "hostpath"}, "provisioner": HostPath::DRIVER, "volumeBindingMode": "Immediate"}),
+        )
+        .await;
+        let driver = plane.start_hostpath("node-1", &[]).await.expect("hostpathplugin");
+        let _provisioner = plane
+            .start_csi_provisioner("csi-provisioner", &driver, NS, &[])
+            .expect("csi-provisioner");
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
+        create(
+            &claims,
+            json!({"metadata": {"name": "data"},
+                   "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "hostpath",
+                            "resources": {"requests": {"storage": "1Gi"}}}}),
+        )
+        .await;
+        let handle = eventually_some(Duration::from_secs(60), "provisioned and bound", || async {
+            let claim = claims.get("data").await.ok()?;
+            (claim.status?.phase.as_deref() == Some("Bound")).then_some(())?;
+            let pv = Api::<PersistentVolume>::all(client.clone())
+                .get(claim.spec?.volume_name.as_deref()?)
+                .await
+                .ok()?;
+            Some(pv.spec?.csi?.volume_handle)
+        })
+        .await;
+
+        // The incumbent announces the volume abnormal, then is stopped.
+        let monitor_binary =
+            volplane_tests::e2e::find_binary(plane.bin_dir(), "csi-external-health-monitor-controller")
+                .expect("external-health-monitor");
+        let monitor = plane
+            .start_process(
+                "external-health-monitor",
+                &monitor_binary.to_string_lossy(),
+                &[
+                    format!("--csi-address={}", driver.socket().display()),
+                    format!("--kubeconfig={}", plane.kubeconfig().display()),
+                    "--list-volumes-interval=1s".into(),
+                    "--monitor-interval=1s".into(),
+                ],
+            )
+            .expect("external-health-monitor");
+        let directory = driver.state_dir().join(&handle);
+        std::fs::remove_dir_all(&directory).expect("remove the volume's directory");
+        eventually_some(
+            Duration::from_secs(60),
+            "external-health-monitor's VolumeConditionAbnormal",
+            || async { (count(&client, REASON_ABNORMAL).await > 0).then_some(()) },
+        )
+        .await;
+        drop(monitor);
+        // It may have repeated itself before it stopped.
+        let incumbents = count(&client, REASON_ABNORMAL).await;
+
+        // volplane takes over: it sees the same condition and says nothing more.
+        let mut volplane = Running::start(
+            plane.kubeconfig(),
+            &[
+                "--controllers=health",
+                "--csi-address",
+                &driver.address(),
+                "--leader-election=false",
+                "--health-list-interval",
+                "500ms",
+                "--http-endpoint",
+                "127.0.0.1:0",
+            ],
+        );
+        let admin = volplane.admin_address().await;
+        volplane.wait_for("already announced within the hour").await;
+        wait_for_checks(admin, "abnormal", 4.0).await;
+        assert_eq!(
+            count(&client, REASON_ABNORMAL).await,
+            incumbents,
+            "the incumbent's only"
+        );
+
+        // A later change is volplane's to announce, once; and the next one.
+        std::fs::create_dir(&directory).expect("restore the volume's directory");
+        eventually_some(Duration::from_secs(30), "VolumeConditionNormal", || async {
+            (count(&client, REASON_NORMAL).await > 0).then_some(())
+        })
+        .await;
+        wait_for_checks(admin, "normal", 4.0).await;
+        assert_eq!(count(&client, REASON_NORMAL).await, 1);
+        std::fs::remove_dir_all(&directory).expect("remove the volume's directory again");
+        eventually_some(
+            Duration::from_secs(30),
+            "volplane's VolumeConditionAbnormal",
+            || async { (count(&client, REASON_ABNORMAL).await > incumbents).then_some(()) },
+        )
+        .await;
+        wait_for_checks(admin, "abnormal", 4.0).await;
+        assert_eq!(count(&client, REASON_ABNORMAL).await, incumbents + 1);
+
+        let (code, lines) = volplane.terminate().await;
+        assert_eq!(code, Some(0), "{}", lines.join("\n"));
+    }
+}
