@@ -46,6 +46,8 @@ pub enum Signal {
     CsiNode(Box<Event<CSINode>>),
     /// An event of volplane's own CSIStorageCapacity objects.
     Capacity(Box<Event<CapacityObject>>),
+    /// An event of csi-provisioner's objects for the driver (`--capacity-adopt`).
+    Incumbent(Box<Event<CapacityObject>>),
     /// A PV event (central mode).
     Volume(Box<Event<VolumeObject>>),
     /// A watch failed; it retries with backoff.
@@ -92,6 +94,23 @@ impl Inputs {
             driver: None,
             node_keys: None,
         };
+        if let Some(managed_by) = &config.adopt_from {
+            let theirs = watcher::Config::default().labels(&format!(
+                "{}={},{}={managed_by}",
+                crate::model::DRIVER_LABEL,
+                config.identity.driver,
+                crate::model::MANAGED_BY_LABEL
+            ));
+            let api: Api<CapacityObject> = Api::namespaced(client.clone(), &config.identity.namespace);
+            let signals = watcher::watcher(api, theirs)
+                .default_backoff()
+                .map(|event| match event {
+                    Ok(event) => Signal::Incumbent(Box::new(event)),
+                    Err(error) => failed("incumbents", &error),
+                })
+                .boxed();
+            inputs.add("incumbents", signals);
+        }
         if config.enablement == Enablement::CsiDriver {
             let by_name = watcher::Config::default().fields(&format!("metadata.name={}", config.driver));
             let (store, signals) = cached(Api::all(client.clone()), by_name, |synced| Signal::Driver { synced });

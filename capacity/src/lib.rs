@@ -4,9 +4,11 @@
 //!
 //! - [`model`]: pure — segments, classes, objects, reconciliation.
 //! - [`topology`]: pure — central mode's segments, updated event by event.
+//! - [`adopt`]: pure — when csi-provisioner's objects may be taken over.
 //! - [`reconcile`]: the I/O — the loop over the watches (`inputs`), GetCapacity, writes, events, metrics.
 //! - [`owner`]: resolves `--capacity-owner` to an owner reference.
 
+pub mod adopt;
 mod error;
 mod inputs;
 pub mod metrics;

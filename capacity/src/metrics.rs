@@ -26,6 +26,10 @@ pub struct CapacityMetrics {
     pub queue_depth: Gauge,
     /// 1 while capacity is tracked (see `--capacity-enablement`), else 0.
     pub enabled: Gauge,
+    /// csi-provisioner's objects for this driver not adopted yet.
+    pub incumbent_objects: Gauge,
+    /// 1 while csi-provisioner is found to still maintain its objects.
+    pub incumbent_running: Gauge,
 }
 
 impl CapacityMetrics {
@@ -39,6 +43,8 @@ impl CapacityMetrics {
             api_writes: Family::default(),
             queue_depth: Gauge::default(),
             enabled: Gauge::default(),
+            incumbent_objects: Gauge::default(),
+            incumbent_running: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("capacity");
         sub.register(
@@ -75,6 +81,16 @@ impl CapacityMetrics {
             "enabled",
             "1 while capacity is tracked for the driver (CSIDriver spec.storageCapacity, or --capacity-enablement always)",
             metrics.enabled.clone(),
+        );
+        sub.register(
+            "incumbent_objects",
+            "csi-provisioner's CSIStorageCapacity objects of the driver not adopted yet (--capacity-adopt)",
+            metrics.incumbent_objects.clone(),
+        );
+        sub.register(
+            "incumbent_running",
+            "1 while csi-provisioner still maintains its objects (it re-created one volplane adopted): they are left alone",
+            metrics.incumbent_running.clone(),
         );
         metrics
     }

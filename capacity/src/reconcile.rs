@@ -37,6 +37,7 @@ use volplane_runtime::events::{self, Announcement};
 use volplane_runtime::work_queue::{self, WorkQueue};
 use volplane_runtime::{Backoff, Leadership, Readiness, control_loop, phase};
 
+use crate::adopt::{Appeared, Gate};
 use crate::error::{Error, Result};
 use crate::inputs::{Inputs, NodeLabels, Signal};
 use crate::metrics::CapacityMetrics;
@@ -85,6 +86,9 @@ pub struct CapacityConfig {
     pub event_target: Option<ObjectReference>,
     /// `reportingInstance` of events.
     pub instance: String,
+    /// The `managed-by` value of csi-provisioner's objects to take over
+    /// (`--capacity-adopt external-provisioner`), if any.
+    pub adopt_from: Option<String>,
 }
 
 /// The capacity controller. It watches whether or not it leads; it calls
@@ -273,6 +277,15 @@ struct LoopState {
     /// Whether writes were allowed when last looked at.
     leading: bool,
     ready: Readiness,
+    /// csi-provisioner's objects for the driver (`--capacity-adopt`), by name.
+    incumbents: HashMap<String, Stored>,
+    incumbents_listing: Option<HashMap<String, Stored>>,
+    /// The incumbent object (by name) standing for each item.
+    incumbent_items: HashMap<WorkItem, String>,
+    /// When they may be adopted; `None` without `--capacity-adopt`.
+    gate: Option<Gate>,
+    /// The incumbent was said to be still running (once per period).
+    incumbent_reported: bool,
 }
 
 impl control_loop::State for LoopState {
@@ -281,12 +294,19 @@ impl control_loop::State for LoopState {
 
     fn before_wait(&mut self) -> Option<Instant> {
         self.follow_leadership();
+        self.follow_gate();
         self.dispatch();
         self.update_gauges();
         // Due work waits while another instance leads, and while every
         // worker is busy: a finished task wakes the loop then (a timer
         // already due would spin it).
-        self.queue.next_due().filter(|_| self.leading && self.has_free_worker())
+        let work = self.queue.next_due().filter(|_| self.leading && self.has_free_worker());
+        let gate = self
+            .gate
+            .as_ref()
+            .filter(|_| self.leading && self.synced && !self.incumbents.is_empty())
+            .and_then(Gate::next_wake);
+        work.into_iter().chain(gate).min()
     }
 
     fn leadership(&self) -> &Leadership {
@@ -377,6 +397,14 @@ impl LoopState {
             leadership: controller.leadership,
             leading: false,
             ready: controller.ready,
+            incumbents: HashMap::new(),
+            incumbents_listing: None,
+            incumbent_items: HashMap::new(),
+            gate: config
+                .adopt_from
+                .as_ref()
+                .map(|_| Gate::new(config.poll_interval, Instant::now())),
+            incumbent_reported: false,
             config,
         }
     }
@@ -426,6 +454,7 @@ impl LoopState {
             Signal::Node(event) => self.on_node(event),
             Signal::CsiNode(event) => self.on_csinode(*event),
             Signal::Capacity(event) => self.on_capacity(*event),
+            Signal::Incumbent(event) => self.on_incumbent(*event),
             Signal::Volume(event) => self.on_volume(*event),
             Signal::WatchFailed { source, error } => {
                 warn!(source, %error, "watch failed; retrying with backoff");
@@ -948,7 +977,11 @@ impl LoopState {
         let api = self.api.clone();
         let leadership = self.leadership.clone();
         let metrics = self.metrics.clone();
-        let uid = self.store.get(name).and_then(|s| s.object.uid.clone());
+        let uid = self
+            .store
+            .get(name)
+            .or_else(|| self.incumbents.get(name))
+            .and_then(|s| s.object.uid.clone());
         let params = DeleteParams {
             preconditions: uid.map(|uid| Preconditions {
                 uid: Some(uid),
@@ -1087,9 +1120,28 @@ impl LoopState {
             .objects
             .get(&item)
             .and_then(|name| Some((name.clone(), self.store.get(name)?)));
-        let write = match known {
-            None => Write::Create(Box::new(model::new_object(&item, value, &self.config.identity))),
-            Some((name, stored)) => match model::update_patch(&stored.object, value, &self.config.identity) {
+        let incumbent = self
+            .incumbent_items
+            .get(&item)
+            .and_then(|name| Some((name.clone(), self.incumbents.get(name)?)));
+        let write = match (known, incumbent) {
+            // csi-provisioner's object stands for the item: taken over in
+            // place once the gate allows, never duplicated before.
+            (None, Some((name, theirs))) => {
+                let adopt = self.gate.as_ref().is_some_and(|gate| gate.may_adopt(&item));
+                match model::update_patch(&theirs.object, value, &self.config.identity).filter(|_| adopt) {
+                    Some(patch) => {
+                        info!(%item, %name, "adopting csi-provisioner's CSIStorageCapacity");
+                        Write::Patch(name, patch)
+                    }
+                    None => {
+                        self.refreshed(item, Ok((None, value)));
+                        return;
+                    }
+                }
+            }
+            (None, None) => Write::Create(Box::new(model::new_object(&item, value, &self.config.identity))),
+            (Some((name, stored)), _) => match model::update_patch(&stored.object, value, &self.config.identity) {
                 None => {
                     self.refreshed(item, Ok((None, value)));
                     return;
@@ -1237,6 +1289,177 @@ impl LoopState {
         }
     }
 
+    /// An event of csi-provisioner's objects for the driver.
+    fn on_incumbent(&mut self, event: Event<CapacityObject>) {
+        match event {
+            Event::Init => self.incumbents_listing = Some(HashMap::new()),
+            Event::InitApply(object) => {
+                let stored = self.stored(&object);
+                if let (Some(listing), Some(name)) = (&mut self.incumbents_listing, object.metadata.name) {
+                    listing.insert(name, stored);
+                }
+            }
+            Event::InitDone => {
+                self.incumbents = self.incumbents_listing.take().unwrap_or_default();
+                self.index_incumbents();
+                self.synced_sources.insert("incumbents");
+                if self.synced {
+                    self.adopt_open();
+                } else {
+                    self.try_initial_sync();
+                }
+            }
+            Event::Apply(object) => {
+                let Some(name) = object.metadata.name.clone() else {
+                    return;
+                };
+                let stored = self.stored(&object);
+                let previous = self.incumbents.insert(name.clone(), stored.clone());
+                self.index_incumbents();
+                let new = previous.is_none();
+                let changed = previous.is_none_or(|p| p.object.version != stored.object.version);
+                if let Some(gate) = &mut self.gate
+                    && changed
+                    && gate.appeared(stored.item.as_ref(), new, Instant::now()) == Appeared::StillRunning
+                {
+                    self.incumbent_still_running(stored.item.as_ref(), &name);
+                }
+                if self.synced {
+                    self.adopt_open();
+                }
+            }
+            Event::Delete(object) => {
+                // Adopted (its labels are volplane's now) or deleted.
+                if let Some(name) = object.metadata.name {
+                    self.incumbents.remove(&name);
+                    self.index_incumbents();
+                }
+            }
+        }
+    }
+
+    fn index_incumbents(&mut self) {
+        let mut index: HashMap<WorkItem, String> = HashMap::new();
+        for (name, stored) in &self.incumbents {
+            if let Some(item) = &stored.item {
+                // The oldest stands for the item, as with volplane's own.
+                let keep = index.get(item).is_none_or(|other| {
+                    self.incumbents.get(other).and_then(|o| o.object.created.as_ref()) > stored.object.created.as_ref()
+                });
+                if keep {
+                    index.insert(item.clone(), name.clone());
+                }
+            }
+        }
+        self.incumbent_items = index;
+    }
+
+    /// csi-provisioner re-created an object volplane had taken over: it
+    /// still maintains them. The canary goes back (volplane's copy is
+    /// deleted, theirs stays), and it is said once.
+    fn incumbent_still_running(&mut self, item: Option<&WorkItem>, theirs: &str) {
+        self.metrics.incumbent_running.set(1);
+        // Ours as the watch has it, or as just written and not seen yet.
+        let ours = item.and_then(|item| {
+            self.objects
+                .get(item)
+                .cloned()
+                .or_else(|| self.unseen.get(item).map(|unseen| unseen.name.clone()))
+        });
+        if let Some(ours) = ours {
+            self.delete(&ours);
+        }
+        if self.incumbent_reported {
+            return;
+        }
+        self.incumbent_reported = true;
+        let note = format!(
+            "csi-provisioner still maintains the CSIStorageCapacity objects of driver {} (it re-created {theirs} \
+             when volplane took one over): volplane leaves them alone and tries again once they have been quiet \
+             for a poll interval; switch its capacity tracking off (--enable-capacity=false)",
+            self.config.driver
+        );
+        warn!(driver = %self.config.driver, object = %theirs, "{note}");
+        if let Some(target) = self.config.event_target.clone() {
+            let announcement = Announcement::warning("IncumbentStillRunning", "AdoptCapacity", note);
+            events::publish_in_background(&self.recorder, &self.leadership, &announcement, [target]);
+        }
+    }
+
+    /// Moves the takeover of csi-provisioner's objects on: a canary once
+    /// they have been quiet, all of them once the canary stood.
+    fn follow_gate(&mut self) {
+        if !self.synced || !self.leading || self.incumbents.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let Some(gate) = &mut self.gate else {
+            return;
+        };
+        if gate.tick(now) {
+            info!(
+                objects = self.incumbents.len(),
+                "csi-provisioner's objects are quiet and the canary stood: adopting all"
+            );
+            self.metrics.incumbent_running.set(0);
+            self.incumbent_reported = false;
+            self.adopt_open();
+            return;
+        }
+        if !gate.canary_due(now) {
+            return;
+        }
+        let canary = self
+            .incumbent_items
+            .iter()
+            .filter(|(item, _)| !self.objects.contains_key(*item) && self.desired(item))
+            .map(|(item, name)| (name, item))
+            .min()
+            .map(|(_, item)| item.clone());
+        let Some(gate) = &mut self.gate else {
+            return;
+        };
+        match canary {
+            Some(item) => {
+                info!(%item, "csi-provisioner's objects have been quiet for a poll interval: adopting one first");
+                gate.start_canary(item.clone(), now);
+                self.queue.schedule(item, now);
+            }
+            None => {
+                gate.open();
+                self.adopt_open();
+            }
+        }
+    }
+
+    /// While the gate is open: every incumbent object standing for an item
+    /// without one of volplane's is adopted (its item refreshed now); those
+    /// standing for nothing volplane publishes, or duplicating its objects,
+    /// are deleted.
+    fn adopt_open(&mut self) {
+        if !self.synced || !self.leading || !self.gate.as_ref().is_some_and(Gate::may_delete) {
+            return;
+        }
+        let now = Instant::now();
+        let mut obsolete = Vec::new();
+        for (name, stored) in &self.incumbents {
+            let standing = stored.item.as_ref().filter(|item| {
+                self.desired(item) && !self.objects.contains_key(*item) && self.incumbent_items.get(*item) == Some(name)
+            });
+            match standing {
+                Some(item) => {
+                    if !self.queue.is_pending(item) && !self.queue.is_in_flight(item) {
+                        self.queue.schedule(item.clone(), now);
+                    }
+                }
+                None => obsolete.push(name.clone()),
+            }
+        }
+        for name in obsolete {
+            self.delete(&name);
+        }
+    }
+
     fn update_gauges(&self) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.metrics
@@ -1244,6 +1467,7 @@ impl LoopState {
             .set(gauge(self.segments.len() * self.classes.len()));
         self.metrics.current.set(gauge(self.objects.len()));
         self.metrics.obsolete.set(gauge(self.deleting.len()));
+        self.metrics.incumbent_objects.set(gauge(self.incumbents.len()));
         self.metrics
             .queue_depth
             .set(gauge(self.queue.pending() + self.queue.in_flight()));

@@ -57,6 +57,7 @@ fn config(poll: Duration, topology: Topology, send_topology: bool) -> CapacityCo
         },
         event_target: None,
         instance: "test".into(),
+        adopt_from: Some("external-provisioner".into()),
     }
 }
 
@@ -1263,5 +1264,169 @@ async fn items_waiting_for_a_busy_worker_do_not_spin_the_loop() {
     );
     // A loop that spins while waiting burns a core for the whole 3.2 s.
     assert!(cpu < wall / 3.0, "{cpu:.2} s CPU in {wall:.2} s");
+    h.stop().await;
+}
+
+impl Harness {
+    /// An object as csi-provisioner writes it for `zone` and `class`.
+    async fn incumbent_object(&self, zone_value: &str, class: &str, capacity: &str) -> CSIStorageCapacity {
+        let object: CSIStorageCapacity = serde_json::from_value(json!({
+            "metadata": {"generateName": "csisc-", "labels": {DRIVER_LABEL: DRIVER, MANAGED_BY_LABEL: "external-provisioner"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "csi-controller-5d8f",
+                                              "uid": "rs-uid", "controller": true}]},
+            "storageClassName": class,
+            "nodeTopology": {"matchLabels": {"zone": zone_value}},
+            "capacity": capacity,
+        }))
+        .expect("object");
+        self.capacities()
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("incumbent object")
+    }
+
+    /// (name, managed-by, class, capacity) of every object, sorted by name.
+    async fn all_objects(&self) -> Vec<(String, String, String, String)> {
+        let mut rows: Vec<_> = self
+            .capacities()
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .into_iter()
+            .map(|o| {
+                let managed = o
+                    .metadata
+                    .labels
+                    .unwrap_or_default()
+                    .remove(MANAGED_BY_LABEL)
+                    .unwrap_or_default();
+                (
+                    o.metadata.name.unwrap_or_default(),
+                    managed,
+                    o.storage_class_name,
+                    o.capacity.map(|q| q.0).unwrap_or_default(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+}
+
+#[tokio::test]
+async fn csi_provisioners_objects_are_taken_over_in_place_once_quiet_and_the_obsolete_one_goes() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(7 * GI));
+    let a = h.incumbent_object("a", "fast", "100Gi").await;
+    let b = h.incumbent_object("b", "fast", "100Gi").await;
+    let gone_class = h.incumbent_object("a", "retired", "1Gi").await;
+    h.double.clear_requests();
+    h.start(config(Duration::from_millis(300), Topology::Central, true))
+        .await;
+    h.wait_for_published(
+        "both taken over with the driver's value",
+        &[("fast", Some("a"), 7 * GI, None), ("fast", Some("b"), 7 * GI, None)],
+    )
+    .await;
+    let gone_name = gone_class.metadata.name.clone().expect("name");
+    eventually_some(
+        Duration::from_secs(20),
+        "the object of a class volplane does not publish is deleted",
+        || async { h.capacities().get_opt(&gone_name).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    // In place: the same objects, no create, volplane's owner and labels.
+    let names: Vec<String> = h.all_objects().await.into_iter().map(|(name, ..)| name).collect();
+    let mut want = vec![
+        a.metadata.name.clone().expect("name"),
+        b.metadata.name.clone().expect("name"),
+    ];
+    want.sort();
+    assert_eq!(names, want);
+    assert_eq!(h.double.count(Verb::Create, "csistoragecapacities"), 0);
+    for object in h.capacities().list(&ListParams::default()).await.expect("list").items {
+        assert_eq!(
+            object.metadata.owner_references, None,
+            "volplane's owner: none in this config"
+        );
+    }
+    assert!(
+        h.metrics_text()
+            .lines()
+            .any(|l| l == "volplane_capacity_incumbent_objects 0")
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_csi_provisioner_that_still_runs_gets_its_canary_back_and_is_reported() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(7 * GI));
+    h.incumbent_object("a", "fast", "7Gi").await;
+    h.incumbent_object("b", "fast", "7Gi").await;
+    // A running csi-provisioner: an object that leaves its selector is made again.
+    let incumbent = {
+        let client = h.client.clone();
+        tokio::spawn(async move {
+            let api: Api<CSIStorageCapacity> = Api::namespaced(client, NS);
+            let selector = format!("{MANAGED_BY_LABEL}=external-provisioner");
+            loop {
+                let theirs = api
+                    .list(&ListParams::default().labels(&selector))
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default();
+                for zone_value in ["a", "b"] {
+                    let has = theirs.iter().any(|o| {
+                        o.node_topology
+                            .as_ref()
+                            .and_then(|t| t.match_labels.as_ref())
+                            .and_then(|l| l.get("zone"))
+                            == Some(&zone_value.to_string())
+                    });
+                    if !has {
+                        let object: CSIStorageCapacity = serde_json::from_value(json!({
+                            "metadata": {"generateName": "csisc-", "labels": {DRIVER_LABEL: DRIVER, MANAGED_BY_LABEL: "external-provisioner"}},
+                            "storageClassName": "fast", "nodeTopology": {"matchLabels": {"zone": zone_value}}, "capacity": "7Gi"}))
+                        .expect("object");
+                        let _ = api.create(&PostParams::default(), &object).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    h.start(config(Duration::from_millis(300), Topology::Central, true))
+        .await;
+    eventually(Duration::from_secs(20), "reported as still running", || {
+        h.metrics_text()
+            .lines()
+            .any(|l| l == "volplane_capacity_incumbent_running 1")
+    })
+    .await;
+    // The canary is given back: every object is the incumbent's again, one per item.
+    let settled = eventually_some(Duration::from_secs(20), "only the incumbent's objects", || async {
+        let all = h.all_objects().await;
+        (all.len() == 2 && all.iter().all(|(_, managed, ..)| managed == "external-provisioner")).then_some(all)
+    })
+    .await;
+    assert_eq!(settled.len(), 2);
+    assert_eq!(
+        h.double.count(Verb::Patch, "csistoragecapacities"),
+        1,
+        "one object taken over: the canary"
+    );
+    assert!(
+        h.double.count(Verb::Delete, "csistoragecapacities") >= 1,
+        "volplane's copy of the canary deleted"
+    );
+    incumbent.abort();
     h.stop().await;
 }

@@ -96,6 +96,17 @@ pub enum CapacityEnablement {
     Always,
 }
 
+/// `--capacity-adopt`: whose CSIStorageCapacity objects volplane takes over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum CapacityAdopt {
+    /// csi-provisioner's (`managed-by: external-provisioner`, per node
+    /// `external-provisioner-<node>`), once it has stopped maintaining them.
+    #[default]
+    ExternalProvisioner,
+    /// Nobody's: they are left as they are.
+    None,
+}
+
 /// `--ephemeral-release`: which finished pods give their claims back.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum EphemeralRelease {
@@ -230,6 +241,11 @@ pub struct Args {
     /// Also publish capacity for StorageClasses with Immediate binding.
     #[arg(long, env = "CAPACITY_FOR_IMMEDIATE_BINDING")]
     pub capacity_for_immediate_binding: bool,
+
+    /// Take over csi-provisioner's CSIStorageCapacity objects for the
+    /// driver in place, once it has stopped maintaining them.
+    #[arg(long, env = "CAPACITY_ADOPT", value_enum, default_value_t = CapacityAdopt::ExternalProvisioner)]
+    pub capacity_adopt: CapacityAdopt,
 
     /// Average client-side limit of requests per second to the API server
     /// (watches count once, when opened); 0 disables the limit. Unset: no

@@ -15,7 +15,7 @@ use volplane_runtime::Backoff;
 use volplane_runtime::Leadership;
 use volplane_runtime::events::{self, Announcement};
 
-use crate::args::{Args, CapacityEnablement, CapacityOwner};
+use crate::args::{Args, CapacityAdopt, CapacityEnablement, CapacityOwner};
 
 /// Builds the capacity controller, or `None` when the driver cannot report
 /// capacity (said once, clearly; the rest of the process keeps running).
@@ -58,6 +58,10 @@ pub async fn build(
         topology,
         send_topology,
         per_node: node.is_some(),
+        adopt_from: match args.capacity_adopt {
+            CapacityAdopt::ExternalProvisioner => Some(volplane_capacity::adopt::incumbent_managed_by(node)),
+            CapacityAdopt::None => None,
+        },
     };
     let config = config(args, &driver.name, placement, identity, event_target, instance);
     Ok(Some(CapacityController::new(
@@ -75,6 +79,8 @@ struct Placement {
     topology: Topology,
     send_topology: bool,
     per_node: bool,
+    /// The `managed-by` value of csi-provisioner's objects to take over.
+    adopt_from: Option<String>,
 }
 
 /// The controller's settings from the flags and what startup found out.
@@ -106,6 +112,7 @@ fn config(
         },
         event_target,
         instance,
+        adopt_from: placement.adopt_from,
     }
 }
 

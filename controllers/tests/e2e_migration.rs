@@ -335,3 +335,224 @@ mod health {
         assert_eq!(code, Some(0), "{}", lines.join("\n"));
     }
 }
+
+mod capacity {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::storage::v1::CSIStorageCapacity;
+    use support::metric_value;
+    use volplane_tests::e2e::HostPath;
+    use volplane_tests::objects::create;
+
+    use super::*;
+
+    const NAMESPACE: &str = "volplane";
+    const MANAGED_BY: &str = "csi.storage.k8s.io/managed-by";
+
+    /// (node, class) → [(managed-by, capacity)] of every object of the driver.
+    type Objects = BTreeMap<(String, String), Vec<(String, String)>>;
+
+    async fn objects(client: &kube::Client) -> Option<Objects> {
+        let listed = Api::<CSIStorageCapacity>::namespaced(client.clone(), NAMESPACE)
+            .list(&ListParams::default().labels(&format!("csi.storage.k8s.io/drivername={}", HostPath::DRIVER)))
+            .await
+            .ok()?;
+        let mut objects = Objects::new();
+        for object in listed.items {
+            let node = object
+                .node_topology
+                .as_ref()
+                .and_then(|t| t.match_labels.as_ref())
+                .and_then(|l| l.get(HostPath::TOPOLOGY_KEY))
+                .cloned()
+                .unwrap_or_default();
+            let managed = object
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .remove(MANAGED_BY)
+                .unwrap_or_default();
+            objects
+                .entry((node, object.storage_class_name))
+                .or_default()
+                .push((managed, object.capacity.map(|q| q.0).unwrap_or_default()));
+        }
+        Some(objects)
+    }
+
+    /// Samples every 100 ms until stopped: for every pair of `expected`, at
+    /// least one object, and never two with different capacities.
+    fn poll_pairs(
+        client: kube::Client,
+        expected: BTreeSet<(String, String)>,
+    ) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(usize, Vec<String>)>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut samples, mut violations) = (0, Vec::new());
+            while !stopped.load(Ordering::Relaxed) {
+                if let Some(objects) = objects(&client).await {
+                    samples += 1;
+                    for pair in &expected {
+                        match objects.get(pair) {
+                            None => violations.push(format!("no object for {pair:?}")),
+                            Some(found) => {
+                                let values: BTreeSet<&String> = found.iter().map(|(_, c)| c).collect();
+                                if values.len() > 1 {
+                                    violations.push(format!("{pair:?} has objects that disagree: {found:?}"));
+                                }
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (samples, violations)
+        });
+        (stop, task)
+    }
+
+    async fn setup(plane: &ControlPlane, nodes: usize) -> (HostPath, BTreeSet<(String, String)>) {
+        create(
+            &Api::<Namespace>::all(plane.client()),
+            json!({"metadata": {"name": NAMESPACE}}),
+        )
+        .await;
+        plane.create_hostpath_classes().await.expect("CSIDriver and classes");
+        let mut pairs = BTreeSet::new();
+        for i in 0..nodes {
+            let node = format!("node-{i:02}");
+            plane.add_hostpath_node(&node).await.expect("node");
+            for class in ["fast", "slow"] {
+                pairs.insert((node.clone(), class.to_string()));
+            }
+        }
+        let driver = plane
+            .start_hostpath("controller", &[("fast", "40Gi"), ("slow", "4Gi")])
+            .await
+            .expect("hostpathplugin");
+        (driver, pairs)
+    }
+
+    fn csi_provisioner(
+        plane: &ControlPlane,
+        driver: &HostPath,
+        name: &str,
+        capacity: bool,
+    ) -> volplane_tests::process::Process {
+        let enable = format!("--enable-capacity={capacity}");
+        plane
+            .start_csi_provisioner(
+                name,
+                driver,
+                NAMESPACE,
+                &[&enable, "--capacity-ownerref-level=-1", "--capacity-poll-interval=2s"],
+            )
+            .expect("csi-provisioner")
+    }
+
+    fn volplane(plane: &ControlPlane, driver: &HostPath) -> Running {
+        Running::start(
+            plane.kubeconfig(),
+            &[
+                "--controllers=capacity",
+                "--csi-address",
+                &driver.address(),
+                "--namespace",
+                NAMESPACE,
+                "--capacity-owner",
+                "none",
+                "--leader-election=false",
+                "--capacity-poll-interval",
+                "2s",
+                "--http-endpoint",
+                "127.0.0.1:0",
+            ],
+        )
+    }
+
+    async fn all_by(client: &kube::Client, managed_by: &str, pairs: usize) -> Objects {
+        eventually_some(
+            Duration::from_secs(90),
+            &format!("one object per pair, all {managed_by}'s"),
+            || async {
+                let objects = objects(client).await?;
+                let one_each = objects.len() == pairs
+                    && objects
+                        .values()
+                        .all(|found| found.len() == 1 && found[0].0 == managed_by);
+                one_each.then_some(objects)
+            },
+        )
+        .await
+    }
+
+    #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn from_csi_provisioner_every_pair_keeps_one_value_while_volplane_takes_over() {
+        let plane = ControlPlane::start(&bin_dir()).await.expect("control plane starts");
+        let client = plane.client();
+        let (driver, pairs) = setup(&plane, 20).await;
+        let first = csi_provisioner(&plane, &driver, "csi-provisioner", true);
+        let theirs = all_by(&client, "external-provisioner", pairs.len()).await;
+        let (stop, poller) = poll_pairs(client.clone(), pairs.clone());
+
+        // Its capacity tracking is switched off (it keeps provisioning).
+        drop(first);
+        let _second = csi_provisioner(&plane, &driver, "csi-provisioner-2", false);
+        let mut running = volplane(&plane, &driver);
+        let admin = running.admin_address().await;
+        let ours = all_by(&client, "volplane", pairs.len()).await;
+        stop.store(true, Ordering::Relaxed);
+        let (samples, violations) = poller.await.expect("poller");
+        assert!(samples >= 20, "{samples} samples");
+        assert!(
+            violations.is_empty(),
+            "{} violations, first: {:?}",
+            violations.len(),
+            violations.first()
+        );
+        // The driver's values, as csi-provisioner had them.
+        let values = |objects: &Objects| -> BTreeMap<(String, String), String> {
+            objects
+                .iter()
+                .map(|(pair, found)| (pair.clone(), found[0].1.clone()))
+                .collect()
+        };
+        assert_eq!(values(&ours), values(&theirs));
+        assert_eq!(metric_value(admin, "volplane_capacity_incumbent_objects", &[]), 0.0);
+        assert_eq!(
+            metric_value(admin, "volplane_capacity_api_writes_total", &[("verb", "create")]),
+            0.0,
+            "taken over in place, none created"
+        );
+        let (code, lines) = running.terminate().await;
+        assert_eq!(code, Some(0), "{}", lines.join("\n"));
+        assert!(
+            lines.iter().any(|l| l.contains("the canary stood: adopting all")),
+            "{}",
+            lines.join("\n")
+        );
+    }
+
+    #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_csi_provisioner_still_publishing_keeps_its_objects_and_volplane_says_why() {
+        let plane = ControlPlane::start(&bin_dir()).await.expect("control plane starts");
+        let client = plane.client();
+        let (driver, pairs) = setup(&plane, 3).await;
+        let _provisioner = csi_provisioner(&plane, &driver, "csi-provisioner", true);
+        all_by(&client, "external-provisioner", pairs.len()).await;
+        let mut running = volplane(&plane, &driver);
+        let admin = running.admin_address().await;
+        let said = running.wait_for("csi-provisioner still maintains").await;
+        assert!(said.contains("--enable-capacity=false"), "{said}");
+        assert_eq!(metric_value(admin, "volplane_capacity_incumbent_running", &[]), 1.0);
+        // The one object volplane tried is given back: csi-provisioner's only.
+        all_by(&client, "external-provisioner", pairs.len()).await;
+        let (code, lines) = running.terminate().await;
+        assert_eq!(code, Some(0), "{}", lines.join("\n"));
+    }
+}

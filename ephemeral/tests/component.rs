@@ -834,7 +834,8 @@ async fn with_a_create_delay_the_other_controller_goes_first_and_nothing_is_crea
     // Nobody creates this one's: volplane does, after the delay.
     let created = std::time::Instant::now();
     h.create_pod("second", &["v"]).await;
-    h.wait_for_claims("the second pod's claim", &["first-v", "second-v"]).await;
+    h.wait_for_claims("the second pod's claim", &["first-v", "second-v"])
+        .await;
     let after = created.elapsed();
     assert!(after >= Duration::from_millis(500), "created {after:?} after the pod");
     assert_eq!(
