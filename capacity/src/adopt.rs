@@ -27,12 +27,16 @@ use tokio::time::Instant;
 use crate::model::WorkItem;
 
 /// `csi.storage.k8s.io/managed-by` of csi-provisioner's objects: central,
-/// or of `node` in per-node mode.
-pub fn incumbent_managed_by(node: Option<&str>) -> String {
-    match node {
+/// or of `node` in per-node mode. `None` where csi-provisioner shortens the
+/// value (a node name past 42 characters): volplane does not guess its
+/// shortening and adopts nothing there.
+pub fn incumbent_managed_by(node: Option<&str>) -> Option<String> {
+    let value = match node {
         None => "external-provisioner".to_string(),
         Some(node) => format!("external-provisioner-{node}"),
-    }
+    };
+    let valid = value.len() <= 63 && value.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    valid.then_some(value)
 }
 
 /// The longest wait between canaries.
@@ -94,12 +98,12 @@ impl Gate {
         &self.stage
     }
 
-    /// An incumbent object changed, or a new one appeared for `item`.
-    pub fn appeared(&mut self, item: Option<&WorkItem>, new: bool, now: Instant) -> Appeared {
+    /// An incumbent object was written by someone else (changed, or new for
+    /// `item`). While a canary stands or the gate is open, that is the
+    /// incumbent at work: it still runs.
+    pub fn appeared(&mut self, now: Instant) -> Appeared {
         self.last_change = now;
-        let canary = matches!(&self.stage, Stage::Canary { item: canary, .. } if Some(canary) == item);
-        // While open, a new object for any item means the incumbent is back.
-        if new && (canary || self.stage == Stage::Open) {
+        if self.stage != Stage::Waiting {
             self.failures = self.failures.saturating_add(1);
             let backoff = self
                 .interval
@@ -121,6 +125,23 @@ impl Gate {
     /// The canary `item` is being adopted now.
     pub fn start_canary(&mut self, item: WorkItem, now: Instant) {
         self.stage = Stage::Canary { item, at: now };
+    }
+
+    /// The canary's write landed at `now`: its interval counts from here.
+    pub fn canary_written(&mut self, item: &WorkItem, now: Instant) {
+        if let Stage::Canary { item: canary, at } = &mut self.stage
+            && canary == item
+        {
+            *at = now;
+        }
+    }
+
+    /// Back to waiting from `now` (the canary's write failed, or this
+    /// instance just started leading and knows nothing of the interval
+    /// before); failures and their backoff stay.
+    pub fn restart(&mut self, now: Instant) {
+        self.stage = Stage::Waiting;
+        self.last_change = now;
     }
 
     /// Nothing to adopt as a canary (no incumbent object stands for an item

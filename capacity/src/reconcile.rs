@@ -37,7 +37,7 @@ use volplane_runtime::events::{self, Announcement};
 use volplane_runtime::work_queue::{self, WorkQueue};
 use volplane_runtime::{Backoff, Leadership, Readiness, control_loop, phase};
 
-use crate::adopt::{Appeared, Gate};
+use crate::adopt::{Appeared, Gate, Stage};
 use crate::error::{Error, Result};
 use crate::inputs::{Inputs, NodeLabels, Signal};
 use crate::metrics::CapacityMetrics;
@@ -286,6 +286,8 @@ struct LoopState {
     gate: Option<Gate>,
     /// The incumbent was said to be still running (once per period).
     incumbent_reported: bool,
+    /// Takeover writes in flight: item → the object's name.
+    adopting: HashMap<WorkItem, String>,
 }
 
 impl control_loop::State for LoopState {
@@ -304,7 +306,7 @@ impl control_loop::State for LoopState {
         let gate = self
             .gate
             .as_ref()
-            .filter(|_| self.leading && self.synced && !self.incumbents.is_empty())
+            .filter(|_| self.leading && self.synced)
             .and_then(Gate::next_wake);
         work.into_iter().chain(gate).min()
     }
@@ -405,6 +407,7 @@ impl LoopState {
                 .as_ref()
                 .map(|_| Gate::new(config.poll_interval, Instant::now())),
             incumbent_reported: false,
+            adopting: HashMap::new(),
             config,
         }
     }
@@ -435,6 +438,11 @@ impl LoopState {
         self.leading = leading;
         if leading {
             info!("leading: publishing capacity");
+            // What happened to csi-provisioner's objects before this term is
+            // not known: a full quiet interval again.
+            if let Some(gate) = &mut self.gate {
+                gate.restart(Instant::now());
+            }
             if self.synced {
                 self.follow_classes();
                 self.resync_objects(&HashMap::new());
@@ -759,6 +767,11 @@ impl LoopState {
                 let Some(name) = object.metadata.name.clone() else {
                     return;
                 };
+                // An object just taken over from csi-provisioner may arrive
+                // here before its watch says it left.
+                if self.incumbents.remove(&name).is_some() {
+                    self.index_incumbents();
+                }
                 let stored = self.stored(&object);
                 let previous = self.store.insert(name.clone(), stored.clone());
                 if self.synced {
@@ -1132,6 +1145,7 @@ impl LoopState {
                 match model::update_patch(&theirs.object, value, &self.config.identity).filter(|_| adopt) {
                     Some(patch) => {
                         info!(%item, %name, "adopting csi-provisioner's CSIStorageCapacity");
+                        self.adopting.insert(item.clone(), name.clone());
                         Write::Patch(name, patch)
                     }
                     None => {
@@ -1183,6 +1197,9 @@ impl LoopState {
     /// value published, or an error.
     fn refreshed(&mut self, item: WorkItem, result: Result<(Option<Written>, PublishedCapacity)>) {
         self.queue.finish(&item);
+        if let Some(name) = self.adopting.remove(&item) {
+            self.adopted(&item, &name, result.as_ref().map(|_| ()));
+        }
         let desired = self.desired(&item);
         let next = match result {
             Ok((written, value)) => {
@@ -1210,6 +1227,30 @@ impl LoopState {
         };
         if desired {
             self.queue.schedule(item, next);
+        }
+    }
+
+    /// A takeover write of csi-provisioner's object `name` for `item` ended:
+    /// the canary's interval starts when it landed, a failed one waits a
+    /// full interval again; landed after the gate closed, it is given back.
+    fn adopted(&mut self, item: &WorkItem, name: &str, result: std::result::Result<(), &Error>) {
+        let Some(gate) = &mut self.gate else {
+            return;
+        };
+        let now = Instant::now();
+        match result {
+            Ok(()) if gate.may_adopt(item) => gate.canary_written(item, now),
+            // The gate closed meanwhile: if csi-provisioner's object stands
+            // for the pair again, the pair keeps that one alone.
+            Ok(()) => {
+                if self.incumbent_items.contains_key(item) {
+                    self.delete(name);
+                }
+            }
+            Err(_) if matches!(gate.stage(), Stage::Canary { item: canary, .. } if canary == item) => {
+                gate.restart(now);
+            }
+            Err(_) => {}
         }
     }
 
@@ -1300,9 +1341,20 @@ impl LoopState {
                 }
             }
             Event::InitDone => {
-                self.incumbents = self.incumbents_listing.take().unwrap_or_default();
+                let listed = self.incumbents_listing.take().unwrap_or_default();
+                // Written while the watch was down: as if seen one by one.
+                let written = listed.iter().any(|(name, now)| {
+                    self.incumbents
+                        .get(name)
+                        .is_none_or(|before| before.object.version != now.object.version)
+                });
+                let relisted = self.synced_sources.contains("incumbents");
+                self.incumbents = listed;
                 self.index_incumbents();
                 self.synced_sources.insert("incumbents");
+                if relisted && written {
+                    self.incumbent_written(None);
+                }
                 if self.synced {
                     self.adopt_open();
                 } else {
@@ -1313,16 +1365,15 @@ impl LoopState {
                 let Some(name) = object.metadata.name.clone() else {
                     return;
                 };
+                if self.store.contains_key(&name) {
+                    // Ours already (taken over); this watch is behind.
+                    return;
+                }
                 let stored = self.stored(&object);
                 let previous = self.incumbents.insert(name.clone(), stored.clone());
                 self.index_incumbents();
-                let new = previous.is_none();
-                let changed = previous.is_none_or(|p| p.object.version != stored.object.version);
-                if let Some(gate) = &mut self.gate
-                    && changed
-                    && gate.appeared(stored.item.as_ref(), new, Instant::now()) == Appeared::StillRunning
-                {
-                    self.incumbent_still_running(stored.item.as_ref(), &name);
+                if previous.is_none_or(|p| p.object.version != stored.object.version) {
+                    self.incumbent_written(stored.item.as_ref());
                 }
                 if self.synced {
                     self.adopt_open();
@@ -1354,42 +1405,67 @@ impl LoopState {
         self.incumbent_items = index;
     }
 
-    /// csi-provisioner re-created an object volplane had taken over: it
-    /// still maintains them. The canary goes back (volplane's copy is
-    /// deleted, theirs stays), and it is said once.
-    fn incumbent_still_running(&mut self, item: Option<&WorkItem>, theirs: &str) {
-        self.metrics.incumbent_running.set(1);
-        // Ours as the watch has it, or as just written and not seen yet.
-        let ours = item.and_then(|item| {
-            self.objects
-                .get(item)
-                .cloned()
-                .or_else(|| self.unseen.get(item).map(|unseen| unseen.name.clone()))
-        });
-        if let Some(ours) = ours {
-            self.delete(&ours);
+    /// Someone else wrote one of csi-provisioner's objects (for `item`):
+    /// during a canary or after the gate opened, that is csi-provisioner
+    /// still at work. The pair gets its one object back (volplane's copy
+    /// goes, theirs stays), and it is said once.
+    fn incumbent_written(&mut self, item: Option<&WorkItem>) {
+        let Some(gate) = &mut self.gate else {
+            return;
+        };
+        let now = Instant::now();
+        let canary = match gate.stage() {
+            Stage::Canary { item, .. } => Some(item.clone()),
+            _ => None,
+        };
+        let still_running = gate.appeared(now) == Appeared::StillRunning;
+        // Every pair csi-provisioner writes for gets its object alone: the
+        // canary's, and any written while the gate is not open.
+        for item in canary.iter().chain(item) {
+            self.give_back(item);
         }
+        if !still_running {
+            return;
+        }
+        self.metrics.incumbent_running.set(1);
         if self.incumbent_reported {
             return;
         }
         self.incumbent_reported = true;
         let note = format!(
-            "csi-provisioner still maintains the CSIStorageCapacity objects of driver {} (it re-created {theirs} \
-             when volplane took one over): volplane leaves them alone and tries again once they have been quiet \
+            "csi-provisioner still maintains the CSIStorageCapacity objects of driver {} (it wrote one while \
+             volplane was taking them over): volplane leaves them alone and tries again once they have been quiet \
              for a poll interval; switch its capacity tracking off (--enable-capacity=false)",
             self.config.driver
         );
-        warn!(driver = %self.config.driver, object = %theirs, "{note}");
+        warn!(driver = %self.config.driver, "{note}");
         if let Some(target) = self.config.event_target.clone() {
             let announcement = Announcement::warning("IncumbentStillRunning", "AdoptCapacity", note);
             events::publish_in_background(&self.recorder, &self.leadership, &announcement, [target]);
         }
     }
 
+    /// While csi-provisioner's object stands for `item`, volplane's copy of
+    /// the pair (as the watch has it, or just written) goes.
+    fn give_back(&mut self, item: &WorkItem) {
+        if !self.incumbent_items.contains_key(item) {
+            return;
+        }
+        let ours = self
+            .objects
+            .get(item)
+            .cloned()
+            .or_else(|| self.unseen.get(item).map(|unseen| unseen.name.clone()))
+            .or_else(|| self.adopting.get(item).cloned());
+        if let Some(ours) = ours {
+            self.delete(&ours);
+        }
+    }
+
     /// Moves the takeover of csi-provisioner's objects on: a canary once
     /// they have been quiet, all of them once the canary stood.
     fn follow_gate(&mut self) {
-        if !self.synced || !self.leading || self.incumbents.is_empty() {
+        if !self.synced || !self.leading {
             return;
         }
         let now = Instant::now();
@@ -1409,26 +1485,41 @@ impl LoopState {
         if !gate.canary_due(now) {
             return;
         }
-        let canary = self
+        if self.incumbents.is_empty() {
+            // Nothing to take over.
+            gate.open();
+            return;
+        }
+        // The canary: an object to take over, else one to delete (obsolete,
+        // or a duplicate of volplane's) — csi-provisioner re-creates either.
+        let adoptable = self
             .incumbent_items
             .iter()
             .filter(|(item, _)| !self.objects.contains_key(*item) && self.desired(item))
             .map(|(item, name)| (name, item))
             .min()
             .map(|(_, item)| item.clone());
+        let obsolete = self
+            .incumbents
+            .iter()
+            .filter_map(|(name, stored)| Some((name, stored.item.as_ref()?)))
+            .min()
+            .map(|(name, item)| (name.clone(), item.clone()));
         let Some(gate) = &mut self.gate else {
             return;
         };
-        match canary {
-            Some(item) => {
+        match (adoptable, obsolete) {
+            (Some(item), _) => {
                 info!(%item, "csi-provisioner's objects have been quiet for a poll interval: adopting one first");
                 gate.start_canary(item.clone(), now);
                 self.queue.schedule(item, now);
             }
-            None => {
-                gate.open();
-                self.adopt_open();
+            (None, Some((name, item))) => {
+                info!(%item, %name, "csi-provisioner's objects have been quiet for a poll interval: deleting one obsolete first");
+                gate.start_canary(item, now);
+                self.delete(&name);
             }
+            (None, None) => gate.open(),
         }
     }
 
@@ -1442,7 +1533,11 @@ impl LoopState {
         }
         let now = Instant::now();
         let mut obsolete = Vec::new();
-        for (name, stored) in &self.incumbents {
+        for (name, stored) in self
+            .incumbents
+            .iter()
+            .filter(|(name, _)| !self.store.contains_key(*name))
+        {
             let standing = stored.item.as_ref().filter(|item| {
                 self.desired(item) && !self.objects.contains_key(*item) && self.incumbent_items.get(*item) == Some(name)
             });

@@ -59,7 +59,16 @@ pub async fn build(
         send_topology,
         per_node: node.is_some(),
         adopt_from: match args.capacity_adopt {
-            CapacityAdopt::ExternalProvisioner => Some(volplane_capacity::adopt::incumbent_managed_by(node)),
+            CapacityAdopt::ExternalProvisioner => {
+                let value = volplane_capacity::adopt::incumbent_managed_by(node);
+                if value.is_none() {
+                    tracing::info!(
+                        node,
+                        "csi-provisioner shortens its label for a node name this long: nothing is adopted"
+                    );
+                }
+                value
+            }
             CapacityAdopt::None => None,
         },
     };
