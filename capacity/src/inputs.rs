@@ -48,6 +48,9 @@ pub enum Signal {
     Capacity(Box<Event<CapacityObject>>),
     /// An event of csi-provisioner's objects for the driver (`--capacity-adopt`).
     Incumbent(Box<Event<CapacityObject>>),
+    /// An event of other controllers' (or nobody's) objects for the driver
+    /// (central mode).
+    Foreign(Box<Event<CapacityObject>>),
     /// A PV event (central mode).
     Volume(Box<Event<VolumeObject>>),
     /// A watch failed; it retries with backoff.
@@ -110,6 +113,26 @@ impl Inputs {
                 })
                 .boxed();
             inputs.add("incumbents", signals);
+        }
+        if central {
+            // Everyone else's objects for the driver: reported, never touched.
+            let others = watcher::Config::default().labels(&format!(
+                "{driver_label}={},{managed_label}!={},{managed_label}!=external-provisioner",
+                config.identity.driver,
+                config.identity.managed_by,
+                driver_label = crate::model::DRIVER_LABEL,
+                managed_label = crate::model::MANAGED_BY_LABEL,
+            ));
+            let api: Api<CapacityObject> = Api::namespaced(client.clone(), &config.identity.namespace);
+            inputs.streams.push(
+                watcher::watcher(api, others)
+                    .default_backoff()
+                    .map(|event| match event {
+                        Ok(event) => Signal::Foreign(Box::new(event)),
+                        Err(error) => failed("foreign capacities", &error),
+                    })
+                    .boxed(),
+            );
         }
         if config.enablement == Enablement::CsiDriver {
             let by_name = watcher::Config::default().fields(&format!("metadata.name={}", config.driver));

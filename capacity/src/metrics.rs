@@ -30,6 +30,8 @@ pub struct CapacityMetrics {
     pub incumbent_objects: Gauge,
     /// 1 while csi-provisioner is found to still maintain its objects.
     pub incumbent_running: Gauge,
+    /// Other controllers' (or nobody's) objects for the driver (central mode).
+    pub foreign_objects: Gauge,
 }
 
 impl CapacityMetrics {
@@ -45,6 +47,7 @@ impl CapacityMetrics {
             enabled: Gauge::default(),
             incumbent_objects: Gauge::default(),
             incumbent_running: Gauge::default(),
+            foreign_objects: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("capacity");
         sub.register(
@@ -91,6 +94,11 @@ impl CapacityMetrics {
             "incumbent_running",
             "1 while csi-provisioner still maintains its objects (it re-created one volplane adopted): they are left alone",
             metrics.incumbent_running.clone(),
+        );
+        sub.register(
+            "foreign_objects",
+            "CSIStorageCapacity objects of the driver that neither volplane nor csi-provisioner maintains (central mode): reported, never touched",
+            metrics.foreign_objects.clone(),
         );
         metrics
     }

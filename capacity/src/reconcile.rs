@@ -288,6 +288,8 @@ struct LoopState {
     incumbent_reported: bool,
     /// Takeover writes in flight: item → the object's name.
     adopting: HashMap<WorkItem, String>,
+    /// Other controllers' (or nobody's) objects for the driver, reported once each.
+    foreign: HashSet<String>,
 }
 
 impl control_loop::State for LoopState {
@@ -408,6 +410,7 @@ impl LoopState {
                 .map(|_| Gate::new(config.poll_interval, Instant::now())),
             incumbent_reported: false,
             adopting: HashMap::new(),
+            foreign: HashSet::new(),
             config,
         }
     }
@@ -463,6 +466,7 @@ impl LoopState {
             Signal::CsiNode(event) => self.on_csinode(*event),
             Signal::Capacity(event) => self.on_capacity(*event),
             Signal::Incumbent(event) => self.on_incumbent(*event),
+            Signal::Foreign(event) => self.on_foreign(*event),
             Signal::Volume(event) => self.on_volume(*event),
             Signal::WatchFailed { source, error } => {
                 warn!(source, %error, "watch failed; retrying with backoff");
@@ -1327,6 +1331,49 @@ impl LoopState {
         } else if self.oversized.insert(item.clone()) {
             info!(%item, capacity = value.capacity, maximum_volume_size = ?value.maximum_volume_size,
                   "the driver reports a maximum volume size above the available capacity; published as reported");
+        }
+    }
+
+    /// An event of the objects for the driver that neither volplane nor
+    /// csi-provisioner maintains: each is said once, never touched.
+    fn on_foreign(&mut self, event: Event<CapacityObject>) {
+        match event {
+            Event::Init | Event::InitDone => {}
+            Event::InitApply(object) | Event::Apply(object) => {
+                let Some(name) = object.metadata.name.clone() else {
+                    return;
+                };
+                if self.foreign.insert(name.clone()) {
+                    self.report_foreign(&name, &object);
+                }
+            }
+            Event::Delete(object) => {
+                if let Some(name) = object.metadata.name {
+                    self.foreign.remove(&name);
+                }
+            }
+        }
+        self.metrics
+            .foreign_objects
+            .set(i64::try_from(self.foreign.len()).unwrap_or(i64::MAX));
+    }
+
+    fn report_foreign(&self, name: &str, object: &CapacityObject) {
+        let managed_by = object
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(model::MANAGED_BY_LABEL))
+            .map_or_else(|| "nobody (no managed-by label)".to_string(), |m| format!("{m:?}"));
+        let note = volplane_runtime::text::event_note(&format!(
+            "CSIStorageCapacity {}/{name} for driver {} (class {:?}) is maintained by {managed_by}: volplane \
+             leaves it alone, and kube-scheduler reads it beside volplane's objects; delete it if it is stale",
+            self.config.identity.namespace, self.config.driver, object.storage_class_name
+        ));
+        warn!(object = %name, %managed_by, "{note}");
+        if let Some(target) = self.config.event_target.clone() {
+            let announcement = Announcement::warning("ForeignCapacityObject", "AdoptCapacity", note);
+            events::publish_in_background(&self.recorder, &self.leadership, &announcement, [target]);
         }
     }
 

@@ -1457,3 +1457,33 @@ async fn without_adoption_csi_provisioners_objects_are_left_as_they_are() {
     assert_eq!(untouched.metadata.resource_version, theirs.metadata.resource_version);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn objects_of_other_controllers_are_reported_once_and_never_touched() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(7 * GI));
+    let foreign: CSIStorageCapacity = serde_json::from_value(json!({
+        "metadata": {"name": "hand-made", "labels": {DRIVER_LABEL: DRIVER, MANAGED_BY_LABEL: "someone-else"}},
+        "storageClassName": "fast", "nodeTopology": {"matchLabels": {"zone": "a"}}, "capacity": "1Ti"}))
+    .expect("object");
+    let foreign = h
+        .capacities()
+        .create(&PostParams::default(), &foreign)
+        .await
+        .expect("foreign");
+    h.start(adopting(config(Duration::from_millis(300), Topology::Central, true)))
+        .await;
+    h.wait_for_published("volplane's own beside it", &[("fast", Some("a"), 7 * GI, None)])
+        .await;
+    eventually(Duration::from_secs(20), "counted", || {
+        h.metrics_text()
+            .lines()
+            .any(|l| l == "volplane_capacity_foreign_objects 1")
+    })
+    .await;
+    let untouched = h.capacities().get("hand-made").await.expect("still there");
+    assert_eq!(untouched.metadata.resource_version, foreign.metadata.resource_version);
+    h.stop().await;
+}

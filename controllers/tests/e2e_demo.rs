@@ -63,7 +63,7 @@ fn check(command: &str, out: &str) {
     } else if command.ends_with("kubectl volplane capacity") {
         let rows = squeezed(out);
         assert_eq!(
-            rows[0], "NODE CLASS DRIVER CAPACITY MAX VOLUME SIZE OBJECT AGE",
+            rows[0], "NODE CLASS DRIVER CAPACITY MAX VOLUME SIZE OBJECT MANAGED-BY AGE",
             "{out}"
         );
         let expected = [

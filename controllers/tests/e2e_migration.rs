@@ -537,6 +537,118 @@ mod capacity {
         );
     }
 
+    /// Objects whose managed-by starts with `prefix`, one per pair.
+    async fn all_by_prefix(client: &kube::Client, prefix: &str, pairs: usize) -> Objects {
+        eventually_some(
+            Duration::from_secs(90),
+            &format!("one object per pair, all {prefix}*"),
+            || async {
+                let objects = objects(client).await?;
+                let one_each = objects.len() == pairs
+                    && objects
+                        .values()
+                        .all(|found| found.len() == 1 && found[0].0.starts_with(prefix));
+                one_each.then_some(objects)
+            },
+        )
+        .await
+    }
+
+    #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn from_csi_provisioner_per_node_every_node_takes_over_its_own_objects() {
+        let plane = ControlPlane::start(&bin_dir()).await.expect("control plane starts");
+        let client = plane.client();
+        create(
+            &Api::<Namespace>::all(plane.client()),
+            json!({"metadata": {"name": NAMESPACE}}),
+        )
+        .await;
+        plane.create_hostpath_classes().await.expect("CSIDriver and classes");
+        let nodes = ["node-00", "node-01", "node-02"];
+        let (mut drivers, mut pairs) = (Vec::new(), BTreeSet::new());
+        for node in nodes {
+            plane.add_hostpath_node(node).await.expect("node");
+            drivers.push(
+                plane
+                    .start_hostpath(node, &[("fast", "40Gi"), ("slow", "4Gi")])
+                    .await
+                    .expect("hostpathplugin"),
+            );
+            for class in ["fast", "slow"] {
+                pairs.insert((node.to_string(), class.to_string()));
+            }
+        }
+        let per_node = |node: &str, driver: &HostPath, name: &str, capacity: bool| {
+            plane
+                .start_csi_provisioner_as(
+                    name,
+                    driver,
+                    plane.kubeconfig(),
+                    &[("NAMESPACE", NAMESPACE), ("NODE_NAME", node)],
+                    &[
+                        "--node-deployment=true",
+                        &format!("--enable-capacity={capacity}"),
+                        "--capacity-ownerref-level=-1",
+                        "--capacity-poll-interval=2s",
+                    ],
+                )
+                .expect("csi-provisioner")
+        };
+        let first: Vec<_> = nodes
+            .iter()
+            .zip(&drivers)
+            .map(|(node, driver)| per_node(node, driver, &format!("csi-provisioner-{node}"), true))
+            .collect();
+        let theirs = all_by_prefix(&client, "external-provisioner-node-", pairs.len()).await;
+        let (stop, poller) = poll_pairs(client.clone(), pairs.clone());
+        drop(first);
+        let _second: Vec<_> = nodes
+            .iter()
+            .zip(&drivers)
+            .map(|(node, driver)| per_node(node, driver, &format!("csi-provisioner-2-{node}"), false))
+            .collect();
+        let volplanes: Vec<Running> = nodes
+            .iter()
+            .zip(&drivers)
+            .map(|(node, driver)| {
+                Running::start(
+                    plane.kubeconfig(),
+                    &[
+                        "--controllers=capacity",
+                        "--node-deployment",
+                        "--node-name",
+                        node,
+                        "--csi-address",
+                        &driver.address(),
+                        "--namespace",
+                        NAMESPACE,
+                        "--capacity-poll-interval",
+                        "2s",
+                    ],
+                )
+            })
+            .collect();
+        let ours = all_by_prefix(&client, "volplane-node-", pairs.len()).await;
+        stop.store(true, Ordering::Relaxed);
+        let (samples, violations) = poller.await.expect("poller");
+        assert!(samples >= 20, "{samples} samples");
+        assert!(
+            violations.is_empty(),
+            "{} violations, first: {:?}",
+            violations.len(),
+            violations.first()
+        );
+        for ((pair, found), (_, before)) in ours.iter().zip(&theirs) {
+            assert_eq!(found[0].0, format!("volplane-{}", pair.0), "each node took its own");
+            assert_eq!(found[0].1, before[0].1, "{pair:?}: the driver's value");
+        }
+        for running in volplanes {
+            let (code, lines) = running.terminate().await;
+            assert_eq!(code, Some(0), "{}", lines.join("\n"));
+        }
+    }
+
     #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_csi_provisioner_still_publishing_keeps_its_objects_and_volplane_says_why() {

@@ -255,6 +255,7 @@ fn capacity_table(rows: &[CapacityRow], wide: bool) -> String {
         "CAPACITY",
         "MAX VOLUME SIZE",
         "OBJECT",
+        "MANAGED-BY",
         "AGE",
     ];
     if wide {
@@ -275,6 +276,7 @@ fn capacity_table(rows: &[CapacityRow], wide: bool) -> String {
                 capacity,
                 quantity(row.maximum_volume_size),
                 row.object.clone().unwrap_or_else(|| "-".into()),
+                managed_by_text(row),
                 age.unwrap_or_else(|| "-".into()),
             ];
             if wide {
@@ -284,6 +286,17 @@ fn capacity_table(rows: &[CapacityRow], wide: bool) -> String {
         })
         .collect();
     table(&headers, &cells)
+}
+
+/// Who maintains the object shown, and how many stale ones also apply.
+fn managed_by_text(row: &CapacityRow) -> String {
+    let Some(manager) = row.managed_by else {
+        return "-".into();
+    };
+    match row.others {
+        0 => manager.text().to_string(),
+        others => format!("{}+{others}-stale", manager.text()),
+    }
 }
 
 fn why_text(why: &Why, color: bool) -> String {

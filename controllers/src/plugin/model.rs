@@ -187,6 +187,54 @@ pub struct CapacityRow {
     pub age_seconds: Option<u64>,
     /// That object's `nodeTopology`, as `key=value` pairs and expressions.
     pub topology: Option<String>,
+    /// Who maintains that object, by its `csi.storage.k8s.io/managed-by`.
+    pub managed_by: Option<Manager>,
+    /// Other objects that also apply to the node and class: stale ones (a
+    /// duplicate, a left-over of another controller). The scheduler accepts
+    /// the node when any of them says the volume fits.
+    pub others: usize,
+}
+
+/// Who maintains a CSIStorageCapacity object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Manager {
+    /// volplane (`volplane`, `volplane-<node>`).
+    Volplane,
+    /// csi-provisioner (`external-provisioner[-<node>]`): volplane takes it
+    /// over once csi-provisioner has stopped (`--capacity-adopt`).
+    CsiProvisioner,
+    /// Anyone else, or nobody (no such label): never touched by volplane.
+    Foreign,
+}
+
+impl Manager {
+    /// Of an object, by its labels.
+    pub fn of(object: &CSIStorageCapacity) -> Self {
+        let label = object
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("csi.storage.k8s.io/managed-by"))
+            .map(String::as_str)
+            .unwrap_or_default();
+        if label == "volplane" || label.starts_with("volplane-") {
+            Self::Volplane
+        } else if label == "external-provisioner" || label.starts_with("external-provisioner-") {
+            Self::CsiProvisioner
+        } else {
+            Self::Foreign
+        }
+    }
+
+    /// As `kubectl volplane capacity` shows it.
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::Volplane => "volplane",
+            Self::CsiProvisioner => "csi-provisioner",
+            Self::Foreign => "foreign",
+        }
+    }
 }
 
 /// One row per (node, class), sorted by node then class, for the classes
@@ -205,8 +253,11 @@ pub fn capacity_rows(
             if class_filter.is_some_and(|f| f != class_name) || driver_filter.is_some_and(|f| f != class.provisioner) {
                 continue;
             }
-            let best = cluster.capacities_for(&class_name, node).into_iter().next();
+            let applying = cluster.capacities_for(&class_name, node);
+            let best = applying.first().copied();
             rows.push(CapacityRow {
+                managed_by: best.map(Manager::of),
+                others: applying.len().saturating_sub(1),
                 node: node_name.clone(),
                 class: class_name,
                 driver: class.provisioner.clone(),

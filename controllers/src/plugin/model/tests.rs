@@ -338,3 +338,34 @@ fn a_finished_pod_holding_its_claims_says_whether_volplane_releases_them() {
         "{terminated}"
     );
 }
+
+#[test]
+fn each_row_says_whose_object_applies_and_how_many_stale_ones_also_do() {
+    let mut cluster = seed();
+    let mut theirs = capacity("left-over", "node-0", "500Gi", None);
+    theirs.metadata.labels = Some(BTreeMap::from([(
+        "csi.storage.k8s.io/managed-by".to_string(),
+        "external-provisioner".to_string(),
+    )]));
+    cluster.capacities.push(theirs);
+    for object in &mut cluster.capacities {
+        if object.metadata.name.as_deref() == Some("csisc-1") {
+            object.metadata.labels = Some(BTreeMap::from([(
+                "csi.storage.k8s.io/managed-by".to_string(),
+                "volplane-node-1".to_string(),
+            )]));
+        }
+    }
+    let rows = capacity_rows(&cluster, Some("fast"), None, now());
+    let node = |name: &str| rows.iter().find(|r| r.node == name).expect("row");
+    // The larger, stale object is the one the scheduler would use.
+    assert_eq!(
+        (node("node-0").managed_by, node("node-0").others),
+        (Some(Manager::CsiProvisioner), 1)
+    );
+    assert_eq!(
+        (node("node-1").managed_by, node("node-1").others),
+        (Some(Manager::Volplane), 0)
+    );
+    assert_eq!(node("node-2").managed_by, Some(Manager::Foreign), "no label: nobody's");
+}
