@@ -25,7 +25,12 @@ const DRIVER: &str = "test.csi.volplane.dev";
 const NS: &str = "storage";
 const GI: i64 = 1 << 30;
 
+/// Tests share the process; one that measures the process's CPU runs alone
+/// (it takes this for writing, every other test for reading).
+static CPU_MEASURED: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 struct Harness {
+    _turn: Turn,
     double: ApiServerDouble,
     driver: TestDriver,
     client: kube::Client,
@@ -61,8 +66,24 @@ fn config(poll: Duration, topology: Topology, send_topology: bool) -> CapacityCo
     }
 }
 
+/// A test's hold on [`CPU_MEASURED`].
+enum Turn {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
 impl Harness {
     async fn new() -> Self {
+        Self::with_turn(Turn::Shared(CPU_MEASURED.read().await)).await
+    }
+
+    /// A harness for a test that measures the process's CPU: no other test
+    /// of this file runs meanwhile.
+    async fn alone() -> Self {
+        Self::with_turn(Turn::Alone(CPU_MEASURED.write().await)).await
+    }
+
+    async fn with_turn(turn: Turn) -> Self {
         let double = ApiServerDouble::start().await.expect("double");
         let driver = TestDriver::start(DriverConfig {
             name: DRIVER.into(),
@@ -79,6 +100,7 @@ impl Harness {
         let mut registry = Registry::with_prefix("volplane");
         let metrics = Arc::new(CapacityMetrics::register(&mut registry));
         Self {
+            _turn: turn,
             double,
             driver,
             client,
@@ -1239,7 +1261,7 @@ async fn a_follower_follows_the_switch_and_the_next_leader_cleans_up() {
 
 #[tokio::test]
 async fn items_waiting_for_a_busy_worker_do_not_spin_the_loop() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::alone().await;
     for i in 0..8 {
         h.add_node(&format!("n{i}"), Some(&format!("z{i}")), &["zone"]).await;
     }
@@ -1407,7 +1429,9 @@ async fn a_csi_provisioner_that_still_runs_gets_its_canary_back_and_is_reported(
                         let _ = api.create(&PostParams::default(), &object).await;
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Quick enough to re-create within the 300 ms interval, light
+                // enough not to load the other tests of this process.
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
     };
