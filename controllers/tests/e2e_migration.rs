@@ -118,7 +118,7 @@ async fn from_kube_controller_managers_ephemeral_volume_controller_while_pods_ar
             "--controllers=ephemeral",
             "--leader-election=false",
             "--ephemeral-release=never",
-            "--ephemeral-create-delay=500ms",
+            "--ephemeral-create-delay=300ms",
         ],
     );
     let starting = Instant::now();

@@ -477,14 +477,10 @@ impl LoopState {
                 }
                 match self.pod_state(&pod) {
                     Some((key, state)) => {
-                        let new = state.finished.is_none() && self.pods.get(&key).is_none_or(|k| k.uid != state.uid);
                         self.pods.insert(key.clone(), state);
                         // It changed: whatever it waited for is decided again.
                         self.stop_waiting(&key);
-                        if new && !self.config.create_delay.is_zero() && self.synced && self.leading {
-                            // kube-controller-manager's controller goes first.
-                            self.queue.schedule(key, Instant::now() + self.config.create_delay);
-                        } else if self.synced {
+                        if self.synced {
                             self.look_at(&key);
                         }
                     }
@@ -638,8 +634,22 @@ impl LoopState {
             self.metrics.reconciled("not_leading");
             return;
         }
-        // Now, also when a retry was due later: something changed.
-        self.queue.schedule(key.clone(), Instant::now());
+        // Now, also when a retry was due later: something changed. A pod
+        // just created waits `create_delay` first (also at a start-up
+        // sync): kube-controller-manager's controller, if it still runs,
+        // creates its claims meanwhile.
+        let delay_seconds = i64::try_from(self.config.create_delay.as_secs()).unwrap_or(i64::MAX);
+        let young = !self.config.create_delay.is_zero()
+            && state.finished.is_none()
+            && state
+                .created
+                .is_some_and(|created| epoch_seconds() - created <= delay_seconds.saturating_add(1));
+        let at = if young {
+            Instant::now() + self.config.create_delay
+        } else {
+            Instant::now()
+        };
+        self.queue.schedule(key.clone(), at);
     }
 
     /// Pod `key` is gone or needs no claims any more.
