@@ -435,15 +435,6 @@ mod health {
         volplane_tests::events::count(client, NS, reason, claim).await
     }
 
-    /// Waits until the checks counter with `result` has grown by `sweeps`.
-    async fn wait_for_checks(volplane: std::net::SocketAddr, result: &str, sweeps: f64) {
-        let start = metric_value(volplane, "volplane_health_checks_total", &[("result", result)]);
-        volplane_tests::wait::eventually(Duration::from_secs(30), "more sweeps", || {
-            metric_value(volplane, "volplane_health_checks_total", &[("result", result)]) >= start + sweeps
-        })
-        .await;
-    }
-
     #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_provisioned_volume_whose_directory_goes_and_returns_is_announced_once_each_way() {
@@ -520,7 +511,7 @@ mod health {
             ],
         );
         let admin = volplane.admin_address().await;
-        wait_for_checks(admin, "normal", 2.0).await;
+        support::wait_for_health_checks(admin, "normal", 2.0).await;
 
         // The volume's directory goes: one VolumeConditionAbnormal, however many sweeps see it.
         let directory = driver.state_dir().join(&volume);
@@ -530,7 +521,7 @@ mod health {
             (count(&client, REASON_ABNORMAL, "data").await > 0).then_some(())
         })
         .await;
-        wait_for_checks(admin, "abnormal", 4.0).await;
+        support::wait_for_health_checks(admin, "abnormal", 4.0).await;
         assert_eq!(count(&client, REASON_ABNORMAL, "data").await, 1);
 
         // It returns: one VolumeConditionNormal.
@@ -539,7 +530,7 @@ mod health {
             (count(&client, REASON_NORMAL, "data").await > 0).then_some(())
         })
         .await;
-        wait_for_checks(admin, "normal", 4.0).await;
+        support::wait_for_health_checks(admin, "normal", 4.0).await;
         assert_eq!(count(&client, REASON_NORMAL, "data").await, 1);
         assert_eq!(count(&client, REASON_ABNORMAL, "data").await, 1);
 
@@ -553,7 +544,7 @@ mod health {
             (count(&client, REASON_NODE_FAILED, "data").await > 0).then_some(())
         })
         .await;
-        wait_for_checks(admin, "normal", 4.0).await;
+        support::wait_for_health_checks(admin, "normal", 4.0).await;
         assert_eq!(count(&client, REASON_NODE_FAILED, "data").await, 1);
 
         let (code, lines) = volplane.terminate().await;

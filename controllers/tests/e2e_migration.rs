@@ -201,7 +201,6 @@ async fn from_kube_controller_managers_ephemeral_volume_controller_while_pods_ar
 mod health {
     use k8s_openapi::api::core::v1::{Namespace, PersistentVolume};
     use k8s_openapi::api::storage::v1::StorageClass;
-    use support::metric_value;
     use volplane_health::model::{REASON_ABNORMAL, REASON_NORMAL};
     use volplane_tests::e2e::HostPath;
     use volplane_tests::objects::create;
@@ -212,15 +211,6 @@ mod health {
 
     async fn count(client: &kube::Client, reason: &str) -> usize {
         volplane_tests::events::count(client, NS, reason, "data").await
-    }
-
-    /// Waits until the checks counter with `result` has grown by `sweeps`.
-    async fn wait_for_checks(volplane: std::net::SocketAddr, result: &str, sweeps: f64) {
-        let start = metric_value(volplane, "volplane_health_checks_total", &[("result", result)]);
-        volplane_tests::wait::eventually(Duration::from_secs(30), "more sweeps", || {
-            metric_value(volplane, "volplane_health_checks_total", &[("result", result)]) >= start + sweeps
-        })
-        .await;
     }
 
     #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
@@ -306,7 +296,7 @@ mod health {
         );
         let admin = volplane.admin_address().await;
         volplane.wait_for("already announced within the hour").await;
-        wait_for_checks(admin, "abnormal", 4.0).await;
+        support::wait_for_health_checks(admin, "abnormal", 4.0).await;
         assert_eq!(
             count(&client, REASON_ABNORMAL).await,
             incumbents,
@@ -319,7 +309,7 @@ mod health {
             (count(&client, REASON_NORMAL).await > 0).then_some(())
         })
         .await;
-        wait_for_checks(admin, "normal", 4.0).await;
+        support::wait_for_health_checks(admin, "normal", 4.0).await;
         assert_eq!(count(&client, REASON_NORMAL).await, 1);
         std::fs::remove_dir_all(&directory).expect("remove the volume's directory again");
         eventually_some(
@@ -328,7 +318,7 @@ mod health {
             || async { (count(&client, REASON_ABNORMAL).await > incumbents).then_some(()) },
         )
         .await;
-        wait_for_checks(admin, "abnormal", 4.0).await;
+        support::wait_for_health_checks(admin, "abnormal", 4.0).await;
         assert_eq!(count(&client, REASON_ABNORMAL).await, incumbents + 1);
 
         let (code, lines) = volplane.terminate().await;

@@ -180,36 +180,12 @@ impl EphemeralController {
 
     /// Runs until `shutdown` completes; pods in flight finish first.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
-        let pods = watcher::watcher(Api::<SlimPod>::all(self.client.clone()), watcher::Config::default())
-            .default_backoff()
-            .map(|event| match event {
-                Ok(event) => Signal::Pod(Box::new(event)),
-                Err(error) => Signal::WatchFailed {
-                    source: "pods",
-                    error: error.to_string(),
-                },
-            });
-        let claims = watcher::watcher(Api::<SlimClaim>::all(self.client.clone()), watcher::Config::default())
-            .default_backoff()
-            .map(|event| match event {
-                Ok(event) => Signal::Claim(Box::new(event)),
-                Err(error) => Signal::WatchFailed {
-                    source: "claims",
-                    error: error.to_string(),
-                },
-            });
-        let mut signals = futures::stream::select_all([pods.boxed(), claims.boxed()]);
+        let mut signals = futures::stream::select_all([
+            watch_all::<SlimPod>(&self.client, "pods", Signal::Pod),
+            watch_all::<SlimClaim>(&self.client, "claims", Signal::Claim),
+        ]);
         if self.config.release != ReleaseMode::Never {
-            let nodes = watcher::watcher(Api::<SlimNode>::all(self.client.clone()), watcher::Config::default())
-                .default_backoff()
-                .map(|event| match event {
-                    Ok(event) => Signal::Node(Box::new(event)),
-                    Err(error) => Signal::WatchFailed {
-                        source: "nodes",
-                        error: error.to_string(),
-                    },
-                });
-            signals.push(nodes.boxed());
+            signals.push(watch_all::<SlimNode>(&self.client, "nodes", Signal::Node));
         }
         info!(
             workers = self.config.workers,
@@ -1028,6 +1004,27 @@ impl LoopState {
         }
         self.wait_for_node(key.clone(), node);
     }
+}
+
+/// A watch of every `K`, its events as the loop's signals.
+fn watch_all<K>(
+    client: &kube::Client,
+    source: &'static str,
+    signal: fn(Box<Event<K>>) -> Signal,
+) -> futures::stream::BoxStream<'static, Signal>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .map(move |event| match event {
+            Ok(event) => signal(Box::new(event)),
+            Err(error) => Signal::WatchFailed {
+                source,
+                error: error.to_string(),
+            },
+        })
+        .boxed()
 }
 
 /// Seconds since the epoch, now.

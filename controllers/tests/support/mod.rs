@@ -297,3 +297,13 @@ pub fn ephemeral_pod(name: &str) -> k8s_openapi::api::core::v1::Pod {
                      "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}}]}}))
     .expect("pod")
 }
+
+/// Waits until volplane at `admin` has counted `sweeps` more health checks
+/// with `result`.
+pub async fn wait_for_health_checks(admin: SocketAddr, result: &str, sweeps: f64) {
+    let start = metric_value(admin, "volplane_health_checks_total", &[("result", result)]);
+    volplane_tests::wait::eventually(Duration::from_secs(30), "more sweeps", || {
+        metric_value(admin, "volplane_health_checks_total", &[("result", result)]) >= start + sweeps
+    })
+    .await;
+}
