@@ -71,6 +71,11 @@ impl Process {
         &self.name
     }
 
+    /// Its log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

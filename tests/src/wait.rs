@@ -1,6 +1,7 @@
 //! Waiting in tests: for a condition with a deadline, never for a fixed time.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -8,6 +9,53 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// Why every wait must fail now (a control-plane process died), if it must.
 static FAILURE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Logs whose tails every failed wait shows: the e2e harness registers its
+/// processes' logs (control plane, containerd, kubelet) here.
+static LOGS: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+
+/// How many lines of each registered log a failed wait shows.
+const TAIL_LINES: usize = 12;
+
+/// Shows the tail of the log at `path`, under `name`, with every wait that
+/// times out from now on, until [`forget_logs`].
+pub fn show_log_on_failure(name: &str, path: &Path) {
+    if let Ok(mut logs) = LOGS.lock() {
+        logs.retain(|(known, _)| known != name);
+        logs.push((name.to_string(), path.to_path_buf()));
+    }
+}
+
+/// Stops showing the logs [`show_log_on_failure`] registered (the harness
+/// that registered them stopped).
+pub fn forget_logs() {
+    if let Ok(mut logs) = LOGS.lock() {
+        logs.clear();
+    }
+}
+
+/// `message`, followed by the tails of the registered logs.
+fn with_logs(message: String) -> String {
+    let logs = LOGS.lock().map(|logs| logs.clone()).unwrap_or_default();
+    logs.into_iter().fold(message, |mut text, (name, path)| {
+        let tail = crate::process::log_tail(&path, TAIL_LINES);
+        if !tail.is_empty() {
+            text.push_str(&format!(
+                "\n--- last lines of {name}'s log ({}):\n{tail}",
+                path.display()
+            ));
+        }
+        text
+    })
+}
+
+/// Fails the test: `what` timed out after `limit` (with the registered logs).
+fn timed_out(limit: Duration, what: &str) -> ! {
+    panic!(
+        "{}",
+        with_logs(format!("timed out after {limit:?} waiting for: {what}"))
+    )
+}
 
 /// Makes every wait in this test binary fail at once with `message`, until
 /// [`clear_failure`]: the e2e harness calls it when a process it depends on exits.
@@ -44,7 +92,7 @@ pub async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> T {
     };
     match tokio::time::timeout(limit, watched).await {
         Ok(value) => value,
-        Err(_) => panic!("did not finish within {limit:?}"),
+        Err(_) => panic!("{}", with_logs(format!("did not finish within {limit:?}"))),
     }
 }
 
@@ -53,10 +101,9 @@ pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut()
     let deadline = tokio::time::Instant::now() + limit;
     while !condition() {
         check_failure();
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            timed_out(limit, what);
+        }
         tokio::time::sleep(POLL).await;
     }
 }
@@ -67,10 +114,9 @@ pub async fn timed(limit: Duration, what: &str, mut condition: impl FnMut() -> b
     let started = tokio::time::Instant::now();
     while !condition() {
         check_failure();
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for: {what}"
-        );
+        if started.elapsed() >= limit {
+            timed_out(limit, what);
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     started.elapsed()
@@ -84,7 +130,7 @@ where
 {
     match poll(limit, POLL, check, check_failure).await {
         Some((value, _)) => value,
-        None => panic!("timed out after {limit:?} waiting for: {what}"),
+        None => timed_out(limit, what),
     }
 }
 
