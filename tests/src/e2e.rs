@@ -117,11 +117,20 @@ pub struct Options {
     /// Write the API server's audit log (every request, metadata level);
     /// read it with [`ControlPlane::audit_log`].
     pub audit: bool,
+    /// Ready the control plane for a real node ([`ControlPlane::start_node`]):
+    /// the API server also listens on the pods' bridge (it binds every
+    /// address, still serving its self-signed certificate, which names the
+    /// `kubernetes` Service's IP), the ServiceAccount admission plugin is on
+    /// (pods get tokens; a pod is refused until its namespace's `default`
+    /// ServiceAccount exists), and kube-controller-manager runs its node
+    /// lifecycle controller and publishes the API server's certificate as
+    /// every namespace's `kube-root-ca.crt`.
+    pub node: bool,
 }
 
 /// The processes of a control plane, watched for unexpected exits.
 #[derive(Debug, Default)]
-struct Processes {
+pub(crate) struct Processes {
     list: SyncMutex<Vec<Process>>,
     stopping: AtomicBool,
 }
@@ -164,7 +173,7 @@ impl Processes {
 
     /// Takes process `name` out of the watched set (its exit is then no
     /// failure) and kills it.
-    fn stop_one(&self, name: &str) -> bool {
+    pub(crate) fn stop_one(&self, name: &str) -> bool {
         let Ok(mut list) = self.list.lock() else {
             return false;
         };
@@ -249,7 +258,7 @@ impl ControlPlane {
         };
         let keys = plane.write_credentials()?;
         let etcd_url = plane.start_etcd()?;
-        plane.start_api_server(&etcd_url, api_port, &keys, options.audit)?;
+        plane.start_api_server(&etcd_url, api_port, &keys, &options)?;
         plane.wait_until_ready(Duration::from_secs(90)).await?;
         plane.start_controller_manager(&keys, &options)?;
         plane.start_scheduler()?;
@@ -296,24 +305,34 @@ impl ControlPlane {
         Ok(etcd_url)
     }
 
-    fn start_api_server(&self, etcd_url: &str, port: u16, keys: &Credentials, audit: bool) -> anyhow::Result<()> {
-        let mut audit_args = Vec::new();
-        if audit {
+    fn start_api_server(&self, etcd_url: &str, port: u16, keys: &Credentials, options: &Options) -> anyhow::Result<()> {
+        let mut extra_args = Vec::new();
+        if options.audit {
             let policy = self.root().join("audit-policy.yaml");
             std::fs::write(&policy, AUDIT_POLICY)?;
-            audit_args = vec![
+            extra_args = vec![
                 format!("--audit-policy-file={}", policy.display()),
                 format!("--audit-log-path={}", self.audit_log_path().display()),
                 "--audit-log-mode=blocking".to_string(),
             ];
+        }
+        if options.node {
+            // Pods reach it on the bridge's gateway, through the `kubernetes`
+            // Service's rule (see `node`); the endpoint it advertises for that
+            // Service may not be a loopback address.
+            extra_args.push("--bind-address=0.0.0.0".into());
+            extra_args.push(format!("--advertise-address={}", crate::node::GATEWAY));
+        } else {
+            extra_args.push("--bind-address=127.0.0.1".into());
+            extra_args.push("--advertise-address=127.0.0.1".into());
+            // Without a kubelet nothing mounts tokens: pods need no ServiceAccount.
+            extra_args.push("--disable-admission-plugins=ServiceAccount".into());
         }
         self.spawn(
             "kube-apiserver",
             &[
                 format!("--etcd-servers={etcd_url}"),
                 format!("--secure-port={port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
                 format!("--cert-dir={}", self.root().join("apiserver-certs").display()),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 format!("--service-account-key-file={}", keys.public_key.display()),
@@ -321,11 +340,10 @@ impl ControlPlane {
                 format!("--token-auth-file={}", keys.tokens.display()),
                 "--authorization-mode=RBAC".into(),
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--disable-admission-plugins=ServiceAccount".into(),
                 "--allow-privileged=true".into(),
             ]
             .into_iter()
-            .chain(audit_args)
+            .chain(extra_args)
             .collect::<Vec<String>>(),
         )
     }
@@ -346,12 +364,19 @@ impl ControlPlane {
     }
 
     fn start_controller_manager(&self, keys: &Credentials, options: &Options) -> anyhow::Result<()> {
-        let controllers = if options.kcm_ephemeral {
-            "--controllers=*,-node-lifecycle-controller"
-        } else {
-            "--controllers=*,-ephemeral-volume-controller,-node-lifecycle-controller"
+        // Fake nodes have no kubelet to renew their leases: the node
+        // lifecycle controller would mark them NotReady. A real node does.
+        let controllers = match (options.kcm_ephemeral, options.node) {
+            (true, false) => "--controllers=*,-node-lifecycle-controller",
+            (false, false) => "--controllers=*,-ephemeral-volume-controller,-node-lifecycle-controller",
+            (true, true) => "--controllers=*",
+            (false, true) => "--controllers=*,-ephemeral-volume-controller",
         };
         let kubeconfig = self.kubeconfig.display();
+        let mut node_args = Vec::new();
+        if options.node {
+            node_args.push(format!("--root-ca-file={}", self.api_server_certificate().display()));
+        }
         self.spawn(
             "kube-controller-manager",
             &[
@@ -365,8 +390,26 @@ impl ControlPlane {
                 "--cluster-name=volplane-e2e".into(),
                 format!("--authentication-kubeconfig={kubeconfig}"),
                 format!("--authorization-kubeconfig={kubeconfig}"),
-            ],
+            ]
+            .into_iter()
+            .chain(node_args)
+            .collect::<Vec<String>>(),
         )
+    }
+
+    /// The API server's self-signed serving certificate, followed by the CA
+    /// that signed it (what in-cluster clients must trust).
+    pub fn api_server_certificate(&self) -> PathBuf {
+        self.root().join("apiserver-certs").join("apiserver.crt")
+    }
+
+    /// The port the API server serves on.
+    pub fn api_port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .unwrap_or(443)
     }
 
     fn start_scheduler(&self) -> anyhow::Result<()> {
@@ -393,8 +436,20 @@ impl ControlPlane {
     fn spawn(&self, name: &str, args: &[String]) -> anyhow::Result<()> {
         let binary = find_binary(&self.bin_dir, name)?;
         let process = Process::spawn(name, &binary, args, self.log_path(name))?;
-        self.processes.push(process);
+        self.watch_process(process);
         Ok(())
+    }
+
+    /// Adds `process` to the control plane's: its exit fails every wait of
+    /// the test, and every wait that times out shows its log's tail.
+    pub(crate) fn watch_process(&self, process: Process) {
+        crate::wait::show_log_on_failure(process.name(), process.log_path());
+        self.processes.push(process);
+    }
+
+    /// The watched processes (the node stops its own).
+    pub(crate) fn processes(&self) -> Arc<Processes> {
+        Arc::clone(&self.processes)
     }
 
     /// Starts `binary` (a name in the binaries directory, or a path) as a
@@ -791,6 +846,7 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.processes.stop();
         crate::wait::clear_failure();
+        crate::wait::forget_logs();
         if std::env::var_os("VOLPLANE_E2E_KEEP").is_some()
             && let Some(dir) = self.dir.take()
         {
@@ -917,7 +973,7 @@ impl ControlPlane {
         self.run_hostpath(&node, socket, state_dir, capacities).await
     }
 
-    async fn run_hostpath(
+    pub(crate) async fn run_hostpath(
         &self,
         node: &str,
         socket: PathBuf,
