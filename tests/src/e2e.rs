@@ -464,6 +464,19 @@ impl ControlPlane {
         Process::spawn(name, &program, args, self.log_path(name))
     }
 
+    /// [`ControlPlane::start_process`], and its log shown by every wait that
+    /// times out (the test still owns it: its exit fails nothing).
+    pub(crate) fn start_registered_process(
+        &self,
+        name: &str,
+        binary: &str,
+        args: &[String],
+    ) -> anyhow::Result<Process> {
+        let process = self.start_process(name, binary, args)?;
+        crate::wait::show_log_on_failure(name, process.log_path());
+        Ok(process)
+    }
+
     /// The log file of the process started as `name`.
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.root().join(format!("{name}.log"))

@@ -37,7 +37,6 @@
 //! killed (`kill -9`) before it could clean up.
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -179,7 +178,7 @@ impl ControlPlane {
             )
             .await?,
         );
-        node.registrar = Some(self.start_process(
+        node.registrar = Some(self.start_registered_process(
             "csi-node-driver-registrar",
             "csi-node-driver-registrar",
             &[
@@ -362,7 +361,7 @@ impl ControlPlane {
     }
 
     /// Polls `check` for up to `limit`; the error names `what` and carries
-    /// the tails of the node's and the control plane's logs.
+    /// the tails of the registered logs (the node's and the control plane's).
     async fn wait_node<T, F, Fut>(&self, limit: Duration, what: &str, check: F) -> anyhow::Result<T>
     where
         F: FnMut() -> Fut,
@@ -370,19 +369,7 @@ impl ControlPlane {
     {
         match crate::wait::until(limit, what, check).await {
             Ok((value, _)) => Ok(value),
-            Err(error) => {
-                let mut message = format!("{error:#}");
-                for name in [
-                    "kubelet",
-                    "containerd",
-                    "csi-node-driver-registrar",
-                    "kube-apiserver",
-                    "kube-controller-manager",
-                ] {
-                    let _ = write!(message, "\n--- last lines of {name}'s log\n{}", self.log_tail(name, 15));
-                }
-                bail!(message)
-            }
+            Err(error) => bail!(crate::wait::with_logs(format!("{error:#}"))),
         }
     }
 }
@@ -624,9 +611,11 @@ fn remove_fixed_paths() {
 /// Whether a process whose command name is `name` runs on the machine.
 fn process_named(name: &str) -> bool {
     std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|entry| {
-        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let Some(pid) = entry.file_name().to_str().and_then(|pid| pid.parse::<u32>().ok()) else {
+            return false;
+        };
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        comm.trim() == name && !status.lines().any(|l| l.starts_with("State:") && l.contains('Z'))
+        comm.trim() == name && is_alive(pid)
     })
 }
 

@@ -35,7 +35,7 @@ pub fn forget_logs() {
 }
 
 /// `message`, followed by the tails of the registered logs.
-fn with_logs(message: String) -> String {
+pub(crate) fn with_logs(message: String) -> String {
     let logs = LOGS.lock().map(|logs| logs.clone()).unwrap_or_default();
     logs.into_iter().fold(message, |mut text, (name, path)| {
         let tail = crate::process::log_tail(&path, TAIL_LINES);
