@@ -8,6 +8,8 @@
 //!   API server's limit.
 //! - [`backoff`]: the one exponential backoff of the controllers' retries.
 //! - [`control_loop`]: the wake-act loop of the capacity and health controllers.
+//! - [`index`]: indexes with apply / delete / reset, fed by a watch; a
+//!   re-list deletes what vanished, and decisions wait while it runs.
 //! - [`phase`]: where in a poll interval a periodic check of one item falls.
 //! - [`readiness`]: the "caches synced" flag behind `/readyz`.
 //! - [`naming`]: names Kubernetes derives, which two controllers must agree on.
@@ -20,6 +22,7 @@
 pub mod backoff;
 pub mod control_loop;
 pub mod events;
+pub mod index;
 pub mod leadership;
 pub mod naming;
 pub mod phase;
@@ -29,6 +32,7 @@ pub mod text;
 pub mod work_queue;
 
 pub use backoff::Backoff;
+pub use index::{Fed, Feed, Index, ObjectKey};
 pub use leadership::{Leadership, NotLeader, Term};
 pub use readiness::Readiness;
 pub use work_queue::WorkQueue;
