@@ -431,3 +431,114 @@ async fn discovery_lists_the_short_names_kubectl_resolves() {
     assert_eq!(names("pods"), ["po"]);
     assert!(names("pods/status").is_empty());
 }
+
+#[tokio::test]
+async fn continue_tokens_page_through_the_first_pages_snapshot() {
+    let double = ApiServerDouble::start().await.expect("double");
+    let api: Api<ConfigMap> = Api::namespaced(double.client(), "default");
+    for name in ["a", "b", "c", "d"] {
+        api.create(&PostParams::default(), &config_map(name, "1"))
+            .await
+            .expect("create");
+    }
+    let first = api.list(&ListParams::default().limit(2)).await.expect("page 1");
+    let revision = first.metadata.resource_version.clone().expect("revision");
+    // Changes after the first page are not in the later ones...
+    api.delete("d", &DeleteParams::default()).await.expect("delete d");
+    api.create(&PostParams::default(), &config_map("e", "1"))
+        .await
+        .expect("create e");
+    let token = first.metadata.continue_.clone().expect("continue token");
+    let second = api
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .expect("page 2");
+    let names: Vec<String> = first
+        .items
+        .iter()
+        .chain(&second.items)
+        .filter_map(|cm| cm.metadata.name.clone())
+        .collect();
+    assert_eq!(names, ["a", "b", "c", "d"]);
+    assert_eq!(second.metadata.resource_version.as_deref(), Some(revision.as_str()));
+    assert!(second.metadata.continue_.is_none());
+    // ...and a watch from the list's revision replays them.
+    let mut stream = api
+        .watch(&kube::api::WatchParams::default().timeout(5), &revision)
+        .await
+        .expect("watch")
+        .boxed();
+    let mut replayed = Vec::new();
+    while replayed.len() < 2 {
+        match within(Duration::from_secs(10), stream.next()).await {
+            Some(Ok(kube::core::WatchEvent::Deleted(cm))) => {
+                replayed.push(format!("deleted {}", cm.metadata.name.unwrap_or_default()))
+            }
+            Some(Ok(kube::core::WatchEvent::Added(cm))) => {
+                replayed.push(format!("added {}", cm.metadata.name.unwrap_or_default()))
+            }
+            other => panic!("expected the replayed changes, got {other:?}"),
+        }
+    }
+    assert_eq!(replayed, ["deleted d", "added e"]);
+}
+
+#[tokio::test]
+async fn a_continue_token_older_than_the_kept_snapshots_gets_410() {
+    let double = ApiServerDouble::start().await.expect("double");
+    let api: Api<ConfigMap> = Api::namespaced(double.client(), "default");
+    for name in ["a", "b"] {
+        api.create(&PostParams::default(), &config_map(name, "1"))
+            .await
+            .expect("create");
+    }
+    let first = api.list(&ListParams::default().limit(1)).await.expect("page 1");
+    let token = first.metadata.continue_.clone().expect("token");
+    for _ in 0..100 {
+        api.list(&ListParams::default().limit(1)).await.expect("other lists");
+    }
+    let error = api
+        .list(&ListParams::default().limit(1).continue_token(&token))
+        .await
+        .expect_err("expired");
+    assert_eq!(api_status(error), (410, "Expired".to_string()));
+}
+
+#[tokio::test]
+async fn a_cut_off_main_door_refuses_while_the_side_door_changes_things() {
+    let double = ApiServerDouble::start().await.expect("double");
+    let main: Api<ConfigMap> = Api::namespaced(double.client(), "default");
+    let side: Api<ConfigMap> = Api::namespaced(double.side_client(), "default");
+    main.create(&PostParams::default(), &config_map("a", "1"))
+        .await
+        .expect("create");
+    let before = double.revision().to_string();
+    let mut watch = main
+        .watch(&kube::api::WatchParams::default().timeout(30), &before)
+        .await
+        .expect("watch")
+        .boxed();
+    double.cut_off();
+    // The main door's watch ends without the change...
+    side.delete("a", &DeleteParams::default())
+        .await
+        .expect("delete through the side door");
+    assert!(
+        within(Duration::from_secs(10), watch.next()).await.is_none(),
+        "the cut watch delivered an event"
+    );
+    let error = main.get("a").await.expect_err("the main door is away");
+    assert_eq!(api_status(error).0, 500);
+    // ...and back, a watch from before the gap must re-list.
+    double.reconnect();
+    let mut again = main
+        .watch(&kube::api::WatchParams::default().timeout(5), &before)
+        .await
+        .expect("watch")
+        .boxed();
+    match within(Duration::from_secs(10), again.next()).await {
+        Some(Ok(kube::core::WatchEvent::Error(status))) => assert_eq!(status.code, 410),
+        other => panic!("expected 410 Expired, got {other:?}"),
+    }
+    assert!(main.get_opt("a").await.expect("get").is_none());
+}

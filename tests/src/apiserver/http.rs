@@ -19,8 +19,15 @@ use super::selector::{FieldSelector, LabelSelector};
 use super::store::{ApiError, Change, ChangeType, DeleteOptions, Patch, labels_of};
 use super::{RequestRecord, Shared, Verb, lock};
 
-pub(super) fn router(shared: Arc<Shared>) -> Router {
-    Router::new().fallback(handle).with_state(shared)
+/// `cuttable`: the main door, which [`Shared::cut`] closes.
+pub(super) fn router(shared: Arc<Shared>, cuttable: bool) -> Router {
+    Router::new().fallback(handle).with_state(Door { shared, cuttable })
+}
+
+#[derive(Clone)]
+struct Door {
+    shared: Arc<Shared>,
+    cuttable: bool,
 }
 
 fn json_response(code: StatusCode, value: &Value) -> Response {
@@ -166,12 +173,17 @@ fn is_true(value: Option<&String>) -> bool {
 }
 
 async fn handle(
-    State(shared): State<Arc<Shared>>,
+    State(Door { shared, cuttable }): State<Door>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if cuttable && *shared.cut.borrow() {
+        // 500, not 503: kube's client retries a 503 for minutes itself,
+        // where a client of an API server that is away sees its error.
+        return error_response(&ApiError::new(500, "InternalError", "the API server is away"));
+    }
     let path = uri.path().trim_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     if matches!(segments.as_slice(), ["healthz"] | ["readyz"] | ["livez"]) {
@@ -257,7 +269,7 @@ async fn handle(
         return error_response(&injected(code));
     }
     let result = match verb {
-        Verb::Watch => return watch(shared, target, &query),
+        Verb::Watch => return watch(shared, target, &query, cuttable),
         Verb::List => list(&shared, &target, &query),
         Verb::Get => get(&shared, &target),
         Verb::Create => create(&shared, &target, &body),
@@ -313,26 +325,27 @@ type Answer = Result<(StatusCode, Value), ApiError>;
 
 fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Answer {
     let rk = &KINDS[target.kind];
-    let (labels, fields) = selectors(query)?;
-    let store = lock(&shared.store);
-    let mut items = store.list(target.kind, target.namespace.as_deref(), &labels, &fields);
-    let revision = store.revision();
-    drop(store);
-    if let Some(token) = query.get("continue").filter(|t| !t.is_empty()) {
-        items.retain(|item| item_key(item).as_str() > token.as_str());
-    }
-    let mut metadata = json!({"resourceVersion": revision.to_string()});
-    if let Some(limit) = query
+    let (revision, items, token) = match query.get("continue").filter(|t| !t.is_empty()) {
+        Some(token) => continued(shared, token)?,
+        None => {
+            let (labels, fields) = selectors(query)?;
+            let store = lock(&shared.store);
+            let items = store.list(target.kind, target.namespace.as_deref(), &labels, &fields);
+            (store.revision(), items, None)
+        }
+    };
+    let limit = query
         .get("limit")
         .and_then(|l| l.parse::<usize>().ok())
-        .filter(|l| *l > 0)
+        .filter(|l| *l > 0);
+    let mut metadata = json!({"resourceVersion": revision.to_string()});
+    let mut items = items;
+    if let Some(limit) = limit
         && items.len() > limit
     {
-        items.truncate(limit);
-        if let Some(last) = items.last() {
-            metadata["continue"] = json!(item_key(last));
-            metadata["remainingItemCount"] = json!(0);
-        }
+        let rest = items.split_off(limit);
+        metadata["remainingItemCount"] = json!(rest.len());
+        metadata["continue"] = json!(keep_snapshot(shared, token, revision, rest));
     }
     Ok((
         StatusCode::OK,
@@ -340,13 +353,35 @@ fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> An
     ))
 }
 
-fn item_key(item: &Value) -> String {
-    let m = &item["metadata"];
-    format!(
-        "{}/{}",
-        m["namespace"].as_str().unwrap_or(""),
-        m["name"].as_str().unwrap_or("")
-    )
+/// The rest of a list a `continue` token stands for: its snapshot's
+/// revision and items, and the snapshot's id to keep paging it.
+fn continued(shared: &Shared, token: &str) -> Result<(u64, Vec<Value>, Option<u64>), ApiError> {
+    let expired = || {
+        ApiError::new(
+            410,
+            "Expired",
+            "The provided continue parameter is too old to display a consistent list result. \
+             You can start a new list without the continue parameter.",
+        )
+    };
+    let id: u64 = token
+        .parse()
+        .map_err(|_| ApiError::new(400, "BadRequest", "invalid continue token"))?;
+    let mut snapshots = lock(&shared.snapshots);
+    let at = snapshots.iter().position(|(key, _)| *key == id).ok_or_else(expired)?;
+    let (_, snapshot) = snapshots.remove(at).ok_or_else(expired)?;
+    Ok((snapshot.revision, snapshot.items, Some(id)))
+}
+
+/// Keeps `rest` for the next page; returns its token.
+fn keep_snapshot(shared: &Shared, id: Option<u64>, revision: u64, rest: Vec<Value>) -> String {
+    let id = id.unwrap_or_else(|| shared.next_snapshot.fetch_add(1, Ordering::SeqCst));
+    let mut snapshots = lock(&shared.snapshots);
+    snapshots.push_back((id, super::Snapshot { revision, items: rest }));
+    while snapshots.len() > super::SNAPSHOTS {
+        snapshots.pop_front();
+    }
+    id.to_string()
 }
 
 fn namespace_of(target: &Target) -> &str {
@@ -519,7 +554,7 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
-fn watch(shared: Arc<Shared>, target: Target, query: &HashMap<String, String>) -> Response {
+fn watch(shared: Arc<Shared>, target: Target, query: &HashMap<String, String>, cuttable: bool) -> Response {
     let (labels, fields) = match selectors(query) {
         Ok(s) => s,
         Err(error) => return error_response(&error),
@@ -575,6 +610,7 @@ fn watch(shared: Arc<Shared>, target: Target, query: &HashMap<String, String>) -
     };
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(256);
     let mut dropped = shared.drop_watches.subscribe();
+    let mut cut = shared.cut.subscribe();
     let interval = shared.bookmark_interval;
     tokio::spawn(async move {
         if expired {
@@ -597,6 +633,14 @@ fn watch(shared: Arc<Shared>, target: Target, query: &HashMap<String, String>) -
         ticker.tick().await;
         loop {
             tokio::select! {
+                // First: nothing reaches a watch of a door that was cut off.
+                biased;
+                Ok(()) = cut.changed(), if cuttable => {
+                    let away = *cut.borrow_and_update();
+                    if away {
+                        return;
+                    }
+                }
                 received = live.recv() => match received {
                     Ok(change) => {
                         if change.revision <= last_sent {

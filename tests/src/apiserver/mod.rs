@@ -9,7 +9,10 @@
 //!   cluster-scoped paths for the kinds in [`resources::KINDS`];
 //! - list with `labelSelector` (equality and set-based), `fieldSelector`
 //!   (`metadata.name`, `metadata.namespace`, `spec.nodeName`, …), `limit` /
-//!   `continue`, and a `resourceVersion` on every object and list;
+//!   `continue` (every page read from the first page's snapshot, a token
+//!   too old for the kept snapshots answered 410 Expired), and a
+//!   `resourceVersion` on every object and list (a list's is its first
+//!   page's);
 //! - watch from a resourceVersion (replayed from history), from "" / "0" with
 //!   synthetic ADDED events for what exists, bookmarks when asked for, an
 //!   `ERROR` 410 Expired event for a compacted revision, objects that stop
@@ -22,15 +25,15 @@
 //!   collection;
 //! - optional garbage collection ([`ApiServerDouble::enable_garbage_collection`]);
 //! - fault injection ([`ApiServerDouble::fail_next`], latency, dropping all
-//!   watches, compaction) and a request log.
+//!   watches, compaction, a main door cut off while a side door serves, as
+//!   two API servers on one etcd) and a request log.
 //!
 //! Limits — it is a test double, not a product: no authentication,
 //! authorization or admission (no quota, no webhooks, no defaulting, no
 //! schema validation beyond names and labels); strategic merge patch and
 //! server-side apply are approximated by JSON merge patch (lists are
 //! replaced, no field managers); core/v1 and events.k8s.io/v1 events are
-//! separate stores; `continue` tokens read the current state, not a
-//! snapshot; pods are deleted at once (no graceful termination, no kubelet);
+//! separate stores; pods are deleted at once (no graceful termination, no kubelet);
 //! foreground deletion is treated as background; dry-run is ignored.
 
 mod http;
@@ -96,6 +99,13 @@ struct Fault {
 
 #[derive(Debug)]
 struct Shared {
+    /// Lists under way: the items of each first page's snapshot, which its
+    /// `continue` tokens read (as the real API server reads etcd at the
+    /// first page's revision), oldest first.
+    snapshots: Mutex<std::collections::VecDeque<(u64, Snapshot)>>,
+    next_snapshot: AtomicU64,
+    /// Whether the main door is cut off (an API server away).
+    cut: watch::Sender<bool>,
     store: Mutex<Store>,
     changes: broadcast::Sender<Arc<Change>>,
     revision: AtomicU64,
@@ -110,10 +120,28 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The items of a list at one revision.
+#[derive(Debug)]
+struct Snapshot {
+    revision: u64,
+    items: Vec<serde_json::Value>,
+}
+
+/// Continue tokens kept at most; an older one answers 410 Expired.
+const SNAPSHOTS: usize = 64;
+
 /// A running double; dropping it stops the server.
+///
+/// It has two doors on one store, as two kube-apiservers share one etcd:
+/// the main one ([`client`](Self::client)), which
+/// [`cut_off`](Self::cut_off) takes away, and a side door
+/// ([`side_client`](Self::side_client)) that stays, for changing things
+/// while a controller on the main door cannot see them.
 #[derive(Debug)]
 pub struct ApiServerDouble {
     address: SocketAddr,
+    side_address: SocketAddr,
+    side_server: JoinHandle<()>,
     shared: Arc<Shared>,
     server: JoinHandle<()>,
 }
@@ -123,11 +151,16 @@ impl ApiServerDouble {
     pub async fn start() -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
+        let side_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let side_address = side_listener.local_addr()?;
         let store = Store::new();
         let (changes, _) = broadcast::channel(1 << 16);
         let shared = Arc::new(Shared {
             revision: AtomicU64::new(store.revision()),
             store: Mutex::new(store),
+            snapshots: Mutex::new(std::collections::VecDeque::new()),
+            next_snapshot: AtomicU64::new(1),
+            cut: watch::channel(false).0,
             changes,
             faults: Mutex::new(Vec::new()),
             latency: Mutex::new(Duration::ZERO),
@@ -135,12 +168,18 @@ impl ApiServerDouble {
             requests: Mutex::new(Vec::new()),
             bookmark_interval: Duration::from_secs(2),
         });
-        let app = http::router(shared.clone());
+        let app = http::router(shared.clone(), true);
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
+        let side_app = http::router(shared.clone(), false);
+        let side_server = tokio::spawn(async move {
+            let _ = axum::serve(side_listener, side_app).await;
+        });
         Ok(Self {
             address,
+            side_address,
+            side_server,
             shared,
             server,
         })
@@ -151,16 +190,29 @@ impl ApiServerDouble {
         format!("http://{}", self.address)
     }
 
-    /// A client for the double, default namespace `default`.
+    /// A client for the double's main door, default namespace `default`.
     pub fn client(&self) -> kube::Client {
-        let uri = match self.url().parse() {
-            Ok(uri) => uri,
-            Err(error) => panic!("double URL {} is not a URI: {error}", self.url()),
-        };
-        match kube::Client::try_from(kube::Config::new(uri)) {
-            Ok(client) => client,
-            Err(error) => panic!("cannot build a client for the double: {error}"),
-        }
+        client_for(&self.url())
+    }
+
+    /// A client for the side door, which [`cut_off`](Self::cut_off) leaves open.
+    pub fn side_client(&self) -> kube::Client {
+        client_for(&format!("http://{}", self.side_address))
+    }
+
+    /// Cuts the main door off, as an API server that went away: its watch
+    /// streams end and every request to it answers 500 until
+    /// [`reconnect`](Self::reconnect). The side door keeps serving.
+    pub fn cut_off(&self) {
+        self.shared.cut.send_replace(true);
+    }
+
+    /// Opens the main door again as an API server restarted on a fresh
+    /// watch cache: every revision handed out so far is expired, so a
+    /// watcher's re-watch gets 410 Gone and it must re-list.
+    pub fn reconnect(&self) {
+        self.force_relist();
+        self.shared.cut.send_replace(false);
     }
 
     /// A kubeconfig file's text pointing at the double (namespace `default`).
@@ -263,5 +315,17 @@ impl Drop for ApiServerDouble {
     fn drop(&mut self) {
         self.drop_watches();
         self.server.abort();
+        self.side_server.abort();
+    }
+}
+
+fn client_for(url: &str) -> kube::Client {
+    let uri = match url.parse() {
+        Ok(uri) => uri,
+        Err(error) => panic!("double URL {url} is not a URI: {error}"),
+    };
+    match kube::Client::try_from(kube::Config::new(uri)) {
+        Ok(client) => client,
+        Err(error) => panic!("cannot build a client for the double: {error}"),
     }
 }
