@@ -3,11 +3,14 @@
 //! node failures as events on the PVCs their pods use (its node watcher),
 //! and per-node volume stats and conditions ([`NodeHealthAgent`]).
 
+mod calls;
 pub mod metrics;
 pub mod model;
 mod monitor;
 mod node;
+mod node_watcher;
 pub mod plan;
+mod volumes;
 
 pub use metrics::HealthMetrics;
 pub use monitor::{HealthConfig, HealthController, Source};
@@ -24,6 +27,15 @@ pub enum Error {
         namespace: String,
         /// The PVC's name.
         claim: String,
+        /// What the API server said.
+        #[source]
+        source: kube::Error,
+    },
+    /// The PV could not be read afresh before announcing.
+    #[error("reading PV {pv}: {source}")]
+    Read {
+        /// The PV's name.
+        pv: String,
         /// What the API server said.
         #[source]
         source: kube::Error,

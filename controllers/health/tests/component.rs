@@ -314,6 +314,65 @@ async fn a_restarted_controller_does_not_announce_known_conditions_again() {
 }
 
 #[tokio::test]
+async fn across_an_api_server_gap_a_deleted_pv_is_forgotten_and_a_new_condition_announced_once() {
+    let mut h = Harness::new(vec![
+        ControllerCapability::ListVolumes,
+        ControllerCapability::VolumeCondition,
+    ])
+    .await;
+    h.driver.put_volume("h-pv-keep", healthy());
+    h.driver.put_volume("h-pv-gone", healthy());
+    h.bound_pv("pv-keep", DRIVER, "claim-keep").await;
+    h.bound_pv("pv-gone", DRIVER, "claim-gone").await;
+    h.start(list_mode(100, 0), None, Leadership::unconditional()).await;
+    h.wait_for_sweeps(2).await;
+
+    // volplane's API server goes away; through the other one the claim
+    // and PV of one volume are deleted (and the driver's volume with
+    // them), and the other volume turns abnormal.
+    h.double.cut_off();
+    let side = h.double.side_client();
+    Api::<PersistentVolumeClaim>::namespaced(side.clone(), NS)
+        .delete("claim-gone", &DeleteParams::default())
+        .await
+        .expect("delete claim");
+    Api::<PersistentVolume>::all(side)
+        .delete("pv-gone", &DeleteParams::default())
+        .await
+        .expect("delete pv");
+    h.driver.remove_volume("h-pv-gone");
+    h.driver.put_volume("h-pv-keep", sick("disk failed"));
+    // Sweeps go on meanwhile, against the view from before the gap.
+    h.wait_for_sweeps(3).await;
+
+    h.double.reconnect();
+    let reconnected = std::time::Instant::now();
+    h.wait_for_events("the abnormal volume", REASON_ABNORMAL, 1).await;
+    let gone_gauge = "persistentvolumeclaim=\"claim-gone\"";
+    eventually(Duration::from_secs(30), "the deleted volume's gauge goes", || {
+        !h.metrics_text().contains(gone_gauge)
+    })
+    .await;
+    h.wait_for_sweeps(5).await;
+    let events = h.events().await;
+    let abnormal: Vec<_> = events
+        .iter()
+        .filter(|(reason, _, _)| reason == REASON_ABNORMAL)
+        .collect();
+    assert_eq!(abnormal.len(), 1, "{events:#?}");
+    assert_eq!(abnormal[0].1, "claim-keep");
+    assert!(!h.metrics_text().contains(gone_gauge), "{}", h.metrics_text());
+    let writes_to_gone = h
+        .double
+        .requests()
+        .into_iter()
+        .filter(|r| r.at > reconnected && r.name.as_deref() == Some("pv-gone") && r.verb == Verb::Patch)
+        .count();
+    assert_eq!(writes_to_gone, 0, "the deleted PV is written to");
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_volume_bound_during_a_sweep_is_judged_by_the_next_one() {
     let mut h = Harness::new(vec![
         ControllerCapability::ListVolumes,
