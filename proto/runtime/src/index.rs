@@ -23,7 +23,6 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use kube::Resource;
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tracing::{debug, info};
 
@@ -207,9 +206,9 @@ impl Feed {
     }
 }
 
-/// Watches every `K` in the cluster (with `config`'s selectors), retrying
-/// with kube's default backoff; each event or error becomes a signal of the
-/// controller's loop.
+/// Watches every `K` in the cluster (with `config`'s selectors), listing
+/// again after any error ([`relisting`](crate::relist::relisting)); each
+/// event or error becomes a signal of the controller's loop.
 pub fn watch_all<K, S>(
     client: &kube::Client,
     config: watcher::Config,
@@ -219,8 +218,7 @@ where
     K: Resource<DynamicType = ()> + Clone + fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
     S: Send + 'static,
 {
-    watcher::watcher(Api::<K>::all(client.clone()), config)
-        .default_backoff()
+    crate::relist::relisting(Api::<K>::all(client.clone()), config)
         .map(signal)
         .boxed()
 }

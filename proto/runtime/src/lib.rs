@@ -11,6 +11,8 @@
 //! - [`index`]: indexes with apply / delete / reset, fed by a watch; a
 //!   re-list deletes what vanished, and decisions wait while it runs.
 //! - [`phase`]: where in a poll interval a periodic check of one item falls.
+//! - [`relist`]: watches that list again after any error, so a stale
+//!   view is never taken for a complete one.
 //! - [`readiness`]: the "caches synced" flag behind `/readyz`.
 //! - [`naming`]: names Kubernetes derives, which two controllers must agree on.
 //! - [`slim`]: objects deserialized with only the fields controllers read.
@@ -27,6 +29,7 @@ pub mod leadership;
 pub mod naming;
 pub mod phase;
 pub mod readiness;
+pub mod relist;
 pub mod slim;
 pub mod text;
 pub mod work_queue;
