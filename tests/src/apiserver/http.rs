@@ -247,7 +247,13 @@ async fn handle(
             .unwrap_or_default()
             .to_string(),
     });
-    let latency = *lock(&shared.latency);
+    let mut latency = *lock(&shared.latency);
+    if verb == Verb::List {
+        latency += lock(&shared.list_latency)
+            .get(KINDS[target.kind].plural)
+            .copied()
+            .unwrap_or_default();
+    }
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }

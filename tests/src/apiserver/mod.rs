@@ -111,6 +111,8 @@ struct Shared {
     revision: AtomicU64,
     faults: Mutex<Vec<Fault>>,
     latency: Mutex<Duration>,
+    /// Extra latency of every list (each page) of a resource, by plural.
+    list_latency: Mutex<std::collections::HashMap<String, Duration>>,
     drop_watches: watch::Sender<u64>,
     requests: Mutex<Vec<RequestRecord>>,
     bookmark_interval: Duration,
@@ -164,6 +166,7 @@ impl ApiServerDouble {
             changes,
             faults: Mutex::new(Vec::new()),
             latency: Mutex::new(Duration::ZERO),
+            list_latency: Mutex::new(std::collections::HashMap::new()),
             drop_watches: watch::channel(0).0,
             requests: Mutex::new(Vec::new()),
             bookmark_interval: Duration::from_secs(2),
@@ -244,6 +247,12 @@ impl ApiServerDouble {
     /// Drops every pending injected failure.
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
+    }
+
+    /// Adds `latency` before every list page of `resource` (plural) is
+    /// served: a large collection whose re-list takes long.
+    pub fn set_list_latency(&self, resource: &str, latency: Duration) {
+        lock(&self.shared.list_latency).insert(resource.to_string(), latency);
     }
 
     /// Adds `latency` before every request is handled.
