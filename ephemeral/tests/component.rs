@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -385,6 +386,73 @@ async fn dropped_watches_cause_no_duplicate_creates() {
         .await;
     assert_eq!(h.double.count(Verb::Create, "persistentvolumeclaims"), creates + 1);
     h.stop().await;
+}
+
+#[tokio::test]
+async fn across_an_api_server_gap_no_claim_is_made_for_a_pod_deleted_meanwhile() {
+    let mut h = Harness::new().await;
+    h.start(Duration::from_millis(100)).await;
+    // More pods than one list page (kube's watcher asks for 500 a page).
+    const PODS: usize = 1_200;
+    let pod_api = h.pods();
+    futures::stream::iter(0..PODS)
+        .for_each_concurrent(32, |i| {
+            let pod_api = pod_api.clone();
+            async move {
+                pod_api
+                    .create(&PostParams::default(), &ephemeral_pod(&format!("p{i:04}")))
+                    .await
+                    .expect("create pod");
+            }
+        })
+        .await;
+    wait_until(Duration::from_secs(60), "every pod has its claim", || async {
+        h.claim_names().await.len() == PODS
+    })
+    .await;
+
+    // volplane's API server goes away; through the other one half the pods
+    // are deleted (the garbage collector takes their claims) and new ones
+    // arrive. Back, the pod re-list takes pages long after the claim
+    // re-list ended.
+    h.double.cut_off();
+    let side: Api<Pod> = Api::namespaced(h.double.side_client(), "default");
+    for i in (0..PODS).step_by(2) {
+        side.delete(&format!("p{i:04}"), &DeleteParams::default())
+            .await
+            .expect("delete pod");
+    }
+    for i in 0..20 {
+        side.create(&PostParams::default(), &ephemeral_pod(&format!("new{i:02}")))
+            .await
+            .expect("create pod");
+    }
+    let creates = h.double.count(Verb::Create, "persistentvolumeclaims");
+    h.double.set_list_latency("pods", Duration::from_millis(500));
+    h.double.reconnect();
+
+    let mut want: Vec<String> = (1..PODS).step_by(2).map(|i| format!("p{i:04}-v")).collect();
+    want.extend((0..20).map(|i| format!("new{i:02}-v")));
+    want.sort();
+    wait_until(
+        Duration::from_secs(30),
+        "the remaining and the new pods have their claims",
+        || async { h.claim_names().await == want },
+    )
+    .await;
+    assert_eq!(
+        h.double.count(Verb::Create, "persistentvolumeclaims") - creates,
+        20,
+        "claims were created for pods deleted during the gap"
+    );
+    h.stop().await;
+}
+
+fn ephemeral_pod(name: &str) -> Pod {
+    serde_json::from_value(json!({"metadata": {"name": name},
+        "spec": {"containers": [{"name": "c", "image": "i"}],
+                 "volumes": [{"name": "v", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}]}}))
+    .expect("pod")
 }
 
 #[tokio::test]
