@@ -9,7 +9,10 @@
 //! `renew_deadline` after the last observed `renewTime`, even if no
 //! message arrives (a paused process cannot write on after resuming).
 //! Watching the Lease also lets a waiting candidate take a released lease
-//! at once instead of sleeping until its old expiry.
+//! at once instead of sleeping until its old expiry. While it leads and
+//! the watch has shown no renewal for a retry period, the elector reads
+//! the Lease through the lease client: a term lasts while its renewals
+//! succeed, whatever the watch does.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt as _;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::watcher;
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,6 +31,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use volplane_runtime::leadership::{Leadership, Term};
+use volplane_runtime::{Feed, Index, ObjectKey, relist};
 
 /// Settings of one election.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,6 +199,7 @@ impl Elector {
         let transitions = self.metrics.transitions.get_or_create(&labels).clone();
         let lease_api: Api<Lease> = Api::namespaced(self.lease_client.clone(), &config.namespace);
         let mut leases = self.lease_watch();
+        let mut lease_feed = Feed::new("lease");
         let mut state = Campaign::new(config, &self.term, &leading_gauge, &transitions);
         let mut manager: Option<LeaseManager> = None;
         // The loop ends on shutdown, unless the Lease watch ends first.
@@ -221,13 +226,19 @@ impl Elector {
                 () = &mut shutdown => break,
                 changed = current.changed() => state.manager_changed(changed, &lease_api).await,
                 event = leases.next() => match event {
-                    Some(event) => state.lease_event(event),
+                    Some(event) => state.lease_event(&mut lease_feed, event),
                     None => {
                         watch_ended = true;
                         break;
                     }
                 },
                 () = sleep_until(deadline), if deadline.is_some() => Next::Keep,
+                // No renewal seen for a retry period: the watch may be
+                // broken while renewals succeed. Read the Lease.
+                () = tokio::time::sleep_until(state.next_confirmation), if state.manager_leads => {
+                    state.confirm_renewal(&lease_api).await;
+                    Next::Keep
+                }
             };
             state.publish();
             match next {
@@ -254,12 +265,10 @@ impl Elector {
     /// that a slow watch never delays a renewal).
     fn lease_watch(&self) -> futures::stream::BoxStream<'static, Result<watcher::Event<Lease>, watcher::Error>> {
         let config = &self.config;
-        watcher::watcher(
+        relist::relisting(
             Api::<Lease>::namespaced(self.watch_client.clone(), &config.namespace),
             watcher::Config::default().fields(&format!("metadata.name={}", config.lease_name)),
         )
-        .default_backoff()
-        .boxed()
     }
 
     async fn build_manager(&self) -> Result<LeaseManager, kube_lease_manager::LeaseManagerError> {
@@ -311,6 +320,10 @@ struct Campaign<'a> {
     config: &'a ElectionConfig,
     term: &'a watch::Sender<Term>,
     observed: Observed,
+    /// What the last Lease event asks of the lease manager.
+    next: Next,
+    /// When to read the Lease unless the watch shows a renewal before.
+    next_confirmation: tokio::time::Instant,
     manager_leads: bool,
     /// Shutdown was asked for: stepping down is expected.
     stopping: bool,
@@ -331,6 +344,8 @@ impl<'a> Campaign<'a> {
             config,
             term,
             observed: Observed::default(),
+            next: Next::Keep,
+            next_confirmation: tokio::time::Instant::now() + config.retry_period,
             manager_leads: false,
             stopping: false,
             number: 0,
@@ -354,7 +369,9 @@ impl Campaign<'_> {
                 if leads {
                     // Read our renewal now rather than wait for the watch.
                     if let Ok(lease) = lease_api.get(&self.config.lease_name).await {
-                        self.observed = Observed::of(&lease);
+                        let observed = Observed::of(&lease);
+                        self.observe_renewal(&observed);
+                        self.observed = observed;
                     }
                 }
                 Next::Keep
@@ -367,32 +384,52 @@ impl Campaign<'_> {
         }
     }
 
-    /// The watch of the Lease delivered `event`.
-    fn lease_event(&mut self, event: Result<watcher::Event<Lease>, watcher::Error>) -> Next {
-        match event {
-            Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => {
+    /// Reads the Lease through the lease client: a renewal it shows
+    /// extends the term although the watch did not deliver it (the watch
+    /// backs off from an API server that is away, say).
+    async fn confirm_renewal(&mut self, lease_api: &Api<Lease>) {
+        // Not there yet: look again soon, well before the deadline.
+        self.next_confirmation = tokio::time::Instant::now() + self.confirmation_margin();
+        match lease_api.get(&self.config.lease_name).await {
+            Ok(lease) => {
                 let observed = Observed::of(&lease);
-                if observed.older_than(&self.observed) {
-                    return Next::Keep;
-                }
-                // Only a release wakes a manager that waits for the old
-                // holder's expiry; a lease that was free already (a fresh
-                // one) is being taken, and a rebuild would cancel that.
-                let released = self.observed.holder.is_some() && observed.holder.is_none();
-                self.observed = observed;
-                if released && !self.manager_leads {
-                    debug!(lease = %self.config.lease_name, "lease released; trying to take it now");
-                    Next::Rebuild
-                } else {
-                    Next::Keep
+                if !observed.older_than(&self.observed) {
+                    self.observe_renewal(&observed);
+                    self.observed = observed;
                 }
             }
-            Ok(watcher::Event::Delete(_)) => {
-                self.observed = Observed::default();
-                self.manager_leads = false;
-                Next::Rebuild
+            Err(error) => {
+                debug!(lease = %self.config.lease_name, %error, "cannot read the lease; the term ends at its deadline")
             }
-            Ok(watcher::Event::Init | watcher::Event::InitDone) => Next::Keep,
+        }
+    }
+
+    /// How long after a renewal is due the Lease is read if the watch has
+    /// not shown it: a quarter of the slack between the renewal and the
+    /// renew deadline.
+    fn confirmation_margin(&self) -> Duration {
+        (self.config.renew_deadline.saturating_sub(self.config.retry_period) / 4).max(Duration::from_millis(10))
+    }
+
+    /// A renewal newer than the one known pushes the next read to just
+    /// after the renewal that follows it.
+    fn observe_renewal(&mut self, observed: &Observed) {
+        let Some(renewed) = observed.renewed.filter(|_| observed.renewed != self.observed.renewed) else {
+            return;
+        };
+        let due = renewed + self.config.retry_period + self.confirmation_margin();
+        let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+        self.next_confirmation = tokio::time::Instant::now() + wait;
+    }
+
+    /// The watch of the Lease delivered `event`: fed to the Lease's index
+    /// (this campaign), a re-list without the Lease is its deletion.
+    fn lease_event(&mut self, feed: &mut Feed, event: Result<watcher::Event<Lease>, watcher::Error>) -> Next {
+        match event {
+            Ok(event) => {
+                feed.feed(event, self);
+                std::mem::replace(&mut self.next, Next::Keep)
+            }
             Err(error) => {
                 warn!(lease = %self.config.lease_name, %error, "lease watch failed; retrying");
                 Next::Keep
@@ -458,6 +495,39 @@ impl Campaign<'_> {
     }
 }
 
+/// The Lease, as an index of one object.
+impl Index<Lease> for Campaign<'_> {
+    fn apply(&mut self, lease: Lease) {
+        let observed = Observed::of(&lease);
+        if observed.older_than(&self.observed) {
+            return;
+        }
+        // Only a release wakes a manager that waits for the old holder's
+        // expiry; a lease that was free already (a fresh one) is being
+        // taken, and a rebuild would cancel that.
+        let released = self.observed.holder.is_some() && observed.holder.is_none();
+        self.observe_renewal(&observed);
+        self.observed = observed;
+        if released && !self.manager_leads {
+            debug!(lease = %self.config.lease_name, "lease released; trying to take it now");
+            self.next = Next::Rebuild;
+        }
+    }
+
+    fn delete(&mut self, _: &ObjectKey) {
+        self.observed = Observed::default();
+        self.manager_leads = false;
+        self.next = Next::Rebuild;
+    }
+
+    fn keys(&self) -> Vec<ObjectKey> {
+        let held = self.observed.version.is_some() || self.observed.holder.is_some();
+        held.then(|| ObjectKey::namespaced(&self.config.namespace, &self.config.lease_name))
+            .into_iter()
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::coordination::v1::LeaseSpec;
@@ -466,11 +536,15 @@ mod tests {
 
     fn lease(holder: Option<&str>) -> Lease {
         Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some("volplane-test".into()),
+                namespace: Some("default".into()),
+                ..kube::api::ObjectMeta::default()
+            },
             spec: Some(LeaseSpec {
                 holder_identity: holder.map(str::to_string),
                 ..LeaseSpec::default()
             }),
-            ..Lease::default()
         }
     }
 
@@ -491,19 +565,20 @@ mod tests {
         let term = watch::channel(Term::Following).0;
         let (gauge, counter) = (Gauge::default(), Counter::default());
         let mut campaign = Campaign::new(&config, &term, &gauge, &counter);
+        let mut feed = Feed::new("lease");
         // A fresh lease, free from the start: the manager is taking it, and
         // a rebuild would cancel that (then retry after a conflict backoff).
-        let free = campaign.lease_event(Ok(watcher::Event::InitApply(lease(None))));
+        let free = campaign.lease_event(&mut feed, Ok(watcher::Event::InitApply(lease(None))));
         assert!(matches!(free, Next::Keep));
-        let free_again = campaign.lease_event(Ok(watcher::Event::Apply(lease(None))));
+        let free_again = campaign.lease_event(&mut feed, Ok(watcher::Event::Apply(lease(None))));
         assert!(matches!(free_again, Next::Keep));
         // Held by another, then released: take it now, not at its expiry.
-        let held = campaign.lease_event(Ok(watcher::Event::Apply(lease(Some("other")))));
+        let held = campaign.lease_event(&mut feed, Ok(watcher::Event::Apply(lease(Some("other")))));
         assert!(matches!(held, Next::Keep));
-        let released = campaign.lease_event(Ok(watcher::Event::Apply(lease(None))));
+        let released = campaign.lease_event(&mut feed, Ok(watcher::Event::Apply(lease(None))));
         assert!(matches!(released, Next::Rebuild));
         // Deleted: a fresh manager recreates it.
-        let deleted = campaign.lease_event(Ok(watcher::Event::Delete(lease(Some("other")))));
+        let deleted = campaign.lease_event(&mut feed, Ok(watcher::Event::Delete(lease(Some("other")))));
         assert!(matches!(deleted, Next::Rebuild));
     }
 
@@ -524,6 +599,7 @@ mod tests {
         let term = watch::channel(Term::Following).0;
         let (gauge, counter) = (Gauge::default(), Counter::default());
         let mut campaign = Campaign::new(&config, &term, &gauge, &counter);
+        let mut feed = Feed::new("lease");
         let now = SystemTime::now();
         // Taken: the manager leads, and the Lease read right after says so.
         campaign.manager_leads = true;
@@ -532,14 +608,35 @@ mod tests {
         assert!(matches!(*term.borrow(), Term::Leading { number: 1, .. }));
         // The watch then delivers the free Lease as it was before (an older
         // version): still leading, no transition.
-        let stale = campaign.lease_event(Ok(watcher::Event::Apply(versioned(None, "11", now))));
+        let stale = campaign.lease_event(&mut feed, Ok(watcher::Event::Apply(versioned(None, "11", now))));
         assert!(matches!(stale, Next::Keep));
         campaign.publish();
         assert!(matches!(*term.borrow(), Term::Leading { number: 1, .. }));
         assert_eq!(counter.get(), 1, "one transition: started leading");
         // A newer version that names another holder does end the term.
-        campaign.lease_event(Ok(watcher::Event::Apply(versioned(Some("other"), "13", now))));
+        campaign.lease_event(
+            &mut feed,
+            Ok(watcher::Event::Apply(versioned(Some("other"), "13", now))),
+        );
         campaign.publish();
         assert!(matches!(*term.borrow(), Term::Following));
+    }
+
+    #[test]
+    fn a_relist_without_the_lease_is_its_deletion() {
+        let config = config();
+        let (term, _) = watch::channel(Term::Following);
+        let (gauge, transitions) = (Gauge::default(), Counter::default());
+        let mut campaign = Campaign::new(&config, &term, &gauge, &transitions);
+        let mut feed = Feed::new("lease");
+        campaign.lease_event(&mut feed, Ok(watcher::Event::Init));
+        campaign.lease_event(&mut feed, Ok(watcher::Event::InitApply(lease(Some("other")))));
+        campaign.lease_event(&mut feed, Ok(watcher::Event::InitDone));
+        assert_eq!(campaign.observed.holder.as_deref(), Some("other"));
+        // Deleted while the watch was away: the re-list does not bring it.
+        campaign.lease_event(&mut feed, Ok(watcher::Event::Init));
+        let next = campaign.lease_event(&mut feed, Ok(watcher::Event::InitDone));
+        assert!(matches!(next, Next::Rebuild));
+        assert_eq!(campaign.observed, Observed::default());
     }
 }

@@ -105,3 +105,50 @@ async fn failing_renewals_end_the_term_before_anyone_else_may_take_over() {
     assert!(double.count(Verb::Patch, "leases") > 0);
     run_a.stop(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn a_term_lasts_while_renewals_succeed_with_the_lease_watch_broken() {
+    let double = ApiServerDouble::start().await.expect("double");
+    // Renewals go through the side door; the watch through the main one,
+    // which goes away.
+    let elector = Elector::new(
+        double.side_client(),
+        double.client(),
+        config("a"),
+        Arc::new(ElectionMetrics::default()),
+    );
+    let leadership = elector.leadership();
+    let run = Background::spawn(|shutdown| elector.run(shutdown));
+    eventually(LEASE * 2, "a leads", || leadership.may_write()).await;
+    double.cut_off();
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(double.side_client(), "default");
+    let renew_time = || async {
+        leases
+            .get("volplane-test")
+            .await
+            .ok()
+            .and_then(|lease| lease.spec?.renew_time)
+            .map(|t| t.0)
+    };
+    let start = renew_time().await.expect("renewed");
+    // Three renew deadlines of renewals (one a second) with the watch away:
+    // the term never ends, not even for a moment.
+    let mut watching = leadership.clone();
+    let ended = tokio::spawn(async move { watching.lost().await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let renewed = renew_time().await.expect("renewed");
+        if renewed.duration_since(start).as_secs() >= 6 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "renewals stopped");
+        assert!(!ended.is_finished(), "the term ended while renewals succeed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!ended.is_finished(), "the term ended while renewals succeed");
+    assert!(leadership.may_write());
+    ended.abort();
+    double.reconnect();
+    run.stop(Duration::from_secs(5)).await;
+}
