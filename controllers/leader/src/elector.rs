@@ -108,6 +108,15 @@ pub struct ElectionMetrics {
 }
 
 impl ElectionMetrics {
+    /// The leading gauge and transitions counter of lease `lease`.
+    fn of(&self, lease: &str) -> (Gauge, Counter) {
+        let labels = vec![("lease".to_string(), lease.to_string())];
+        (
+            self.leader.get_or_create(&labels).clone(),
+            self.transitions.get_or_create(&labels).clone(),
+        )
+    }
+
     /// Registers `leader_election_*` in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
@@ -194,9 +203,7 @@ impl Elector {
     /// releases the lease if held, so a successor need not wait for expiry.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let config = &self.config;
-        let labels = vec![("lease".to_string(), config.lease_name.clone())];
-        let leading_gauge = self.metrics.leader.get_or_create(&labels).clone();
-        let transitions = self.metrics.transitions.get_or_create(&labels).clone();
+        let (leading_gauge, transitions) = self.metrics.of(&config.lease_name);
         let lease_api: Api<Lease> = Api::namespaced(self.lease_client.clone(), &config.namespace);
         let mut leases = self.lease_watch();
         let mut lease_feed = Feed::new("lease");
@@ -208,15 +215,9 @@ impl Elector {
         info!(lease = %config.lease_name, namespace = %config.namespace, identity = %config.identity, "leader election starting");
         loop {
             let Some(current) = manager.as_ref() else {
-                match self.build_manager().await {
-                    Ok(built) => manager = Some(built),
-                    Err(error) => {
-                        warn!(lease = %config.lease_name, %error, "cannot set up the lease; retrying");
-                        tokio::select! {
-                            () = &mut shutdown => break,
-                            () = tokio::time::sleep(config.retry_period) => {}
-                        }
-                    }
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    built = self.manager_or_pause() => manager = built,
                 }
                 continue;
             };
@@ -253,9 +254,7 @@ impl Elector {
                 }
             }
         }
-        state.manager_leads = false;
-        state.stopping = !watch_ended;
-        state.publish();
+        state.step_down(!watch_ended);
         if let Some(manager) = manager {
             release(config, manager).await;
         }
@@ -269,6 +268,18 @@ impl Elector {
             Api::<Lease>::namespaced(self.watch_client.clone(), &config.namespace),
             watcher::Config::default().fields(&format!("metadata.name={}", config.lease_name)),
         )
+    }
+
+    /// A lease manager; `None` after a failed setup and a retry period.
+    async fn manager_or_pause(&self) -> Option<LeaseManager> {
+        match self.build_manager().await {
+            Ok(built) => Some(built),
+            Err(error) => {
+                warn!(lease = %self.config.lease_name, %error, "cannot set up the lease; retrying");
+                tokio::time::sleep(self.config.retry_period).await;
+                None
+            }
+        }
     }
 
     async fn build_manager(&self) -> Result<LeaseManager, kube_lease_manager::LeaseManagerError> {
@@ -435,6 +446,13 @@ impl Campaign<'_> {
                 Next::Keep
             }
         }
+    }
+
+    /// The campaign ends: no more writes (`stopping`: as asked, at shutdown).
+    fn step_down(&mut self, stopping: bool) {
+        self.manager_leads = false;
+        self.stopping = stopping;
+        self.publish();
     }
 
     /// The term the facts support now.
