@@ -13,10 +13,10 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, StorageClass};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
+use volplane_runtime::relist::relisting;
 
 use crate::model::{CapacityObject, Enablement, Labels, VolumeObject};
 use crate::reconcile::CapacityConfig;
@@ -80,8 +80,7 @@ impl Inputs {
     pub fn watch(client: &kube::Client, config: &CapacityConfig, central: bool) -> Self {
         let capacities: Api<CapacityObject> = Api::namespaced(client.clone(), &config.identity.namespace);
         let selected = watcher::Config::default().labels(&config.identity.selector());
-        let capacity_signals = watcher::watcher(capacities, selected)
-            .default_backoff()
+        let capacity_signals = relisting(capacities, selected)
             .map(|event| match event {
                 Ok(event) => Signal::Capacity(Box::new(event)),
                 Err(error) => failed("capacities", &error),
@@ -105,8 +104,7 @@ impl Inputs {
                 crate::model::MANAGED_BY_LABEL
             ));
             let api: Api<CapacityObject> = Api::namespaced(client.clone(), &config.identity.namespace);
-            let signals = watcher::watcher(api, theirs)
-                .default_backoff()
+            let signals = relisting(api, theirs)
                 .map(|event| match event {
                     Ok(event) => Signal::Incumbent(Box::new(event)),
                     Err(error) => failed("incumbents", &error),
@@ -125,8 +123,7 @@ impl Inputs {
             ));
             let api: Api<CapacityObject> = Api::namespaced(client.clone(), &config.identity.namespace);
             inputs.streams.push(
-                watcher::watcher(api, others)
-                    .default_backoff()
+                relisting(api, others)
                     .map(|event| match event {
                         Ok(event) => Signal::Foreign(Box::new(event)),
                         Err(error) => failed("foreign capacities", &error),
@@ -185,8 +182,7 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
 {
-    watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
+    relisting(api, watcher::Config::default())
         .map(move |event| match event {
             Ok(event) => signal(event),
             Err(error) => failed(source, &error),
@@ -206,8 +202,7 @@ where
 {
     let (store, writer) = reflector::store();
     let source = K::plural(&Default::default()).into_owned();
-    let signals = reflector::reflector(writer, watcher::watcher(api, config))
-        .default_backoff()
+    let signals = reflector::reflector(writer, relisting(api, config))
         .filter_map(move |event| {
             let signal = match event {
                 Ok(Event::InitDone) => Some(changed(true)),
@@ -251,8 +246,7 @@ fn node_labels(client: kube::Client, keys: watch::Receiver<Option<KeySet>>) -> B
             }
         };
         let nodes: Api<PartialObjectMeta<Node>> = Api::all(client.clone());
-        watcher::watcher(nodes, watcher::Config::default())
-            .default_backoff()
+        relisting(nodes, watcher::Config::default())
             .take_until(until.boxed())
             .map(move |event| match event {
                 Ok(event) => Signal::Node(cut(event, &kept)),

@@ -32,6 +32,8 @@ pub struct CapacityMetrics {
     pub incumbent_running: Gauge,
     /// Other controllers' (or nobody's) objects for the driver (central mode).
     pub foreign_objects: Gauge,
+    /// Watches listing again (after an error or a 410): decisions wait.
+    pub relisting: Gauge,
 }
 
 impl CapacityMetrics {
@@ -48,23 +50,55 @@ impl CapacityMetrics {
             incumbent_objects: Gauge::default(),
             incumbent_running: Gauge::default(),
             foreign_objects: Gauge::default(),
+            relisting: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("capacity");
-        sub.register(
-            "objects_desired",
-            "CSIStorageCapacity objects that should exist",
-            metrics.desired.clone(),
-        );
-        sub.register(
-            "objects_current",
-            "CSIStorageCapacity objects that exist for a desired item",
-            metrics.current.clone(),
-        );
-        sub.register(
-            "objects_obsolete",
-            "CSIStorageCapacity objects being deleted (duplicates, gone segments or classes)",
-            metrics.obsolete.clone(),
-        );
+        let gauges = [
+            (
+                "objects_desired",
+                "CSIStorageCapacity objects that should exist",
+                &metrics.desired,
+            ),
+            (
+                "objects_current",
+                "CSIStorageCapacity objects that exist for a desired item",
+                &metrics.current,
+            ),
+            (
+                "objects_obsolete",
+                "CSIStorageCapacity objects being deleted (duplicates, gone segments or classes)",
+                &metrics.obsolete,
+            ),
+            ("queue_depth", "work items waiting or running", &metrics.queue_depth),
+            (
+                "enabled",
+                "1 while capacity is tracked for the driver (CSIDriver spec.storageCapacity, or --capacity-enablement always)",
+                &metrics.enabled,
+            ),
+            (
+                "incumbent_objects",
+                "csi-provisioner's CSIStorageCapacity objects of the driver not adopted yet (--capacity-adopt)",
+                &metrics.incumbent_objects,
+            ),
+            (
+                "incumbent_running",
+                "1 while csi-provisioner still maintains its objects (it re-created one volplane adopted): they are left alone",
+                &metrics.incumbent_running,
+            ),
+            (
+                "foreign_objects",
+                "CSIStorageCapacity objects of the driver that neither volplane nor csi-provisioner maintains (central mode): reported, never touched",
+                &metrics.foreign_objects,
+            ),
+            (
+                "watches_relisting",
+                "watches listing again after an error or a 410 Gone: no write and no GetCapacity call until they end",
+                &metrics.relisting,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            sub.register(name, help, gauge.clone());
+        }
         sub.register(
             "get_capacity_duration_seconds",
             "GetCapacity latency by gRPC code",
@@ -74,31 +108,6 @@ impl CapacityMetrics {
             "api_writes",
             "CSIStorageCapacity writes to the API server by verb",
             metrics.api_writes.clone(),
-        );
-        sub.register(
-            "queue_depth",
-            "work items waiting or running",
-            metrics.queue_depth.clone(),
-        );
-        sub.register(
-            "enabled",
-            "1 while capacity is tracked for the driver (CSIDriver spec.storageCapacity, or --capacity-enablement always)",
-            metrics.enabled.clone(),
-        );
-        sub.register(
-            "incumbent_objects",
-            "csi-provisioner's CSIStorageCapacity objects of the driver not adopted yet (--capacity-adopt)",
-            metrics.incumbent_objects.clone(),
-        );
-        sub.register(
-            "incumbent_running",
-            "1 while csi-provisioner still maintains its objects (it re-created one volplane adopted): they are left alone",
-            metrics.incumbent_running.clone(),
-        );
-        sub.register(
-            "foreign_objects",
-            "CSIStorageCapacity objects of the driver that neither volplane nor csi-provisioner maintains (central mode): reported, never touched",
-            metrics.foreign_objects.clone(),
         );
         metrics
     }

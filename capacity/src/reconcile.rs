@@ -250,6 +250,9 @@ struct LoopState {
     required: BTreeSet<&'static str>,
     synced_sources: BTreeSet<&'static str>,
     synced: bool,
+    /// Watches listing again after their first list: no decision (no
+    /// write, no driver call) until every one has ended.
+    relisting: BTreeSet<&'static str>,
     /// volplane's objects by name, as the watch delivered them.
     store: HashMap<String, Stored>,
     /// The objects of a list in progress.
@@ -261,9 +264,11 @@ struct LoopState {
     /// Items that came due while their write was unseen: run once it is seen.
     deferred: HashSet<WorkItem>,
     deleting: HashSet<String>,
-    /// Hashes of the names of the driver's PVs (to tell a new PV from an update).
-    volumes: HashSet<u64>,
-    volumes_listing: Option<HashSet<u64>>,
+    /// The driver's PVs by the hash of their name (to tell a new PV from
+    /// an update), with the items a change of the PV refreshes (also when
+    /// a re-list finds it gone).
+    volumes: HashMap<u64, Box<[WorkItem]>>,
+    volumes_listing: Option<HashMap<u64, Box<[WorkItem]>>>,
     hasher: RandomState,
     queue: WorkQueue<WorkItem>,
     /// Questions in flight and the items waiting for each answer.
@@ -290,6 +295,7 @@ struct LoopState {
     adopting: HashMap<WorkItem, String>,
     /// Other controllers' (or nobody's) objects for the driver, reported once each.
     foreign: HashSet<String>,
+    foreign_listing: Option<HashSet<String>>,
 }
 
 impl control_loop::State for LoopState {
@@ -308,7 +314,7 @@ impl control_loop::State for LoopState {
         let gate = self
             .gate
             .as_ref()
-            .filter(|_| self.leading && self.synced)
+            .filter(|_| self.leading && self.may_decide())
             .and_then(Gate::next_wake);
         work.into_iter().chain(gate).min()
     }
@@ -383,13 +389,14 @@ impl LoopState {
             required: inputs.required,
             synced_sources: BTreeSet::new(),
             synced: false,
+            relisting: BTreeSet::new(),
             store: HashMap::new(),
             listing: None,
             objects: HashMap::new(),
             unseen: HashMap::new(),
             deferred: HashSet::new(),
             deleting: HashSet::new(),
-            volumes: HashSet::new(),
+            volumes: HashMap::new(),
             volumes_listing: None,
             hasher: RandomState::new(),
             queue: WorkQueue::default(),
@@ -411,6 +418,7 @@ impl LoopState {
             incumbent_reported: false,
             adopting: HashMap::new(),
             foreign: HashSet::new(),
+            foreign_listing: None,
             config,
         }
     }
@@ -462,16 +470,56 @@ impl LoopState {
         match signal {
             Signal::Classes { synced } => self.inputs_changed("classes", synced),
             Signal::Driver { synced } => self.inputs_changed("csidriver", synced),
-            Signal::Node(event) => self.on_node(event),
-            Signal::CsiNode(event) => self.on_csinode(*event),
-            Signal::Capacity(event) => self.on_capacity(*event),
-            Signal::Incumbent(event) => self.on_incumbent(*event),
-            Signal::Foreign(event) => self.on_foreign(*event),
-            Signal::Volume(event) => self.on_volume(*event),
+            Signal::Node(event) => {
+                self.follow_list("nodes", &event);
+                self.on_node(event);
+            }
+            Signal::CsiNode(event) => {
+                self.follow_list("csinodes", &event);
+                self.on_csinode(*event);
+            }
+            Signal::Capacity(event) => {
+                self.follow_list("capacities", &event);
+                self.on_capacity(*event);
+            }
+            Signal::Incumbent(event) => {
+                self.follow_list("incumbents", &event);
+                self.on_incumbent(*event);
+            }
+            Signal::Foreign(event) => {
+                self.follow_list("foreign capacities", &event);
+                self.on_foreign(*event);
+            }
+            Signal::Volume(event) => {
+                self.follow_list("volumes", &event);
+                self.on_volume(*event);
+            }
             Signal::WatchFailed { source, error } => {
                 warn!(source, %error, "watch failed; retrying with backoff");
             }
         }
+    }
+
+    /// Notes a watch's re-list starting or ending: while any watch lists
+    /// again, no decision is taken.
+    fn follow_list<K>(&mut self, source: &'static str, event: &Event<K>) {
+        match event {
+            Event::Init if self.synced && self.relisting.insert(source) => {
+                info!(source, "re-listing; writes and driver calls wait until it ends");
+            }
+            Event::InitDone if self.relisting.remove(source) && self.relisting.is_empty() => {
+                info!(source, "re-listed; deciding again");
+            }
+            _ => {}
+        }
+        self.metrics
+            .relisting
+            .set(i64::try_from(self.relisting.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Whether decisions may be taken: every watch listed, none lists again.
+    fn may_decide(&self) -> bool {
+        self.synced && self.relisting.is_empty()
     }
 
     fn inputs_changed(&mut self, source: &'static str, synced: bool) {
@@ -801,8 +849,23 @@ impl LoopState {
     /// changed since `previous` (the objects before the list) is refreshed.
     fn resync_objects(&mut self, previous: &HashMap<String, Stored>) {
         let now = Instant::now();
-        self.unseen.clear();
-        for item in std::mem::take(&mut self.deferred) {
+        // Writes the list shows are seen; the others were made after its
+        // snapshot and arrive through the watch next.
+        let store = &self.store;
+        self.unseen.retain(|_, unseen| {
+            store
+                .get(&unseen.name)
+                .is_none_or(|s| s.object.version != unseen.version)
+        });
+        let unseen = &self.unseen;
+        let due: Vec<WorkItem> = self
+            .deferred
+            .iter()
+            .filter(|i| !unseen.contains_key(*i))
+            .cloned()
+            .collect();
+        for item in due {
+            self.deferred.remove(&item);
             self.queue.schedule(item, now);
         }
         // Deletes in flight stay; those whose object is gone are done.
@@ -839,6 +902,11 @@ impl LoopState {
             self.objects.insert(item, name);
         }
         for item in plan.missing {
+            if let Some(unseen) = self.unseen.get(&item).filter(|u| !self.store.contains_key(&u.name)) {
+                // Created after the list's snapshot: not missing, no second object.
+                self.objects.insert(item, unseen.name.clone());
+                continue;
+            }
             if known.contains_key(&item) {
                 info!(%item, "object deleted by someone else; re-creating");
             }
@@ -937,52 +1005,79 @@ impl LoopState {
     fn on_volume(&mut self, event: Event<VolumeObject>) {
         let driver = self.config.driver.as_str();
         match event {
-            Event::Init => self.volumes_listing = Some(HashSet::new()),
+            Event::Init => self.volumes_listing = Some(HashMap::new()),
             Event::InitApply(pv) if model::is_volume_of(&pv, driver) => {
-                let key = self.volume_key(&pv);
+                let (key, items) = (self.volume_key(&pv), self.volume_items(&pv));
                 if let Some(listing) = &mut self.volumes_listing {
-                    listing.insert(key);
+                    listing.insert(key, items);
                 }
             }
-            Event::InitDone => {
-                self.volumes = self.volumes_listing.take().unwrap_or_default();
-                self.synced_sources.insert("volumes");
-                self.try_initial_sync();
-            }
+            Event::InitDone => self.volumes_listed(),
             Event::Apply(pv) if model::is_volume_of(&pv, driver) => {
-                let created = self.volumes.insert(self.volume_key(&pv));
+                let items = self.volume_items(&pv);
+                let created = self.volumes.insert(self.volume_key(&pv), items.clone()).is_none();
                 if created && self.synced {
-                    self.refresh_for_volume(&pv, "created");
+                    self.refresh(&items, "volume created");
                 }
             }
             Event::Delete(pv) if model::is_volume_of(&pv, driver) => {
-                self.volumes.remove(&self.volume_key(&pv));
+                let known = self
+                    .volumes
+                    .remove(&self.volume_key(&pv))
+                    .filter(|items| !items.is_empty());
+                let items = known.unwrap_or_else(|| self.volume_items(&pv));
                 if self.synced {
-                    self.refresh_for_volume(&pv, "deleted");
+                    self.refresh(&items, "volume deleted");
                 }
             }
             _ => {}
         }
     }
 
-    /// Refreshes the items of the PV's class in the segments its node
-    /// affinity admits.
-    fn refresh_for_volume(&mut self, pv: &VolumeObject, what: &str) {
-        let Some((class, terms)) = model::volume_placement(pv, &self.config.driver) else {
+    /// The PV list ended: PVs created or deleted while the watch was away
+    /// refresh their items now, not at the next poll.
+    fn volumes_listed(&mut self) {
+        let listed = self.volumes_listing.take().unwrap_or_default();
+        let previous = std::mem::replace(&mut self.volumes, listed);
+        self.synced_sources.insert("volumes");
+        if !self.synced {
+            self.try_initial_sync();
             return;
+        }
+        let created: Vec<WorkItem> = (self.volumes.iter())
+            .filter(|(key, _)| !previous.contains_key(*key))
+            .flat_map(|(_, items)| items.iter().cloned())
+            .collect();
+        let deleted: Vec<WorkItem> = (previous.iter())
+            .filter(|(key, _)| !self.volumes.contains_key(*key))
+            .flat_map(|(_, items)| items.iter().cloned())
+            .collect();
+        self.refresh(&created, "volume created while the watch was away");
+        self.refresh(&deleted, "volume deleted while the watch was away");
+    }
+
+    /// The items of the PV's class in the segments its node affinity admits.
+    fn volume_items(&self, pv: &VolumeObject) -> Box<[WorkItem]> {
+        let Some((class, terms)) = model::volume_placement(pv, &self.config.driver) else {
+            return Box::default();
         };
         let Some((class, _)) = self.classes.get_key_value(class) else {
-            return;
+            return Box::default();
         };
-        let class = class.clone();
-        let now = Instant::now();
-        for segment in self.segments.admitted(terms) {
-            let item = WorkItem {
+        (self.segments.admitted(terms).into_iter())
+            .map(|segment| WorkItem {
                 segment,
                 class: class.clone(),
-            };
-            debug!(%item, pv = ?pv.metadata.name, what, "volume changed; refreshing");
-            self.queue.schedule(item, now);
+            })
+            .collect()
+    }
+
+    /// Refreshes `items` now (deduplicated by the queue).
+    fn refresh(&mut self, items: &[WorkItem], why: &str) {
+        let now = Instant::now();
+        for item in items {
+            debug!(%item, why, "refreshing");
+            self.queue.schedule(item.clone(), now);
         }
     }
 
@@ -1024,7 +1119,7 @@ impl LoopState {
     /// Hands due items to free workers: an item joins the question in
     /// flight for its segment and parameters, or asks a new one.
     fn dispatch(&mut self) {
-        if !self.synced || !self.leading {
+        if !self.may_decide() || !self.leading {
             return;
         }
         let now = Instant::now();
@@ -1338,11 +1433,20 @@ impl LoopState {
     /// csi-provisioner maintains: each is said once, never touched.
     fn on_foreign(&mut self, event: Event<CapacityObject>) {
         match event {
-            Event::Init | Event::InitDone => {}
+            Event::Init => self.foreign_listing = Some(HashSet::new()),
+            Event::InitDone => {
+                // What the list did not bring was deleted meanwhile.
+                if let Some(listed) = self.foreign_listing.take() {
+                    self.foreign.retain(|name| listed.contains(name));
+                }
+            }
             Event::InitApply(object) | Event::Apply(object) => {
                 let Some(name) = object.metadata.name.clone() else {
                     return;
                 };
+                if let Some(listing) = &mut self.foreign_listing {
+                    listing.insert(name.clone());
+                }
                 if self.foreign.insert(name.clone()) {
                     self.report_foreign(&name, &object);
                 }
@@ -1512,7 +1616,7 @@ impl LoopState {
     /// Moves the takeover of csi-provisioner's objects on: a canary once
     /// they have been quiet, all of them once the canary stood.
     fn follow_gate(&mut self) {
-        if !self.synced || !self.leading {
+        if !self.may_decide() || !self.leading {
             return;
         }
         let now = Instant::now();
@@ -1575,7 +1679,7 @@ impl LoopState {
     /// standing for nothing volplane publishes, or duplicating its objects,
     /// are deleted.
     fn adopt_open(&mut self) {
-        if !self.synced || !self.leading || !self.gate.as_ref().is_some_and(Gate::may_delete) {
+        if !self.may_decide() || !self.leading || !self.gate.as_ref().is_some_and(Gate::may_delete) {
             return;
         }
         let now = Instant::now();

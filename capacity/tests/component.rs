@@ -884,6 +884,87 @@ async fn a_new_volume_refreshes_its_segment_and_class_at_once() {
 }
 
 #[tokio::test]
+async fn across_an_api_server_gap_everything_changed_meanwhile_comes_out_right() {
+    let mut h = two_zones_polled_hourly().await;
+    h.add_node("n3", Some("c"), &["zone"]).await;
+    let doomed = volume_in_zone("pv-doomed", "b");
+    Api::<PersistentVolume>::all(h.client.clone())
+        .create(&PostParams::default(), &doomed)
+        .await
+        .expect("pv");
+    let foreign: CSIStorageCapacity = serde_json::from_value(json!({
+        "metadata": {"name": "someone-elses", "labels": {DRIVER_LABEL: DRIVER, MANAGED_BY_LABEL: "another-controller"}},
+        "storageClassName": "fast", "nodeTopology": {"matchLabels": {"zone": "a"}}, "capacity": "1"
+    }))
+    .expect("object");
+    h.capacities()
+        .create(&PostParams::default(), &foreign)
+        .await
+        .expect("foreign");
+    h.wait_for_published(
+        "three zones",
+        &[
+            ("fast", Some("a"), 4 * GI, None),
+            ("fast", Some("b"), 4 * GI, None),
+            ("fast", Some("c"), 4 * GI, None),
+        ],
+    )
+    .await;
+    eventually(Duration::from_secs(10), "the foreign object counted", || {
+        h.metrics_text().contains("volplane_capacity_foreign_objects 1")
+    })
+    .await;
+
+    // volplane's API server goes away. Through the other one: node n3 is
+    // removed, a volume is created in zone a and one deleted in zone b
+    // (the driver reports the new values), the foreign object deleted.
+    h.double.cut_off();
+    let side = h.double.side_client();
+    Api::<CSINode>::all(side.clone())
+        .delete("n3", &DeleteParams::default())
+        .await
+        .expect("csinode");
+    Api::<Node>::all(side.clone())
+        .delete("n3", &DeleteParams::default())
+        .await
+        .expect("node");
+    let volumes = Api::<PersistentVolume>::all(side.clone());
+    volumes
+        .create(&PostParams::default(), &volume_in_zone("pv-new", "a"))
+        .await
+        .expect("pv");
+    volumes.delete("pv-doomed", &DeleteParams::default()).await.expect("pv");
+    Api::<CSIStorageCapacity>::namespaced(side, NS)
+        .delete("someone-elses", &DeleteParams::default())
+        .await
+        .expect("foreign");
+    h.driver
+        .set_capacity(Some(zone("a")), None, CapacityAnswer::available(3 * GI));
+    h.driver
+        .set_capacity(Some(zone("b")), None, CapacityAnswer::available(5 * GI));
+    h.double.reconnect();
+
+    // With an hour-long poll, only the re-list explains the new values.
+    h.wait_for_published(
+        "after the gap",
+        &[("fast", Some("a"), 3 * GI, None), ("fast", Some("b"), 5 * GI, None)],
+    )
+    .await;
+    eventually(Duration::from_secs(30), "the foreign object forgotten", || {
+        h.metrics_text().contains("volplane_capacity_foreign_objects 0")
+    })
+    .await;
+    assert!(
+        h.metrics_text().contains("volplane_capacity_watches_relisting 0"),
+        "{}",
+        h.metrics_text()
+    );
+    let objects = h.capacities().list(&ListParams::default()).await.expect("list").items;
+    assert_eq!(objects.len(), 2, "one object per (segment, class): {objects:#?}");
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn its_own_updates_coming_back_through_the_watch_cause_no_refresh() {
     let mut h = two_zones_polled_hourly().await;
 
