@@ -18,8 +18,8 @@ use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use volplane_runtime::relist::relisting;
 
+use crate::config::{CapacityConfig, Topology};
 use crate::model::{CapacityObject, Enablement, Labels, VolumeObject};
-use crate::reconcile::CapacityConfig;
 use crate::topology::{KeySet, kept_labels};
 
 /// A Node as the loop sees it: its name and the labels of the known
@@ -78,58 +78,30 @@ impl Inputs {
     /// in central mode, PVs, CSINodes and Nodes (metadata). A per-node
     /// instance reads no cluster-wide collection but the StorageClasses.
     pub fn watch(client: &kube::Client, config: &CapacityConfig, central: bool) -> Self {
-        let capacities: Api<CapacityObject> = Api::namespaced(client.clone(), &config.identity.namespace);
-        let selected = watcher::Config::default().labels(&config.identity.selector());
-        let capacity_signals = relisting(capacities, selected)
-            .map(|event| match event {
-                Ok(event) => Signal::Capacity(Box::new(event)),
-                Err(error) => failed("capacities", &error),
-            })
-            .boxed();
+        let own = objects(client, config, &config.identity.selector(), "capacities", |e| {
+            Signal::Capacity(Box::new(e))
+        });
         let (classes, class_signals) = cached(Api::all(client.clone()), watcher::Config::default(), |synced| {
             Signal::Classes { synced }
         });
         let mut inputs = Self {
-            streams: vec![capacity_signals, class_signals],
+            streams: vec![own, class_signals],
             required: ["capacities", "classes"].into(),
             classes,
             driver: None,
             node_keys: None,
         };
         if let Some(managed_by) = &config.adopt_from {
-            let theirs = watcher::Config::default().labels(&format!(
+            let theirs = format!(
                 "{}={},{}={managed_by}",
                 crate::model::DRIVER_LABEL,
                 config.identity.driver,
                 crate::model::MANAGED_BY_LABEL
-            ));
-            let api: Api<CapacityObject> = Api::namespaced(client.clone(), &config.identity.namespace);
-            let signals = relisting(api, theirs)
-                .map(|event| match event {
-                    Ok(event) => Signal::Incumbent(Box::new(event)),
-                    Err(error) => failed("incumbents", &error),
-                })
-                .boxed();
-            inputs.add("incumbents", signals);
-        }
-        if central {
-            // Everyone else's objects for the driver: reported, never touched.
-            let others = watcher::Config::default().labels(&format!(
-                "{driver_label}={},{managed_label}!={},{managed_label}!=external-provisioner",
-                config.identity.driver,
-                config.identity.managed_by,
-                driver_label = crate::model::DRIVER_LABEL,
-                managed_label = crate::model::MANAGED_BY_LABEL,
-            ));
-            let api: Api<CapacityObject> = Api::namespaced(client.clone(), &config.identity.namespace);
-            inputs.streams.push(
-                relisting(api, others)
-                    .map(|event| match event {
-                        Ok(event) => Signal::Foreign(Box::new(event)),
-                        Err(error) => failed("foreign capacities", &error),
-                    })
-                    .boxed(),
             );
+            let signals = objects(client, config, &theirs, "incumbents", |e| {
+                Signal::Incumbent(Box::new(e))
+            });
+            inputs.add("incumbents", signals);
         }
         if config.enablement == Enablement::CsiDriver {
             let by_name = watcher::Config::default().fields(&format!("metadata.name={}", config.driver));
@@ -138,31 +110,67 @@ impl Inputs {
             inputs.driver = Some(store);
         }
         if central {
-            inputs.add(
-                "volumes",
-                signals("volumes", Api::<VolumeObject>::all(client.clone()), |e| {
-                    Signal::Volume(Box::new(e))
-                }),
-            );
+            inputs.watch_central(client, config);
         }
-        if central && config.topology == crate::reconcile::Topology::Central {
-            inputs.add(
+        inputs
+    }
+
+    /// A central instance's cluster-wide watches: other controllers'
+    /// objects for the driver, PVs and, with topology, CSINodes and Nodes.
+    fn watch_central(&mut self, client: &kube::Client, config: &CapacityConfig) {
+        // Everyone else's objects for the driver: reported, never touched.
+        let others = format!(
+            "{driver_label}={},{managed_label}!={},{managed_label}!=external-provisioner",
+            config.identity.driver,
+            config.identity.managed_by,
+            driver_label = crate::model::DRIVER_LABEL,
+            managed_label = crate::model::MANAGED_BY_LABEL,
+        );
+        self.streams
+            .push(objects(client, config, &others, "foreign capacities", |e| {
+                Signal::Foreign(Box::new(e))
+            }));
+        self.add(
+            "volumes",
+            signals("volumes", Api::<VolumeObject>::all(client.clone()), |e| {
+                Signal::Volume(Box::new(e))
+            }),
+        );
+        if config.topology == Topology::Central {
+            self.add(
                 "csinodes",
                 signals("csinodes", Api::<CSINode>::all(client.clone()), |e| {
                     Signal::CsiNode(Box::new(e))
                 }),
             );
             let (keys, kept) = watch::channel(None);
-            inputs.add("nodes", node_labels(client.clone(), kept));
-            inputs.node_keys = Some(keys);
+            self.add("nodes", node_labels(client.clone(), kept));
+            self.node_keys = Some(keys);
         }
-        inputs
     }
 
     fn add(&mut self, source: &'static str, signals: BoxStream<'static, Signal>) {
         self.required.insert(source);
         self.streams.push(signals);
     }
+}
+
+/// A watch of the CSIStorageCapacity objects in volplane's namespace that
+/// `selector` selects.
+fn objects(
+    client: &kube::Client,
+    config: &CapacityConfig,
+    selector: &str,
+    source: &'static str,
+    signal: fn(Event<CapacityObject>) -> Signal,
+) -> BoxStream<'static, Signal> {
+    let api: Api<CapacityObject> = Api::namespaced(client.clone(), &config.identity.namespace);
+    relisting(api, watcher::Config::default().labels(selector))
+        .map(move |event| match event {
+            Ok(event) => signal(event),
+            Err(error) => failed(source, &error),
+        })
+        .boxed()
 }
 
 fn failed(source: &'static str, error: &watcher::Error) -> Signal {

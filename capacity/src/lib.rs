@@ -6,9 +6,11 @@
 //! - [`topology`]: pure — central mode's segments, updated event by event.
 //! - [`adopt`]: pure — when csi-provisioner's objects may be taken over.
 //! - [`reconcile`]: the I/O — the loop over the watches (`inputs`), GetCapacity, writes, events, metrics.
+//! - `config`: what the controller is told up front ([`CapacityConfig`]).
 //! - [`owner`]: resolves `--capacity-owner` to an owner reference.
 
 pub mod adopt;
+mod config;
 mod error;
 mod inputs;
 pub mod metrics;

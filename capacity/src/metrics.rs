@@ -53,50 +53,7 @@ impl CapacityMetrics {
             relisting: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("capacity");
-        let gauges = [
-            (
-                "objects_desired",
-                "CSIStorageCapacity objects that should exist",
-                &metrics.desired,
-            ),
-            (
-                "objects_current",
-                "CSIStorageCapacity objects that exist for a desired item",
-                &metrics.current,
-            ),
-            (
-                "objects_obsolete",
-                "CSIStorageCapacity objects being deleted (duplicates, gone segments or classes)",
-                &metrics.obsolete,
-            ),
-            ("queue_depth", "work items waiting or running", &metrics.queue_depth),
-            (
-                "enabled",
-                "1 while capacity is tracked for the driver (CSIDriver spec.storageCapacity, or --capacity-enablement always)",
-                &metrics.enabled,
-            ),
-            (
-                "incumbent_objects",
-                "csi-provisioner's CSIStorageCapacity objects of the driver not adopted yet (--capacity-adopt)",
-                &metrics.incumbent_objects,
-            ),
-            (
-                "incumbent_running",
-                "1 while csi-provisioner still maintains its objects (it re-created one volplane adopted): they are left alone",
-                &metrics.incumbent_running,
-            ),
-            (
-                "foreign_objects",
-                "CSIStorageCapacity objects of the driver that neither volplane nor csi-provisioner maintains (central mode): reported, never touched",
-                &metrics.foreign_objects,
-            ),
-            (
-                "watches_relisting",
-                "watches listing again after an error or a 410 Gone: no write and no GetCapacity call until they end",
-                &metrics.relisting,
-            ),
-        ];
-        for (name, help, gauge) in gauges {
+        for (name, help, gauge) in metrics.gauges() {
             sub.register(name, help, gauge.clone());
         }
         sub.register(
@@ -110,6 +67,53 @@ impl CapacityMetrics {
             metrics.api_writes.clone(),
         );
         metrics
+    }
+
+    /// Every gauge with its name and help.
+    fn gauges(&self) -> [(&'static str, &'static str, &Gauge); 9] {
+        [
+            (
+                "objects_desired",
+                "CSIStorageCapacity objects that should exist",
+                &self.desired,
+            ),
+            (
+                "objects_current",
+                "CSIStorageCapacity objects that exist for a desired item",
+                &self.current,
+            ),
+            (
+                "objects_obsolete",
+                "CSIStorageCapacity objects being deleted (duplicates, gone segments or classes)",
+                &self.obsolete,
+            ),
+            ("queue_depth", "work items waiting or running", &self.queue_depth),
+            (
+                "enabled",
+                "1 while capacity is tracked for the driver (CSIDriver spec.storageCapacity, or --capacity-enablement always)",
+                &self.enabled,
+            ),
+            (
+                "incumbent_objects",
+                "csi-provisioner's CSIStorageCapacity objects of the driver not adopted yet (--capacity-adopt)",
+                &self.incumbent_objects,
+            ),
+            (
+                "incumbent_running",
+                "1 while csi-provisioner still maintains its objects (it re-created one volplane adopted): they are left alone",
+                &self.incumbent_running,
+            ),
+            (
+                "foreign_objects",
+                "CSIStorageCapacity objects of the driver that neither volplane nor csi-provisioner maintains (central mode): reported, never touched",
+                &self.foreign_objects,
+            ),
+            (
+                "watches_relisting",
+                "watches listing again after an error or a 410 Gone: no write and no GetCapacity call until they end",
+                &self.relisting,
+            ),
+        ]
     }
 
     /// Counts one API write.

@@ -1,0 +1,239 @@
+//! Segments and classes as the loop follows them: Node and CSINode
+//! events update the topology index (a node that disappears takes its
+//! segment's items with it), StorageClasses and the CSIDriver switch items
+//! and tracking on or off.
+
+use super::*;
+
+impl LoopState {
+    pub(super) fn index(&mut self) -> Option<&mut TopologyIndex> {
+        match &mut self.segments {
+            Segments::Central(index) => Some(index),
+            Segments::Fixed(_) => None,
+        }
+    }
+
+    pub(super) fn on_node(&mut self, event: Event<NodeLabels>) {
+        let applied = match event {
+            Event::Init => {
+                self.nodes_relist.start();
+                return;
+            }
+            Event::InitApply(node) => {
+                self.nodes_relist.saw(&node.name);
+                self.apply_node(node)
+            }
+            Event::Apply(node) => self.apply_node(node),
+            Event::Delete(node) => self.index().map(|index| index.delete_node(&node.name)),
+            Event::InitDone => {
+                let gone = match &mut self.segments {
+                    Segments::Central(index) => self.nodes_relist.gone(index.node_names()),
+                    Segments::Fixed(_) => Vec::new(),
+                };
+                for name in gone {
+                    let applied = self.index().map(|index| index.delete_node(&name));
+                    self.segments_changed(applied);
+                }
+                self.synced_sources.insert("nodes");
+                self.try_initial_sync();
+                return;
+            }
+        };
+        self.segments_changed(applied);
+    }
+
+    pub(super) fn apply_node(&mut self, node: NodeLabels) -> Option<Applied> {
+        self.index()
+            .map(|index| index.apply_node(&node.name, node.labels, node.kept))
+    }
+
+    pub(super) fn on_csinode(&mut self, event: Event<k8s_openapi::api::storage::v1::CSINode>) {
+        let applied = match event {
+            Event::Init => {
+                self.csinodes_relist.start();
+                return;
+            }
+            Event::InitApply(csinode) => {
+                self.csinodes_relist
+                    .saw(csinode.metadata.name.as_deref().unwrap_or_default());
+                self.index().map(|index| index.apply_csinode(&csinode))
+            }
+            Event::Apply(csinode) => self.index().map(|index| index.apply_csinode(&csinode)),
+            Event::Delete(csinode) => {
+                let name = csinode.metadata.name.unwrap_or_default();
+                self.index().map(|index| index.delete_csinode(&name))
+            }
+            Event::InitDone => {
+                let gone = match &mut self.segments {
+                    Segments::Central(index) => self.csinodes_relist.gone(index.csinode_names()),
+                    Segments::Fixed(_) => Vec::new(),
+                };
+                for name in gone {
+                    let applied = self.index().map(|index| index.delete_csinode(&name));
+                    self.segments_changed(applied);
+                }
+                if self.synced_sources.insert("csinodes") {
+                    // The keys are known: the Node watch can start.
+                    self.restart_node_watch();
+                }
+                self.try_initial_sync();
+                return;
+            }
+        };
+        if applied.as_ref().is_some_and(|a| a.nodes_stale) && self.synced_sources.contains("csinodes") {
+            info!("a CSINode names a new topology key; listing the Nodes again");
+            self.restart_node_watch();
+        }
+        self.segments_changed(applied);
+    }
+
+    pub(super) fn restart_node_watch(&mut self) {
+        let keys = match &self.segments {
+            Segments::Central(index) => index.keys(),
+            Segments::Fixed(_) => return,
+        };
+        if let Some(sender) = &self.node_keys {
+            sender.send_replace(Some(keys));
+        }
+    }
+
+    /// Segments came or went: their items are scheduled or dropped.
+    pub(super) fn segments_changed(&mut self, applied: Option<Applied>) {
+        let Some(applied) = applied else {
+            return;
+        };
+        if !self.synced {
+            return;
+        }
+        let now = Instant::now();
+        let classes: Vec<Arc<str>> = self.classes.keys().cloned().collect();
+        for segment in applied.removed {
+            for class in &classes {
+                self.drop_item(WorkItem {
+                    segment: segment.clone(),
+                    class: class.clone(),
+                });
+            }
+        }
+        for segment in applied.added {
+            for class in &classes {
+                let item = WorkItem {
+                    segment: segment.clone(),
+                    class: class.clone(),
+                };
+                debug!(%item, "new work item");
+                self.queue.schedule(item, now);
+            }
+        }
+    }
+
+    /// An item is no longer desired: its work stops and its object goes.
+    pub(super) fn drop_item(&mut self, item: WorkItem) {
+        debug!(%item, "work item gone");
+        self.queue.forget(&item);
+        self.last_warning.remove(&item);
+        self.oversized.remove(&item);
+        self.published.unseen.remove(&item);
+        self.published.deferred.remove(&item);
+        if let Some(name) = self.published.objects.remove(&item) {
+            self.delete(&name);
+        }
+    }
+
+    /// Follows the enablement switch: says so once per change (log, metric,
+    /// events on the owner and the CSIDriver), and returns whether to publish.
+    pub(super) fn follow_tracking(&mut self) -> bool {
+        let csidriver = self
+            .driver_store
+            .as_ref()
+            .and_then(|store| store.state().into_iter().next());
+        let tracking = model::tracking(self.config.enablement, csidriver.as_deref());
+        if self.tracking == Some(tracking) {
+            return tracking.enabled();
+        }
+        let first = self.tracking.is_none();
+        self.tracking = Some(tracking);
+        self.metrics.enabled.set(i64::from(tracking.enabled()));
+        let explanation = tracking.explanation(&self.config.driver);
+        if tracking.enabled() {
+            info!(enablement = ?self.config.enablement, "{explanation}");
+        } else {
+            warn!(enablement = ?self.config.enablement, "{explanation}");
+        }
+        // Turning on at startup is the normal case: no event for it.
+        if first && tracking.enabled() {
+            return true;
+        }
+        let type_ = if tracking.enabled() {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        let announcement = Announcement::new(type_, tracking.reason(), "Enablement", explanation);
+        let on_driver = csidriver.map(|object| object.object_ref(&()));
+        events::publish_in_background(
+            &self.recorder,
+            &self.leadership,
+            &announcement,
+            self.config.event_target.clone().into_iter().chain(on_driver),
+        );
+        tracking.enabled()
+    }
+
+    /// Follows the StorageClasses and the enablement switch: items of new
+    /// classes are scheduled, items of classes gone (or of every class,
+    /// when tracking is switched off) are dropped with their objects.
+    pub(super) fn follow_classes(&mut self) {
+        let tracked = self.follow_tracking();
+        let mut classes: BTreeMap<Arc<str>, Arc<Labels>> = BTreeMap::new();
+        if tracked {
+            for class in self.class_store.state() {
+                let (Some(name), Some(parameters)) = (
+                    class.metadata.name.as_deref(),
+                    model::capacity_parameters(&class, &self.config.driver, self.config.include_immediate),
+                ) else {
+                    continue;
+                };
+                // Keep the shared copies the items already hold.
+                let name = self
+                    .classes
+                    .get_key_value(name)
+                    .map_or_else(|| Arc::from(name), |(known, _)| known.clone());
+                classes.insert(name, Arc::new(parameters));
+            }
+        }
+        let removed: Vec<Arc<str>> = self
+            .classes
+            .keys()
+            .filter(|c| !classes.contains_key(*c))
+            .cloned()
+            .collect();
+        let added: Vec<Arc<str>> = classes
+            .keys()
+            .filter(|c| !self.classes.contains_key(*c))
+            .cloned()
+            .collect();
+        self.classes = classes;
+        let segments: Vec<Segment> = self.segments.iter().cloned().collect();
+        for class in removed {
+            for segment in &segments {
+                self.drop_item(WorkItem {
+                    segment: segment.clone(),
+                    class: class.clone(),
+                });
+            }
+        }
+        let now = Instant::now();
+        for class in added {
+            for segment in &segments {
+                self.queue.schedule(
+                    WorkItem {
+                        segment: segment.clone(),
+                        class: class.clone(),
+                    },
+                    now,
+                );
+            }
+        }
+    }
+}
