@@ -115,45 +115,12 @@ impl Writer {
     /// volplane's own), read from the claim's events; `None` when there is
     /// none or they cannot be read (then the announcement is made).
     async fn earlier_announcement(&self, volume: &Watched, announcement: &Announcement) -> Option<model::EarlierEvent> {
-        let events: Api<CoreEvent> = Api::namespaced(self.pvs.clone().into_client(), &volume.namespace);
-        let selector = format!(
+        let client = self.pvs.clone().into_client();
+        let about = format!(
             "involvedObject.kind=PersistentVolumeClaim,involvedObject.name={}",
             volume.claim
         );
-        let listed = match events.list(&ListParams::default().fields(&selector)).await {
-            Ok(listed) => listed.items,
-            Err(error) => {
-                debug!(claim = %volume.claim, %error, "cannot read the claim's events; announcing");
-                return None;
-            }
-        };
-        let earlier: Vec<model::EarlierEvent> = listed
-            .into_iter()
-            .filter_map(|e| {
-                let at = [
-                    e.series
-                        .as_ref()
-                        .and_then(|s| s.last_observed_time.as_ref())
-                        .map(|t| t.0),
-                    e.event_time.as_ref().map(|t| t.0),
-                    e.last_timestamp.as_ref().map(|t| t.0),
-                    e.first_timestamp.as_ref().map(|t| t.0),
-                ]
-                .into_iter()
-                .flatten()
-                .max()?;
-                Some(model::EarlierEvent {
-                    reason: e.reason?,
-                    message: e.message.unwrap_or_default(),
-                    at: SystemTime::from(at),
-                    by: e
-                        .reporting_component
-                        .filter(|c| !c.is_empty())
-                        .or_else(|| e.source.and_then(|s| s.component))
-                        .unwrap_or_default(),
-                })
-            })
-            .collect();
+        let earlier = earlier_events(&client, &volume.namespace, &about, None).await?;
         model::already_announced(announcement, &earlier, SystemTime::now()).cloned()
     }
 
@@ -269,4 +236,54 @@ impl Writer {
             warn!(%error, pv = %volume.pv, "cannot record the node failure on the PV");
         }
     }
+}
+
+/// The events about one object (`about`: a field selector on
+/// `involvedObject`; `uid`: only those of this very object) in
+/// `namespace`, as [`model::EarlierEvent`]s; `None` when they cannot be
+/// read (the caller announces then).
+pub(crate) async fn earlier_events(
+    client: &kube::Client,
+    namespace: &str,
+    about: &str,
+    uid: Option<&str>,
+) -> Option<Vec<model::EarlierEvent>> {
+    let events: Api<CoreEvent> = Api::namespaced(client.clone(), namespace);
+    let listed = match events.list(&ListParams::default().fields(about)).await {
+        Ok(listed) => listed.items,
+        Err(error) => {
+            debug!(%namespace, %about, %error, "cannot read earlier events; announcing");
+            return None;
+        }
+    };
+    let listed = listed
+        .into_iter()
+        .filter(|e| uid.is_none_or(|uid| e.involved_object.uid.as_deref() == Some(uid)));
+    let earlier: Vec<model::EarlierEvent> = listed
+        .filter_map(|e| {
+            let at = [
+                e.series
+                    .as_ref()
+                    .and_then(|s| s.last_observed_time.as_ref())
+                    .map(|t| t.0),
+                e.event_time.as_ref().map(|t| t.0),
+                e.last_timestamp.as_ref().map(|t| t.0),
+                e.first_timestamp.as_ref().map(|t| t.0),
+            ]
+            .into_iter()
+            .flatten()
+            .max()?;
+            Some(model::EarlierEvent {
+                reason: e.reason?,
+                message: e.message.unwrap_or_default(),
+                at: SystemTime::from(at),
+                by: e
+                    .reporting_component
+                    .filter(|c| !c.is_empty())
+                    .or_else(|| e.source.and_then(|s| s.component))
+                    .unwrap_or_default(),
+            })
+        })
+        .collect();
+    Some(earlier)
 }

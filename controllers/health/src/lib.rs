@@ -10,6 +10,7 @@ mod monitor;
 mod node;
 mod node_watcher;
 pub mod plan;
+mod pods;
 mod volumes;
 
 pub use metrics::HealthMetrics;

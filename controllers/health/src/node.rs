@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -17,19 +17,20 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use volplane_csi::CsiClient;
 use volplane_csi::csi::v1 as pb;
 use volplane_runtime::events;
-use volplane_runtime::{Leadership, Readiness};
+use volplane_runtime::relist::relisting;
+use volplane_runtime::{Fed, Feed, Leadership, Readiness};
 
+use crate::calls;
 use crate::metrics::{HealthMetrics, claim_labels};
 use crate::model::{self, Condition, Watched};
+use crate::pods::Pods;
 
 /// Settings of the node side.
 #[derive(Clone, Debug)]
@@ -94,7 +95,7 @@ impl NodeHealthAgent {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let config = self.config.clone();
         let on_this_node = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node));
-        let (pods, pods_ready, pod_watch) = cached(Api::all(self.client.clone()), on_this_node, model::trim_pod);
+        let (pods, pods_ready, pod_watch) = node_pods(Api::all(self.client.clone()), on_this_node);
         let watches = tokio::spawn(pod_watch);
         let ready = self.ready;
         let recorder = Recorder::new(
@@ -116,6 +117,7 @@ impl NodeHealthAgent {
         info!(node = %config.node, driver = %config.driver, interval = ?config.interval, "node health agent synced");
 
         let mut round = Round {
+            client: self.client.clone(),
             config: config.clone(),
             csi: self.csi.clone(),
             metrics: self.metrics.clone(),
@@ -133,7 +135,15 @@ impl NodeHealthAgent {
                 _ = ticker.tick() => {
                     tokio::select! {
                         () = &mut shutdown => break,
-                        () = async { round.run(volumes.published(&pods).await).await } => {}
+                        () = async {
+                            // Not while the pods are being re-listed: a pod
+                            // deleted meanwhile would still look mounted.
+                            let Some(pods) = pods.current() else {
+                                debug!("this node's pods are being re-listed; the round waits for the next tick");
+                                return;
+                            };
+                            round.run(volumes.published(&pods).await).await;
+                        } => {}
                     }
                 }
             }
@@ -143,38 +153,46 @@ impl NodeHealthAgent {
     }
 }
 
-/// A cache of `K`, each object trimmed by `trim`; the flag its first list
-/// raises; and the future that keeps it filled.
-fn cached<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    trim: fn(K) -> K,
-) -> (Store<K>, watch::Receiver<bool>, BoxFuture<'static, ()>)
-where
-    K: kube::Resource
-        + Clone
-        + Default
-        + k8s_openapi::serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store::<K>();
+/// This node's pods that mount claims: an index fed by their watch, read
+/// only while it is a complete view.
+#[derive(Clone)]
+struct NodePods(Arc<Mutex<(Feed, Pods)>>);
+
+impl NodePods {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new((Feed::new("pods"), Pods::default()))))
+    }
+
+    /// The pods, unless a list is under way (or none has ended yet).
+    fn current(&self) -> Option<Vec<Pod>> {
+        let guard = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (feed, pods) = &*guard;
+        feed.is_current().then(|| pods.all().cloned().collect())
+    }
+}
+
+/// The index of this node's pods, the flag its first list raises, and the
+/// future that keeps it filled.
+fn node_pods(api: Api<Pod>, config: watcher::Config) -> (NodePods, watch::Receiver<bool>, BoxFuture<'static, ()>) {
+    let pods = NodePods::new();
     let (listed, ready) = watch::channel(false);
-    let filling = watcher::watcher(api, config)
-        .default_backoff()
-        .modify(move |object| *object = trim(std::mem::take(object)))
-        .reflect(writer)
+    let index = pods.clone();
+    let filling = relisting(api, config)
         .for_each(move |event| {
-            if matches!(event, Ok(Event::InitDone)) {
-                listed.send_replace(true);
+            match event {
+                Ok(event) => {
+                    let mut guard = index.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let (feed, pods) = &mut *guard;
+                    if matches!(feed.feed(event, pods), Fed::Listed { .. }) {
+                        listed.send_replace(true);
+                    }
+                }
+                Err(error) => warn!(%error, "pod watch failed; listing again"),
             }
             async {}
         })
         .boxed();
-    (store, ready, filling)
+    (pods, ready, filling)
 }
 
 /// A pod's claim: (pod UID, namespace, claim name).
@@ -200,13 +218,14 @@ impl Volumes {
     }
 
     /// The volumes of this driver that pods on this node use, by PV name.
-    async fn published(&mut self, pods: &Store<Pod>) -> BTreeMap<String, Published> {
+    async fn published(&mut self, pods: &[Pod]) -> BTreeMap<String, Published> {
         let node = self.config.node.as_str();
         let pods: Vec<Arc<Pod>> = pods
-            .state()
-            .into_iter()
+            .iter()
             .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
             .filter(|pod| pod.metadata.uid.is_some())
+            .cloned()
+            .map(Arc::new)
             .collect();
         let keys: Vec<(Arc<Pod>, ClaimKey)> = pods
             .iter()
@@ -217,28 +236,7 @@ impl Volumes {
                     .map(move |(namespace, claim)| (pod.clone(), (uid.clone(), namespace, claim)))
             })
             .collect();
-        let wanted: HashSet<&ClaimKey> = keys.iter().map(|(_, key)| key).collect();
-        self.known.retain(|key, _| wanted.contains(key));
-        let missing: Vec<ClaimKey> = keys
-            .iter()
-            .map(|(_, key)| key)
-            .filter(|key| !self.known.contains_key(*key))
-            .cloned()
-            .collect();
-        let this = &*self;
-        let found: Vec<(ClaimKey, Option<Option<Watched>>)> = futures::stream::iter(missing)
-            .map(|key| async move {
-                let found = this.look_up(&key.1, &key.2).await;
-                (key, found)
-            })
-            .buffer_unordered(self.config.workers.max(1))
-            .collect()
-            .await;
-        for (key, found) in found {
-            if let Some(found) = found {
-                self.known.insert(key, found);
-            }
-        }
+        self.learn(&keys).await;
         let mut out: BTreeMap<String, Published> = BTreeMap::new();
         for (pod, key) in &keys {
             let Some(Some(volume)) = self.known.get(key) else {
@@ -262,6 +260,33 @@ impl Volumes {
                 .push((reference, path));
         }
         out
+    }
+
+    /// Keeps what is known of the claims in `keys` (forgetting the others)
+    /// and looks up those not known yet.
+    async fn learn(&mut self, keys: &[(Arc<Pod>, ClaimKey)]) {
+        let wanted: HashSet<&ClaimKey> = keys.iter().map(|(_, key)| key).collect();
+        self.known.retain(|key, _| wanted.contains(key));
+        let missing: Vec<ClaimKey> = keys
+            .iter()
+            .map(|(_, key)| key)
+            .filter(|key| !self.known.contains_key(*key))
+            .cloned()
+            .collect();
+        let this = &*self;
+        let found: Vec<(ClaimKey, Option<Option<Watched>>)> = futures::stream::iter(missing)
+            .map(|key| async move {
+                let found = this.look_up(&key.1, &key.2).await;
+                (key, found)
+            })
+            .buffer_unordered(self.config.workers.max(1))
+            .collect()
+            .await;
+        for (key, found) in found {
+            if let Some(found) = found {
+                self.known.insert(key, found);
+            }
+        }
     }
 
     /// The volume behind claim `namespace/name`: `Some(Some(_))` a bound
@@ -301,6 +326,7 @@ impl Volumes {
 
 /// One round's bookkeeping, kept between rounds.
 struct Round {
+    client: kube::Client,
     config: Arc<NodeHealthConfig>,
     csi: CsiClient,
     metrics: Arc<HealthMetrics>,
@@ -376,9 +402,15 @@ impl Round {
             .node_abnormal
             .get_or_create(&claim_labels(namespace, claim))
             .set(i64::from(reported.abnormal));
+        self.announce(volume, &condition).await;
+    }
+
+    /// Announces a changed condition of `volume` to each pod using it, once.
+    async fn announce(&mut self, volume: &Published, condition: &Condition) {
+        let (namespace, claim) = (&volume.volume.namespace, &volume.volume.claim);
         for (pod, _) in &volume.pods {
             let key = (pod.uid.clone().unwrap_or_default(), volume.volume.pv.clone());
-            let Some(announcement) = model::announcement(self.conditions.get(&key), &condition) else {
+            let Some(announcement) = model::announcement(self.conditions.get(&key), condition) else {
                 continue;
             };
             let type_ = if announcement.warning {
@@ -391,6 +423,16 @@ impl Round {
                 "volume {} (PVC {namespace}/{claim}): {}",
                 volume.volume.pv, announcement.note
             );
+            let remembered = self.conditions.contains_key(&key);
+            let announcement = model::Announcement { note, ..announcement };
+            if !remembered && self.announced_before(pod, &announcement).await {
+                // A restart or a replaced pod of this DaemonSet: announced already.
+                info!(pod = ?pod.name, pv = %volume.volume.pv, reason = announcement.reason,
+                      "already announced within the hour; not again");
+                self.conditions.insert(key, condition.clone());
+                continue;
+            }
+            let note = announcement.note.clone();
             let event = events::Announcement::new(type_, announcement.reason, "CheckVolumeHealth", note);
             // Every node's agent writes for its own node: no election.
             match events::publish(&self.recorder, &Leadership::unconditional(), &event, pod).await {
@@ -404,6 +446,20 @@ impl Round {
                 Err(error) => warn!(%error, pod = ?pod.name, "cannot publish event; the next round retries"),
             }
         }
+    }
+
+    /// Whether the pod's latest condition event within the hour already says
+    /// what `announcement` would (volplane's own before a restart, the
+    /// DaemonSet pod it replaced, or external-health-monitor's).
+    async fn announced_before(&self, pod: &ObjectReference, announcement: &model::Announcement) -> bool {
+        let (Some(namespace), Some(name)) = (pod.namespace.as_deref(), pod.name.as_deref()) else {
+            return false;
+        };
+        let about = format!("involvedObject.kind=Pod,involvedObject.name={name}");
+        let Some(earlier) = calls::earlier_events(&self.client, namespace, &about, pod.uid.as_deref()).await else {
+            return false;
+        };
+        model::already_announced(announcement, &earlier, std::time::SystemTime::now()).is_some()
     }
 
     /// The volume's bytes and inodes (used, available, total) as gauges.

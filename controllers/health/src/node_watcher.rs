@@ -8,12 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use tokio::time::Instant;
 use tracing::{info, warn};
 use volplane_runtime::{Feed, Index, ObjectKey};
 
 use crate::model::{self, NodeVerdict, Watched};
+use crate::pods::Pods;
 use crate::volumes::Volumes;
 
 /// How long node and pod changes gather before the node watcher looks.
@@ -46,35 +47,6 @@ impl Index<Node> for Nodes {
 
     fn keys(&self) -> Vec<ObjectKey> {
         self.0.keys().map(ObjectKey::cluster).collect()
-    }
-}
-
-/// The pods that mount claims, trimmed to their node and volumes.
-#[derive(Default)]
-pub(crate) struct Pods(BTreeMap<ObjectKey, Pod>);
-
-impl Index<Pod> for Pods {
-    fn apply(&mut self, pod: Pod) {
-        let Some(key) = ObjectKey::of(&pod) else { return };
-        let pod = model::trim_pod(pod);
-        let mounts_claims = pod
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.volumes.as_ref())
-            .is_some_and(|volumes| !volumes.is_empty());
-        if mounts_claims {
-            self.0.insert(key, pod);
-        } else {
-            self.0.remove(&key);
-        }
-    }
-
-    fn delete(&mut self, key: &ObjectKey) {
-        self.0.remove(key);
-    }
-
-    fn keys(&self) -> Vec<ObjectKey> {
-        self.0.keys().cloned().collect()
     }
 }
 
@@ -206,7 +178,7 @@ impl NodeWatcher {
             .all()
             .map(|w| ((w.namespace.clone(), w.claim.clone()), w.clone()))
             .collect();
-        let on_node = model::volumes_on_node(&node, self.pods.0.values(), &by_claim);
+        let on_node = model::volumes_on_node(&node, self.pods.all(), &by_claim);
         let known = self.failed.remove(&node);
         if known.is_none() {
             warn!(%node, volumes = on_node.len(), "node failed");

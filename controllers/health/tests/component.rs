@@ -791,25 +791,7 @@ async fn the_node_agent_reports_usage_and_warns_each_pod_once_per_change() {
     pod_on(&h.client, "a", "n1", &["claim-0"]).await;
     pod_on(&h.client, "b", "n1", &["claim-0", "claim-1"]).await;
     pod_on(&h.client, "elsewhere", "n2", &["claim-1"]).await;
-    let agent = NodeHealthAgent::new(
-        h.client.clone(),
-        h.driver.client(Duration::from_secs(2)),
-        NodeHealthConfig {
-            driver: DRIVER.into(),
-            node: "n1".into(),
-            kubelet_dir: "/var/lib/kubelet".into(),
-            interval: Duration::from_millis(100),
-            workers: 4,
-            conditions: true,
-            instance: "n1".into(),
-        },
-        h.metrics.clone(),
-    );
-    let mut ready = agent.readiness();
-    let running = Background::spawn(|shutdown| agent.run(shutdown));
-    within(Duration::from_secs(20), ready.wait_for(|r| *r))
-        .await
-        .expect("ready");
+    let running = start_node_agent(&h).await;
     eventually(Duration::from_secs(10), "usage metrics", || {
         let text = h.metrics_text();
         text.contains(
@@ -847,5 +829,44 @@ async fn the_node_agent_reports_usage_and_warns_each_pod_once_per_change() {
         h.metrics_text()
             .contains("volplane_health_node_volume_abnormal{namespace=\"apps\",persistentvolumeclaim=\"claim-0\"} 1")
     );
+
+    // The DaemonSet's pod is replaced (a rollout): the new agent remembers
+    // what the pods' events say and announces nothing again...
     running.stop(Duration::from_secs(10)).await;
+    let running = start_node_agent(&h).await;
+    let before = h.driver.count(CsiMethod::NodeGetVolumeStats);
+    eventually(Duration::from_secs(10), "rounds of the new agent", || {
+        h.driver.count(CsiMethod::NodeGetVolumeStats) >= before + 6
+    })
+    .await;
+    assert_eq!(h.count_events(REASON_ABNORMAL).await, 2, "{:#?}", h.events().await);
+    // ...but the next change, once per pod.
+    h.driver.put_volume("h-pv-0", healthy());
+    h.wait_for_events("a recovery on each pod", REASON_NORMAL, 2).await;
+    assert_eq!(h.count_events(REASON_ABNORMAL).await, 2, "{:#?}", h.events().await);
+    running.stop(Duration::from_secs(10)).await;
+}
+
+/// A node agent for node n1, ready.
+async fn start_node_agent(h: &Harness) -> Background<()> {
+    let agent = NodeHealthAgent::new(
+        h.client.clone(),
+        h.driver.client(Duration::from_secs(2)),
+        NodeHealthConfig {
+            driver: DRIVER.into(),
+            node: "n1".into(),
+            kubelet_dir: "/var/lib/kubelet".into(),
+            interval: Duration::from_millis(100),
+            workers: 4,
+            conditions: true,
+            instance: "n1".into(),
+        },
+        h.metrics.clone(),
+    );
+    let mut ready = agent.readiness();
+    let running = Background::spawn(|shutdown| agent.run(shutdown));
+    within(Duration::from_secs(20), ready.wait_for(|r| *r))
+        .await
+        .expect("ready");
+    running
 }

@@ -336,7 +336,16 @@ fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> An
         None => {
             let (labels, fields) = selectors(query)?;
             let store = lock(&shared.store);
-            let items = store.list(target.kind, target.namespace.as_deref(), &labels, &fields);
+            let mut items = store.list(target.kind, target.namespace.as_deref(), &labels, &fields);
+            if (rk.group, rk.plural) == ("", "events")
+                && let Some(new_kind) = find("events.k8s.io", "v1", "events")
+            {
+                // One object, two APIs, as on the real API server: events
+                // written through events.k8s.io/v1 are read here too.
+                let all = FieldSelector::default();
+                let written = store.list(new_kind, target.namespace.as_deref(), &labels, &all);
+                items.extend(written.iter().map(core_event).filter(|e| fields.matches(e)));
+            }
             (store.revision(), items, None)
         }
     };
@@ -357,6 +366,29 @@ fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> An
         StatusCode::OK,
         json!({"kind": format!("{}List", rk.kind), "apiVersion": rk.api_version(), "metadata": metadata, "items": items}),
     ))
+}
+
+/// An events.k8s.io/v1 Event as core/v1 shows it.
+fn core_event(event: &Value) -> Value {
+    let regarding = &event["regarding"];
+    let series = event
+        .get("series")
+        .filter(|s| !s.is_null())
+        .map(|series| json!({"count": series["count"], "lastObservedTime": series["lastObservedTime"]}));
+    json!({
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": event["metadata"],
+        "involvedObject": regarding,
+        "reason": event["reason"],
+        "message": event["note"],
+        "type": event["type"],
+        "eventTime": event["eventTime"],
+        "series": series,
+        "reportingComponent": event["reportingController"],
+        "reportingInstance": event["reportingInstance"],
+        "action": event["action"],
+    })
 }
 
 /// The rest of a list a `continue` token stands for: its snapshot's

@@ -131,6 +131,7 @@ const SUPPORTED_FIELDS: &[&str] = &[
     "spec.nodeName",
     "status.phase",
     "spec.volumeName",
+    "involvedObject.kind",
     "involvedObject.name",
     "involvedObject.uid",
     "regarding.name",
