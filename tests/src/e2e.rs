@@ -16,6 +16,13 @@
 //!   `ephemeral-volume-controller` (volplane's is under test);
 //! - kube-scheduler runs with defaults.
 //!
+//! A test can cut clients off from the API server while the cluster goes
+//! on: [`ControlPlane::start_second_api_server`] runs a second
+//! kube-apiserver on the same etcd (see [`ControlPlane::second_client`]),
+//! [`ControlPlane::kill_api_server`] kills the first with SIGKILL and
+//! [`ControlPlane::restart_api_server`] brings it back on its old port with
+//! its old certificate, so every client and kubeconfig of it reconnects.
+//!
 //! Every process is a [`Process`]: it dies with the test, also when the test
 //! binary is killed. A watchdog fails every wait of the test at once, with
 //! the tail of its log, when one of them exits. Everything is stopped and the
@@ -34,8 +41,8 @@ use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex as SyncMutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex as SyncMutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -67,8 +74,20 @@ pub fn bin_dir() -> PathBuf {
 /// How often [`ControlPlane::start_with`] tries when a port was taken.
 const START_ATTEMPTS: u32 = 3;
 
+/// How long a kube-apiserver may take to answer `/readyz` with `ok`.
+const API_SERVER_READY_LIMIT: Duration = Duration::from_secs(90);
+
+/// How long [`ControlPlane::restart_api_server`] tries again while another
+/// process holds the first API server's port.
+const PORT_RETAKE_LIMIT: Duration = Duration::from_secs(30);
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Whether `error` says a component could not bind its port.
+fn port_taken(error: &anyhow::Error) -> bool {
+    format!("{error:#}").contains("address already in use")
 }
 
 /// `name` in `bin_dir`, else on `PATH`.
@@ -171,16 +190,21 @@ impl Processes {
         });
     }
 
+    /// Takes process `name` out of the watched set: the watchdog, which
+    /// looks only at the set, then takes its exit for no failure.
+    fn take(&self, name: &str) -> Option<Process> {
+        let mut list = self.list.lock().ok()?;
+        let index = list.iter().position(|p| p.name() == name)?;
+        Some(list.remove(index))
+    }
+
     /// Takes process `name` out of the watched set (its exit is then no
     /// failure) and kills it.
     pub(crate) fn stop_one(&self, name: &str) -> bool {
-        let Ok(mut list) = self.list.lock() else {
+        let Some(mut process) = self.take(name) else {
             return false;
         };
-        let Some(index) = list.iter().position(|p| p.name() == name) else {
-            return false;
-        };
-        list.remove(index).kill();
+        process.kill();
         true
     }
 
@@ -204,7 +228,65 @@ pub struct ControlPlane {
     token: String,
     kubeconfig: PathBuf,
     client: kube::Client,
+    /// What every kube-apiserver of this plane is started with (set once etcd runs).
+    api_setup: Option<ApiServerSetup>,
+    /// The second kube-apiserver, once [`ControlPlane::start_second_api_server`] started it.
+    second: OnceLock<SecondApiServer>,
+    /// Whether a start of the second kube-apiserver is under way or done.
+    second_claimed: AtomicBool,
+    /// How often the first kube-apiserver was restarted (names its old logs).
+    api_server_restarts: AtomicU32,
     _turn: MutexGuard<'static, ()>,
+}
+
+/// One of the control plane's kube-apiservers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ApiServer {
+    /// The one [`ControlPlane::url`] names, which every component uses.
+    First,
+    /// The one [`ControlPlane::start_second_api_server`] adds.
+    Second,
+}
+
+impl ApiServer {
+    /// Its process name, which also names its log.
+    fn name(self) -> &'static str {
+        match self {
+            Self::First => "kube-apiserver",
+            Self::Second => "kube-apiserver-2",
+        }
+    }
+
+    /// Its `--cert-dir`, in the control plane's directory.
+    fn cert_dir(self) -> &'static str {
+        match self {
+            Self::First => "apiserver-certs",
+            Self::Second => "apiserver-2-certs",
+        }
+    }
+
+    /// Its audit log, in the control plane's directory.
+    fn audit_log(self) -> &'static str {
+        match self {
+            Self::First => "audit.log",
+            Self::Second => "audit-2.log",
+        }
+    }
+}
+
+/// The inputs of [`ControlPlane::api_server_args`].
+#[derive(Debug, Clone)]
+struct ApiServerSetup {
+    etcd_url: String,
+    keys: Credentials,
+    options: Options,
+}
+
+/// The second kube-apiserver's address and admin access.
+struct SecondApiServer {
+    url: String,
+    kubeconfig: PathBuf,
+    client: kube::Client,
 }
 
 impl ControlPlane {
@@ -222,7 +304,7 @@ impl ControlPlane {
         let mut attempt = 1;
         loop {
             match Self::start_once(bin_dir, options.clone()).await {
-                Err(error) if attempt < START_ATTEMPTS && format!("{error:#}").contains("address already in use") => {
+                Err(error) if attempt < START_ATTEMPTS && port_taken(&error) => {
                     eprintln!("e2e: a port was taken before the control plane bound it; starting again on new ports");
                     attempt += 1;
                 }
@@ -254,12 +336,25 @@ impl ControlPlane {
             token,
             kubeconfig,
             client: client_for(&root.join("kubeconfig")).await?,
+            api_setup: None,
+            second: OnceLock::new(),
+            second_claimed: AtomicBool::new(false),
+            api_server_restarts: AtomicU32::new(0),
             _turn: turn,
         };
         let keys = plane.write_credentials()?;
         let etcd_url = plane.start_etcd()?;
-        plane.start_api_server(&etcd_url, api_port, &keys, &options)?;
-        plane.wait_until_ready(Duration::from_secs(90)).await?;
+        if options.audit {
+            std::fs::write(plane.audit_policy_path(), AUDIT_POLICY)?;
+        }
+        plane.api_setup = Some(ApiServerSetup {
+            etcd_url,
+            keys: keys.clone(),
+            options: options.clone(),
+        });
+        plane
+            .run_api_server(ApiServer::First, api_port, &plane.client, &plane.url)
+            .await?;
         plane.start_controller_manager(&keys, &options)?;
         plane.start_scheduler()?;
         Ok(plane)
@@ -305,62 +400,98 @@ impl ControlPlane {
         Ok(etcd_url)
     }
 
-    fn start_api_server(&self, etcd_url: &str, port: u16, keys: &Credentials, options: &Options) -> anyhow::Result<()> {
-        let mut extra_args = Vec::new();
-        if options.audit {
-            let policy = self.root().join("audit-policy.yaml");
-            std::fs::write(&policy, AUDIT_POLICY)?;
-            extra_args = vec![
-                format!("--audit-policy-file={}", policy.display()),
-                format!("--audit-log-path={}", self.audit_log_path().display()),
+    /// kube-apiserver's arguments for `server` on `port`. Both servers get
+    /// the same but for the port, the certificate directory and the audit
+    /// log, and the second leaves the `kubernetes` Service's endpoints to
+    /// the first (advertising the same address on another port, it would
+    /// rewrite them in turn with the first).
+    fn api_server_args(&self, server: ApiServer, port: u16) -> anyhow::Result<Vec<String>> {
+        let setup = self
+            .api_setup
+            .as_ref()
+            .context("kube-apiserver's arguments are asked for before etcd runs")?;
+        let keys = &setup.keys;
+        let mut args = vec![
+            format!("--etcd-servers={}", setup.etcd_url),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", self.api_server_cert_dir(server).display()),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", keys.public_key.display()),
+            format!("--service-account-signing-key-file={}", keys.signing_key.display()),
+            format!("--token-auth-file={}", keys.tokens.display()),
+            "--authorization-mode=RBAC".into(),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--allow-privileged=true".into(),
+        ];
+        if setup.options.audit {
+            args.extend([
+                format!("--audit-policy-file={}", self.audit_policy_path().display()),
+                format!("--audit-log-path={}", self.audit_log_path(server).display()),
                 "--audit-log-mode=blocking".to_string(),
-            ];
+            ]);
         }
-        if options.node {
+        if setup.options.node {
             // Pods reach it on the bridge's gateway, through the `kubernetes`
             // Service's rule (see `node`); the endpoint it advertises for that
             // Service may not be a loopback address.
-            extra_args.push("--bind-address=0.0.0.0".into());
-            extra_args.push(format!("--advertise-address={}", crate::node::GATEWAY));
+            args.push("--bind-address=0.0.0.0".into());
+            args.push(format!("--advertise-address={}", crate::node::GATEWAY));
         } else {
-            extra_args.push("--bind-address=127.0.0.1".into());
-            extra_args.push("--advertise-address=127.0.0.1".into());
+            args.push("--bind-address=127.0.0.1".into());
+            args.push("--advertise-address=127.0.0.1".into());
             // Without a kubelet nothing mounts tokens: pods need no ServiceAccount.
-            extra_args.push("--disable-admission-plugins=ServiceAccount".into());
+            args.push("--disable-admission-plugins=ServiceAccount".into());
         }
-        self.spawn(
-            "kube-apiserver",
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                format!("--secure-port={port}"),
-                format!("--cert-dir={}", self.root().join("apiserver-certs").display()),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", keys.public_key.display()),
-                format!("--service-account-signing-key-file={}", keys.signing_key.display()),
-                format!("--token-auth-file={}", keys.tokens.display()),
-                "--authorization-mode=RBAC".into(),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--allow-privileged=true".into(),
-            ]
-            .into_iter()
-            .chain(extra_args)
-            .collect::<Vec<String>>(),
-        )
+        if server == ApiServer::Second {
+            args.push("--endpoint-reconciler-type=none".into());
+        }
+        Ok(args)
     }
 
-    fn audit_log_path(&self) -> PathBuf {
-        self.root().join("audit.log")
+    /// Starts kube-apiserver `server` on `port` and waits until it answers
+    /// `/readyz` through `client` (of `url`); only then is it watched like
+    /// the other processes, so a start that fails (a port taken) fails
+    /// this call alone, with its log's tail, not every wait of the test.
+    async fn run_api_server(
+        &self,
+        server: ApiServer,
+        port: u16,
+        client: &kube::Client,
+        url: &str,
+    ) -> anyhow::Result<()> {
+        let name = server.name();
+        let binary = find_binary(&self.bin_dir, "kube-apiserver")?;
+        let args = self.api_server_args(server, port)?;
+        let mut process = Process::spawn(name, &binary, &args, self.log_path(name))?;
+        crate::wait::show_log_on_failure(name, process.log_path());
+        self.wait_until_ready(&mut process, client, url, API_SERVER_READY_LIMIT)
+            .await?;
+        self.processes.push(process);
+        Ok(())
+    }
+
+    /// The certificate directory of `server`, where it writes its self-signed serving certificate.
+    fn api_server_cert_dir(&self, server: ApiServer) -> PathBuf {
+        self.root().join(server.cert_dir())
+    }
+
+    fn audit_policy_path(&self) -> PathBuf {
+        self.root().join("audit-policy.yaml")
+    }
+
+    fn audit_log_path(&self, server: ApiServer) -> PathBuf {
+        self.root().join(server.audit_log())
     }
 
     /// Every request in the API server's audit log so far (started with
     /// [`Options::audit`]); a watch shows once its response has started.
     pub fn audit_log(&self) -> anyhow::Result<Vec<AuditRecord>> {
-        let text = std::fs::read_to_string(self.audit_log_path()).context("read the audit log")?;
-        Ok(text
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .map(|event| AuditRecord::of(&event))
-            .collect())
+        read_audit_log(&self.audit_log_path(ApiServer::First))
+    }
+
+    /// [`ControlPlane::audit_log`] of the second kube-apiserver, which writes its own.
+    pub fn second_audit_log(&self) -> anyhow::Result<Vec<AuditRecord>> {
+        read_audit_log(&self.audit_log_path(ApiServer::Second))
     }
 
     fn start_controller_manager(&self, keys: &Credentials, options: &Options) -> anyhow::Result<()> {
@@ -400,7 +531,13 @@ impl ControlPlane {
     /// The API server's self-signed serving certificate, followed by the CA
     /// that signed it (what in-cluster clients must trust).
     pub fn api_server_certificate(&self) -> PathBuf {
-        self.root().join("apiserver-certs").join("apiserver.crt")
+        self.api_server_cert_dir(ApiServer::First).join("apiserver.crt")
+    }
+
+    /// [`ControlPlane::api_server_certificate`] of the second kube-apiserver
+    /// (its own, in its own certificate directory).
+    pub fn second_api_server_certificate(&self) -> PathBuf {
+        self.api_server_cert_dir(ApiServer::Second).join("apiserver.crt")
     }
 
     /// The port the API server serves on.
@@ -520,22 +657,41 @@ impl ControlPlane {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
-    async fn wait_until_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+    /// Waits until kube-apiserver `process` (not watched yet) answers
+    /// `/readyz` at `url` with `ok` through `client`; fails when it or a
+    /// watched process exits, or after `limit`, with their logs' tails.
+    async fn wait_until_ready(
+        &self,
+        process: &mut Process,
+        client: &kube::Client,
+        url: &str,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let name = process.name().to_string();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
+            if let Some(status) = process.exited() {
+                bail!(
+                    "while starting {name}: it exited with {status}; last lines of its log:\n{}",
+                    process.log_tail(30)
+                );
+            }
             if let Some(exit) = self.processes.first_exit() {
-                bail!("while starting the control plane: {exit}");
+                bail!("while starting {name}: {exit}");
             }
             let request = http::Request::get("/readyz").body(Vec::new())?;
-            let answer = tokio::time::timeout(Duration::from_secs(5), self.client.request_text(request)).await;
+            let answer = tokio::time::timeout(Duration::from_secs(5), client.request_text(request)).await;
+            // Still running: the answer is its own, not another server's
+            // that took the port it failed to bind.
             if let Ok(Ok(text)) = answer
                 && text.trim() == "ok"
+                && process.exited().is_none()
             {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                let mut message = format!("kube-apiserver at {} not ready within {limit:?}", self.url);
-                let _ = write!(message, "\n--- kube-apiserver\n{}", self.log_tail("kube-apiserver", 30));
+                let mut message = format!("{name} at {url} not ready within {limit:?}");
+                let _ = write!(message, "\n--- {name}\n{}", process.log_tail(30));
                 let _ = write!(message, "\n--- etcd\n{}", self.log_tail("etcd", 10));
                 bail!(message);
             }
@@ -555,6 +711,132 @@ impl ControlPlane {
             bail!("kube-controller-manager is not running");
         }
         Ok(())
+    }
+
+    /// Starts a second kube-apiserver on the same etcd, with the first's
+    /// arguments but its own port and certificate directory, and waits until it is ready.
+    ///
+    /// Its exit fails every wait of the test, like the other processes'. It
+    /// shares the first's credentials ([`ControlPlane::token`]); reach it
+    /// through [`ControlPlane::second_client`] or
+    /// [`ControlPlane::second_kubeconfig`].
+    pub async fn start_second_api_server(&self) -> anyhow::Result<()> {
+        if self.second_claimed.swap(true, Ordering::SeqCst) {
+            bail!("the second kube-apiserver was already started");
+        }
+        match self.launch_second_api_server().await {
+            Ok(second) => {
+                // Only the call that claimed it gets here: the cell is empty.
+                let _ = self.second.set(second);
+                Ok(())
+            }
+            Err(error) => {
+                self.second_claimed.store(false, Ordering::SeqCst);
+                Err(error)
+            }
+        }
+    }
+
+    /// Starts the second kube-apiserver on a free port, on new ones while
+    /// a port is taken before it binds it (up to [`START_ATTEMPTS`] times).
+    async fn launch_second_api_server(&self) -> anyhow::Result<SecondApiServer> {
+        let kubeconfig = self.root().join("kubeconfig-2");
+        let mut attempt = 1;
+        loop {
+            let port = free_port()?;
+            let url = format!("https://127.0.0.1:{port}");
+            std::fs::write(&kubeconfig, kubeconfig_text(&url, &self.token))
+                .with_context(|| format!("write {}", kubeconfig.display()))?;
+            let client = client_for(&kubeconfig).await?;
+            match self.run_api_server(ApiServer::Second, port, &client, &url).await {
+                Err(error) if attempt < START_ATTEMPTS && port_taken(&error) => {
+                    eprintln!("e2e: port {port} was taken before the second kube-apiserver bound it; trying another");
+                    attempt += 1;
+                }
+                Err(error) => return Err(error.context("start the second kube-apiserver")),
+                Ok(()) => {
+                    return Ok(SecondApiServer {
+                        url,
+                        kubeconfig,
+                        client,
+                    });
+                }
+            }
+        }
+    }
+
+    fn second_api_server(&self) -> anyhow::Result<&SecondApiServer> {
+        self.second
+            .get()
+            .context("the second kube-apiserver was not started (ControlPlane::start_second_api_server)")
+    }
+
+    /// An admin client of the second kube-apiserver (the token of [`ControlPlane::client`]).
+    pub fn second_client(&self) -> anyhow::Result<kube::Client> {
+        Ok(self.second_api_server()?.client.clone())
+    }
+
+    /// The admin kubeconfig file of the second kube-apiserver.
+    pub fn second_kubeconfig(&self) -> anyhow::Result<PathBuf> {
+        Ok(self.second_api_server()?.kubeconfig.clone())
+    }
+
+    /// The second kube-apiserver's URL.
+    pub fn second_url(&self) -> anyhow::Result<String> {
+        Ok(self.second_api_server()?.url.clone())
+    }
+
+    /// Kills the first kube-apiserver with SIGKILL and reaps it; that exit fails no wait.
+    ///
+    /// Its clients see their connections break and new ones refused until
+    /// [`ControlPlane::restart_api_server`]; the second one, if started,
+    /// keeps serving the cluster.
+    pub fn kill_api_server(&self) -> anyhow::Result<()> {
+        let name = ApiServer::First.name();
+        // Out of the watched set before it dies: the watchdog never sees the exit.
+        let mut process = self
+            .processes
+            .take(name)
+            .with_context(|| format!("{name} is not running (killed already?)"))?;
+        let pid = process.pid();
+        process.kill();
+        if process.exited().is_none() {
+            bail!("{name} (pid {pid}) did not end after SIGKILL");
+        }
+        Ok(())
+    }
+
+    /// Starts the first kube-apiserver again (killing it first if it runs)
+    /// with its old arguments, port and certificate, and waits until it is ready.
+    ///
+    /// Every client and kubeconfig of [`ControlPlane::url`] reconnects to
+    /// it. Its watch cache starts fresh from etcd: watches resumed from
+    /// before get "410 Gone". The log of the run that ended is kept as
+    /// `kube-apiserver.before-restart-<n>.log`. While another process holds
+    /// the port, it tries again for up to [`PORT_RETAKE_LIMIT`].
+    pub async fn restart_api_server(&self) -> anyhow::Result<()> {
+        let name = ApiServer::First.name();
+        self.processes.stop_one(name);
+        let restart = self.api_server_restarts.fetch_add(1, Ordering::SeqCst) + 1;
+        let log = self.log_path(name);
+        if log.exists() {
+            let kept = self.root().join(format!("{name}.before-restart-{restart}.log"));
+            std::fs::rename(&log, &kept).with_context(|| format!("move {} to {}", log.display(), kept.display()))?;
+        }
+        let port = self.api_port();
+        // A client with no connections from before the kill.
+        let client = client_for(&self.kubeconfig).await?;
+        let deadline = tokio::time::Instant::now() + PORT_RETAKE_LIMIT;
+        loop {
+            match self.run_api_server(ApiServer::First, port, &client, &self.url).await {
+                Err(error) if port_taken(&error) && tokio::time::Instant::now() < deadline => {
+                    eprintln!("e2e: port {port} of {name} is taken by another process; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => return Err(error.context(format!("restart {name} on port {port}"))),
+                Ok(()) => return Ok(()),
+            }
+        }
     }
 
     /// The service-account signing key kube-controller-manager is given.
@@ -721,6 +1003,16 @@ impl ControlPlane {
 const AUDIT_POLICY: &str =
     "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  - level: Metadata\n";
 
+/// The requests in the audit log at `path`.
+fn read_audit_log(path: &Path) -> anyhow::Result<Vec<AuditRecord>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read the audit log {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .map(|event| AuditRecord::of(&event))
+        .collect())
+}
+
 /// One request from the API server's audit log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditRecord {
@@ -783,7 +1075,7 @@ impl AuditRecord {
 }
 
 /// The files [`ControlPlane::write_credentials`] wrote.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Credentials {
     signing_key: PathBuf,
     public_key: PathBuf,
@@ -850,6 +1142,7 @@ impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlPlane")
             .field("url", &self.url)
+            .field("second_url", &self.second.get().map(|second| &second.url))
             .field("dir", &self.dir.as_ref().map(|d| d.path().to_path_buf()))
             .finish()
     }
