@@ -160,6 +160,11 @@ impl LoopState {
                 Some(patch) => Write::Patch(name, patch),
             },
         };
+        self.start_write(item, value, write);
+    }
+
+    /// Runs `write` for `item` as a task.
+    fn start_write(&mut self, item: WorkItem, value: PublishedCapacity, write: Write) {
         self.busy += 1;
         let writer = Writer {
             client: self.client.clone(),
