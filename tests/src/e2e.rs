@@ -495,6 +495,26 @@ impl ControlPlane {
     }
 
     fn start_controller_manager(&self, keys: &Credentials, options: &Options) -> anyhow::Result<()> {
+        self.start_controller_manager_at(&self.kubeconfig, keys, options)
+    }
+
+    /// Moves kube-controller-manager to the second kube-apiserver (same
+    /// controllers and keys): its garbage collector, PV controller and PV
+    /// protection go on while the first is away, as they would in a
+    /// cluster where the controller manager reaches another API server.
+    pub fn move_controller_manager_to_second(&self) -> anyhow::Result<()> {
+        let second = self.second.get().context("the second kube-apiserver is not running")?;
+        let setup = self.api_setup.as_ref().context("the control plane is not set up")?;
+        self.stop_controller_manager()?;
+        self.start_controller_manager_at(&second.kubeconfig, &setup.keys, &setup.options)
+    }
+
+    fn start_controller_manager_at(
+        &self,
+        kubeconfig: &Path,
+        keys: &Credentials,
+        options: &Options,
+    ) -> anyhow::Result<()> {
         // Fake nodes have no kubelet to renew their leases: the node
         // lifecycle controller would mark them NotReady. A real node does.
         let controllers = match (options.kcm_ephemeral, options.node) {
@@ -503,7 +523,7 @@ impl ControlPlane {
             (true, true) => "--controllers=*",
             (false, true) => "--controllers=*,-ephemeral-volume-controller",
         };
-        let kubeconfig = self.kubeconfig.display();
+        let kubeconfig = kubeconfig.display();
         let mut node_args = Vec::new();
         if options.node {
             node_args.push(format!("--root-ca-file={}", self.api_server_certificate().display()));
