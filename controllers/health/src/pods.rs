@@ -39,6 +39,10 @@ impl Index<Pod> for Pods {
         self.0.remove(key);
     }
 
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     fn keys(&self) -> Vec<ObjectKey> {
         self.0.keys().cloned().collect()
     }

@@ -155,6 +155,10 @@ impl Index<PersistentVolume> for Volumes {
         self.forget(&key.name);
     }
 
+    fn is_empty(&self) -> bool {
+        self.watched.is_empty()
+    }
+
     fn keys(&self) -> Vec<ObjectKey> {
         self.watched.keys().map(ObjectKey::cluster).collect()
     }

@@ -155,6 +155,10 @@ impl Index<SlimPod> for PodIndex<'_> {
         state.forget(&key);
     }
 
+    fn is_empty(&self) -> bool {
+        self.0.pods.is_empty() && self.0.pod_refs.is_empty()
+    }
+
     fn keys(&self) -> Vec<ObjectKey> {
         // Pods kept for their claims and pods that mount claims by name.
         let mut keys: Vec<ObjectKey> = self.0.pods.keys().map(object_key).collect();
@@ -191,6 +195,10 @@ impl Index<SlimClaim> for ClaimIndex<'_> {
         state.unblock(&key);
     }
 
+    fn is_empty(&self) -> bool {
+        self.0.claims.is_empty()
+    }
+
     fn keys(&self) -> Vec<ObjectKey> {
         self.0.claims.keys().map(object_key).collect()
     }
@@ -222,6 +230,10 @@ impl Index<SlimNode> for NodeIndex<'_> {
         let name: Arc<str> = state.name(&key.name);
         state.nodes.remove(&name);
         state.node_changed(&name);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.nodes.is_empty()
     }
 
     fn keys(&self) -> Vec<ObjectKey> {
