@@ -216,6 +216,8 @@ struct LoopState {
     /// Watches listing again after their first list: no decision (no
     /// write, no driver call) until every one has ended.
     relisting: BTreeSet<&'static str>,
+    /// Watches whose first list ended.
+    listed_once: BTreeSet<&'static str>,
     queue: WorkQueue<WorkItem>,
     /// Questions in flight and the items waiting for each answer.
     asking: HashMap<Query, Vec<WorkItem>>,
@@ -254,10 +256,10 @@ struct Published {
 #[derive(Default)]
 struct Pvs {
     /// The driver's PVs by the hash of their name (to tell a new PV from
-    /// an update), with the items a change of the PV refreshes (also when
-    /// a re-list finds it gone).
-    volumes: HashMap<u64, Box<[WorkItem]>>,
-    volumes_listing: Option<HashMap<u64, Box<[WorkItem]>>>,
+    /// an update), with where each is: a change of the PV refreshes the
+    /// items there, also when a re-list finds it gone.
+    volumes: HashMap<u64, volumes::Placement>,
+    volumes_listing: Option<HashMap<u64, volumes::Placement>>,
     hasher: RandomState,
 }
 
@@ -292,7 +294,9 @@ impl control_loop::State for LoopState {
         // Due work waits while another instance leads, and while every
         // worker is busy: a finished task wakes the loop then (a timer
         // already due would spin it).
-        let work = self.queue.next_due().filter(|_| self.leading && self.has_free_worker());
+        // While a watch lists again nothing is dispatched: its end wakes
+        // the loop, not a due time already past (that would spin).
+        let work = (self.queue.next_due()).filter(|_| self.leading && self.has_free_worker() && self.may_decide());
         let gate = self
             .adoption
             .gate
@@ -373,6 +377,7 @@ impl LoopState {
             synced_sources: BTreeSet::new(),
             synced: false,
             relisting: BTreeSet::new(),
+            listed_once: BTreeSet::new(),
             queue: WorkQueue::default(),
             asking: HashMap::new(),
             busy: 0,
@@ -476,11 +481,16 @@ impl LoopState {
     /// again, no decision is taken.
     fn follow_list<K>(&mut self, source: &'static str, event: &Event<K>) {
         match event {
-            Event::Init if self.synced && self.relisting.insert(source) => {
+            // A watch that lists again before the others' first lists
+            // ended counts too.
+            Event::Init if self.listed_once.contains(source) && self.relisting.insert(source) => {
                 info!(source, "re-listing; writes and driver calls wait until it ends");
             }
-            Event::InitDone if self.relisting.remove(source) && self.relisting.is_empty() => {
-                info!(source, "re-listed; deciding again");
+            Event::InitDone => {
+                self.listed_once.insert(source);
+                if self.relisting.remove(source) && self.relisting.is_empty() {
+                    info!(source, "re-listed; deciding again");
+                }
             }
             _ => {}
         }

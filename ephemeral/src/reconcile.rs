@@ -253,10 +253,9 @@ impl control_loop::State for Running {
         let state = &mut self.state;
         state.follow_leadership();
         state.dispatch();
-        state
-            .queue
-            .next_due()
-            .filter(|_| state.leading && state.has_free_worker())
+        // While a watch lists nothing is dispatched: the list's end wakes
+        // the loop, not a due time already past (that would spin).
+        (state.queue.next_due()).filter(|_| state.leading && state.has_free_worker() && state.current)
     }
 
     fn leadership(&self) -> &Leadership {

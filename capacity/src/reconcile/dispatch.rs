@@ -120,6 +120,12 @@ impl LoopState {
             self.queue.finish(&item);
             return;
         }
+        if !self.may_decide() {
+            // Asked before a re-list began: decided on the complete view.
+            self.queue.finish(&item);
+            self.queue.schedule(item, Instant::now());
+            return;
+        }
         if !self.leading {
             self.refreshed(item, Err(Error::NotLeader(volplane_runtime::NotLeader)));
             return;
