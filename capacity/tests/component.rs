@@ -885,13 +885,20 @@ async fn a_new_volume_refreshes_its_segment_and_class_at_once() {
 
 #[tokio::test]
 async fn across_an_api_server_gap_everything_changed_meanwhile_comes_out_right() {
-    let mut h = two_zones_polled_hourly().await;
-    h.add_node("n3", Some("c"), &["zone"]).await;
+    let mut h = Harness::new().await;
+    for (node, zone) in [("n1", "a"), ("n2", "b"), ("n3", "c")] {
+        h.add_node(node, Some(zone), &["zone"]).await;
+    }
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(4 * GI));
+    // A volume that is there before volplane starts, deleted during the gap.
     let doomed = volume_in_zone("pv-doomed", "b");
     Api::<PersistentVolume>::all(h.client.clone())
         .create(&PostParams::default(), &doomed)
         .await
         .expect("pv");
+    h.start(config(Duration::from_secs(3600), Topology::Central, true))
+        .await;
     let foreign: CSIStorageCapacity = serde_json::from_value(json!({
         "metadata": {"name": "someone-elses", "labels": {DRIVER_LABEL: DRIVER, MANAGED_BY_LABEL: "another-controller"}},
         "storageClassName": "fast", "nodeTopology": {"matchLabels": {"zone": "a"}}, "capacity": "1"
