@@ -166,6 +166,40 @@ pub fn already_announced<'a>(
     same.then_some(latest)
 }
 
+/// The note of a node-side event about `pv` on a pod: the volume and claim
+/// named first, then `note`, cut to an event note's length.
+pub fn node_note(pv: &str, namespace: &str, claim: &str, note: &str) -> String {
+    volplane_runtime::text::event_note(&format!("volume {pv} (PVC {namespace}/{claim}): {note}"))
+}
+
+/// What a pod's events say was last announced about `pv` (node side,
+/// after a restart or a rollout, with no memory of its own): the latest
+/// condition event within [`ANNOUNCED_WINDOW`] of `at` whose note is about
+/// that volume (`about`: [`node_note`] with an empty note). Nothing
+/// announced within the hour counts as normal. An abnormal one with the
+/// very note `now` would get stands for `now`.
+pub fn remembered(earlier: &[EarlierEvent], about: &str, now: &Condition, at: SystemTime) -> Condition {
+    let since = at.checked_sub(ANNOUNCED_WINDOW).unwrap_or(SystemTime::UNIX_EPOCH);
+    let latest = earlier
+        .iter()
+        .filter(|e| (e.reason == REASON_ABNORMAL || e.reason == REASON_NORMAL) && e.at >= since)
+        .filter(|e| e.message.starts_with(about))
+        .max_by_key(|e| e.at);
+    match latest {
+        Some(event) if event.reason == REASON_ABNORMAL => match now {
+            Condition::Abnormal(message)
+                if volplane_runtime::text::event_note(&format!("{about}{}", truncate(message))) == event.message =>
+            {
+                now.clone()
+            }
+            Condition::Abnormal(_) | Condition::Normal => {
+                Condition::Abnormal(event.message.strip_prefix(about).unwrap_or(&event.message).to_string())
+            }
+        },
+        _ => Condition::Normal,
+    }
+}
+
 /// The condition last announced for a PV, as kept in its annotation.
 pub fn announced(pv: &PersistentVolume) -> Option<Condition> {
     pv.metadata

@@ -123,6 +123,7 @@ impl NodeHealthAgent {
             metrics: self.metrics.clone(),
             recorder,
             conditions: HashMap::new(),
+            pod_events: HashMap::new(),
             labelled: BTreeSet::new(),
         };
         let mut volumes = Volumes::new(self.client.clone(), config.clone());
@@ -333,6 +334,9 @@ struct Round {
     recorder: Recorder,
     /// Last announced condition per (pod UID, PV).
     conditions: HashMap<(String, String), Condition>,
+    /// Each pod's earlier condition events, read at the first look at
+    /// one of its volumes; dropped after the round.
+    pod_events: HashMap<String, Vec<model::EarlierEvent>>,
     /// PVCs that have usage metrics (to drop them when the volume goes).
     labelled: BTreeSet<(String, String)>,
 }
@@ -381,6 +385,7 @@ impl Round {
             self.labelled.remove(&(namespace, claim));
         }
         self.conditions.retain(|(_, pv), _| live_pvs.contains(pv));
+        self.pod_events.clear();
     }
 
     async fn record(&mut self, volume: &Published, stats: &pb::NodeGetVolumeStatsResponse) {
@@ -407,9 +412,20 @@ impl Round {
 
     /// Announces a changed condition of `volume` to each pod using it, once.
     async fn announce(&mut self, volume: &Published, condition: &Condition) {
-        let (namespace, claim) = (&volume.volume.namespace, &volume.volume.claim);
+        let (namespace, claim, pv) = (&volume.volume.namespace, &volume.volume.claim, &volume.volume.pv);
         for (pod, _) in &volume.pods {
-            let key = (pod.uid.clone().unwrap_or_default(), volume.volume.pv.clone());
+            let key = (pod.uid.clone().unwrap_or_default(), pv.clone());
+            if !self.conditions.contains_key(&key) {
+                // First look since this agent started (a restart, a
+                // rollout): what the pod's events say was announced.
+                let about = model::node_note(pv, namespace, claim, "");
+                let earlier = self.earlier_events(pod).await;
+                let last = model::remembered(&earlier, &about, condition, std::time::SystemTime::now());
+                if last == *condition && *condition != Condition::Normal {
+                    info!(pod = ?pod.name, %pv, "already announced within the hour; not again");
+                }
+                self.conditions.insert(key.clone(), last);
+            }
             let Some(announcement) = model::announcement(self.conditions.get(&key), condition) else {
                 continue;
             };
@@ -418,21 +434,7 @@ impl Round {
             } else {
                 EventType::Normal
             };
-            // The prefix makes a note at the limit longer: publishing cuts it again.
-            let note = format!(
-                "volume {} (PVC {namespace}/{claim}): {}",
-                volume.volume.pv, announcement.note
-            );
-            let remembered = self.conditions.contains_key(&key);
-            let announcement = model::Announcement { note, ..announcement };
-            if !remembered && self.announced_before(pod, &announcement).await {
-                // A restart or a replaced pod of this DaemonSet: announced already.
-                info!(pod = ?pod.name, pv = %volume.volume.pv, reason = announcement.reason,
-                      "already announced within the hour; not again");
-                self.conditions.insert(key, condition.clone());
-                continue;
-            }
-            let note = announcement.note.clone();
+            let note = model::node_note(pv, namespace, claim, &announcement.note);
             let event = events::Announcement::new(type_, announcement.reason, "CheckVolumeHealth", note);
             // Every node's agent writes for its own node: no election.
             match events::publish(&self.recorder, &Leadership::unconditional(), &event, pod).await {
@@ -448,18 +450,24 @@ impl Round {
         }
     }
 
-    /// Whether the pod's latest condition event within the hour already says
-    /// what `announcement` would (volplane's own before a restart, the
-    /// DaemonSet pod it replaced, or external-health-monitor's).
-    async fn announced_before(&self, pod: &ObjectReference, announcement: &model::Announcement) -> bool {
+    /// The condition events about `pod` (field-selected by the pod, its
+    /// UID checked), read once per pod: volplane's own before a restart,
+    /// the DaemonSet pod it replaced, or external-health-monitor's. None
+    /// when they cannot be read (then the agent announces as if new).
+    async fn earlier_events(&mut self, pod: &ObjectReference) -> Vec<model::EarlierEvent> {
+        let uid = pod.uid.clone().unwrap_or_default();
+        if let Some(known) = self.pod_events.get(&uid) {
+            return known.clone();
+        }
         let (Some(namespace), Some(name)) = (pod.namespace.as_deref(), pod.name.as_deref()) else {
-            return false;
+            return Vec::new();
         };
         let about = format!("involvedObject.kind=Pod,involvedObject.name={name}");
-        let Some(earlier) = calls::earlier_events(&self.client, namespace, &about, pod.uid.as_deref()).await else {
-            return false;
-        };
-        model::already_announced(announcement, &earlier, std::time::SystemTime::now()).is_some()
+        let earlier = calls::earlier_events(&self.client, namespace, &about, pod.uid.as_deref())
+            .await
+            .unwrap_or_default();
+        self.pod_events.insert(uid, earlier.clone());
+        earlier
     }
 
     /// The volume's bytes and inodes (used, available, total) as gauges.

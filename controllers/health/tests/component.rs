@@ -321,11 +321,18 @@ async fn across_an_api_server_gap_a_deleted_pv_is_forgotten_and_a_new_condition_
     ])
     .await;
     h.driver.put_volume("h-pv-keep", healthy());
-    h.driver.put_volume("h-pv-gone", healthy());
+    // The volume that goes during the gap is abnormal before it: announced
+    // once, with its gauge set.
+    h.driver.put_volume("h-pv-gone", sick("worn out"));
     h.bound_pv("pv-keep", DRIVER, "claim-keep").await;
     h.bound_pv("pv-gone", DRIVER, "claim-gone").await;
     h.start(list_mode(100, 0), None, Leadership::unconditional()).await;
-    h.wait_for_sweeps(2).await;
+    h.wait_for_events("the worn-out volume", REASON_ABNORMAL, 1).await;
+    let gone_gauge = "persistentvolumeclaim=\"claim-gone\"} 1";
+    eventually(Duration::from_secs(10), "its gauge is set", || {
+        h.metrics_text().contains(gone_gauge)
+    })
+    .await;
 
     // volplane's API server goes away; through the other one the claim
     // and PV of one volume are deleted (and the driver's volume with
@@ -345,20 +352,23 @@ async fn across_an_api_server_gap_a_deleted_pv_is_forgotten_and_a_new_condition_
 
     h.double.reconnect();
     let reconnected = std::time::Instant::now();
-    h.wait_for_events("the abnormal volume", REASON_ABNORMAL, 1).await;
-    let gone_gauge = "persistentvolumeclaim=\"claim-gone\"";
+    h.wait_for_events("the abnormal volume", REASON_ABNORMAL, 2).await;
     eventually(Duration::from_secs(30), "the deleted volume's gauge goes", || {
         !h.metrics_text().contains(gone_gauge)
     })
     .await;
     h.wait_for_sweeps(5).await;
     let events = h.events().await;
-    let abnormal: Vec<_> = events
-        .iter()
+    let abnormal: Vec<&str> = (events.iter())
         .filter(|(reason, _, _)| reason == REASON_ABNORMAL)
+        .map(|(_, claim, _)| claim.as_str())
         .collect();
-    assert_eq!(abnormal.len(), 1, "{events:#?}");
-    assert_eq!(abnormal[0].1, "claim-keep");
+    // One each: the deleted volume's from before the gap, none after it.
+    assert_eq!(abnormal.len(), 2, "{events:#?}");
+    assert!(
+        abnormal.contains(&"claim-keep") && abnormal.contains(&"claim-gone"),
+        "{events:#?}"
+    );
     assert!(!h.metrics_text().contains(gone_gauge), "{}", h.metrics_text());
     let writes_to_gone = h
         .double
@@ -840,9 +850,17 @@ async fn the_node_agent_reports_usage_and_warns_each_pod_once_per_change() {
     })
     .await;
     assert_eq!(h.count_events(REASON_ABNORMAL).await, 2, "{:#?}", h.events().await);
-    // ...but the next change, once per pod.
+    // ...but a recovery while no agent ran, once per pod.
+    running.stop(Duration::from_secs(10)).await;
     h.driver.put_volume("h-pv-0", healthy());
+    let running = start_node_agent(&h).await;
     h.wait_for_events("a recovery on each pod", REASON_NORMAL, 2).await;
+    let before = h.driver.count(CsiMethod::NodeGetVolumeStats);
+    eventually(Duration::from_secs(10), "more rounds", || {
+        h.driver.count(CsiMethod::NodeGetVolumeStats) >= before + 6
+    })
+    .await;
+    assert_eq!(h.count_events(REASON_NORMAL).await, 2, "{:#?}", h.events().await);
     assert_eq!(h.count_events(REASON_ABNORMAL).await, 2, "{:#?}", h.events().await);
     running.stop(Duration::from_secs(10)).await;
 }

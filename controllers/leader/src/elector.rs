@@ -10,9 +10,10 @@
 //! message arrives (a paused process cannot write on after resuming).
 //! Watching the Lease also lets a waiting candidate take a released lease
 //! at once instead of sleeping until its old expiry. While it leads and
-//! the watch has shown no renewal for a retry period, the elector reads
-//! the Lease through the lease client: a term lasts while its renewals
-//! succeed, whatever the watch does.
+//! the watch has shown no renewal by a quarter of the slack (renew deadline
+//! minus retry period) after the next one was due, the elector reads the
+//! Lease through the lease client: a term lasts while its renewals succeed,
+//! whatever the watch does.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -32,8 +32,8 @@
 //! authorization or admission (no quota, no webhooks, no defaulting, no
 //! schema validation beyond names and labels); strategic merge patch and
 //! server-side apply are approximated by JSON merge patch (lists are
-//! replaced, no field managers); core/v1 and events.k8s.io/v1 events are
-//! separate stores; pods are deleted at once (no graceful termination, no kubelet);
+//! replaced, no field managers); core/v1 lists show events.k8s.io/v1
+//! events too (converted), but a core/v1 watch does not; pods are deleted at once (no graceful termination, no kubelet);
 //! foreground deletion is treated as background; dry-run is ignored.
 
 mod http;

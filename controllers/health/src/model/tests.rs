@@ -314,3 +314,57 @@ fn a_condition_announced_by_anyone_within_the_hour_is_not_announced_again() {
     );
     assert_eq!(already_announced(&abnormal, &[], now), None);
 }
+
+fn node_event(reason: &str, message: &str, minutes_ago: u64) -> EarlierEvent {
+    EarlierEvent {
+        reason: reason.into(),
+        message: message.into(),
+        at: SystemTime::now() - Duration::from_secs(minutes_ago * 60),
+        by: "volplane-health-node".into(),
+    }
+}
+
+#[test]
+fn a_node_agent_remembers_the_latest_condition_its_pod_events_name_for_the_volume() {
+    let about = node_note("pv-1", "apps", "data", "");
+    let abnormal = Condition::Abnormal("I/O errors".into());
+    let said = node_note("pv-1", "apps", "data", "I/O errors");
+    let now = SystemTime::now();
+    // Announced 10 minutes ago, still so: the same condition, no new event.
+    let earlier = [node_event(REASON_ABNORMAL, &said, 10)];
+    assert_eq!(remembered(&earlier, &about, &abnormal, now), abnormal);
+    assert_eq!(
+        announcement(Some(&remembered(&earlier, &about, &abnormal, now)), &abnormal),
+        None
+    );
+    // Recovered while no agent ran: the recovery is announced.
+    let last = remembered(&earlier, &about, &Condition::Normal, now);
+    assert!(matches!(announcement(Some(&last), &Condition::Normal), Some(a) if a.reason == REASON_NORMAL));
+    // Another volume's event, or one older than the hour, says nothing.
+    let other = [node_event(
+        REASON_ABNORMAL,
+        &node_note("pv-2", "apps", "data", "I/O errors"),
+        1,
+    )];
+    assert_eq!(remembered(&other, &about, &abnormal, now), Condition::Normal);
+    let old = [node_event(REASON_ABNORMAL, &said, 61)];
+    assert_eq!(remembered(&old, &about, &abnormal, now), Condition::Normal);
+    // The latest wins: abnormal, then normal again.
+    let both = [
+        node_event(REASON_ABNORMAL, &said, 20),
+        node_event(REASON_NORMAL, &about, 5),
+    ];
+    assert_eq!(remembered(&both, &about, &abnormal, now), Condition::Normal);
+}
+
+#[test]
+fn a_long_driver_message_is_remembered_as_its_cut_note() {
+    let message = "x".repeat(3000);
+    let abnormal = Condition::Abnormal(message.clone());
+    let about = node_note("pv-1", "apps", "data", "");
+    let note = announcement(None, &abnormal).expect("abnormal is announced").note;
+    let said = node_note("pv-1", "apps", "data", &note);
+    assert!(said.len() <= volplane_runtime::text::EVENT_NOTE_MAX_BYTES);
+    let earlier = [node_event(REASON_ABNORMAL, &said, 1)];
+    assert_eq!(remembered(&earlier, &about, &abnormal, SystemTime::now()), abnormal);
+}
