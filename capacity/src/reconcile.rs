@@ -52,8 +52,6 @@ mod objects;
 mod segments;
 mod volumes;
 
-use dispatch::delete_with_retries;
-
 /// The capacity controller. It watches whether or not it leads; it calls
 /// the driver and writes only while `leadership` allows.
 pub struct CapacityController {

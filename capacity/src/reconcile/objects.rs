@@ -277,3 +277,38 @@ impl LoopState {
         );
     }
 }
+
+/// Deletes object `name` under `params`' preconditions, up to five
+/// attempts; gone already, or replaced by another object of the name, is done.
+async fn delete_with_retries(
+    api: &Api<CapacityObject>,
+    name: &str,
+    params: &DeleteParams,
+    leadership: &Leadership,
+    metrics: &CapacityMetrics,
+) -> Result<()> {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let Ok(deleted) = leadership.guard(api.delete(name, params)).await else {
+            return Err(Error::NotLeader(volplane_runtime::NotLeader));
+        };
+        match deleted {
+            Ok(_) => {
+                metrics.wrote("delete");
+                return Ok(());
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => return Ok(()),
+            Err(error) if attempt >= 5 => {
+                return Err(Error::Write {
+                    verb: "delete",
+                    source: error,
+                });
+            }
+            Err(error) => {
+                warn!(%name, %error, attempt, "delete failed; retrying");
+                tokio::time::sleep(DELETE_RETRY.delay(attempt)).await;
+            }
+        }
+    }
+}

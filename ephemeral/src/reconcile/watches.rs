@@ -37,8 +37,10 @@ impl Watches {
     /// Feeds one signal into `state`'s indexes and tells it whether it may
     /// decide.
     pub(super) fn signal(&mut self, state: &mut LoopState, signal: Signal) {
-        let fed = match signal {
-            Signal::Pod(event) => self.pods.feed(*event, &mut PodIndex(state)),
+        match signal {
+            Signal::Pod(event) => {
+                self.pods.feed(*event, &mut PodIndex(state));
+            }
             Signal::Claim(event) => {
                 // The deleted claim of an active pod is created again: its
                 // controller's name is in the deleted object only.
@@ -54,21 +56,21 @@ impl Watches {
                     };
                     state.look_at(&pod);
                 }
-                fed
             }
-            Signal::Node(event) => match &mut self.nodes {
-                Some(feed) => feed.feed(*event, &mut NodeIndex(state)),
-                None => return,
-            },
+            Signal::Node(event) => {
+                if let Some(feed) = &mut self.nodes {
+                    feed.feed(*event, &mut NodeIndex(state));
+                }
+            }
             Signal::WatchFailed { source, error } => {
                 warn!(source, %error, "watch failed; retrying with backoff");
                 return;
             }
-        };
+        }
         let current = self.are_current();
         let was_current = std::mem::replace(&mut state.current, current);
         if current && !was_current {
-            state.listed_all(matches!(fed, Fed::Listed { first: true, .. }));
+            state.listed_all();
         } else if !current && was_current {
             info!("a watch is re-listing: decisions wait until it ends");
         }
@@ -104,8 +106,8 @@ impl LoopState {
     /// Every watch is current again: the first time ready; every time,
     /// every pod (and every finished pod waiting for its node) decides on
     /// the complete view.
-    fn listed_all(&mut self, first: bool) {
-        if self.ready.mark_ready() || first {
+    fn listed_all(&mut self) {
+        if self.ready.mark_ready() {
             info!(
                 pods = self.pods.len(),
                 claims = self.claims.len(),

@@ -153,16 +153,6 @@ impl Feed {
         self.lists > 0 && self.listing.is_none()
     }
 
-    /// Whether a list is under way after an earlier one ended.
-    pub fn is_relisting(&self) -> bool {
-        self.lists > 0 && self.listing.is_some()
-    }
-
-    /// How many lists have ended.
-    pub fn lists(&self) -> u64 {
-        self.lists
-    }
-
     /// Applies one watch event to `index`.
     pub fn feed<K: Resource, I: Index<K> + ?Sized>(&mut self, event: Event<K>, index: &mut I) -> Fed {
         match event {
