@@ -58,19 +58,7 @@ pub async fn build(
         topology,
         send_topology,
         per_node: node.is_some(),
-        adopt_from: match args.capacity_adopt {
-            CapacityAdopt::ExternalProvisioner => {
-                let value = volplane_capacity::adopt::incumbent_managed_by(node);
-                if value.is_none() {
-                    tracing::info!(
-                        node,
-                        "csi-provisioner shortens its label for a node name this long: nothing is adopted"
-                    );
-                }
-                value
-            }
-            CapacityAdopt::None => None,
-        },
+        adopt_from: adopt_from(args.capacity_adopt, node),
     };
     let config = config(args, &driver.name, placement, identity, event_target, instance);
     Ok(Some(CapacityController::new(
@@ -80,6 +68,23 @@ pub async fn build(
         metrics,
         leadership,
     )))
+}
+
+/// The `managed-by` value of csi-provisioner's objects to take over, if any.
+fn adopt_from(adopt: CapacityAdopt, node: Option<&str>) -> Option<String> {
+    match adopt {
+        CapacityAdopt::ExternalProvisioner => {
+            let value = volplane_capacity::adopt::incumbent_managed_by(node);
+            if value.is_none() {
+                tracing::info!(
+                    node,
+                    "csi-provisioner shortens its label for a node name this long: nothing is adopted"
+                );
+            }
+            value
+        }
+        CapacityAdopt::None => None,
+    }
 }
 
 /// Where the controller publishes: its segments, whether GetCapacity gets

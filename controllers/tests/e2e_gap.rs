@@ -12,13 +12,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use support::{Running, ephemeral_pod, metric_value};
 use volplane_health::model::REASON_ABNORMAL;
-use volplane_tests::e2e::{ControlPlane, HostPath, Options, bin_dir};
+use volplane_tests::e2e::{HostPath, Options};
 use volplane_tests::objects::create;
 use volplane_tests::wait::eventually_some;
 
@@ -127,24 +127,8 @@ async fn after_its_api_server_was_away_volplane_forgets_what_vanished_and_adds_o
         audit: true,
         ..Options::default()
     };
-    let plane = ControlPlane::start_with(&bin_dir(), options)
-        .await
-        .expect("control plane starts");
-    plane.start_second_api_server().await.expect("a second API server");
-    // The rest of the control plane reaches the cluster through the second:
-    // garbage collection and PV release go on while volplane's is away.
-    plane
-        .move_controller_manager_to_second()
-        .expect("kube-controller-manager on the second API server");
+    let (plane, other) = support::two_api_servers(options, &[NAMESPACE, APPS]).await;
     let client = plane.client();
-    let other = plane.second_client().expect("a client of the second API server");
-    for namespace in [NAMESPACE, APPS] {
-        create(
-            &Api::<Namespace>::all(client.clone()),
-            json!({"metadata": {"name": namespace}}),
-        )
-        .await;
-    }
     plane.create_hostpath_classes().await.expect("CSIDriver and classes");
     create(
         &Api::<StorageClass>::all(client.clone()),

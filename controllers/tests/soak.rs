@@ -18,15 +18,14 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use support::{Running, ephemeral_pod, status_kib};
 use volplane_capacity::quantity::parse_bytes;
 use volplane_csi::{CapacityQuery, CsiClient};
-use volplane_tests::e2e::{ControlPlane, HostPath, bin_dir};
-use volplane_tests::objects::create;
+use volplane_tests::e2e::{ControlPlane, HostPath, Options};
 use volplane_tests::wait::eventually_some;
 
 const NAMESPACE: &str = "volplane";
@@ -147,20 +146,8 @@ fn summary(samples: &[(f64, f64)]) -> String {
 async fn an_hour_of_churn_and_faults_leaves_every_invariant_true_and_memory_flat() {
     let minutes = env_number("VOLPLANE_SOAK_MINUTES", 60);
     let fault_every = Duration::from_secs(env_number("VOLPLANE_SOAK_FAULT_SECONDS", 180));
-    let plane = ControlPlane::start(&bin_dir()).await.expect("control plane starts");
-    plane.start_second_api_server().await.expect("second API server");
-    plane
-        .move_controller_manager_to_second()
-        .expect("kube-controller-manager on the second");
+    let (plane, other) = support::two_api_servers(Options::default(), &[NAMESPACE, APPS]).await;
     let client = plane.client();
-    let other = plane.second_client().expect("second client");
-    for namespace in [NAMESPACE, APPS] {
-        create(
-            &Api::<Namespace>::all(client.clone()),
-            json!({"metadata": {"name": namespace}}),
-        )
-        .await;
-    }
     plane.create_hostpath_classes().await.expect("classes");
     let mut nodes: Vec<String> = (0..5).map(|i| format!("node-{i}")).collect();
     for node in &nodes {

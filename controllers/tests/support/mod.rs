@@ -307,3 +307,29 @@ pub async fn wait_for_health_checks(admin: SocketAddr, result: &str, sweeps: f64
     })
     .await;
 }
+
+/// A real control plane with a second kube-apiserver on its etcd and
+/// kube-controller-manager moved to it, with `namespaces` created; and a
+/// client of the second. volplane goes on the first (the one a test
+/// kills); everything that must go on meanwhile reaches the second.
+pub async fn two_api_servers(
+    options: volplane_tests::e2e::Options,
+    namespaces: &[&str],
+) -> (volplane_tests::e2e::ControlPlane, kube::Client) {
+    let plane = volplane_tests::e2e::ControlPlane::start_with(&volplane_tests::e2e::bin_dir(), options)
+        .await
+        .expect("control plane starts");
+    plane.start_second_api_server().await.expect("a second API server");
+    plane
+        .move_controller_manager_to_second()
+        .expect("kube-controller-manager on the second API server");
+    let other = plane.second_client().expect("a client of the second API server");
+    for namespace in namespaces {
+        volplane_tests::objects::create(
+            &kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(plane.client()),
+            serde_json::json!({"metadata": {"name": namespace}}),
+        )
+        .await;
+    }
+    (plane, other)
+}

@@ -6,12 +6,21 @@ use futures::FutureExt;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::work::{PodWork, ReleaseWork};
+use super::work::{PodWork, ReleaseWork, WorkIo};
 use super::{Done, Handled, Key, LoopState, Timing};
 use crate::error::{ClaimFailure, Error};
 use crate::model::FailureReason;
 
 impl LoopState {
+    fn work_io(&self) -> WorkIo {
+        WorkIo {
+            client: self.client.clone(),
+            recorder: self.recorder.clone(),
+            leadership: self.leadership.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     pub(super) fn has_free_worker(&self) -> bool {
         self.tasks.len() < usize::from(self.config.workers.max(1))
     }
@@ -51,10 +60,7 @@ impl LoopState {
                     continue;
                 };
                 let work = ReleaseWork {
-                    client: self.client.clone(),
-                    recorder: self.recorder.clone(),
-                    leadership: self.leadership.clone(),
-                    metrics: self.metrics.clone(),
+                    io: self.work_io(),
                     pod: key,
                     state,
                     finished,
@@ -65,10 +71,7 @@ impl LoopState {
                 continue;
             }
             let work = PodWork {
-                client: self.client.clone(),
-                recorder: self.recorder.clone(),
-                leadership: self.leadership.clone(),
-                metrics: self.metrics.clone(),
+                io: self.work_io(),
                 pod: key.clone(),
                 state: state.clone(),
                 needs,

@@ -19,12 +19,18 @@ use crate::metrics::EphemeralMetrics;
 use crate::model::{self, FailureReason, Need, Ownership, PodIdentity};
 use crate::release::{self, NodeFacts};
 
-/// The claims of one finished pod, released.
-pub(super) struct ReleaseWork {
+/// What a pod's work writes with (one copy each, cloned per task).
+#[derive(Clone)]
+pub(super) struct WorkIo {
     pub(super) client: kube::Client,
     pub(super) recorder: Recorder,
     pub(super) leadership: Leadership,
     pub(super) metrics: Arc<EphemeralMetrics>,
+}
+
+/// The claims of one finished pod, released.
+pub(super) struct ReleaseWork {
+    pub(super) io: WorkIo,
     pub(super) pod: Key,
     pub(super) state: PodState,
     pub(super) finished: FinishedPod,
@@ -66,7 +72,7 @@ impl ReleaseWork {
             reason: FailureReason::NotLeader,
             message: "not leading".into(),
         };
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.pod.namespace);
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.io.client.clone(), &self.pod.namespace);
         // Read fresh: the cache may be behind, and only the pod's own claim is touched.
         let claim = match api.get_opt(&name).await {
             Ok(Some(claim)) if model::controlling_pod(&claim.metadata) == Some(&*self.state.uid) => claim,
@@ -100,6 +106,7 @@ impl ReleaseWork {
             "finalizers": kept,
         }});
         match self
+            .io
             .leadership
             .guard(api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)))
             .await
@@ -128,7 +135,7 @@ impl ReleaseWork {
             }),
             ..DeleteParams::default()
         };
-        match self.leadership.guard(api.delete(name, &params)).await {
+        match self.io.leadership.guard(api.delete(name, &params)).await {
             Err(_) => Err(ClaimFailure {
                 claim: name.to_string(),
                 reason: FailureReason::NotLeader,
@@ -156,7 +163,7 @@ impl ReleaseWork {
         let Some(pv) = pv.filter(|_| !node.volumes_in_use.is_empty()) else {
             return Ok(false);
         };
-        let pv = Api::<PersistentVolume>::all(self.client.clone())
+        let pv = Api::<PersistentVolume>::all(self.io.client.clone())
             .get_opt(pv)
             .await
             .map_err(|error| format!("cannot read PV {pv}: {error}"))?;
@@ -167,7 +174,7 @@ impl ReleaseWork {
     async fn announce(&self, claim: &str, volume: &str) {
         let facts = &self.finished.facts;
         let reason = facts.ending.label();
-        self.metrics.released.get_or_create(&vec![("reason", reason)]).inc();
+        self.io.metrics.released.get_or_create(&vec![("reason", reason)]).inc();
         info!(pod = %self.pod, claim, reason, "released the claim of a finished pod");
         let announcement = Announcement::normal(
             "EphemeralVolumeReleased",
@@ -182,7 +189,7 @@ impl ReleaseWork {
             uid: Some(self.state.uid.to_string()),
             ..ObjectReference::default()
         };
-        if let Err(error) = events::publish(&self.recorder, &self.leadership, &announcement, &target).await {
+        if let Err(error) = events::publish(&self.io.recorder, &self.io.leadership, &announcement, &target).await {
             warn!(%error, "cannot publish event");
         }
     }
@@ -190,10 +197,7 @@ impl ReleaseWork {
 
 /// The claims one pod needs, made.
 pub(super) struct PodWork {
-    pub(super) client: kube::Client,
-    pub(super) recorder: Recorder,
-    pub(super) leadership: Leadership,
-    pub(super) metrics: Arc<EphemeralMetrics>,
+    pub(super) io: WorkIo,
     pub(super) pod: Key,
     pub(super) state: PodState,
     pub(super) needs: Vec<(usize, Need)>,
@@ -222,7 +226,8 @@ impl PodWork {
             if failure.reason == FailureReason::NotLeader {
                 continue;
             }
-            self.metrics
+            self.io
+                .metrics
                 .failures
                 .get_or_create(&vec![("reason", failure.reason.label().to_string())])
                 .inc();
@@ -249,7 +254,7 @@ impl PodWork {
             reason,
             message,
         };
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), pod.namespace);
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.io.client.clone(), pod.namespace);
         let verdict = |existing: kube::api::PartialObjectMeta<PersistentVolumeClaim>| match model::ownership(
             &existing.metadata,
             pod.uid,
@@ -267,7 +272,8 @@ impl PodWork {
             return verdict(existing);
         }
         let claim = model::desired_claim(&pod, volume, template);
-        let Ok(created) = self.leadership.guard(api.create(&PostParams::default(), &claim)).await else {
+        let leadership = &self.io.leadership;
+        let Ok(created) = leadership.guard(api.create(&PostParams::default(), &claim)).await else {
             return Err(failure(FailureReason::NotLeader, "not leading".into()));
         };
         match created {
@@ -297,9 +303,10 @@ impl PodWork {
 
     /// Counts a created claim and how long after its pod it came.
     fn count_created(&self) {
-        self.metrics.created.inc();
+        self.io.metrics.created.inc();
         if let Some(created) = self.state.created {
-            self.metrics
+            self.io
+                .metrics
                 .pod_to_claim_seconds
                 .observe(u32::try_from((epoch_seconds() - created).max(0)).map_or(f64::MAX, f64::from));
         }
@@ -319,7 +326,7 @@ impl PodWork {
             uid: Some(pod.uid.to_string()),
             ..ObjectReference::default()
         };
-        if let Err(error) = events::publish(&self.recorder, &self.leadership, &announcement, &target).await {
+        if let Err(error) = events::publish(&self.io.recorder, &self.io.leadership, &announcement, &target).await {
             warn!(%error, "cannot publish event");
         }
     }
@@ -366,10 +373,12 @@ mod tests {
         let slim: SlimPod = serde_json::from_value(serde_json::to_value(&created).expect("json")).expect("slim");
         let mut registry = Registry::default();
         PodWork {
-            client: client.clone(),
-            recorder: Recorder::new(client.clone(), Reporter::from("test")),
-            leadership: Leadership::unconditional(),
-            metrics: Arc::new(EphemeralMetrics::register(&mut registry)),
+            io: WorkIo {
+                client: client.clone(),
+                recorder: Recorder::new(client.clone(), Reporter::from("test")),
+                leadership: Leadership::unconditional(),
+                metrics: Arc::new(EphemeralMetrics::register(&mut registry)),
+            },
             pod: Key {
                 namespace: "default".into(),
                 name: "p".into(),
