@@ -12,14 +12,14 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity, StorageClass};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use support::{Running, ephemeral_pod, metric_value};
 use volplane_health::model::REASON_ABNORMAL;
 use volplane_tests::e2e::{HostPath, Options};
-use volplane_tests::objects::create;
+use volplane_tests::objects::{create, remove_node};
 use volplane_tests::wait::eventually_some;
 
 const NAMESPACE: &str = "volplane";
@@ -234,14 +234,7 @@ async fn after_its_api_server_was_away_volplane_forgets_what_vanished_and_adds_o
         .expect("delete the claim");
     let directory = driver.state_dir().join(&kept);
     std::fs::remove_dir_all(&directory).expect("the kept volume's directory goes");
-    Api::<CSINode>::all(other.clone())
-        .delete("node-2", &DeleteParams::default())
-        .await
-        .expect("delete CSINode");
-    Api::<Node>::all(other.clone())
-        .delete("node-2", &DeleteParams::default())
-        .await
-        .expect("delete node");
+    remove_node(&other, "node-2").await.expect("remove node-2");
     // csi-provisioner deletes the PV (and the driver's volume) meanwhile.
     eventually_some(Duration::from_secs(60), "the deleted claim's PV goes", || async {
         let pvs = Api::<PersistentVolume>::all(other.clone())

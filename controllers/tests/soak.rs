@@ -18,8 +18,8 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::{CSINode, CSIStorageCapacity};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::CSIStorageCapacity;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use support::{Running, ephemeral_pod, status_kib};
@@ -102,12 +102,7 @@ async fn churn(client: &kube::Client, step: u64, nodes: &mut Vec<String>, plane:
     if step.is_multiple_of(30) && step > 0 {
         // A node goes and another comes.
         let gone = nodes.remove(0);
-        let _ = Api::<CSINode>::all(client.clone())
-            .delete(&gone, &DeleteParams::default())
-            .await;
-        let _ = Api::<Node>::all(client.clone())
-            .delete(&gone, &DeleteParams::default())
-            .await;
+        let _ = volplane_tests::objects::remove_node(client, &gone).await;
         let added = format!("node-{step:06}");
         if plane.add_hostpath_node(&added).await.is_ok() {
             nodes.push(added);

@@ -122,3 +122,15 @@ pub async fn selected_node(claims: &kube::Api<PersistentVolumeClaim>, name: &str
     })
     .await
 }
+
+/// Removes node `name` as a cluster operator would: its CSINode, then its Node.
+pub async fn remove_node(client: &kube::Client, name: &str) -> kube::Result<()> {
+    let params = kube::api::DeleteParams::default();
+    kube::Api::<k8s_openapi::api::storage::v1::CSINode>::all(client.clone())
+        .delete(name, &params)
+        .await?;
+    kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .delete(name, &params)
+        .await?;
+    Ok(())
+}
