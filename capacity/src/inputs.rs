@@ -19,20 +19,8 @@ use tokio::sync::watch;
 use volplane_runtime::relist::relisting;
 
 use crate::config::{CapacityConfig, Topology};
-use crate::model::{CapacityObject, Enablement, Labels, VolumeObject};
-use crate::topology::{KeySet, kept_labels};
-
-/// A Node as the loop sees it: its name and the labels of the known
-/// topology keys.
-#[derive(Clone, Debug)]
-pub struct NodeLabels {
-    /// The node's name.
-    pub name: String,
-    /// Its labels for the keys in `kept`.
-    pub labels: Labels,
-    /// The keys the labels were cut to.
-    pub kept: KeySet,
-}
+use crate::model::{CapacityObject, Enablement, VolumeObject};
+use crate::topology::{KeySet, NodeLabels, kept_labels};
 
 /// What the watches deliver to the loop.
 pub enum Signal {
@@ -267,16 +255,9 @@ fn node_labels(client: kube::Client, keys: watch::Receiver<Option<KeySet>>) -> B
 
 /// A Node event cut to the labels of `kept`.
 fn cut(event: Event<PartialObjectMeta<Node>>, kept: &KeySet) -> Event<NodeLabels> {
-    let node = |meta: PartialObjectMeta<Node>| NodeLabels {
+    volplane_runtime::index::convert(event, |meta| NodeLabels {
         labels: kept_labels(meta.metadata.labels.as_ref(), kept),
         name: meta.metadata.name.unwrap_or_default(),
         kept: kept.clone(),
-    };
-    match event {
-        Event::Init => Event::Init,
-        Event::InitApply(meta) => Event::InitApply(node(meta)),
-        Event::InitDone => Event::InitDone,
-        Event::Apply(meta) => Event::Apply(node(meta)),
-        Event::Delete(meta) => Event::Delete(node(meta)),
-    }
+    })
 }

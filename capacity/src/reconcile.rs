@@ -11,10 +11,9 @@
 //! segments come from an incremental [`TopologyIndex`], so a Node event
 //! costs work for that node only.
 
-use std::collections::hash_map::Entry;
+use std::collections::hash_map;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,18 +32,21 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use volplane_csi::{CapacityQuery, CapacityReport, CsiClient};
 use volplane_runtime::events::{self, Announcement};
+use volplane_runtime::index::convert;
 use volplane_runtime::work_queue::{self, WorkQueue};
-use volplane_runtime::{Backoff, Leadership, Readiness, control_loop, phase};
+use volplane_runtime::{
+    Backoff, Change, Entries, Entry, Fed, Feed, Index, Keyed, Leadership, Readiness, control_loop, phase,
+};
 
 use crate::adopt::{Appeared, Gate, Stage};
 pub use crate::config::{CapacityConfig, Topology};
 use crate::error::{Error, Result};
-use crate::inputs::{Inputs, NodeLabels, Signal};
+use crate::inputs::{Inputs, Signal};
 use crate::metrics::CapacityMetrics;
 use crate::model::{
     self, CapacityObject, Existing, KnownObject, Labels, PublishedCapacity, Segment, Tracking, VolumeObject, WorkItem,
 };
-use crate::topology::{Applied, KeySet, Segments, TopologyIndex};
+use crate::topology::{Applied, CsiNodesOf, KeySet, NodeLabels, NodesOf, Segments, TopologyIndex};
 
 mod adoption;
 mod dispatch;
@@ -164,25 +166,25 @@ impl CapacityController {
     }
 }
 
-/// A watched collection's list in progress: the names it delivered so far.
+/// One feed per watch of an index, by the watch's name (as in `required`).
 #[derive(Debug, Default)]
-struct Relist(Option<HashSet<String>>);
+struct Feeds(BTreeMap<&'static str, Feed>);
 
-impl Relist {
-    fn start(&mut self) {
-        self.0 = Some(HashSet::new());
+impl Feeds {
+    fn feed<K: Keyed, I: Index<K> + ?Sized>(&mut self, watch: &'static str, event: Event<K>, index: &mut I) -> Fed {
+        (self.0.entry(watch))
+            .or_insert_with(|| Feed::new(watch))
+            .feed(event, index)
     }
 
-    fn saw(&mut self, name: &str) {
-        if let Some(names) = &mut self.0 {
-            names.insert(name.to_string());
-        }
+    /// How many watches list again after their first list.
+    fn relisting(&self) -> usize {
+        self.0.values().filter(|feed| feed.is_relisting()).count()
     }
 
-    /// The list is done: the names it did not deliver are gone.
-    fn gone<'a>(&mut self, known: impl Iterator<Item = &'a str>) -> Vec<String> {
-        let listed = self.0.take().unwrap_or_default();
-        known.filter(|n| !listed.contains(*n)).map(str::to_string).collect()
+    /// Whether the watch named `watch` has listed and lists not again.
+    fn is_current(&self, watch: &str) -> bool {
+        self.0.get(watch).is_some_and(Feed::is_current)
     }
 }
 
@@ -199,8 +201,6 @@ struct LoopState {
     segments: Segments,
     /// (Re)starts the Node watch with the topology keys to keep.
     node_keys: Option<watch::Sender<Option<KeySet>>>,
-    nodes_relist: Relist,
-    csinodes_relist: Relist,
     /// Whether capacity is tracked, as last announced.
     tracking: Option<Tracking>,
     /// The classes published for, with their GetCapacity parameters (none
@@ -211,11 +211,9 @@ struct LoopState {
     required: BTreeSet<&'static str>,
     synced_sources: BTreeSet<&'static str>,
     synced: bool,
-    /// Watches listing again after their first list: no decision (no
-    /// write, no driver call) until every one has ended.
-    relisting: BTreeSet<&'static str>,
-    /// Watches whose first list ended.
-    listed_once: BTreeSet<&'static str>,
+    /// The watches' feeds: while one lists again after its first list, no
+    /// decision (no write, no driver call) is taken.
+    feeds: Feeds,
     queue: WorkQueue<WorkItem>,
     /// Questions in flight and the items waiting for each answer.
     asking: HashMap<Query, Vec<WorkItem>>,
@@ -238,9 +236,9 @@ struct LoopState {
 #[derive(Default)]
 struct Published {
     /// volplane's objects by name, as the watch delivered them.
-    store: HashMap<String, Stored>,
-    /// The objects of a list in progress.
-    listing: Option<HashMap<String, Stored>>,
+    store: Entries<Stored>,
+    /// Objects a re-list in progress found changed by someone else.
+    changed_while_away: HashSet<String>,
     /// The object (by name) standing for each item.
     objects: HashMap<WorkItem, String>,
     /// Volplane's own writes the watch has not delivered yet, per item.
@@ -253,20 +251,18 @@ struct Published {
 /// The driver's PVs (see `volumes`).
 #[derive(Default)]
 struct Pvs {
-    /// The driver's PVs by the hash of their name (to tell a new PV from
-    /// an update), with where each is: a change of the PV refreshes the
-    /// items there, also when a re-list finds it gone.
-    volumes: HashMap<u64, volumes::Placement>,
-    volumes_listing: Option<HashMap<u64, volumes::Placement>>,
-    hasher: RandomState,
+    /// The driver's PVs by name, with where each is: a PV created or
+    /// deleted refreshes the items there, also when a re-list finds it so.
+    volumes: Entries<volumes::Placement>,
 }
 
 /// csi-provisioner's and other controllers' objects (see `adoption`).
 #[derive(Default)]
 struct Adoption {
     /// csi-provisioner's objects for the driver (`--capacity-adopt`), by name.
-    incumbents: HashMap<String, Stored>,
-    incumbents_listing: Option<HashMap<String, Stored>>,
+    incumbents: Entries<Stored>,
+    /// A re-list in progress found one of them written meanwhile.
+    written_while_away: bool,
     /// The incumbent object (by name) standing for each item.
     incumbent_items: HashMap<WorkItem, String>,
     /// When they may be adopted; `None` without `--capacity-adopt`.
@@ -276,8 +272,7 @@ struct Adoption {
     /// Takeover writes in flight: item → the object's name.
     adopting: HashMap<WorkItem, String>,
     /// Other controllers' (or nobody's) objects for the driver, reported once each.
-    foreign: HashSet<String>,
-    foreign_listing: Option<HashSet<String>>,
+    foreign: Entries<()>,
 }
 
 impl control_loop::State for LoopState {
@@ -366,16 +361,13 @@ impl LoopState {
             driver_store: inputs.driver,
             segments,
             node_keys: inputs.node_keys,
-            nodes_relist: Relist::default(),
-            csinodes_relist: Relist::default(),
             tracking: None,
             classes: BTreeMap::new(),
             oversized: HashSet::new(),
             required: inputs.required,
             synced_sources: BTreeSet::new(),
             synced: false,
-            relisting: BTreeSet::new(),
-            listed_once: BTreeSet::new(),
+            feeds: Feeds::default(),
             queue: WorkQueue::default(),
             asking: HashMap::new(),
             busy: 0,
@@ -385,9 +377,15 @@ impl LoopState {
             leadership: controller.leadership,
             leading: false,
             ready: controller.ready,
-            published: Published::default(),
+            // Keys of the namespace's objects: what a re-list compares.
+            published: Published {
+                store: Entries::in_namespace(&config.identity.namespace),
+                ..Published::default()
+            },
             pvs: Pvs::default(),
             adoption: Adoption {
+                incumbents: Entries::in_namespace(&config.identity.namespace),
+                foreign: Entries::in_namespace(&config.identity.namespace),
                 gate: config
                     .adopt_from
                     .as_ref()
@@ -429,9 +427,10 @@ impl LoopState {
             if let Some(gate) = &mut self.adoption.gate {
                 gate.restart(Instant::now());
             }
-            if self.synced {
+            // A re-list of volplane's objects in progress resyncs at its end.
+            if self.synced && self.feeds.is_current("capacities") {
                 self.follow_classes();
-                self.resync_objects(&HashMap::new());
+                self.resync_objects(&HashSet::new());
             }
         } else {
             info!(
@@ -445,61 +444,21 @@ impl LoopState {
         match signal {
             Signal::Classes { synced } => self.inputs_changed("classes", synced),
             Signal::Driver { synced } => self.inputs_changed("csidriver", synced),
-            Signal::Node(event) => {
-                self.follow_list("nodes", &event);
-                self.on_node(event);
-            }
-            Signal::CsiNode(event) => {
-                self.follow_list("csinodes", &event);
-                self.on_csinode(*event);
-            }
-            Signal::Capacity(event) => {
-                self.follow_list("capacities", &event);
-                self.on_capacity(*event);
-            }
-            Signal::Incumbent(event) => {
-                self.follow_list("incumbents", &event);
-                self.on_incumbent(*event);
-            }
-            Signal::Foreign(event) => {
-                self.follow_list("foreign capacities", &event);
-                self.on_foreign(*event);
-            }
-            Signal::Volume(event) => {
-                self.follow_list("volumes", &event);
-                self.on_volume(*event);
-            }
+            Signal::Node(event) => self.on_node(event),
+            Signal::CsiNode(event) => self.on_csinode(*event),
+            Signal::Capacity(event) => self.on_capacity(*event),
+            Signal::Incumbent(event) => self.on_incumbent(*event),
+            Signal::Foreign(event) => self.on_foreign(*event),
+            Signal::Volume(event) => self.on_volume(*event),
             Signal::WatchFailed { source, error } => {
                 warn!(source, %error, "watch failed; retrying with backoff");
             }
         }
     }
 
-    /// Notes a watch's re-list starting or ending: while any watch lists
-    /// again, no decision is taken.
-    fn follow_list<K>(&mut self, source: &'static str, event: &Event<K>) {
-        match event {
-            // A watch that lists again before the others' first lists
-            // ended counts too.
-            Event::Init if self.listed_once.contains(source) && self.relisting.insert(source) => {
-                info!(source, "re-listing; writes and driver calls wait until it ends");
-            }
-            Event::InitDone => {
-                self.listed_once.insert(source);
-                if self.relisting.remove(source) && self.relisting.is_empty() {
-                    info!(source, "re-listed; deciding again");
-                }
-            }
-            _ => {}
-        }
-        self.metrics
-            .relisting
-            .set(i64::try_from(self.relisting.len()).unwrap_or(i64::MAX));
-    }
-
     /// Whether decisions may be taken: every watch listed, none lists again.
     fn may_decide(&self) -> bool {
-        self.synced && self.relisting.is_empty()
+        self.synced && self.feeds.relisting() == 0
     }
 
     fn inputs_changed(&mut self, source: &'static str, synced: bool) {
@@ -519,7 +478,7 @@ impl LoopState {
         }
         self.synced = true;
         self.follow_classes();
-        self.resync_objects(&HashMap::new());
+        self.resync_objects(&HashSet::new());
         info!(
             segments = self.segments.len(),
             classes = self.classes.len(),
@@ -539,6 +498,7 @@ impl LoopState {
         self.metrics
             .incumbent_objects
             .set(gauge(self.adoption.incumbents.len()));
+        self.metrics.relisting.set(gauge(self.feeds.relisting()));
         self.metrics
             .queue_depth
             .set(gauge(self.queue.pending() + self.queue.in_flight()));

@@ -14,11 +14,30 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::NodeSelectorTerm;
 use k8s_openapi::api::storage::v1::CSINode;
+use volplane_runtime::{Index, Keyed, ObjectKey};
 
 use crate::model::{self, Labels, Segment};
 
 /// The topology keys whose node labels are kept.
 pub type KeySet = Arc<BTreeSet<String>>;
+
+/// A Node as the loop sees it: its name and the labels of the known
+/// topology keys.
+#[derive(Clone, Debug)]
+pub struct NodeLabels {
+    /// The node's name.
+    pub name: String,
+    /// Its labels for the keys in `kept`.
+    pub labels: Labels,
+    /// The keys the labels were cut to.
+    pub kept: KeySet,
+}
+
+impl Keyed for NodeLabels {
+    fn key(&self) -> Option<ObjectKey> {
+        (!self.name.is_empty()).then(|| ObjectKey::cluster(self.name.clone()))
+    }
+}
 
 /// What one node contributes.
 #[derive(Clone, Debug, Default)]
@@ -43,6 +62,66 @@ pub struct Applied {
     /// The CSINode named a topology key whose node labels were not kept:
     /// list the Nodes again, with [`TopologyIndex::keys`].
     pub nodes_stale: bool,
+}
+
+impl Applied {
+    /// Adds what another event applied.
+    pub fn merge(&mut self, other: Applied) {
+        self.added.extend(other.added);
+        self.removed.extend(other.removed);
+        self.nodes_stale |= other.nodes_stale;
+    }
+}
+
+/// The Nodes' side of a [`TopologyIndex`], as a watch feeds it, gathering
+/// the segments its events made come or go.
+#[derive(Debug)]
+pub struct NodesOf<'a> {
+    /// The index fed.
+    pub index: &'a mut TopologyIndex,
+    /// What the events applied.
+    pub applied: Applied,
+}
+
+impl Index<NodeLabels> for NodesOf<'_> {
+    fn apply(&mut self, node: NodeLabels) {
+        let applied = self.index.apply_node(&node.name, node.labels, node.kept);
+        self.applied.merge(applied);
+    }
+
+    fn delete(&mut self, key: &ObjectKey) {
+        let applied = self.index.delete_node(&key.name);
+        self.applied.merge(applied);
+    }
+
+    fn keys(&self) -> Vec<ObjectKey> {
+        self.index.node_names().map(ObjectKey::cluster).collect()
+    }
+}
+
+/// The CSINodes' side of a [`TopologyIndex`], as a watch feeds it.
+#[derive(Debug)]
+pub struct CsiNodesOf<'a> {
+    /// The index fed.
+    pub index: &'a mut TopologyIndex,
+    /// What the events applied.
+    pub applied: Applied,
+}
+
+impl Index<CSINode> for CsiNodesOf<'_> {
+    fn apply(&mut self, csinode: CSINode) {
+        let applied = self.index.apply_csinode(&csinode);
+        self.applied.merge(applied);
+    }
+
+    fn delete(&mut self, key: &ObjectKey) {
+        let applied = self.index.delete_csinode(&key.name);
+        self.applied.merge(applied);
+    }
+
+    fn keys(&self) -> Vec<ObjectKey> {
+        self.index.csinode_names().map(ObjectKey::cluster).collect()
+    }
 }
 
 /// The segments of one driver over all nodes, with how many nodes count

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume};
 use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, StorageClass};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use volplane_capacity::model::{DRIVER_LABEL, Enablement, MANAGED_BY_LABEL, ObjectIdentity, Segment};
@@ -886,7 +886,7 @@ async fn a_new_volume_refreshes_its_segment_and_class_at_once() {
 #[tokio::test]
 async fn across_an_api_server_gap_everything_changed_meanwhile_comes_out_right() {
     let mut h = Harness::new().await;
-    for (node, zone) in [("n1", "a"), ("n2", "b"), ("n3", "c")] {
+    for (node, zone) in [("n1", "a"), ("n2", "b"), ("n3", "c"), ("n4", "d")] {
         h.add_node(node, Some(zone), &["zone"]).await;
     }
     h.add_class("fast", "WaitForFirstConsumer", &[]).await;
@@ -909,11 +909,12 @@ async fn across_an_api_server_gap_everything_changed_meanwhile_comes_out_right()
         .await
         .expect("foreign");
     h.wait_for_published(
-        "three zones",
+        "four zones",
         &[
             ("fast", Some("a"), 4 * GI, None),
             ("fast", Some("b"), 4 * GI, None),
             ("fast", Some("c"), 4 * GI, None),
+            ("fast", Some("d"), 4 * GI, None),
         ],
     )
     .await;
@@ -922,11 +923,30 @@ async fn across_an_api_server_gap_everything_changed_meanwhile_comes_out_right()
     })
     .await;
 
+    let in_zone_d = (h.capacities().list(&ListParams::default()).await.expect("list").items)
+        .into_iter()
+        .find(|o| {
+            (o.node_topology.as_ref())
+                .and_then(|t| t.match_labels.as_ref())
+                .is_some_and(|l| l.get("zone").map(String::as_str) == Some("d"))
+        })
+        .and_then(|o| o.metadata.name)
+        .expect("zone d's object");
+
     // volplane's API server goes away. Through the other one: node n3 is
     // removed, a volume is created in zone a and one deleted in zone b
-    // (the driver reports the new values), the foreign object deleted.
+    // (the driver reports the new values), the foreign object deleted,
+    // and someone overwrites zone d's value.
     h.double.cut_off();
     let side = h.double.side_client();
+    Api::<CSIStorageCapacity>::namespaced(side.clone(), NS)
+        .patch(
+            &in_zone_d,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"capacity": "1"})),
+        )
+        .await
+        .expect("overwrite");
     Api::<CSINode>::all(side.clone())
         .delete("n3", &DeleteParams::default())
         .await
@@ -951,10 +971,15 @@ async fn across_an_api_server_gap_everything_changed_meanwhile_comes_out_right()
         .set_capacity(Some(zone("b")), None, CapacityAnswer::available(5 * GI));
     h.double.reconnect();
 
-    // With an hour-long poll, only the re-list explains the new values.
+    // With an hour-long poll, only the re-list explains the new values
+    // (and zone d's own value back).
     h.wait_for_published(
         "after the gap",
-        &[("fast", Some("a"), 3 * GI, None), ("fast", Some("b"), 5 * GI, None)],
+        &[
+            ("fast", Some("a"), 3 * GI, None),
+            ("fast", Some("b"), 5 * GI, None),
+            ("fast", Some("d"), 4 * GI, None),
+        ],
     )
     .await;
     eventually(Duration::from_secs(30), "the foreign object forgotten", || {
@@ -967,7 +992,7 @@ async fn across_an_api_server_gap_everything_changed_meanwhile_comes_out_right()
         h.metrics_text()
     );
     let objects = h.capacities().list(&ListParams::default()).await.expect("list").items;
-    assert_eq!(objects.len(), 2, "one object per (segment, class): {objects:#?}");
+    assert_eq!(objects.len(), 3, "one object per (segment, class): {objects:#?}");
     h.stop().await;
 }
 

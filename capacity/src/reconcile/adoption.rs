@@ -32,31 +32,15 @@ impl LoopState {
     /// An event of the objects for the driver that neither volplane nor
     /// csi-provisioner maintains: each is said once, never touched.
     pub(super) fn on_foreign(&mut self, event: Event<CapacityObject>) {
-        match event {
-            Event::Init => self.adoption.foreign_listing = Some(HashSet::new()),
-            Event::InitDone => {
-                // What the list did not bring was deleted meanwhile.
-                if let Some(listed) = self.adoption.foreign_listing.take() {
-                    self.adoption.foreign.retain(|name| listed.contains(name));
-                }
-            }
-            Event::InitApply(object) | Event::Apply(object) => {
-                let Some(name) = object.metadata.name.clone() else {
-                    return;
-                };
-                if let Some(listing) = &mut self.adoption.foreign_listing {
-                    listing.insert(name.clone());
-                }
-                if self.adoption.foreign.insert(name.clone()) {
-                    self.report_foreign(&name, &object);
-                }
-            }
-            Event::Delete(object) => {
-                if let Some(name) = object.metadata.name {
-                    self.adoption.foreign.remove(&name);
-                }
-            }
+        if let Event::Apply(object) | Event::InitApply(object) = &event
+            && let Some(name) = object.metadata.name.as_deref()
+            && !self.adoption.foreign.contains_key(name)
+        {
+            self.report_foreign(name, object);
         }
+        let event = convert(event, |object| Entry::of(&object, Some(())));
+        self.feeds.feed("foreign capacities", event, &mut self.adoption.foreign);
+        self.adoption.foreign.take_changes();
         self.metrics
             .foreign_objects
             .set(i64::try_from(self.adoption.foreign.len()).unwrap_or(i64::MAX));
@@ -83,61 +67,54 @@ impl LoopState {
 
     /// An event of csi-provisioner's objects for the driver.
     pub(super) fn on_incumbent(&mut self, event: Event<CapacityObject>) {
-        match event {
-            Event::Init => self.adoption.incumbents_listing = Some(HashMap::new()),
-            Event::InitApply(object) => {
-                let stored = self.stored(&object);
-                if let (Some(listing), Some(name)) = (&mut self.adoption.incumbents_listing, object.metadata.name) {
-                    listing.insert(name, stored);
-                }
-            }
-            Event::InitDone => {
-                let listed = self.adoption.incumbents_listing.take().unwrap_or_default();
-                // Written while the watch was down: as if seen one by one.
-                let written = listed.iter().any(|(name, now)| {
-                    self.adoption
-                        .incumbents
-                        .get(name)
-                        .is_none_or(|before| before.object.version != now.object.version)
-                });
-                let relisted = self.synced_sources.contains("incumbents");
-                self.adoption.incumbents = listed;
+        let event = convert(event, |object| Entry::of(&object, Some(self.stored(&object))));
+        let fed = self.feeds.feed("incumbents", event, &mut self.adoption.incumbents);
+        let changes = self.adoption.incumbents.take_changes();
+        let incumbents = &self.adoption.incumbents;
+        // Created, or written since it was last seen.
+        let written = |change: &Change<Stored>| {
+            incumbents.get(&change.name).is_some_and(|now| {
+                (change.before.as_ref()).is_none_or(|before| before.object.version != now.object.version)
+            })
+        };
+        match fed {
+            Fed::Applied(key) if self.published.store.contains_key(&key.name) => {
+                // Ours already (taken over); this watch is behind.
+                self.adoption.incumbents.take(&key.name);
                 self.index_incumbents();
-                self.synced_sources.insert("incumbents");
-                if relisted && written {
-                    self.incumbent_written(None);
-                }
-                if self.synced {
-                    self.adopt_open();
-                } else {
-                    self.try_initial_sync();
-                }
             }
-            Event::Apply(object) => {
-                let Some(name) = object.metadata.name.clone() else {
-                    return;
-                };
-                if self.published.store.contains_key(&name) {
-                    // Ours already (taken over); this watch is behind.
-                    return;
-                }
-                let stored = self.stored(&object);
-                let previous = self.adoption.incumbents.insert(name.clone(), stored.clone());
+            Fed::Applied(key) => {
+                let written = changes.iter().any(written);
                 self.index_incumbents();
-                if previous.is_none_or(|p| p.object.version != stored.object.version) {
-                    self.incumbent_written(stored.item.as_ref());
+                if written {
+                    let item = (self.adoption.incumbents.get(&key.name)).and_then(|stored| stored.item.clone());
+                    self.incumbent_written(item.as_ref());
                 }
                 if self.synced {
                     self.adopt_open();
                 }
             }
-            Event::Delete(object) => {
-                // Adopted (its labels are volplane's now) or deleted.
-                if let Some(name) = object.metadata.name {
-                    self.adoption.incumbents.remove(&name);
-                    self.index_incumbents();
-                }
-            }
+            // Adopted (its labels are volplane's now) or deleted.
+            Fed::Deleted(_) => self.index_incumbents(),
+            Fed::Listing => self.adoption.written_while_away |= changes.iter().any(written),
+            Fed::Listed { first, .. } => self.incumbents_listed(first),
+            Fed::Unnamed => {}
+        }
+    }
+
+    /// The incumbents' watch (re-)listed: one written while the watch was
+    /// away counts as if seen written.
+    fn incumbents_listed(&mut self, first: bool) {
+        let written = std::mem::take(&mut self.adoption.written_while_away);
+        self.index_incumbents();
+        self.synced_sources.insert("incumbents");
+        if !first && written {
+            self.incumbent_written(None);
+        }
+        if self.synced {
+            self.adopt_open();
+        } else {
+            self.try_initial_sync();
         }
     }
 
@@ -296,7 +273,7 @@ impl LoopState {
             .adoption
             .incumbents
             .iter()
-            .filter(|(name, _)| !self.published.store.contains_key(*name))
+            .filter(|(name, _)| !self.published.store.contains_key(name))
         {
             let standing = stored.item.as_ref().filter(|item| {
                 self.desired(item)

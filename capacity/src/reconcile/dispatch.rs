@@ -44,8 +44,8 @@ impl LoopState {
                 parameters,
             };
             match self.asking.entry(query) {
-                Entry::Occupied(mut waiting) => waiting.get_mut().push(item),
-                Entry::Vacant(slot) => {
+                hash_map::Entry::Occupied(mut waiting) => waiting.get_mut().push(item),
+                hash_map::Entry::Vacant(slot) => {
                     let query = slot.key().clone();
                     slot.insert(vec![item]);
                     self.ask(query);

@@ -22,57 +22,61 @@ impl LoopState {
     }
 
     pub(super) fn on_capacity(&mut self, event: Event<CapacityObject>) {
-        match event {
-            Event::Init => self.published.listing = Some(HashMap::new()),
-            Event::InitApply(object) => {
-                let stored = self.stored(&object);
-                if let (Some(listing), Some(name)) = (&mut self.published.listing, object.metadata.name) {
-                    listing.insert(name, stored);
+        // As it was when deleted (the watch's last word on it).
+        let deleted = match &event {
+            Event::Delete(object) => Some(self.stored(object)),
+            _ => None,
+        };
+        let event = convert(event, |object| Entry::of(&object, Some(self.stored(&object))));
+        let fed = self.feeds.feed("capacities", event, &mut self.published.store);
+        let changes = self.published.store.take_changes();
+        match fed {
+            Fed::Applied(key) => {
+                // An object just taken over from csi-provisioner may arrive
+                // here before its watch says it left.
+                if self.adoption.incumbents.take(&key.name).is_some() {
+                    self.index_incumbents();
+                }
+                let synced = self.synced;
+                for change in changes.into_iter().filter(|_| synced) {
+                    if let Some(now) = self.published.store.get(&change.name).cloned() {
+                        self.on_object(&change.name, change.before.as_ref(), &now);
+                    }
                 }
             }
-            Event::InitDone => {
-                let listed = self.published.listing.take().unwrap_or_default();
-                let previous = std::mem::replace(&mut self.published.store, listed);
+            Fed::Deleted(key) => {
+                if let Some(deleted) = deleted.filter(|_| self.synced) {
+                    self.on_object_deleted(&key.name, &deleted);
+                }
+            }
+            Fed::Listing => {
+                for change in changes {
+                    let now = self.published.store.get(&change.name);
+                    if let (Some(before), Some(now)) = (&change.before, now)
+                        && model::changed_by_others(&before.object, &now.object)
+                    {
+                        self.published.changed_while_away.insert(change.name);
+                    }
+                }
+            }
+            Fed::Listed { .. } => {
+                let changed = std::mem::take(&mut self.published.changed_while_away);
                 self.synced_sources.insert("capacities");
                 if self.synced {
-                    self.resync_objects(&previous);
+                    self.resync_objects(&changed);
                 } else {
                     self.try_initial_sync();
                 }
             }
-            Event::Apply(object) => {
-                let Some(name) = object.metadata.name.clone() else {
-                    return;
-                };
-                // An object just taken over from csi-provisioner may arrive
-                // here before its watch says it left.
-                if self.adoption.incumbents.remove(&name).is_some() {
-                    self.index_incumbents();
-                }
-                let stored = self.stored(&object);
-                let previous = self.published.store.insert(name.clone(), stored.clone());
-                if self.synced {
-                    self.on_object(&name, previous.as_ref(), &stored);
-                }
-            }
-            Event::Delete(object) => {
-                let Some(name) = object.metadata.name.clone() else {
-                    return;
-                };
-                let stored = self.stored(&object);
-                self.published.store.remove(&name);
-                if self.synced {
-                    self.on_object_deleted(&name, &stored);
-                }
-            }
+            Fed::Unnamed => {}
         }
     }
 
     /// After the capacity watch (re-)listed: the listed objects are mapped
     /// onto the items by [`model::reconcile_objects`]; what vanished
     /// meanwhile is re-created, what appeared is adopted or deleted, what
-    /// changed since `previous` (the objects before the list) is refreshed.
-    pub(super) fn resync_objects(&mut self, previous: &HashMap<String, Stored>) {
+    /// someone else `changed` meanwhile (by name) is refreshed.
+    pub(super) fn resync_objects(&mut self, changed: &HashSet<String>) {
         let now = Instant::now();
         self.keep_unseen_writes(now);
         // Deletes in flight stay; those whose object is gone are done.
@@ -94,11 +98,8 @@ impl LoopState {
         }
         let known = std::mem::take(&mut self.published.objects);
         for (item, name) in plan.adopt {
-            let refresh = match (known.get(&item), previous.get(&name), self.published.store.get(&name)) {
-                (Some(was), Some(before), Some(now)) if *was == name => {
-                    model::changed_by_others(&before.object, &now.object)
-                }
-                (Some(was), None, Some(_)) if *was == name => false,
+            let refresh = match known.get(&item) {
+                Some(was) if *was == name => changed.contains(&name),
                 _ => {
                     debug!(%item, %name, "adopting object");
                     true

@@ -6,85 +6,48 @@
 use super::*;
 
 impl LoopState {
-    pub(super) fn index(&mut self) -> Option<&mut TopologyIndex> {
-        match &mut self.segments {
-            Segments::Central(index) => Some(index),
-            Segments::Fixed(_) => None,
+    /// A Node event (central mode): its segment may come or go.
+    pub(super) fn on_node(&mut self, event: Event<NodeLabels>) {
+        let Segments::Central(index) = &mut self.segments else {
+            return;
+        };
+        let mut nodes = NodesOf {
+            index,
+            applied: Applied::default(),
+        };
+        let fed = self.feeds.feed("nodes", event, &mut nodes);
+        let applied = nodes.applied;
+        self.segments_changed(applied);
+        if matches!(fed, Fed::Listed { .. }) {
+            self.synced_sources.insert("nodes");
+            self.try_initial_sync();
         }
     }
 
-    pub(super) fn on_node(&mut self, event: Event<NodeLabels>) {
-        let applied = match event {
-            Event::Init => {
-                self.nodes_relist.start();
-                return;
-            }
-            Event::InitApply(node) => {
-                self.nodes_relist.saw(&node.name);
-                self.apply_node(node)
-            }
-            Event::Apply(node) => self.apply_node(node),
-            Event::Delete(node) => self.index().map(|index| index.delete_node(&node.name)),
-            Event::InitDone => {
-                let gone = match &mut self.segments {
-                    Segments::Central(index) => self.nodes_relist.gone(index.node_names()),
-                    Segments::Fixed(_) => Vec::new(),
-                };
-                for name in gone {
-                    let applied = self.index().map(|index| index.delete_node(&name));
-                    self.segments_changed(applied);
-                }
-                self.synced_sources.insert("nodes");
-                self.try_initial_sync();
-                return;
-            }
-        };
-        self.segments_changed(applied);
-    }
-
-    pub(super) fn apply_node(&mut self, node: NodeLabels) -> Option<Applied> {
-        self.index()
-            .map(|index| index.apply_node(&node.name, node.labels, node.kept))
-    }
-
+    /// A CSINode event (central mode): its node's segment may come or go,
+    /// and a topology key never seen before lists the Nodes again.
     pub(super) fn on_csinode(&mut self, event: Event<k8s_openapi::api::storage::v1::CSINode>) {
-        let applied = match event {
-            Event::Init => {
-                self.csinodes_relist.start();
-                return;
-            }
-            Event::InitApply(csinode) => {
-                self.csinodes_relist
-                    .saw(csinode.metadata.name.as_deref().unwrap_or_default());
-                self.index().map(|index| index.apply_csinode(&csinode))
-            }
-            Event::Apply(csinode) => self.index().map(|index| index.apply_csinode(&csinode)),
-            Event::Delete(csinode) => {
-                let name = csinode.metadata.name.unwrap_or_default();
-                self.index().map(|index| index.delete_csinode(&name))
-            }
-            Event::InitDone => {
-                let gone = match &mut self.segments {
-                    Segments::Central(index) => self.csinodes_relist.gone(index.csinode_names()),
-                    Segments::Fixed(_) => Vec::new(),
-                };
-                for name in gone {
-                    let applied = self.index().map(|index| index.delete_csinode(&name));
-                    self.segments_changed(applied);
-                }
-                if self.synced_sources.insert("csinodes") {
-                    // The keys are known: the Node watch can start.
-                    self.restart_node_watch();
-                }
-                self.try_initial_sync();
-                return;
-            }
+        let Segments::Central(index) = &mut self.segments else {
+            return;
         };
-        if applied.as_ref().is_some_and(|a| a.nodes_stale) && self.synced_sources.contains("csinodes") {
+        let mut csinodes = CsiNodesOf {
+            index,
+            applied: Applied::default(),
+        };
+        let fed = self.feeds.feed("csinodes", event, &mut csinodes);
+        let applied = csinodes.applied;
+        if applied.nodes_stale && self.synced_sources.contains("csinodes") {
             info!("a CSINode names a new topology key; listing the Nodes again");
             self.restart_node_watch();
         }
         self.segments_changed(applied);
+        if matches!(fed, Fed::Listed { .. }) {
+            if self.synced_sources.insert("csinodes") {
+                // The keys are known: the Node watch can start.
+                self.restart_node_watch();
+            }
+            self.try_initial_sync();
+        }
     }
 
     pub(super) fn restart_node_watch(&mut self) {
@@ -98,10 +61,7 @@ impl LoopState {
     }
 
     /// Segments came or went: their items are scheduled or dropped.
-    pub(super) fn segments_changed(&mut self, applied: Option<Applied>) {
-        let Some(applied) = applied else {
-            return;
-        };
+    pub(super) fn segments_changed(&mut self, applied: Applied) {
         if !self.synced {
             return;
         }

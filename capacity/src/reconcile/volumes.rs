@@ -5,62 +5,35 @@
 use super::*;
 
 impl LoopState {
-    pub(super) fn volume_key(&self, pv: &VolumeObject) -> u64 {
-        self.pvs
-            .hasher
-            .hash_one(pv.metadata.name.as_deref().unwrap_or_default())
-    }
-
+    /// A PV event (central mode): a PV of the driver created or deleted
+    /// refreshes its items, also when a re-list finds it so.
     pub(super) fn on_volume(&mut self, event: Event<VolumeObject>) {
         let driver = self.config.driver.as_str();
-        match event {
-            Event::Init => self.pvs.volumes_listing = Some(HashMap::new()),
-            Event::InitApply(pv) if model::is_volume_of(&pv, driver) => {
-                let (key, placement) = (self.volume_key(&pv), self.placement(&pv));
-                if let Some(listing) = &mut self.pvs.volumes_listing {
-                    listing.insert(key, placement);
-                }
+        let event = convert(event, |pv| {
+            let placement = model::is_volume_of(&pv, driver).then(|| self.placement(&pv));
+            Entry::of(&pv, placement)
+        });
+        let fed = self.feeds.feed("volumes", event, &mut self.pvs.volumes);
+        let changes = self.pvs.volumes.take_changes();
+        let away = matches!(fed, Fed::Listing | Fed::Listed { .. });
+        if self.synced {
+            for change in changes {
+                let (items, why) = match (change.before, self.pvs.volumes.get(&change.name)) {
+                    (None, Some(now)) if away => (self.placement_items(now), "volume created while the watch was away"),
+                    (None, Some(now)) => (self.placement_items(now), "volume created"),
+                    (Some(before), None) if away => {
+                        (self.placement_items(&before), "volume deleted while the watch was away")
+                    }
+                    (Some(before), None) => (self.placement_items(&before), "volume deleted"),
+                    _ => continue,
+                };
+                self.refresh(&items, why);
             }
-            Event::InitDone => self.volumes_listed(),
-            Event::Apply(pv) if model::is_volume_of(&pv, driver) => {
-                let placement = self.placement(&pv);
-                let items = self.placement_items(&placement);
-                let created = self.pvs.volumes.insert(self.volume_key(&pv), placement).is_none();
-                if created && self.synced {
-                    self.refresh(&items, "volume created");
-                }
-            }
-            Event::Delete(pv) if model::is_volume_of(&pv, driver) => {
-                self.pvs.volumes.remove(&self.volume_key(&pv));
-                let items = self.placement_items(&self.placement(&pv));
-                if self.synced {
-                    self.refresh(&items, "volume deleted");
-                }
-            }
-            _ => {}
         }
-    }
-
-    /// The PV list ended: PVs created or deleted while the watch was away
-    /// refresh their items now, not at the next poll.
-    pub(super) fn volumes_listed(&mut self) {
-        let listed = self.pvs.volumes_listing.take().unwrap_or_default();
-        let previous = std::mem::replace(&mut self.pvs.volumes, listed);
-        self.synced_sources.insert("volumes");
-        if !self.synced {
+        if matches!(fed, Fed::Listed { .. }) {
+            self.synced_sources.insert("volumes");
             self.try_initial_sync();
-            return;
         }
-        let created: Vec<WorkItem> = (self.pvs.volumes.iter())
-            .filter(|(key, _)| !previous.contains_key(*key))
-            .flat_map(|(_, placement)| self.placement_items(placement))
-            .collect();
-        let deleted: Vec<WorkItem> = (previous.iter())
-            .filter(|(key, _)| !self.pvs.volumes.contains_key(*key))
-            .flat_map(|(_, placement)| self.placement_items(placement))
-            .collect();
-        self.refresh(&created, "volume created while the watch was away");
-        self.refresh(&deleted, "volume deleted while the watch was away");
     }
 
     /// Where the PV is, as kept to refresh its items later: its class,

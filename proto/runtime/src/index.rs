@@ -69,6 +69,32 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+/// What a feed can name: a Kubernetes object, or what a controller made of
+/// one before feeding it (an [`Entry`](crate::entries::Entry), a node cut
+/// to a few labels).
+pub trait Keyed {
+    /// The key; `None` when the object has no name.
+    fn key(&self) -> Option<ObjectKey>;
+}
+
+impl<K: Resource> Keyed for K {
+    fn key(&self) -> Option<ObjectKey> {
+        ObjectKey::of(self)
+    }
+}
+
+/// The same event about what `convert` makes of its object (a list's
+/// start and end pass through).
+pub fn convert<K, T>(event: Event<K>, convert: impl FnOnce(K) -> T) -> Event<T> {
+    match event {
+        Event::Init => Event::Init,
+        Event::InitApply(object) => Event::InitApply(convert(object)),
+        Event::InitDone => Event::InitDone,
+        Event::Apply(object) => Event::Apply(convert(object)),
+        Event::Delete(object) => Event::Delete(convert(object)),
+    }
+}
+
 /// A controller's view of one watched collection.
 pub trait Index<K> {
     /// `object` was listed, created or changed.
@@ -153,8 +179,14 @@ impl Feed {
         self.lists > 0 && self.listing.is_none()
     }
 
+    /// Whether a list is under way after an earlier one ended (the
+    /// watch came back from an error, or started over).
+    pub fn is_relisting(&self) -> bool {
+        self.lists > 0 && self.listing.is_some()
+    }
+
     /// Applies one watch event to `index`.
-    pub fn feed<K: Resource, I: Index<K> + ?Sized>(&mut self, event: Event<K>, index: &mut I) -> Fed {
+    pub fn feed<K: Keyed, I: Index<K> + ?Sized>(&mut self, event: Event<K>, index: &mut I) -> Fed {
         match event {
             Event::Init => {
                 if self.lists > 0 {
@@ -169,7 +201,7 @@ impl Feed {
             Event::InitApply(object) => self.listed_one(object, index),
             Event::InitDone => self.list_ended(index),
             Event::Apply(object) => {
-                let Some(key) = ObjectKey::of(&object) else {
+                let Some(key) = object.key() else {
                     return Fed::Unnamed;
                 };
                 if let Some(Listing { seen: Some(seen) }) = &mut self.listing {
@@ -180,7 +212,7 @@ impl Feed {
                 Fed::Applied(key)
             }
             Event::Delete(object) => {
-                let Some(key) = ObjectKey::of(&object) else {
+                let Some(key) = object.key() else {
                     return Fed::Unnamed;
                 };
                 if let Some(Listing { seen: Some(seen) }) = &mut self.listing {
@@ -192,8 +224,8 @@ impl Feed {
         }
     }
 
-    fn listed_one<K: Resource, I: Index<K> + ?Sized>(&mut self, object: K, index: &mut I) -> Fed {
-        let Some(key) = ObjectKey::of(&object) else {
+    fn listed_one<K: Keyed, I: Index<K> + ?Sized>(&mut self, object: K, index: &mut I) -> Fed {
+        let Some(key) = object.key() else {
             return Fed::Unnamed;
         };
         if let Some(Listing { seen: Some(seen) }) = &mut self.listing {

@@ -23,6 +23,7 @@
 
 pub mod backoff;
 pub mod control_loop;
+pub mod entries;
 pub mod events;
 pub mod index;
 pub mod leadership;
@@ -35,7 +36,8 @@ pub mod text;
 pub mod work_queue;
 
 pub use backoff::Backoff;
-pub use index::{Fed, Feed, Index, ObjectKey};
+pub use entries::{Change, Entries, Entry};
+pub use index::{Fed, Feed, Index, Keyed, ObjectKey};
 pub use leadership::{Leadership, NotLeader, Term};
 pub use readiness::Readiness;
 pub use work_queue::WorkQueue;

@@ -88,6 +88,7 @@ fn a_feed_is_current_only_after_its_first_list_ends() {
     assert!(!feed.is_current());
     assert_eq!(feed.feed(Event::Init, &mut index), Fed::Listing);
     assert!(!feed.is_current());
+    assert!(!feed.is_relisting(), "a first list is not a re-list");
     assert_eq!(
         feed.feed(Event::InitDone, &mut index),
         Fed::Listed {
@@ -108,8 +109,10 @@ fn a_relist_deletes_what_vanished_during_the_gap() {
         vec![object("a", 1, false), object("b", 1, false)],
     );
     // The watch broke; "a" was deleted and "c" created while it was away.
+    assert!(!feed.is_relisting());
     assert_eq!(feed.feed(Event::Init, &mut index), Fed::Listing);
     assert!(!feed.is_current());
+    assert!(feed.is_relisting());
     feed.feed(Event::InitApply(object("b", 2, false)), &mut index);
     feed.feed(Event::InitApply(object("c", 1, false)), &mut index);
     assert_eq!(
@@ -122,6 +125,7 @@ fn a_relist_deletes_what_vanished_during_the_gap() {
     assert_eq!(index.deletes, vec![key("a")]);
     assert_eq!(index.held, [(key("b"), 2), (key("c"), 1)].into());
     assert!(feed.is_current());
+    assert!(!feed.is_relisting());
 }
 
 #[test]
