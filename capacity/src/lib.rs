@@ -5,6 +5,7 @@
 //! - [`model`]: pure — segments, classes, objects, reconciliation.
 //! - [`topology`]: pure — central mode's segments, updated event by event.
 //! - [`adopt`]: pure — when csi-provisioner's objects may be taken over.
+//! - [`in_flight`]: pure — what the scheduler's placements in flight reserve.
 //! - [`reconcile`]: the I/O — the loop over the watches (`inputs`), GetCapacity, writes, events, metrics.
 //! - `config`: what the controller is told up front ([`CapacityConfig`]).
 //! - [`owner`]: resolves `--capacity-owner` to an owner reference.
@@ -12,6 +13,7 @@
 pub mod adopt;
 mod config;
 mod error;
+pub mod in_flight;
 mod inputs;
 pub mod metrics;
 pub mod model;
