@@ -28,7 +28,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
-use volplane_runtime::ObjectKey;
+use volplane_runtime::{Index, Keyed, ObjectKey};
 
 use crate::model::{PublishedCapacity, WorkItem};
 use crate::quantity::parse_bytes;
@@ -232,6 +232,13 @@ impl InFlight {
         self.claims.len()
     }
 
+    /// How many claims reserve bytes for an item now (a claim of a class
+    /// not published for, or on a node in no segment, is held but reserves
+    /// nothing).
+    pub fn reserving(&self) -> usize {
+        self.reserved.values().map(|r| r.claims.len()).sum()
+    }
+
     /// Whether no claim is held.
     pub fn is_empty(&self) -> bool {
         self.claims.is_empty()
@@ -363,6 +370,44 @@ impl InFlight {
             }
         }
         vec![item]
+    }
+}
+
+/// An [`InFlight`] as a claim watch feeds it, with how a (node, class)
+/// maps to an item now, gathering the items to refresh.
+pub struct ClaimsOf<'a, F> {
+    /// The index fed.
+    pub in_flight: &'a mut InFlight,
+    /// The item a (node, class) counts for.
+    pub item_of: F,
+    /// Items whose reservation changed, or whose claim was just bound.
+    pub refresh: Vec<WorkItem>,
+}
+
+impl<F> fmt::Debug for ClaimsOf<'_, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClaimsOf")
+            .field("in_flight", &self.in_flight)
+            .field("refresh", &self.refresh)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: Fn(&str, &str) -> Option<WorkItem>> Index<ClaimObject> for ClaimsOf<'_, F> {
+    fn apply(&mut self, claim: ClaimObject) {
+        if let Some(key) = claim.key() {
+            let refresh = self.in_flight.apply(key, claimed(&claim), &self.item_of);
+            self.refresh.extend(refresh);
+        }
+    }
+
+    fn delete(&mut self, key: &ObjectKey) {
+        let refresh = self.in_flight.delete(key);
+        self.refresh.extend(refresh);
+    }
+
+    fn keys(&self) -> Vec<ObjectKey> {
+        self.in_flight.keys().cloned().collect()
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use volplane_runtime::relist::relisting;
 
 use crate::config::{CapacityConfig, Topology};
+use crate::in_flight::ClaimObject;
 use crate::model::{CapacityObject, Enablement, VolumeObject};
 use crate::topology::{KeySet, NodeLabels, kept_labels};
 
@@ -41,6 +42,8 @@ pub enum Signal {
     Foreign(Box<Event<CapacityObject>>),
     /// A PV event (central mode).
     Volume(Box<Event<VolumeObject>>),
+    /// A PVC event (central mode): the scheduler's placements in flight.
+    Claim(Box<Event<ClaimObject>>),
     /// A watch failed; it retries with backoff.
     WatchFailed { source: &'static str, error: String },
 }
@@ -104,7 +107,8 @@ impl Inputs {
     }
 
     /// A central instance's cluster-wide watches: other controllers'
-    /// objects for the driver, PVs and, with topology, CSINodes and Nodes.
+    /// objects for the driver, PVs, PVCs (slim: the placements in flight)
+    /// and, with topology, CSINodes and Nodes.
     fn watch_central(&mut self, client: &kube::Client, config: &CapacityConfig) {
         // Everyone else's objects for the driver: reported, never touched.
         let others = format!(
@@ -122,6 +126,12 @@ impl Inputs {
             "volumes",
             signals("volumes", Api::<VolumeObject>::all(client.clone()), |e| {
                 Signal::Volume(Box::new(e))
+            }),
+        );
+        self.add(
+            "claims",
+            signals("claims", Api::<ClaimObject>::all(client.clone()), |e| {
+                Signal::Claim(Box::new(e))
             }),
         );
         if config.topology == Topology::Central {

@@ -34,6 +34,10 @@ pub struct CapacityMetrics {
     pub foreign_objects: Gauge,
     /// Watches listing again (after an error or a 410): decisions wait.
     pub relisting: Gauge,
+    /// Claims placed by the scheduler whose reservation stands (central mode).
+    pub placements_in_flight: Gauge,
+    /// Bytes those placements reserve over all items.
+    pub reserved_bytes: Gauge,
 }
 
 impl CapacityMetrics {
@@ -51,6 +55,8 @@ impl CapacityMetrics {
             incumbent_running: Gauge::default(),
             foreign_objects: Gauge::default(),
             relisting: Gauge::default(),
+            placements_in_flight: Gauge::default(),
+            reserved_bytes: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("capacity");
         for (name, help, gauge) in metrics.gauges() {
@@ -70,7 +76,7 @@ impl CapacityMetrics {
     }
 
     /// Every gauge with its name and help.
-    fn gauges(&self) -> [(&'static str, &'static str, &Gauge); 9] {
+    fn gauges(&self) -> [(&'static str, &'static str, &Gauge); 11] {
         [
             (
                 "objects_desired",
@@ -112,6 +118,16 @@ impl CapacityMetrics {
                 "watches_relisting",
                 "watches listing again after an error or a 410 Gone: no write and no GetCapacity call until they end",
                 &self.relisting,
+            ),
+            (
+                "placements_in_flight",
+                "claims the scheduler placed (volume.kubernetes.io/selected-node) whose reservation stands: not bound yet, or bound and not yet in an answer of the driver (central mode)",
+                &self.placements_in_flight,
+            ),
+            (
+                "reserved_bytes",
+                "bytes the placements in flight reserve, subtracted from the driver's values in what is published",
+                &self.reserved_bytes,
             ),
         ]
     }

@@ -41,6 +41,7 @@ use volplane_runtime::{
 use crate::adopt::{Appeared, Gate, Stage};
 pub use crate::config::{CapacityConfig, Topology};
 use crate::error::{Error, Result};
+use crate::in_flight::{self, ClaimObject, ClaimsOf, InFlight, Moment};
 use crate::inputs::{Inputs, Signal};
 use crate::metrics::CapacityMetrics;
 use crate::model::{
@@ -51,6 +52,7 @@ use crate::topology::{Applied, CsiNodesOf, KeySet, NodeLabels, NodesOf, Segments
 mod adoption;
 mod dispatch;
 mod objects;
+mod placements;
 mod segments;
 mod volumes;
 
@@ -87,7 +89,12 @@ struct Written {
 }
 
 enum Done {
-    Answered(Query, std::result::Result<CapacityReport, volplane_csi::CsiError>),
+    /// The driver answered a question asked at a moment of the placements.
+    Answered(
+        Query,
+        Moment,
+        std::result::Result<CapacityReport, volplane_csi::CsiError>,
+    ),
     Wrote(WorkItem, PublishedCapacity, Result<Written>),
     Deleted(String, Result<()>),
 }
@@ -229,6 +236,8 @@ struct LoopState {
     published: Published,
     pvs: Pvs,
     adoption: Adoption,
+    /// The scheduler's placements in flight (central mode).
+    in_flight: InFlight,
 }
 
 /// volplane's objects as the watch delivered them, and its own writes on
@@ -328,7 +337,7 @@ impl control_loop::State for LoopState {
 
     fn finished_on_shutdown(&mut self, done: Done) {
         match done {
-            Done::Answered(query, Err(error)) => {
+            Done::Answered(query, _, Err(error)) => {
                 warn!(segment = %query.segment, %error, "GetCapacity failed during shutdown");
             }
             Done::Wrote(item, _, Err(error)) => warn!(%item, %error, "write failed during shutdown"),
@@ -383,6 +392,7 @@ impl LoopState {
                 ..Published::default()
             },
             pvs: Pvs::default(),
+            in_flight: InFlight::default(),
             adoption: Adoption {
                 incumbents: Entries::in_namespace(&config.identity.namespace),
                 foreign: Entries::in_namespace(&config.identity.namespace),
@@ -450,6 +460,7 @@ impl LoopState {
             Signal::Incumbent(event) => self.on_incumbent(*event),
             Signal::Foreign(event) => self.on_foreign(*event),
             Signal::Volume(event) => self.on_volume(*event),
+            Signal::Claim(event) => self.on_claim(*event),
             Signal::WatchFailed { source, error } => {
                 warn!(source, %error, "watch failed; retrying with backoff");
             }
@@ -499,6 +510,9 @@ impl LoopState {
             .incumbent_objects
             .set(gauge(self.adoption.incumbents.len()));
         self.metrics.relisting.set(gauge(self.feeds.relisting()));
+        self.metrics.placements_in_flight.set(gauge(self.in_flight.reserving()));
+        let reserved = (self.in_flight.items()).fold(0i64, |sum, (_, bytes)| sum.saturating_add(bytes));
+        self.metrics.reserved_bytes.set(reserved);
         self.metrics
             .queue_depth
             .set(gauge(self.queue.pending() + self.queue.in_flight()));

@@ -416,7 +416,22 @@ impl Segments {
     }
 }
 
+impl Segments {
+    /// The segment node `node` counts for (a fixed segment: every node's).
+    pub fn segment_of(&self, node: &str) -> Option<&Segment> {
+        match self {
+            Self::Fixed(segment) => Some(segment),
+            Self::Central(index) => index.segment_of(node),
+        }
+    }
+}
+
 impl TopologyIndex {
+    /// The segment node `node` counts for, if any.
+    pub fn segment_of(&self, node: &str) -> Option<&Segment> {
+        self.nodes.get(node).and_then(|n| n.segment.as_ref())
+    }
+
     /// The index's copy of `segment` when a node counts for it.
     pub fn shared(&self, segment: Segment) -> Segment {
         self.segments

@@ -1624,3 +1624,93 @@ async fn objects_of_other_controllers_are_reported_once_and_never_touched() {
     assert_eq!(untouched.metadata.resource_version, foreign.metadata.resource_version);
     h.stop().await;
 }
+
+fn placed_claim(name: &str, node: &str, class: &str, size: &str) -> k8s_openapi::api::core::v1::PersistentVolumeClaim {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": NS, "annotations": {"volume.kubernetes.io/selected-node": node}},
+        "spec": {"storageClassName": class, "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
+    }))
+    .expect("claim")
+}
+
+#[tokio::test]
+async fn placements_in_flight_reserve_their_bytes_until_the_driver_counts_them() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_node("n2", Some("b"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(100 * GI));
+    // Hourly polls: only the placements explain what changes.
+    h.start(config(Duration::from_secs(3600), Topology::Central, true))
+        .await;
+    h.wait_for_published(
+        "at rest",
+        &[("fast", Some("a"), 100 * GI, None), ("fast", Some("b"), 100 * GI, None)],
+    )
+    .await;
+    let claims = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(h.client.clone(), NS);
+    let create = |claim| {
+        let claims = claims.clone();
+        async move { claims.create(&PostParams::default(), &claim).await.expect("claim") }
+    };
+    // Placed by the scheduler, not provisioned yet: 30Gi of zone a are taken.
+    create(placed_claim("c1", "n1", "fast", "30Gi")).await;
+    // A class volplane does not publish for reserves nothing.
+    create(placed_claim("c-other", "n1", "slow", "50Gi")).await;
+    h.wait_for_published(
+        "c1 in flight",
+        &[("fast", Some("a"), 70 * GI, None), ("fast", Some("b"), 100 * GI, None)],
+    )
+    .await;
+    // A second placement, given back by the provisioner (provisioning failed).
+    create(placed_claim("c2", "n1", "fast", "10Gi")).await;
+    h.wait_for_published(
+        "c2 in flight too",
+        &[("fast", Some("a"), 60 * GI, None), ("fast", Some("b"), 100 * GI, None)],
+    )
+    .await;
+    let unplace = json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": null}}});
+    claims
+        .patch("c2", &PatchParams::default(), &Patch::Merge(unplace))
+        .await
+        .expect("unplace");
+    h.wait_for_published(
+        "c2 given back",
+        &[("fast", Some("a"), 70 * GI, None), ("fast", Some("b"), 100 * GI, None)],
+    )
+    .await;
+    // c1's volume is created: the driver counts it, and the claim is bound.
+    // Its reservation ends with the driver's next answer, so 30Gi are not
+    // counted twice, and never zero times.
+    h.driver
+        .set_capacity(Some(zone("a")), None, CapacityAnswer::available(70 * GI));
+    let bind = json!({"spec": {"volumeName": "pv-c1"}});
+    claims
+        .patch("c1", &PatchParams::default(), &Patch::Merge(bind))
+        .await
+        .expect("bind");
+    eventually(Duration::from_secs(10), "no placement left in flight", || {
+        h.metrics_text().contains("volplane_capacity_placements_in_flight 0")
+    })
+    .await;
+    assert_eq!(
+        h.published().await[0].2,
+        format_bytes(70 * GI),
+        "the driver's value alone once it counts the volume"
+    );
+    // A placement whose pod (and claim) is deleted gives its bytes back at once.
+    create(placed_claim("c3", "n2", "fast", "20Gi")).await;
+    h.wait_for_published(
+        "c3 in flight",
+        &[("fast", Some("a"), 70 * GI, None), ("fast", Some("b"), 80 * GI, None)],
+    )
+    .await;
+    claims.delete("c3", &DeleteParams::default()).await.expect("delete");
+    h.wait_for_published(
+        "c3 deleted",
+        &[("fast", Some("a"), 70 * GI, None), ("fast", Some("b"), 100 * GI, None)],
+    )
+    .await;
+    assert!(h.metrics_text().contains("volplane_capacity_reserved_bytes 0"));
+    h.stop().await;
+}

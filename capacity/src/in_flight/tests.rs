@@ -44,6 +44,11 @@ fn placed_claims_reserve_their_requests_on_their_node_and_class() {
     assert_eq!(in_flight.apply(key("d"), placed("n1", "other", GI), item_of), vec![]);
     assert_eq!(in_flight.reserved(&item("n1", "fast")), 15 * GI);
     assert_eq!(in_flight.reserved(&item("n2", "fast")), 7 * GI);
+    assert_eq!(
+        (in_flight.len(), in_flight.reserving()),
+        (4, 3),
+        "the other class's claim reserves nothing"
+    );
     assert_eq!(in_flight.reserved(&item("n3", "fast")), 0);
     // The same event again changes nothing and refreshes nothing.
     assert_eq!(

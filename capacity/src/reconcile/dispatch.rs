@@ -59,6 +59,7 @@ impl LoopState {
         self.busy += 1;
         let csi = self.csi.clone();
         let metrics = self.metrics.clone();
+        let asked = self.in_flight.now();
         let request = CapacityQuery {
             parameters: (*query.parameters).clone(),
             topology: self.config.send_topology.then(|| query.segment.labels().clone()),
@@ -75,7 +76,7 @@ impl LoopState {
                     .get_capacity_seconds
                     .get_or_create(&vec![("grpc_code", code.to_string())])
                     .observe(started.elapsed().as_secs_f64());
-                Done::Answered(query, report)
+                Done::Answered(query, asked, report)
             }
             .boxed(),
         );
@@ -83,12 +84,12 @@ impl LoopState {
 
     pub(super) fn finished(&mut self, done: Done) {
         match done {
-            Done::Answered(query, report) => {
+            Done::Answered(query, asked, report) => {
                 self.busy -= 1;
                 let waiting = self.asking.remove(&query).unwrap_or_default();
                 for item in waiting {
                     match &report {
-                        Ok(report) => self.answered(item, *report),
+                        Ok(report) => self.answered(item, *report, asked),
                         Err(error) => self.refreshed(item, Err(Error::Csi(error.clone()))),
                     }
                 }
@@ -109,13 +110,11 @@ impl LoopState {
         }
     }
 
-    /// The driver answered for `item`: its object is created or patched
-    /// when the value (or anything else volplane owns in it) changed.
-    pub(super) fn answered(&mut self, item: WorkItem, report: CapacityReport) {
-        let value = PublishedCapacity {
-            capacity: report.available_capacity,
-            maximum_volume_size: report.maximum_volume_size,
-        };
+    /// The driver answered for `item` (asked at `asked`): its object is
+    /// created or patched when the value (or anything else volplane owns
+    /// in it) changed.
+    pub(super) fn answered(&mut self, item: WorkItem, report: CapacityReport, asked: Moment) {
+        let value = self.published_value(&item, report, asked);
         if !self.desired(&item) {
             self.queue.finish(&item);
             return;

@@ -65,6 +65,9 @@ impl LoopState {
         if !self.synced {
             return;
         }
+        if !applied.added.is_empty() || !applied.removed.is_empty() {
+            self.relocate_placements();
+        }
         let now = Instant::now();
         let classes: Vec<Arc<str>> = self.classes.keys().cloned().collect();
         for segment in applied.removed {
@@ -174,6 +177,9 @@ impl LoopState {
             .cloned()
             .collect();
         self.classes = classes;
+        if !added.is_empty() || !removed.is_empty() {
+            self.relocate_placements();
+        }
         let segments: Vec<Segment> = self.segments.iter().cloned().collect();
         for class in removed {
             for segment in &segments {

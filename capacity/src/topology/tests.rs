@@ -21,26 +21,18 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 /// event: for each CSINode listing the driver with keys, those keys'
 /// values from its Node's labels; nodes without Node or a key skipped.
 fn from_scratch(nodes: &BTreeMap<String, Labels>, csinodes: &BTreeMap<String, CSINode>) -> BTreeSet<Segment> {
-    let mut segments = BTreeSet::new();
-    for (name, csinode) in csinodes {
-        let Some(keys) = csinode
-            .spec
-            .drivers
-            .iter()
-            .find(|d| d.name == DRIVER)
-            .and_then(|d| d.topology_keys.as_ref())
-            .filter(|keys| !keys.is_empty())
-        else {
-            continue;
-        };
-        let Some(node_labels) = nodes.get(name) else {
-            continue;
-        };
-        if let Some(segment) = segment_labels(keys, node_labels) {
-            segments.insert(Segment::new(segment));
-        }
-    }
-    segments
+    (csinodes.keys())
+        .filter_map(|name| node_segment(nodes, csinodes, name))
+        .collect()
+}
+
+/// The segment of one node, from scratch.
+fn node_segment(nodes: &BTreeMap<String, Labels>, csinodes: &BTreeMap<String, CSINode>, name: &str) -> Option<Segment> {
+    let keys = (csinodes.get(name)?.spec.drivers.iter())
+        .find(|d| d.name == DRIVER)
+        .and_then(|d| d.topology_keys.as_ref())
+        .filter(|keys| !keys.is_empty())?;
+    segment_labels(keys, nodes.get(name)?).map(Segment::new)
 }
 
 /// A watch of Nodes as the I/O runs it: labels cut to the index's keys.
@@ -191,6 +183,10 @@ proptest! {
             }
             let expected = from_scratch(&nodes, &csinodes);
             prop_assert_eq!(&current(&index), &expected);
+            for n in 0..5 {
+                let name = format!("n{n}");
+                prop_assert_eq!(index.segment_of(&name).cloned(), node_segment(&nodes, &csinodes, &name));
+            }
             prop_assert_eq!(&followed, &expected);
         }
     }

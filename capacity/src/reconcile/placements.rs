@@ -1,0 +1,72 @@
+//! The scheduler's placements in flight (central mode): claims placed on
+//! a node and not provisioned yet reserve their bytes in what is published
+//! for the node's segment and the claim's class (see [`crate::in_flight`]).
+
+use super::*;
+
+/// How a (node, class) maps to an item now: the node's segment and the
+/// class, when it is published for.
+fn item_of<'a>(
+    segments: &'a Segments,
+    classes: &'a BTreeMap<Arc<str>, Arc<Labels>>,
+) -> impl Fn(&str, &str) -> Option<WorkItem> + 'a {
+    move |node, class| {
+        let (class, _) = classes.get_key_value(class)?;
+        Some(WorkItem {
+            segment: segments.segment_of(node)?.clone(),
+            class: class.clone(),
+        })
+    }
+}
+
+impl LoopState {
+    /// A claim event: a placement that came, went or was bound refreshes
+    /// its item at once (the driver is asked, and what is published is its
+    /// value less what is in flight).
+    pub(super) fn on_claim(&mut self, event: Event<ClaimObject>) {
+        let mut claims = ClaimsOf {
+            in_flight: &mut self.in_flight,
+            item_of: item_of(&self.segments, &self.classes),
+            refresh: Vec::new(),
+        };
+        let fed = self.feeds.feed("claims", event, &mut claims);
+        let refresh = std::mem::take(&mut claims.refresh);
+        drop(claims);
+        if self.synced {
+            self.refresh(&refresh, "placement in flight");
+        }
+        if matches!(fed, Fed::Listed { .. }) {
+            self.synced_sources.insert("claims");
+            self.try_initial_sync();
+        }
+    }
+
+    /// Segments or classes changed: every placement counts for the item
+    /// it belongs to now.
+    pub(super) fn relocate_placements(&mut self) {
+        if self.in_flight.is_empty() {
+            return;
+        }
+        let changed = self.in_flight.relocate(item_of(&self.segments, &self.classes));
+        if self.synced {
+            self.refresh(&changed, "placements in flight moved");
+        }
+    }
+
+    /// The driver's value for `item` as published: less what its
+    /// placements in flight reserve (those its answer, asked at `asked`,
+    /// covers are released first).
+    pub(super) fn published_value(
+        &mut self,
+        item: &WorkItem,
+        report: CapacityReport,
+        asked: Moment,
+    ) -> PublishedCapacity {
+        self.in_flight.answered(item, asked);
+        let value = PublishedCapacity {
+            capacity: report.available_capacity,
+            maximum_volume_size: report.maximum_volume_size,
+        };
+        in_flight::less_reserved(value, self.in_flight.reserved(item))
+    }
+}
