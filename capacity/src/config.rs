@@ -50,4 +50,8 @@ pub struct CapacityConfig {
     /// The `managed-by` value of csi-provisioner's objects to take over
     /// (`--capacity-adopt external-provisioner`), if any.
     pub adopt_from: Option<String>,
+    /// Per-node mode: this node, whose placements in flight the central
+    /// placements controller lists in a ConfigMap of `identity.namespace`
+    /// (watched by name; see [`crate::placements`]).
+    pub node_placements: Option<String>,
 }

@@ -411,5 +411,76 @@ impl<F: Fn(&str, &str) -> Option<WorkItem>> Index<ClaimObject> for ClaimsOf<'_, 
     }
 }
 
+/// An [`InFlight`] as the watch of one node's placements ConfigMap feeds
+/// it (per-node mode): the claims it lists are placed on `node`; one that
+/// leaves the list was bound, given back or deleted, and is released by
+/// the next answer asked after that (asked at once: it is refreshed).
+pub struct NodeListOf<'a, F> {
+    /// The index fed.
+    pub in_flight: &'a mut InFlight,
+    /// This node.
+    pub node: &'a str,
+    /// The key of the node's ConfigMap.
+    pub map: ObjectKey,
+    /// The item a (node, class) counts for.
+    pub item_of: F,
+    /// Items to refresh.
+    pub refresh: Vec<WorkItem>,
+    /// Entries of the list that do not read as placements.
+    pub unreadable: Vec<String>,
+}
+
+impl<F> fmt::Debug for NodeListOf<'_, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeListOf")
+            .field("node", &self.node)
+            .field("refresh", &self.refresh)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: Fn(&str, &str) -> Option<WorkItem>> NodeListOf<'_, F> {
+    /// Every held claim not in `listed` has left the list.
+    fn left(&mut self, listed: &BTreeSet<ObjectKey>) {
+        let gone: Vec<ObjectKey> = self
+            .in_flight
+            .keys()
+            .filter(|k| !listed.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            let refresh = self.in_flight.apply(key, Claimed::Bound, &self.item_of);
+            self.refresh.extend(refresh);
+        }
+    }
+}
+
+impl<F: Fn(&str, &str) -> Option<WorkItem>> Index<k8s_openapi::api::core::v1::ConfigMap> for NodeListOf<'_, F> {
+    fn apply(&mut self, map: k8s_openapi::api::core::v1::ConfigMap) {
+        let data = map.data.unwrap_or_default();
+        let (placed, unreadable) = crate::placements::from_data(self.node, &data);
+        self.unreadable.extend(unreadable);
+        let listed: BTreeSet<ObjectKey> = placed.iter().map(|(key, _)| key.clone()).collect();
+        self.left(&listed);
+        for (key, claimed) in placed {
+            let refresh = self.in_flight.apply(key, claimed, &self.item_of);
+            self.refresh.extend(refresh);
+        }
+    }
+
+    fn delete(&mut self, _key: &ObjectKey) {
+        self.left(&BTreeSet::new());
+    }
+
+    fn keys(&self) -> Vec<ObjectKey> {
+        // The one ConfigMap, while it lists something: a re-list that does
+        // not bring it deletes it.
+        if self.in_flight.is_empty() {
+            return Vec::new();
+        }
+        vec![self.map.clone()]
+    }
+}
+
 #[cfg(test)]
 mod tests;

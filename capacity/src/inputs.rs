@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, StorageClass};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -44,6 +44,8 @@ pub enum Signal {
     Volume(Box<Event<VolumeObject>>),
     /// A PVC event (central mode): the scheduler's placements in flight.
     Claim(Box<Event<ClaimObject>>),
+    /// An event of this node's placements ConfigMap (per-node mode).
+    NodePlacements(Box<Event<ConfigMap>>),
     /// A watch failed; it retries with backoff.
     WatchFailed { source: &'static str, error: String },
 }
@@ -102,6 +104,19 @@ impl Inputs {
         }
         if central {
             inputs.watch_central(client, config);
+        }
+        if let Some(node) = &config.node_placements {
+            // One object, by name: O(1) for the API server per node.
+            let name = crate::placements::config_map_name(node);
+            let api: Api<ConfigMap> = Api::namespaced(client.clone(), &config.identity.namespace);
+            let by_name = watcher::Config::default().fields(&format!("metadata.name={name}"));
+            let signals = relisting(api, by_name)
+                .map(|event| match event {
+                    Ok(event) => Signal::NodePlacements(Box::new(event)),
+                    Err(error) => failed("node placements", &error),
+                })
+                .boxed();
+            inputs.add("node placements", signals);
         }
         inputs
     }

@@ -18,6 +18,7 @@ mod inputs;
 pub mod metrics;
 pub mod model;
 pub mod owner;
+pub mod placements;
 pub mod quantity;
 pub mod reconcile;
 pub mod topology;

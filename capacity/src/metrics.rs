@@ -34,7 +34,7 @@ pub struct CapacityMetrics {
     pub foreign_objects: Gauge,
     /// Watches listing again (after an error or a 410): decisions wait.
     pub relisting: Gauge,
-    /// Claims placed by the scheduler whose reservation stands (central mode).
+    /// Claims placed by the scheduler whose reservation stands.
     pub placements_in_flight: Gauge,
     /// Bytes those placements reserve over all items.
     pub reserved_bytes: Gauge,
@@ -121,7 +121,7 @@ impl CapacityMetrics {
             ),
             (
                 "placements_in_flight",
-                "claims the scheduler placed (volume.kubernetes.io/selected-node) whose reservation stands: not bound yet, or bound and not yet in an answer of the driver (central mode)",
+                "claims the scheduler placed (volume.kubernetes.io/selected-node) whose reservation stands: not bound yet, or bound and not yet in an answer of the driver",
                 &self.placements_in_flight,
             ),
             (

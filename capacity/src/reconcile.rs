@@ -35,13 +35,13 @@ use volplane_runtime::events::{self, Announcement};
 use volplane_runtime::index::convert;
 use volplane_runtime::work_queue::{self, WorkQueue};
 use volplane_runtime::{
-    Backoff, Change, Entries, Entry, Fed, Feed, Index, Keyed, Leadership, Readiness, control_loop, phase,
+    Backoff, Change, Entries, Entry, Fed, Feed, Index, Keyed, Leadership, ObjectKey, Readiness, control_loop, phase,
 };
 
 use crate::adopt::{Appeared, Gate, Stage};
 pub use crate::config::{CapacityConfig, Topology};
 use crate::error::{Error, Result};
-use crate::in_flight::{self, ClaimObject, ClaimsOf, InFlight, Moment};
+use crate::in_flight::{self, ClaimObject, ClaimsOf, InFlight, Moment, NodeListOf};
 use crate::inputs::{Inputs, Signal};
 use crate::metrics::CapacityMetrics;
 use crate::model::{
@@ -52,7 +52,7 @@ use crate::topology::{Applied, CsiNodesOf, KeySet, NodeLabels, NodesOf, Segments
 mod adoption;
 mod dispatch;
 mod objects;
-mod placements;
+mod reservations;
 mod segments;
 mod volumes;
 
@@ -461,6 +461,7 @@ impl LoopState {
             Signal::Foreign(event) => self.on_foreign(*event),
             Signal::Volume(event) => self.on_volume(*event),
             Signal::Claim(event) => self.on_claim(*event),
+            Signal::NodePlacements(event) => self.on_node_placements(*event),
             Signal::WatchFailed { source, error } => {
                 warn!(source, %error, "watch failed; retrying with backoff");
             }

@@ -63,6 +63,7 @@ fn config(poll: Duration, topology: Topology, send_topology: bool) -> CapacityCo
         event_target: None,
         instance: "test".into(),
         adopt_from: None,
+        node_placements: None,
     }
 }
 
@@ -1712,5 +1713,63 @@ async fn placements_in_flight_reserve_their_bytes_until_the_driver_counts_them()
     )
     .await;
     assert!(h.metrics_text().contains("volplane_capacity_reserved_bytes 0"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_per_node_instance_reserves_what_its_nodes_placements_list() {
+    let mut h = Harness::new().await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver
+        .set_capacity(Some(zone("a")), None, CapacityAnswer::available(100 * GI));
+    let mut cfg = config(
+        Duration::from_secs(3600),
+        Topology::Fixed(Segment::new(zone("a"))),
+        true,
+    );
+    cfg.volume_events = false;
+    cfg.node_placements = Some("n1".into());
+    h.start(cfg).await;
+    h.wait_for_published("at rest", &[("fast", Some("a"), 100 * GI, None)])
+        .await;
+    let maps = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(h.client.clone(), NS);
+    let list = |node: &str, data: serde_json::Value| {
+        serde_json::from_value::<k8s_openapi::api::core::v1::ConfigMap>(json!({
+            "metadata": {"name": volplane_capacity::placements::config_map_name(node), "namespace": NS},
+            "data": data
+        }))
+        .expect("configmap")
+    };
+    // Another node's list is not this instance's business.
+    maps.create(
+        &PostParams::default(),
+        &list("n2", json!({"apps.x": format!("{} fast", 50 * GI)})),
+    )
+    .await
+    .expect("n2");
+    // An unreadable entry is skipped; the rest counts.
+    let n1 = json!({"apps.c1": format!("{} fast", 30 * GI), "apps.bad": "nonsense"});
+    maps.create(&PostParams::default(), &list("n1", n1)).await.expect("n1");
+    h.wait_for_published("c1 in flight", &[("fast", Some("a"), 70 * GI, None)])
+        .await;
+    // c1's volume is created and the claim leaves the list: the driver is
+    // asked again and its value alone is published.
+    h.driver
+        .set_capacity(Some(zone("a")), None, CapacityAnswer::available(70 * GI));
+    let name = volplane_capacity::placements::config_map_name("n1");
+    let bound = json!({"data": {"apps.c1": null, "apps.c2": format!("{} fast", 10 * GI)}});
+    maps.patch(&name, &PatchParams::default(), &Patch::Merge(bound))
+        .await
+        .expect("patch");
+    h.wait_for_published("c2 in flight", &[("fast", Some("a"), 60 * GI, None)])
+        .await;
+    // The list goes (its node's ConfigMap deleted): nothing is reserved.
+    maps.delete(&name, &DeleteParams::default()).await.expect("delete");
+    h.wait_for_published("nothing in flight", &[("fast", Some("a"), 70 * GI, None)])
+        .await;
+    eventually(Duration::from_secs(10), "no placement held", || {
+        h.metrics_text().contains("volplane_capacity_placements_in_flight 0")
+    })
+    .await;
     h.stop().await;
 }

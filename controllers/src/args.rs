@@ -22,6 +22,9 @@ pub enum Controller {
     /// Report CSI volume conditions as events (needs --csi-address); with
     /// --node-deployment, the node side (NodeGetVolumeStats).
     Health,
+    /// List, per node, the claims the scheduler placed there and that are
+    /// not bound yet, for per-node capacity instances (one central instance).
+    Placements,
 }
 
 impl Controller {
@@ -29,7 +32,7 @@ impl Controller {
     pub fn needs_csi(self) -> bool {
         match self {
             Self::Capacity | Self::Health => true,
-            Self::Ephemeral => false,
+            Self::Ephemeral | Self::Placements => false,
         }
     }
 }
@@ -41,6 +44,8 @@ pub struct Plan {
     pub csi: Option<CsiPlan>,
     /// Whether the ephemeral controller runs.
     pub ephemeral: bool,
+    /// Whether the placements controller runs.
+    pub placements: bool,
 }
 
 /// The controllers that talk to the CSI driver at `address`.
@@ -62,6 +67,7 @@ impl Plan {
             (Controller::Capacity, csi.is_some_and(|c| c.capacity)),
             (Controller::Health, csi.is_some_and(|c| c.health)),
             (Controller::Ephemeral, self.ephemeral),
+            (Controller::Placements, self.placements),
         ]
         .into_iter()
         .filter_map(|(controller, runs)| runs.then_some(controller))
@@ -480,6 +486,7 @@ impl Args {
         Ok(Plan {
             csi,
             ephemeral: wants(Controller::Ephemeral),
+            placements: wants(Controller::Placements),
         })
     }
 

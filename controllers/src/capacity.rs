@@ -57,7 +57,7 @@ pub async fn build(
     let placement = Placement {
         topology,
         send_topology,
-        per_node: node.is_some(),
+        node: node.map(str::to_string),
         adopt_from: adopt_from(args.capacity_adopt, node),
     };
     let config = config(args, &driver.name, placement, identity, event_target, instance);
@@ -92,7 +92,8 @@ fn adopt_from(adopt: CapacityAdopt, node: Option<&str>) -> Option<String> {
 struct Placement {
     topology: Topology,
     send_topology: bool,
-    per_node: bool,
+    /// This node, for a per-node instance.
+    node: Option<String>,
     /// The `managed-by` value of csi-provisioner's objects to take over.
     adopt_from: Option<String>,
 }
@@ -111,7 +112,7 @@ fn config(
         send_topology: placement.send_topology,
         topology: placement.topology,
         // A per-node instance polls its local driver instead of a cluster-wide PV watch.
-        volume_events: !placement.per_node,
+        volume_events: placement.node.is_none(),
         identity,
         poll_interval: args.capacity_poll_interval(),
         workers: usize::from(args.capacity_workers),
@@ -127,6 +128,7 @@ fn config(
         event_target,
         instance,
         adopt_from: placement.adopt_from,
+        node_placements: placement.node,
     }
 }
 

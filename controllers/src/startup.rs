@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 use volplane_capacity::CapacityMetrics;
+use volplane_capacity::placements::publisher::{PlacementsController, PlacementsMetrics};
 use volplane_csi::{CsiClient, DriverInfo};
 use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
 use volplane_health::HealthMetrics;
@@ -36,6 +37,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         health: csi.health.then(|| Arc::new(HealthMetrics::register(metrics))),
     });
     let ephemeral_metrics = plan.ephemeral.then(|| Arc::new(EphemeralMetrics::register(metrics)));
+    let placements_metrics = plan.placements.then(|| Arc::new(PlacementsMetrics::register(metrics)));
     let election_metrics = Arc::new(ElectionMetrics::register(metrics));
     let api_metrics = ApiMetrics::register(metrics);
     let probes = Arc::new(Probes::new(registry));
@@ -47,10 +49,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let identity = identity(args.pod_name_value());
     let (client, config) = connect_kube(&args, &identity, &api_metrics).await?;
-    let namespace = args
-        .namespace_name()
-        .map_or_else(|| client.default_namespace().to_string(), str::to_string);
-    info!(%namespace, "namespace for volplane's own objects");
+    let namespace = own_namespace(&args, &client);
     let lease_namespace = args.leader_election_namespace_name().unwrap_or(&namespace).to_string();
     let mut controllers = Controllers {
         client: client.clone(),
@@ -75,6 +74,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(metrics) = ephemeral_metrics {
         controllers.start_ephemeral(metrics);
     }
+    if let Some(metrics) = placements_metrics {
+        controllers.start_placements(metrics);
+    }
     let outcome = controllers.run_until_stopped(&probes).await;
     let _ = stop_tx.send(true);
     controllers.shut_down().await;
@@ -82,6 +84,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let _ = admin.await;
     }
     outcome
+}
+
+/// The namespace of volplane's own objects: `--namespace`, else the client's.
+fn own_namespace(args: &Args, client: &kube::Client) -> String {
+    let namespace = args
+        .namespace_name()
+        .map_or_else(|| client.default_namespace().to_string(), str::to_string);
+    info!(%namespace, "namespace for volplane's own objects");
+    namespace
 }
 
 /// The metrics of the controllers that talk to the driver.
@@ -189,6 +200,17 @@ impl Controllers<'_> {
         let shutdown = stop_requested(self.stop.clone());
         self.tasks
             .spawn(async move { ("ephemeral", ephemeral.run(shutdown).await.map_err(anyhow::Error::from)) });
+    }
+
+    fn start_placements(&mut self, metrics: Arc<PlacementsMetrics>) {
+        let leadership = self.elections.join(self.args, PLACEMENTS_LEASE.to_string());
+        let placements = PlacementsController::new(self.client.clone(), &self.namespace, metrics, leadership);
+        self.readiness.push(placements.readiness());
+        let shutdown = stop_requested(self.stop.clone());
+        self.tasks.spawn(async move {
+            placements.run(shutdown).await;
+            ("placements", Ok(()))
+        });
     }
 
     /// Ready once every running controller has synced; runs until a
@@ -301,6 +323,9 @@ fn identity(pod_name: Option<&str>) -> String {
     hasher.write_u32(std::process::id());
     format!("{host}_{:08x}", hasher.finish() as u32)
 }
+
+/// The Lease of the placements controller.
+pub const PLACEMENTS_LEASE: &str = "volplane-placements";
 
 /// The Lease of the ephemeral controller.
 pub const EPHEMERAL_LEASE: &str = "volplane-ephemeral";

@@ -82,7 +82,7 @@ async fn an_unknown_controller_names_the_valid_ones() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
-        stderr.contains("[possible values: capacity, ephemeral, health]"),
+        stderr.contains("[possible values: capacity, ephemeral, health, placements]"),
         "{stderr}"
     );
 }

@@ -513,6 +513,52 @@ async fn the_ephemeral_deployment_rbac_covers_every_request() {
     assert_covered(&double, &Grants::of("ephemeral/rbac.yaml", &account), "ephemeral");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_placements_deployment_rbac_covers_every_request() {
+    let (double, _dir, kubeconfig) = cluster().await;
+    let client = double.client();
+    let (spec, account) = workload("capacity-per-node/placements.yaml");
+    let mut running = run_as_deployed(&kubeconfig, &volplane_container(&spec), None, "volplane-placements-x1");
+    running.wait_for("started leading").await;
+    create(&client, "v1", "Node", "nodes", json!({"metadata": {"name": "p1"}})).await;
+    create(
+        &client,
+        "v1",
+        "Namespace",
+        "namespaces",
+        json!({"metadata": {"name": "apps"}}),
+    )
+    .await;
+    create(&client, "v1", "PersistentVolumeClaim", "persistentvolumeclaims", json!({
+        "metadata": {"name": "placed", "namespace": "apps", "annotations": {"volume.kubernetes.io/selected-node": "p1"}},
+        "spec": {"storageClassName": "wffc", "resources": {"requests": {"storage": "1Gi"}}}})).await;
+    eventually(Duration::from_secs(20), "the node's list created", || {
+        write_verbs(&double, "configmaps") == ["create"]
+    })
+    .await;
+    let claims = kube::Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(client.clone(), "apps");
+    let bind = json!({"spec": {"volumeName": "pv-placed"}});
+    claims
+        .patch(
+            "placed",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(bind),
+        )
+        .await
+        .expect("bind");
+    eventually(Duration::from_secs(20), "the node's list patched", || {
+        write_verbs(&double, "configmaps") == ["create", "patch"]
+    })
+    .await;
+    let (code, _) = running.terminate().await;
+    assert_eq!(code, Some(0));
+    assert_covered(
+        &double,
+        &Grants::of("capacity-per-node/placements.yaml", &account),
+        "placements",
+    );
+}
+
 /// A PV of the test driver bound to `apps/data`, handle `h-pv-data`, used
 /// by the pod `apps/user` on n1.
 async fn bound_volume_in_use(client: &kube::Client) {

@@ -147,6 +147,7 @@ mod capacity {
                 event_target: None,
                 instance: "e2e".into(),
                 adopt_from: None,
+                node_placements: None,
             },
             Arc::new(CapacityMetrics::register(&mut registry)),
             volplane_runtime::Leadership::unconditional(),

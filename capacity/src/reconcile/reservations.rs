@@ -70,3 +70,39 @@ impl LoopState {
         in_flight::less_reserved(value, self.in_flight.reserved(item))
     }
 }
+
+impl LoopState {
+    /// An event of this node's placements ConfigMap (per-node mode): what
+    /// it lists is reserved; what leaves it is asked for again.
+    pub(super) fn on_node_placements(&mut self, event: Event<k8s_openapi::api::core::v1::ConfigMap>) {
+        let Some(node) = self.config.node_placements.clone() else {
+            return;
+        };
+        let mut list = NodeListOf {
+            in_flight: &mut self.in_flight,
+            node: &node,
+            map: ObjectKey::namespaced(
+                self.config.identity.namespace.clone(),
+                crate::placements::config_map_name(&node),
+            ),
+            item_of: item_of(&self.segments, &self.classes),
+            refresh: Vec::new(),
+            unreadable: Vec::new(),
+        };
+        let fed = self.feeds.feed("node placements", event, &mut list);
+        let refresh = std::mem::take(&mut list.refresh);
+        let unreadable = std::mem::take(&mut list.unreadable);
+        drop(list);
+        if !unreadable.is_empty() {
+            warn!(entries = ?volplane_runtime::text::prefix(&format!("{unreadable:?}"), 512),
+                  "entries of this node's placements ConfigMap that do not read as `<bytes> <class>` are skipped");
+        }
+        if self.synced {
+            self.refresh(&refresh, "placement in flight on this node");
+        }
+        if matches!(fed, Fed::Listed { .. }) {
+            self.synced_sources.insert("node placements");
+            self.try_initial_sync();
+        }
+    }
+}

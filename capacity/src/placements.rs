@@ -1,0 +1,220 @@
+//! The scheduler's placements in flight, per node, for per-node
+//! instances. Pure: claim events in, one small ConfigMap per node out.
+//!
+//! A per-node instance must not read claims cluster-wide (the API server
+//! would pay it once per node). The one central placements controller
+//! watches them instead and keeps, for every node, a ConfigMap
+//! `volplane-placements-<node>` listing the claims placed there and not
+//! bound yet: key `<namespace>.<name>`, value `<bytes> <class>`. Each
+//! per-node instance watches its node's ConfigMap by name (O(1) for the
+//! API server) and reserves what it lists; a claim that leaves the list
+//! was bound (its volume created: the next answer of the local driver
+//! covers it, and the instance asks at once) or given back or deleted
+//! (then the next answer frees it too). See [`crate::in_flight`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use volplane_runtime::{Index, Keyed, ObjectKey};
+
+use crate::in_flight::{ClaimObject, Claimed, claimed};
+
+pub mod publisher;
+
+/// The annotation naming the node a placements ConfigMap is for.
+pub const NODE_ANNOTATION: &str = "volplane.io/node";
+/// The label of volplane's placements ConfigMaps.
+pub const PLACEMENTS_LABEL: &str = "volplane.io/placements";
+
+/// The name of `node`'s placements ConfigMap: `volplane-placements-<node>`,
+/// shortened with a hash to a valid object name when too long.
+pub fn config_map_name(node: &str) -> String {
+    const MAX: usize = 253;
+    let full = format!("volplane-placements-{node}");
+    if full.len() <= MAX {
+        return full;
+    }
+    let digest = Sha256::digest(node.as_bytes());
+    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let keep = volplane_runtime::text::prefix(&full, MAX - hash.len() - 1);
+    format!("{}-{hash}", keep.trim_end_matches(['-', '.']))
+}
+
+/// One claim in flight on a node: its class and requested bytes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Placed {
+    /// The claim's class.
+    pub class: String,
+    /// Its requested storage.
+    pub bytes: i64,
+}
+
+/// The data key of a claim: `<namespace>.<name>` (a namespace has no dot,
+/// and a ConfigMap key allows no slash).
+pub fn data_key(claim: &ObjectKey) -> String {
+    format!("{}.{}", claim.namespace, claim.name)
+}
+
+/// A node's placements as its ConfigMap data.
+pub fn to_data(placed: &BTreeMap<ObjectKey, Placed>) -> BTreeMap<String, String> {
+    (placed.iter())
+        .map(|(claim, p)| (data_key(claim), format!("{} {}", p.bytes, p.class)))
+        .collect()
+}
+
+/// The placements a ConfigMap's data lists, for `node`; entries that do
+/// not read as `<bytes> <class>` are skipped (and returned by name, to be
+/// reported).
+pub fn from_data(node: &str, data: &BTreeMap<String, String>) -> (Vec<(ObjectKey, Claimed)>, Vec<String>) {
+    let mut placed = Vec::new();
+    let mut bad = Vec::new();
+    for (key, value) in data {
+        let parsed = (key.split_once('.'))
+            .zip(value.split_once(' '))
+            .and_then(|((ns, name), (bytes, class))| {
+                let bytes = bytes.parse::<i64>().ok().filter(|b| *b > 0)?;
+                (!ns.is_empty() && !name.is_empty() && !class.is_empty()).then(|| {
+                    let claimed = Claimed::Placed {
+                        node: node.to_string(),
+                        class: class.to_string(),
+                        bytes,
+                    };
+                    (ObjectKey::namespaced(ns, name), claimed)
+                })
+            });
+        match parsed {
+            Some(entry) => placed.push(entry),
+            None => bad.push(key.clone()),
+        }
+    }
+    (placed, bad)
+}
+
+/// The merge patch that turns the object into `desired`, whichever of
+/// `known` it holds (what volplane saw of it, and what it wrote since the
+/// watch last delivered it); `None` when none would change.
+pub fn data_patch(known: &[&BTreeMap<String, String>], desired: &BTreeMap<String, String>) -> Option<Value> {
+    let mut patch = Map::new();
+    for (key, value) in desired {
+        if known.is_empty() || known.iter().any(|held| held.get(key) != Some(value)) {
+            patch.insert(key.clone(), Value::String(value.clone()));
+        }
+    }
+    for key in known.iter().flat_map(|held| held.keys()) {
+        if !desired.contains_key(key) {
+            patch.insert(key.clone(), Value::Null);
+        }
+    }
+    if patch.is_empty() {
+        return None;
+    }
+    Some(json!({ "data": patch }))
+}
+
+/// The claims in flight by node, as the central controller follows them,
+/// with the nodes whose list changed since they were last taken.
+#[derive(Debug, Default)]
+pub struct ByNode {
+    nodes: HashMap<String, BTreeMap<ObjectKey, Placed>>,
+    node_of: HashMap<ObjectKey, String>,
+    changed: BTreeSet<String>,
+}
+
+impl ByNode {
+    /// The claims in flight on `node`.
+    pub fn on(&self, node: &str) -> Option<&BTreeMap<ObjectKey, Placed>> {
+        self.nodes.get(node)
+    }
+
+    /// The nodes with claims in flight.
+    pub fn nodes(&self) -> impl Iterator<Item = &String> {
+        self.nodes.keys()
+    }
+
+    /// How many claims are in flight.
+    pub fn len(&self) -> usize {
+        self.node_of.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.node_of.is_empty()
+    }
+
+    /// Nodes whose list changed since the last call.
+    pub fn take_changed(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Marks `node`'s list as to be written again.
+    pub fn touch(&mut self, node: &str) {
+        self.changed.insert(node.to_string());
+    }
+
+    fn remove(&mut self, key: &ObjectKey) {
+        let Some(node) = self.node_of.remove(key) else {
+            return;
+        };
+        if let Some(placed) = self.nodes.get_mut(&node) {
+            placed.remove(key);
+            if placed.is_empty() {
+                self.nodes.remove(&node);
+            }
+        }
+        self.changed.insert(node);
+    }
+}
+
+impl Index<ClaimObject> for ByNode {
+    fn apply(&mut self, claim: ClaimObject) {
+        let Some(key) = claim.key() else {
+            return;
+        };
+        match claimed(&claim) {
+            Claimed::Placed { node, class, bytes } => {
+                let placed = Placed { class, bytes };
+                if self.nodes.get(&node).and_then(|p| p.get(&key)) == Some(&placed) {
+                    return;
+                }
+                self.remove(&key);
+                self.nodes.entry(node.clone()).or_default().insert(key.clone(), placed);
+                self.node_of.insert(key, node.clone());
+                self.changed.insert(node);
+            }
+            Claimed::Bound | Claimed::Unplaced => self.remove(&key),
+        }
+    }
+
+    fn delete(&mut self, key: &ObjectKey) {
+        self.remove(key);
+    }
+
+    fn keys(&self) -> Vec<ObjectKey> {
+        self.node_of.keys().cloned().collect()
+    }
+}
+
+/// What the central controller knows of one of its ConfigMaps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KnownMap {
+    /// The node it is for.
+    pub node: String,
+    /// Its data.
+    pub data: BTreeMap<String, String>,
+}
+
+impl KnownMap {
+    /// What is kept of `map`: `None` without the node annotation.
+    pub fn of(map: &ConfigMap) -> Option<Self> {
+        let node = map.metadata.annotations.as_ref()?.get(NODE_ANNOTATION)?.clone();
+        Some(Self {
+            node,
+            data: map.data.clone().unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
