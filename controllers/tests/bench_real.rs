@@ -19,7 +19,9 @@
 //!   `VOLPLANE_BENCH_BURST` (default 2,000); `VOLPLANE_BENCH_INCUMBENT=0`
 //!   leaves kube-controller-manager out;
 //! - health: `VOLPLANE_BENCH_VOLUMES` (default 20 for the events window,
-//!   10,000 for the sweep) and `VOLPLANE_BENCH_WINDOW_SECONDS` (default 30).
+//!   10,000 for the sweep) and `VOLPLANE_BENCH_WINDOW_SECONDS` (default 30);
+//! - capacity under a burst: `VOLPLANE_BENCH_BURST_PODS` (default 95) pods
+//!   with a 10Gi claim each on 10 nodes of uneven node-local storage.
 
 mod support;
 
@@ -956,4 +958,262 @@ async fn health_sweep_of_many_healthy_volumes() {
         writes("csi-external-health-monitor"),
         footprint(monitor.pid())
     );
+}
+
+/// How the burst benchmark's cluster tracks capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tracking {
+    /// volplane per node with the placements controller.
+    Volplane,
+    /// csi-provisioner's own per-node capacity tracking.
+    CsiProvisioner,
+    /// None: the CSIDriver says `storageCapacity: false`.
+    Off,
+}
+
+/// The uneven node-local pools of the burst benchmark (Gi): 1,000 Gi.
+const BURST_POOLS: [u32; 10] = [160, 140, 120, 100, 100, 100, 80, 80, 60, 60];
+
+/// Starts one node's driver, provisioner and (for volplane) capacity
+/// instance; returns the processes to keep.
+async fn burst_node(
+    plane: &ControlPlane,
+    node: &str,
+    gib: u32,
+    tracking: Tracking,
+) -> (HostPath, Process, Option<Running>) {
+    plane.add_hostpath_node(node).await.expect("node");
+    let fast = format!("{gib}Gi");
+    let driver = plane
+        .start_hostpath(node, &[("fast", &fast), ("slow", "1Gi")])
+        .await
+        .expect("hostpathplugin");
+    let mut args = vec!["--node-deployment=true"];
+    if tracking == Tracking::CsiProvisioner {
+        args.extend(["--enable-capacity", "--capacity-ownerref-level=-1"]);
+    }
+    let provisioner = plane
+        .start_csi_provisioner_as(
+            &format!("csi-provisioner-{node}"),
+            &driver,
+            plane.kubeconfig(),
+            &[("NAMESPACE", "volplane"), ("NODE_NAME", node)],
+            &args,
+        )
+        .expect("csi-provisioner");
+    let volplane = (tracking == Tracking::Volplane).then(|| {
+        Running::start(
+            plane.kubeconfig(),
+            &[
+                "--controllers=capacity",
+                "--node-deployment",
+                "--node-name",
+                node,
+                "--csi-address",
+                &driver.address(),
+                "--namespace",
+                "volplane",
+                "--capacity-owner",
+                "node",
+                "--http-endpoint",
+                "127.0.0.1:0",
+            ],
+        )
+    });
+    (driver, provisioner, volplane)
+}
+
+/// One burst on a fresh cluster: `pods` pods with a 10Gi claim each, one
+/// every `gap` (zero: all at once). Returns the report line.
+async fn burst_run(tracking: Tracking, pods: usize, gap: Duration) -> String {
+    let plane = ControlPlane::start_with(
+        &bin_dir(),
+        Options {
+            audit: true,
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("control plane starts");
+    let client = plane.client();
+    namespace(&client, "volplane").await;
+    plane.create_hostpath_classes().await.expect("CSIDriver and classes");
+    if tracking == Tracking::Off {
+        volplane_tests::objects::set_storage_capacity(&client, HostPath::DRIVER, false).await;
+    }
+    let mut nodes = Vec::new();
+    for (i, gib) in BURST_POOLS.iter().enumerate() {
+        nodes.push(burst_node(&plane, &format!("node-{i}"), *gib, tracking).await);
+    }
+    let placements = (tracking == Tracking::Volplane).then(|| {
+        Running::start(
+            plane.kubeconfig(),
+            &[
+                "--controllers=placements",
+                "--namespace",
+                "volplane",
+                "--leader-election=false",
+            ],
+        )
+    });
+    if tracking != Tracking::Off {
+        eventually_some(LIMIT, "every node's capacity published", || async {
+            (count(&client, &capacities_path("volplane")).await >= 2 * BURST_POOLS.len()).then_some(())
+        })
+        .await;
+    }
+    let (created, bound) = burst_pods(&client, pods, gap).await;
+    let refused = provisioning_failures(&client).await;
+    let mut lags: Vec<Duration> = (0..pods)
+        .filter_map(|i| Some(bound.get(&i)?.duration_since(created[i])))
+        .collect();
+    lags.sort();
+    let at = |q: f64| {
+        lags.get(((lags.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .map(|d| d.as_secs_f64())
+    };
+    let all = (bound.len() == pods)
+        .then(|| {
+            bound
+                .values()
+                .max()
+                .map(|last| last.duration_since(created[0]).as_secs_f64())
+        })
+        .flatten();
+    let rest = at_rest(&plane, &mut nodes, tracking).await;
+    drop(placements);
+    drop(nodes);
+    format!(
+        "refused CreateVolume (each a selected-node reset) {refused}; {}/{pods} Bound{}; create → Bound p50 {} s, p99 {} s; at rest per node per minute: {rest}",
+        bound.len(),
+        all.map_or_else(
+            || " (not all within the limit)".to_string(),
+            |s| format!(" after {s:.1} s")
+        ),
+        at(0.5).map_or("-".into(), |s| format!("{s:.2}")),
+        at(0.99).map_or("-".into(), |s| format!("{s:.2}")),
+    )
+}
+
+/// Creates the pods and claims, then follows the claims until all are
+/// Bound or [`LIMIT`] passed: when each was created and first seen Bound.
+async fn burst_pods(client: &kube::Client, pods: usize, gap: Duration) -> (Vec<Instant>, BTreeMap<usize, Instant>) {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let mut created = Vec::new();
+    for i in 0..pods {
+        let name = format!("burst-{i}");
+        create(
+            &claims,
+            json!({"metadata": {"name": name}, "spec": {"accessModes": ["ReadWriteOnce"],
+            "storageClassName": "fast", "resources": {"requests": {"storage": "10Gi"}}}}),
+        )
+        .await;
+        create(
+            &Api::<Pod>::namespaced(client.clone(), "default"),
+            json!({"metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": "registry.invalid/none"}],
+                     "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name}}]}}),
+        )
+        .await;
+        created.push(Instant::now());
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+    }
+    let mut bound = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while bound.len() < pods && Instant::now() < deadline {
+        for claim in claims
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            let index = claim
+                .metadata
+                .name
+                .as_deref()
+                .and_then(|n| n.strip_prefix("burst-"))
+                .and_then(|i| i.parse().ok());
+            if let Some(index) = index
+                && claim.status.and_then(|s| s.phase).as_deref() == Some("Bound")
+            {
+                bound.entry(index).or_insert_with(Instant::now);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (created, bound)
+}
+
+/// ProvisioningFailed occurrences on the claims (the driver refused CreateVolume).
+async fn provisioning_failures(client: &kube::Client) -> i64 {
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), "default")
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    (events.iter())
+        .filter(|e| e.reason.as_deref() == Some("ProvisioningFailed"))
+        .map(|e| i64::from(e.count.unwrap_or(1)))
+        .sum()
+}
+
+/// GetCapacity calls (volplane's own count; csi-provisioner polls once a
+/// minute per class) and capacity writes (audit log) per node per minute,
+/// over 30 s at rest after the burst.
+async fn at_rest(
+    plane: &ControlPlane,
+    nodes: &mut [(HostPath, Process, Option<Running>)],
+    tracking: Tracking,
+) -> String {
+    if tracking == Tracking::Off {
+        return "nothing published".into();
+    }
+    let window = Duration::from_secs(30);
+    let first = nodes.first_mut().and_then(|(_, _, volplane)| volplane.as_mut());
+    let admin = match first {
+        Some(volplane) => Some(volplane.admin_address().await),
+        None => None,
+    };
+    let calls = |admin| scraped(admin, "volplane_capacity_get_capacity_duration_seconds_count");
+    let calls_before = admin.map(calls);
+    let writes = |log: &[AuditRecord]| {
+        log.iter()
+            .filter(|r| r.resource == "csistoragecapacities" && r.is_write() && r.name.is_some())
+            .count()
+    };
+    let writes_before = writes(&plane.audit_log().expect("audit log"));
+    tokio::time::sleep(window).await;
+    let writes_after = writes(&plane.audit_log().expect("audit log"));
+    let per_minute = |n: f64| n * 60.0 / window.as_secs_f64();
+    let calls = match (admin, calls_before) {
+        (Some(admin), Some(before)) => format!("{:.1} GetCapacity", per_minute(calls(admin) - before)),
+        _ => "2 GetCapacity (its 1m poll, one per class)".into(),
+    };
+    let writes = per_minute((writes_after - writes_before) as f64) / nodes.len() as f64;
+    format!("{calls}, {writes:.1} capacity writes")
+}
+
+#[ignore = "benchmark on a real control plane; see the module docs"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_under_a_burst_that_fills_node_local_storage() {
+    let pods = env_number("VOLPLANE_BENCH_BURST_PODS", 95);
+    println!(
+        "\n{pods} pods with one 10Gi claim each on 10 nodes of node-local storage (160…60 Gi, 1,000 Gi): \
+         real hostpathplugin and csi-provisioner --node-deployment per node, kube-scheduler; a fresh cluster per run"
+    );
+    for (arrival, gap) in [
+        ("10 per second", Duration::from_millis(100)),
+        ("all at once", Duration::ZERO),
+    ] {
+        for (name, tracking) in [
+            ("volplane per node + placements", Tracking::Volplane),
+            ("csi-provisioner's per-node tracking", Tracking::CsiProvisioner),
+            ("no capacity tracking", Tracking::Off),
+        ] {
+            let line = burst_run(tracking, pods, gap).await;
+            println!("  {arrival}, {name}: {line}");
+        }
+    }
 }
