@@ -740,7 +740,7 @@ mod tests {
         assert!(!line.contains('\n'), "{line}");
         assert!(line.starts_with("error: invalid value 'frobnicate'"), "{line}");
         assert!(
-            line.contains("[possible values: capacity, ephemeral, health]"),
+            line.contains("[possible values: capacity, ephemeral, health, placements]"),
             "{line}"
         );
         let err = parse(&["--bogus-flag"]).expect_err("unknown flag");

@@ -77,7 +77,8 @@ fn expected_output(command: &str) -> &'static [&'static str] {
             "volplane-capacity-e2e-rbac.csi.volplane.dev\t",
         ]
     } else if command.contains("get csistoragecapacities") {
-        // The capacity as Kubernetes writes it: 1 GiB is `1Gi`.
+        // The capacity as Kubernetes writes it: 1 GiB is `1Gi` (the
+        // driver's 2 GiB less the 1 GiB of the claim placed in flight).
         &["\te2e-rbac\ttopology.volplane.dev/zone=a \t1Gi\t"]
     } else if command.contains("events") && command.contains("volplane-health") {
         &["default/health\tVolumeConditionAbnormal\te2e: disk failed\n"]
@@ -205,7 +206,8 @@ async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
     })
     .await
     .expect("driver");
-    driver.set_default_capacity(CapacityAnswer::available(1 << 30));
+    // 2 GiB, less the placed claim's 1 GiB.
+    driver.set_default_capacity(CapacityAnswer::available(2 << 30));
     let capacity_kubeconfig = plane
         .service_account_kubeconfig(NAMESPACE, "volplane-capacity")
         .await
@@ -229,6 +231,20 @@ async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
         async move {
             let items = capacities.list(&ListParams::default()).await.ok()?.items;
             items.into_iter().find(|c| c.storage_class_name == "e2e-rbac")
+        }
+    })
+    .await;
+    // Then kube-scheduler places the ephemeral claim (no provisioner runs, so it stays in flight):
+    // its 1Gi is reserved in what volplane publishes for its segment.
+    eventually_some(Duration::from_secs(60), "the ephemeral claim placed", || {
+        let claims = claims.clone();
+        async move {
+            let claim = claims.get("e2e-rbac-data").await.ok()?;
+            claim
+                .metadata
+                .annotations?
+                .get("volume.kubernetes.io/selected-node")
+                .map(|_| ())
         }
     })
     .await;
