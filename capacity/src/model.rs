@@ -268,6 +268,16 @@ pub fn work_items<'a>(
         .collect()
 }
 
+/// Eight hex digits of the SHA-256 of `text`: what a name shortened to a
+/// limit ends with, so that two long names stay apart.
+pub fn short_hash(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The `managed-by` label value: `volplane`, or `volplane-<node>` in
 /// per-node mode, shortened with a hash to a valid label value.
 pub fn managed_by(node: Option<&str>) -> String {
@@ -279,8 +289,7 @@ pub fn managed_by(node: Option<&str>) -> String {
     if full.len() <= MAX && full.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric()) {
         return full;
     }
-    let digest = Sha256::digest(node.as_bytes());
-    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let hash = short_hash(node);
     let keep = MAX - hash.len() - 1;
     format!("{}-{hash}", text::prefix(&full, keep))
 }
@@ -291,9 +300,7 @@ pub fn driver_label_value(driver: &str) -> String {
     if driver.len() <= 63 {
         return driver.to_string();
     }
-    let digest = Sha256::digest(driver.as_bytes());
-    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    format!("{}-{hash}", text::prefix(driver, 54))
+    format!("{}-{}", text::prefix(driver, 54), short_hash(driver))
 }
 
 /// A capacity as published: bytes, both sizes.

@@ -16,7 +16,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
 use volplane_runtime::{Index, Keyed, ObjectKey};
 
 use crate::in_flight::{ClaimObject, Claimed, claimed};
@@ -36,8 +35,7 @@ pub fn config_map_name(node: &str) -> String {
     if full.len() <= MAX {
         return full;
     }
-    let digest = Sha256::digest(node.as_bytes());
-    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let hash = crate::model::short_hash(node);
     let keep = volplane_runtime::text::prefix(&full, MAX - hash.len() - 1);
     format!("{}-{hash}", keep.trim_end_matches(['-', '.']))
 }
@@ -146,11 +144,6 @@ impl ByNode {
     /// Nodes whose list changed since the last call.
     pub fn take_changed(&mut self) -> BTreeSet<String> {
         std::mem::take(&mut self.changed)
-    }
-
-    /// Marks `node`'s list as to be written again.
-    pub fn touch(&mut self, node: &str) {
-        self.changed.insert(node.to_string());
     }
 
     fn remove(&mut self, key: &ObjectKey) {

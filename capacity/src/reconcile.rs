@@ -236,7 +236,8 @@ struct LoopState {
     published: Published,
     pvs: Pvs,
     adoption: Adoption,
-    /// The scheduler's placements in flight (central mode).
+    /// The scheduler's placements in flight (from the claims centrally,
+    /// from the node's list per node).
     in_flight: InFlight,
 }
 

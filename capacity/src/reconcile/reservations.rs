@@ -1,6 +1,8 @@
-//! The scheduler's placements in flight (central mode): claims placed on
-//! a node and not provisioned yet reserve their bytes in what is published
-//! for the node's segment and the claim's class (see [`crate::in_flight`]).
+//! The scheduler's placements in flight: claims placed on a node and not
+//! provisioned yet reserve their bytes in what is published for the node's
+//! segment and the claim's class (see [`crate::in_flight`]). A central
+//! instance follows the claims; a per-node instance its node's list (see
+//! [`crate::placements`]).
 
 use super::*;
 
@@ -69,9 +71,7 @@ impl LoopState {
         };
         in_flight::less_reserved(value, self.in_flight.reserved(item))
     }
-}
 
-impl LoopState {
     /// An event of this node's placements ConfigMap (per-node mode): what
     /// it lists is reserved; what leaves it is asked for again.
     pub(super) fn on_node_placements(&mut self, event: Event<k8s_openapi::api::core::v1::ConfigMap>) {
