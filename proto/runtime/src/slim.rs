@@ -1,7 +1,7 @@
 //! Slim copies of Kubernetes objects: only the fields a controller decides
 //! on are deserialized, everything else in the JSON (managed fields,
-//! annotations, status, other spec fields) is skipped by the parser without
-//! being allocated. At 20,000 watched objects, or a 50,000-pod list, what
+//! annotations other than volplane's own, status, other spec fields) is
+//! skipped by the parser without being allocated. At 20,000 watched objects, or a 50,000-pod list, what
 //! is never built is memory and CPU never spent.
 //!
 //! A slim type is a struct with `metadata: ObjectMeta` deserialized by
@@ -11,7 +11,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+
+/// The prefix of the annotations a slim copy keeps: volplane's own.
+pub const OWN_ANNOTATIONS: &str = "volplane.io/";
 
 /// The metadata fields controllers read; the rest is skipped.
 #[derive(Deserialize)]
@@ -24,13 +28,43 @@ struct SlimMeta {
     creation_timestamp: Option<Time>,
     deletion_timestamp: Option<Time>,
     labels: Option<BTreeMap<String, String>>,
+    annotations: Option<OwnAnnotations>,
     owner_references: Option<Vec<OwnerReference>>,
     finalizers: Option<Vec<String>>,
 }
 
+/// The annotations under [`OWN_ANNOTATIONS`]; the values of others are
+/// skipped unread.
+struct OwnAnnotations(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for OwnAnnotations {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Own;
+        impl<'de> Visitor<'de> for Own {
+            type Value = OwnAnnotations;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of annotations")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut own = BTreeMap::new();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key.starts_with(OWN_ANNOTATIONS) {
+                        own.insert(key.into_owned(), map.next_value()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(OwnAnnotations(own))
+            }
+        }
+        deserializer.deserialize_map(Own)
+    }
+}
+
 /// Deserializes `metadata` keeping name, namespace, UID, resource version,
-/// creation and deletion time, labels, owner references and finalizers —
-/// never managed fields or annotations.
+/// creation and deletion time, labels, volplane's own annotations
+/// ([`OWN_ANNOTATIONS`]), owner references and finalizers — never managed
+/// fields or anyone else's annotations.
 pub fn metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     let slim = SlimMeta::deserialize(deserializer)?;
     Ok(ObjectMeta {
@@ -41,6 +75,7 @@ pub fn metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta
         creation_timestamp: slim.creation_timestamp,
         deletion_timestamp: slim.deletion_timestamp,
         labels: slim.labels,
+        annotations: slim.annotations.map(|own| own.0).filter(|own| !own.is_empty()),
         owner_references: slim.owner_references,
         finalizers: slim.finalizers,
         ..ObjectMeta::default()
@@ -89,7 +124,7 @@ mod tests {
     }
 
     #[test]
-    fn managed_fields_and_annotations_are_skipped_the_rest_is_kept() {
+    fn managed_fields_and_others_annotations_are_skipped_the_rest_is_kept() {
         let thing: Thing = serde_json::from_value(json!({"metadata": {
             "name": "a", "namespace": "ns", "uid": "u-1", "resourceVersion": "7",
             "creationTimestamp": "2026-01-02T03:04:05Z",
@@ -108,8 +143,30 @@ mod tests {
         assert_eq!(meta.labels.unwrap_or_default().get("k").map(String::as_str), Some("v"));
         assert_eq!(meta.finalizers, Some(vec!["f".to_string()]));
         assert_eq!(meta.owner_references.unwrap_or_default()[0].uid, "u-2");
-        assert!(meta.annotations.is_none(), "annotations skipped");
+        assert!(meta.annotations.is_none(), "others' annotations skipped");
         assert!(meta.managed_fields.is_none(), "managed fields skipped");
+    }
+
+    #[test]
+    fn volplanes_own_annotations_are_kept() {
+        let thing: Thing = serde_json::from_value(json!({"metadata": {"annotations": {
+            "volplane.io/reserved": "10Gi", "kubectl.kubernetes.io/last-applied-configuration": "{}",
+            "volplane.io": "no slash", "Volplane.io/x": "case"
+        }}}))
+        .expect("thing");
+        let kept = thing.metadata.annotations.expect("kept");
+        assert_eq!(
+            kept,
+            BTreeMap::from([("volplane.io/reserved".to_string(), "10Gi".to_string())])
+        );
+    }
+
+    #[test]
+    fn annotations_that_are_not_strings_are_an_error() {
+        let own = serde_json::from_value::<Thing>(json!({"metadata": {"annotations": {"volplane.io/a": 1}}}));
+        assert!(own.is_err(), "volplane's own annotation of another type: {own:?}");
+        let others = serde_json::from_value::<Thing>(json!({"metadata": {"annotations": {"b": 1}}}));
+        assert!(others.is_ok(), "others' annotations are not read: {others:?}");
     }
 
     #[test]
