@@ -428,6 +428,9 @@ pub struct NodeListOf<'a, F> {
     pub refresh: Vec<WorkItem>,
     /// Entries of the list that do not read as placements.
     pub unreadable: Vec<String>,
+    /// The ConfigMap's release mark, when an event brought it (inner
+    /// `None`: the ConfigMap or its mark is gone).
+    pub released: Option<Option<String>>,
 }
 
 impl<F> fmt::Debug for NodeListOf<'_, F> {
@@ -457,6 +460,8 @@ impl<F: Fn(&str, &str) -> Option<WorkItem>> NodeListOf<'_, F> {
 
 impl<F: Fn(&str, &str) -> Option<WorkItem>> Index<k8s_openapi::api::core::v1::ConfigMap> for NodeListOf<'_, F> {
     fn apply(&mut self, map: k8s_openapi::api::core::v1::ConfigMap) {
+        let mark = (map.metadata.annotations.as_ref()).and_then(|a| a.get(crate::placements::RELEASED_ANNOTATION));
+        self.released = Some(mark.cloned());
         let data = map.data.unwrap_or_default();
         let (placed, unreadable) = crate::placements::from_data(self.node, &data);
         self.unreadable.extend(unreadable);
@@ -469,6 +474,7 @@ impl<F: Fn(&str, &str) -> Option<WorkItem>> Index<k8s_openapi::api::core::v1::Co
     }
 
     fn delete(&mut self, _key: &ObjectKey) {
+        self.released = Some(None);
         self.left(&BTreeSet::new());
     }
 

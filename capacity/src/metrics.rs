@@ -5,6 +5,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Label set of one label.
 pub type OneLabel = Vec<(&'static str, String)>;
@@ -38,6 +39,9 @@ pub struct CapacityMetrics {
     pub placements_in_flight: Gauge,
     /// Bytes those placements reserve over all items.
     pub reserved_bytes: Gauge,
+    /// Seconds since the driver gave the oldest value standing for a
+    /// desired item.
+    pub oldest_value_age: Gauge<f64, AtomicU64>,
 }
 
 impl CapacityMetrics {
@@ -57,11 +61,17 @@ impl CapacityMetrics {
             relisting: Gauge::default(),
             placements_in_flight: Gauge::default(),
             reserved_bytes: Gauge::default(),
+            oldest_value_age: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("capacity");
         for (name, help, gauge) in metrics.gauges() {
             sub.register(name, help, gauge.clone());
         }
+        sub.register(
+            "oldest_value_age_seconds",
+            "seconds since the driver gave the oldest of the values standing for the items it should publish (polls keep it below the poll interval; it grows while GetCapacity fails)",
+            metrics.oldest_value_age.clone(),
+        );
         sub.register(
             "get_capacity_duration_seconds",
             "GetCapacity latency by gRPC code",

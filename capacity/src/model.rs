@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{NodeSelectorTerm, PersistentVolume, VolumeNodeAffinity};
 use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference, Time};
@@ -15,6 +14,11 @@ use sha2::{Digest, Sha256};
 
 use crate::quantity::{format_bytes, parse_bytes};
 use volplane_runtime::text;
+
+mod reservation;
+mod volume;
+pub use reservation::{DRIVER_CAPACITY_ANNOTATION, Publication, RESERVED_ANNOTATION, Reservation};
+pub use volume::{VolumeDriver, VolumeObject, VolumeSpec, admits, exact_segments, is_volume_of, volume_placement};
 
 /// Label naming the CSI driver of a CSIStorageCapacity object.
 pub const DRIVER_LABEL: &str = "csi.storage.k8s.io/drivername";
@@ -348,12 +352,18 @@ fn quantity(bytes: i64) -> Quantity {
     Quantity(format_bytes(bytes))
 }
 
-/// A new object for `item`.
-pub fn new_object(item: &WorkItem, value: PublishedCapacity, identity: &ObjectIdentity) -> CSIStorageCapacity {
+/// A new object for `item`, publishing `publication`.
+pub fn new_object(
+    item: &WorkItem,
+    publication: impl Into<Publication>,
+    identity: &ObjectIdentity,
+) -> CSIStorageCapacity {
+    let Publication { value, reservation } = publication.into();
     CSIStorageCapacity {
         metadata: ObjectMeta {
             generate_name: Some(GENERATE_NAME.to_string()),
             namespace: Some(identity.namespace.clone()),
+            annotations: Reservation::annotations(reservation),
             labels: Some(Labels::from([
                 (DRIVER_LABEL.to_string(), identity.driver.clone()),
                 (MANAGED_BY_LABEL.to_string(), identity.managed_by.clone()),
@@ -372,11 +382,13 @@ pub fn new_object(item: &WorkItem, value: PublishedCapacity, identity: &ObjectId
 }
 
 /// A CSIStorageCapacity as volplane reads it from the API server: what its
-/// decisions need, nothing else (no managed fields or annotations).
+/// decisions need, nothing else (no managed fields, no annotations but
+/// volplane's own).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CapacityObject {
-    /// Name, UID, resource version, creation time, labels, owner references.
+    /// Name, UID, resource version, creation time, labels, volplane's
+    /// annotations, owner references.
     #[serde(deserialize_with = "volplane_runtime::slim::metadata")]
     pub metadata: ObjectMeta,
     /// `nodeTopology`.
@@ -404,6 +416,8 @@ pub struct KnownObject {
     pub created: Option<Time>,
     /// The capacity it publishes, when it parses.
     pub published: Option<PublishedCapacity>,
+    /// The reservation its annotations state.
+    pub reservation: Option<Reservation>,
     /// Whether it is exactly what volplane writes for `published`: the
     /// quantities in canonical spelling, volplane's two labels, and exactly
     /// the configured owner reference.
@@ -429,6 +443,7 @@ impl KnownObject {
             version: object.metadata.resource_version.clone(),
             created: object.metadata.creation_timestamp.clone(),
             published,
+            reservation: Reservation::read(object.metadata.annotations.as_ref()),
             conforming: spelled && labels_ok && owners_ok,
         }
     }
@@ -443,18 +458,27 @@ pub fn needs_update(known: &KnownObject, value: PublishedCapacity) -> bool {
 }
 
 /// The JSON merge patch that makes the object known as `known` publish
-/// `value` with volplane's labels and owner, when [`needs_update`]; else
-/// `None`. Other labels and metadata are kept; owner references are
-/// replaced, never appended to; the resource version it was decided on is
-/// a precondition (the API server answers a conflict if it changed).
-pub fn update_patch(known: &KnownObject, value: PublishedCapacity, identity: &ObjectIdentity) -> Option<Value> {
-    if !needs_update(known, value) {
+/// `publication` with volplane's labels and owner, when [`needs_update`]
+/// or its reservation differs; else `None`. Other labels and metadata are
+/// kept; owner references are replaced, never appended to; the resource
+/// version it was decided on is a precondition (the API server answers a
+/// conflict if it changed).
+pub fn update_patch(
+    known: &KnownObject,
+    publication: impl Into<Publication>,
+    identity: &ObjectIdentity,
+) -> Option<Value> {
+    let Publication { value, reservation } = publication.into();
+    if !needs_update(known, value) && known.reservation == reservation {
         return None;
     }
     let mut metadata = json!({
         "labels": {DRIVER_LABEL: identity.driver, MANAGED_BY_LABEL: identity.managed_by},
         "ownerReferences": identity.owner_references(),
     });
+    if reservation.is_some() || known.reservation.is_some() {
+        metadata["annotations"] = Reservation::patch(reservation);
+    }
     if let Some(version) = &known.version {
         metadata["resourceVersion"] = json!(version);
     }
@@ -543,96 +567,6 @@ pub fn reconcile_objects<'a>(
     }
     result.missing = desired.into_iter().filter(|i| !result.adopt.contains_key(i)).collect();
     result
-}
-
-/// A PersistentVolume as the central capacity controller reads it: its
-/// driver, class and node affinity.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct VolumeObject {
-    /// Name and resource version.
-    #[serde(deserialize_with = "volplane_runtime::slim::metadata")]
-    pub metadata: ObjectMeta,
-    /// What decides the items it affects.
-    pub spec: Option<VolumeSpec>,
-}
-
-volplane_runtime::slim_resource!(VolumeObject, PersistentVolume);
-
-/// The part of a PV's spec [`items_for_volume`] reads.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VolumeSpec {
-    /// `csi.driver`.
-    pub csi: Option<VolumeDriver>,
-    /// `storageClassName`.
-    pub storage_class_name: Option<String>,
-    /// `nodeAffinity`.
-    pub node_affinity: Option<VolumeNodeAffinity>,
-}
-
-/// `spec.csi` of a PV, cut to the driver.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct VolumeDriver {
-    /// The CSI driver.
-    pub driver: String,
-}
-
-/// Whether `pv` is a volume of `driver`.
-pub fn is_volume_of(pv: &VolumeObject, driver: &str) -> bool {
-    pv.spec.as_ref().and_then(|s| s.csi.as_ref()).map(|c| c.driver.as_str()) == Some(driver)
-}
-
-/// The class and node affinity terms of `pv` when it is a volume of
-/// `driver` with a class: what decides the items it affects.
-pub fn volume_placement<'a>(pv: &'a VolumeObject, driver: &str) -> Option<(&'a str, &'a [NodeSelectorTerm])> {
-    let spec = pv.spec.as_ref().filter(|_| is_volume_of(pv, driver))?;
-    let class = spec.storage_class_name.as_deref()?;
-    let terms = spec
-        .node_affinity
-        .as_ref()
-        .and_then(|a| a.required.as_ref())
-        .map(|r| r.node_selector_terms.as_slice())
-        .unwrap_or_default();
-    Some((class, terms))
-}
-
-/// The segments each of `terms` names exactly, when every term is made of
-/// single-value `In` expressions (provisioners write a volume's segment so).
-pub fn exact_segments(terms: &[NodeSelectorTerm]) -> Option<Vec<Segment>> {
-    terms
-        .iter()
-        .map(exact_segment)
-        .collect::<Option<Vec<_>>>()
-        .filter(|s| !s.is_empty())
-}
-
-/// The segment a node selector term names exactly: only `In` expressions
-/// with one value each.
-fn exact_segment(term: &NodeSelectorTerm) -> Option<Segment> {
-    let expressions = term.match_expressions.as_deref().unwrap_or_default();
-    let labels: Option<Labels> = expressions
-        .iter()
-        .map(|expr| match (expr.operator.as_str(), expr.values.as_deref()) {
-            ("In", Some([value])) => Some((expr.key.clone(), value.clone())),
-            _ => None,
-        })
-        .collect();
-    labels.filter(|l| !l.is_empty()).map(Segment::new)
-}
-
-/// Whether any of `terms` admits `segment` (no terms: every segment). Only
-/// `In` can be decided from a segment; other operators admit.
-pub fn admits(terms: &[NodeSelectorTerm], segment: &Segment) -> bool {
-    terms.is_empty()
-        || terms.iter().any(|term| {
-            term.match_expressions
-                .iter()
-                .flatten()
-                .all(|expr| match segment.labels().get(&expr.key) {
-                    Some(value) if expr.operator == "In" => expr.values.iter().flatten().any(|v| v == value),
-                    _ => true,
-                })
-        })
 }
 
 #[cfg(test)]

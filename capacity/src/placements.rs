@@ -11,6 +11,12 @@
 //! was bound (its volume created: the next answer of the local driver
 //! covers it, and the instance asks at once) or given back or deleted
 //! (then the next answer frees it too). See [`crate::in_flight`].
+//!
+//! A bound claim placed on a node that is deleted takes its volume with
+//! it a moment later (DeleteVolume by the provisioner): the controller
+//! sets the ConfigMap's `volplane.io/released` mark, and the node's
+//! instance polls its driver fast for a while, so the freed bytes show at
+//! once instead of at the next regular poll.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -24,6 +30,10 @@ pub mod publisher;
 
 /// The annotation naming the node a placements ConfigMap is for.
 pub const NODE_ANNOTATION: &str = "volplane.io/node";
+/// The annotation marking the last time a bound claim placed on the node
+/// was seen deleted (its volume is about to be deleted: the node's
+/// instance polls fast for a while).
+pub const RELEASED_ANNOTATION: &str = "volplane.io/released";
 /// The label of volplane's placements ConfigMaps.
 pub const PLACEMENTS_LABEL: &str = "volplane.io/placements";
 
@@ -111,12 +121,29 @@ pub fn data_patch(known: &[&BTreeMap<String, String>], desired: &BTreeMap<String
     Some(json!({ "data": patch }))
 }
 
+/// The merge patch that turns the object, whichever of `known` it holds,
+/// into `desired`: [`data_patch`] of the data, and the release mark when
+/// `desired` sets one the object may not hold yet.
+pub fn map_patch(known: &[&KnownMap], desired: &KnownMap) -> Option<Value> {
+    let data: Vec<&BTreeMap<String, String>> = known.iter().map(|k| &k.data).collect();
+    let mut patch = data_patch(&data, &desired.data);
+    let mark = (desired.released.as_ref())
+        .filter(|mark| known.is_empty() || known.iter().any(|k| k.released.as_ref() != Some(*mark)));
+    if let Some(mark) = mark {
+        let patch = patch.get_or_insert_with(|| json!({}));
+        patch["metadata"] = json!({ "annotations": { RELEASED_ANNOTATION: mark } });
+    }
+    patch
+}
+
 /// The claims in flight by node, as the central controller follows them,
 /// with the nodes whose list changed since they were last taken.
 #[derive(Debug, Default)]
 pub struct ByNode {
     nodes: HashMap<String, BTreeMap<ObjectKey, Placed>>,
     node_of: HashMap<ObjectKey, String>,
+    /// The release mark of each node that had a bound claim deleted.
+    released: HashMap<String, String>,
     changed: BTreeSet<String>,
 }
 
@@ -139,6 +166,24 @@ impl ByNode {
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
         self.node_of.is_empty()
+    }
+
+    /// The release mark of `node`, if one was set since the start.
+    pub fn released_on(&self, node: &str) -> Option<&String> {
+        self.released.get(node)
+    }
+
+    /// A claim was seen deleted (the watch's last state of it): when it
+    /// was bound and placed on a node, that node's release mark becomes
+    /// `mark`.
+    pub fn deleted(&mut self, claim: &ClaimObject, mark: &str) {
+        let node = (claim.metadata.annotations.as_ref())
+            .and_then(|a| a.get(crate::in_flight::SELECTED_NODE))
+            .filter(|node| !node.is_empty());
+        if let (Some(node), Claimed::Bound) = (node, claimed(claim)) {
+            self.released.insert(node.clone(), mark.to_string());
+            self.changed.insert(node.clone());
+        }
     }
 
     /// Nodes whose list changed since the last call.
@@ -196,15 +241,18 @@ pub struct KnownMap {
     pub node: String,
     /// Its data.
     pub data: BTreeMap<String, String>,
+    /// Its release mark.
+    pub released: Option<String>,
 }
 
 impl KnownMap {
     /// What is kept of `map`: `None` without the node annotation.
     pub fn of(map: &ConfigMap) -> Option<Self> {
-        let node = map.metadata.annotations.as_ref()?.get(NODE_ANNOTATION)?.clone();
+        let annotations = map.metadata.annotations.as_ref()?;
         Some(Self {
-            node,
+            node: annotations.get(NODE_ANNOTATION)?.clone(),
             data: map.data.clone().unwrap_or_default(),
+            released: annotations.get(RELEASED_ANNOTATION).cloned(),
         })
     }
 }

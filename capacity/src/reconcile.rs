@@ -45,11 +45,13 @@ use crate::in_flight::{self, ClaimObject, ClaimsOf, InFlight, Moment, NodeListOf
 use crate::inputs::{Inputs, Signal};
 use crate::metrics::CapacityMetrics;
 use crate::model::{
-    self, CapacityObject, Existing, KnownObject, Labels, PublishedCapacity, Segment, Tracking, VolumeObject, WorkItem,
+    self, CapacityObject, Existing, KnownObject, Labels, Publication, PublishedCapacity, Reservation, Segment,
+    Tracking, VolumeObject, WorkItem,
 };
 use crate::topology::{Applied, CsiNodesOf, KeySet, NodeLabels, NodesOf, Segments, TopologyIndex};
 
 mod adoption;
+mod answers;
 mod dispatch;
 mod objects;
 mod reservations;
@@ -239,6 +241,11 @@ struct LoopState {
     /// The scheduler's placements in flight (from the claims centrally,
     /// from the node's list per node).
     in_flight: InFlight,
+    /// The driver's last answer per item.
+    answers: answers::Answers,
+    /// Per-node mode: the release mark of this node's placements
+    /// ConfigMap, as last seen.
+    released: Option<String>,
 }
 
 /// volplane's objects as the watch delivered them, and its own writes on
@@ -294,6 +301,7 @@ impl control_loop::State for LoopState {
         self.follow_gate();
         self.dispatch();
         self.update_gauges();
+        self.update_age();
         // Due work waits while another instance leads, and while every
         // worker is busy: a finished task wakes the loop then (a timer
         // already due would spin it).
@@ -394,6 +402,8 @@ impl LoopState {
             },
             pvs: Pvs::default(),
             in_flight: InFlight::default(),
+            answers: answers::Answers::default(),
+            released: None,
             adoption: Adoption {
                 incumbents: Entries::in_namespace(&config.identity.namespace),
                 foreign: Entries::in_namespace(&config.identity.namespace),

@@ -10,7 +10,10 @@ use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, CSIStorageCapacity, Stor
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use volplane_capacity::model::{DRIVER_LABEL, Enablement, MANAGED_BY_LABEL, ObjectIdentity, Segment};
+use volplane_capacity::model::{
+    DRIVER_CAPACITY_ANNOTATION, DRIVER_LABEL, Enablement, MANAGED_BY_LABEL, ObjectIdentity, RESERVED_ANNOTATION,
+    Segment,
+};
 use volplane_capacity::quantity::format_bytes;
 use volplane_capacity::{CapacityConfig, CapacityController, CapacityMetrics, Topology};
 use volplane_csi::CsiMethod;
@@ -1655,6 +1658,7 @@ async fn placements_in_flight_reserve_their_bytes_until_the_driver_counts_them()
         async move { claims.create(&PostParams::default(), &claim).await.expect("claim") }
     };
     // Placed by the scheduler, not provisioned yet: 30Gi of zone a are taken.
+    let asked = h.driver.count(CsiMethod::GetCapacity);
     create(placed_claim("c1", "n1", "fast", "30Gi")).await;
     // A class volplane does not publish for reserves nothing.
     create(placed_claim("c-other", "n1", "slow", "50Gi")).await;
@@ -1663,6 +1667,33 @@ async fn placements_in_flight_reserve_their_bytes_until_the_driver_counts_them()
         &[("fast", Some("a"), 70 * GI, None), ("fast", Some("b"), 100 * GI, None)],
     )
     .await;
+    assert_eq!(
+        h.driver.count(CsiMethod::GetCapacity),
+        asked,
+        "a placement lowers what is published from the driver's last answer, without asking it"
+    );
+    let reserved_in_a = || async {
+        let objects = h.capacities().list(&Default::default()).await.expect("list");
+        let in_a = objects.items.into_iter().find(|o| {
+            let labels = o.node_topology.as_ref().and_then(|t| t.match_labels.as_ref());
+            labels.and_then(|l| l.get("zone")).map(String::as_str) == Some("a")
+        });
+        let annotations = in_a.and_then(|o| o.metadata.annotations).unwrap_or_default();
+        let read = |key: &str| annotations.get(key).cloned();
+        (read(DRIVER_CAPACITY_ANNOTATION), read(RESERVED_ANNOTATION))
+    };
+    assert_eq!(
+        reserved_in_a().await,
+        (Some("100Gi".to_string()), Some("30Gi".to_string())),
+        "the object says what the driver has and what is reserved from it"
+    );
+    let metrics = h.metrics_text();
+    let age = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("volplane_capacity_oldest_value_age_seconds "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("the age of the oldest value");
+    assert!(age < 3600.0, "younger than the poll interval: {age}");
     // A second placement, given back by the provisioner (provisioning failed).
     create(placed_claim("c2", "n1", "fast", "10Gi")).await;
     h.wait_for_published(
@@ -1699,6 +1730,15 @@ async fn placements_in_flight_reserve_their_bytes_until_the_driver_counts_them()
         format_bytes(70 * GI),
         "the driver's value alone once it counts the volume"
     );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reserved_in_a().await != (None, None) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "annotations stay: {:?}",
+            reserved_in_a().await
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     // A placement whose pod (and claim) is deleted gives its bytes back at once.
     create(placed_claim("c3", "n2", "fast", "20Gi")).await;
     h.wait_for_published(
@@ -1763,9 +1803,25 @@ async fn a_per_node_instance_reserves_what_its_nodes_placements_list() {
         .expect("patch");
     h.wait_for_published("c2 in flight", &[("fast", Some("a"), 60 * GI, None)])
         .await;
+    // A bound claim of this node deleted (the central controller's release
+    // mark): the driver is asked at once, and then every 250 ms for a
+    // while, so the volume's deletion shows within a second although the
+    // regular poll is hourly.
+    h.driver
+        .set_capacity(Some(zone("a")), None, CapacityAnswer::available(80 * GI));
+    let released = json!({"metadata": {"annotations": {"volplane.io/released": "2026-12-06T05:00:00Z"}}});
+    maps.patch(&name, &PatchParams::default(), &Patch::Merge(released))
+        .await
+        .expect("mark");
+    h.wait_for_published("asked at the mark", &[("fast", Some("a"), 70 * GI, None)])
+        .await;
+    h.driver
+        .set_capacity(Some(zone("a")), None, CapacityAnswer::available(90 * GI));
+    h.wait_for_published("the deleted volume's bytes", &[("fast", Some("a"), 80 * GI, None)])
+        .await;
     // The list goes (its node's ConfigMap deleted): nothing is reserved.
     maps.delete(&name, &DeleteParams::default()).await.expect("delete");
-    h.wait_for_published("nothing in flight", &[("fast", Some("a"), 70 * GI, None)])
+    h.wait_for_published("nothing in flight", &[("fast", Some("a"), 90 * GI, None)])
         .await;
     eventually(Duration::from_secs(10), "no placement held", || {
         h.metrics_text().contains("volplane_capacity_placements_in_flight 0")

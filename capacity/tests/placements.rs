@@ -134,7 +134,41 @@ async fn each_nodes_config_map_lists_the_claims_placed_there_until_they_are_boun
         .await
         .expect("edit");
     wait_for_list(&maps, "n2", &[("apps.c", "10737418240 fast")]).await;
+    // A bound claim placed on n1 deleted: its volume is about to be, and
+    // n1's instance is told by the release mark. Deleting a claim that
+    // was never bound (b, c) marks nothing.
+    let released = |map: Option<ConfigMap>| {
+        map.and_then(|m| m.metadata.annotations)
+            .and_then(|a| a.get("volplane.io/released").cloned())
+    };
+    assert_eq!(released(maps.get_opt(&config_map_name("n1")).await.expect("get")), None);
+    claims.delete("a", &DeleteParams::default()).await.expect("delete");
+    let mark = eventually_some(Duration::from_secs(10), "n1's release mark", || async {
+        released(maps.get_opt(&config_map_name("n1")).await.ok().flatten())
+    })
+    .await;
+    claims.delete("b", &DeleteParams::default()).await.expect("delete");
+    claims
+        .create(&PostParams::default(), &claim("d", "n2", "1Gi"))
+        .await
+        .expect("claim");
+    let n2 = wait_for_list(
+        &maps,
+        "n2",
+        &[("apps.c", "10737418240 fast"), ("apps.d", "1073741824 fast")],
+    )
+    .await;
+    assert_eq!(released(Some(n2)), None, "b was never bound");
+    assert_eq!(
+        released(maps.get_opt(&config_map_name("n1")).await.expect("get")),
+        Some(mark),
+        "one mark per deletion"
+    );
     assert!(maps.get_opt(&config_map_name("n9")).await.expect("get").is_none());
-    assert_eq!(metrics.in_flight.get(), 2, "c, and ghost on a node that does not exist");
+    assert_eq!(
+        metrics.in_flight.get(),
+        3,
+        "c, d, and ghost on a node that does not exist"
+    );
     running.stop(Duration::from_secs(10)).await;
 }

@@ -14,6 +14,7 @@ use k8s_openapi::api::storage::v1::CSIStorageCapacity;
 use kube::api::{Api, ListParams};
 use serde_json::json;
 use support::Running;
+use volplane_capacity::model::Reservation;
 use volplane_capacity::quantity::parse_bytes;
 use volplane_tests::e2e::{ControlPlane, HostPath, bin_dir};
 use volplane_tests::objects::create;
@@ -34,6 +35,25 @@ async fn published_fast(client: &kube::Client) -> BTreeMap<String, i64> {
         .filter_map(|o| {
             let node = o.node_topology?.match_labels?.get(HostPath::TOPOLOGY_KEY)?.clone();
             Some((node, parse_bytes(&o.capacity?.0)?))
+        })
+        .collect()
+}
+
+/// Node → (published, reserved, the driver's value) of the `fast` objects
+/// that carry a reservation.
+async fn reservations(client: &kube::Client) -> BTreeMap<String, (i64, i64, i64)> {
+    let objects = Api::<CSIStorageCapacity>::namespaced(client.clone(), NAMESPACE)
+        .list(&ListParams::default())
+        .await
+        .map(|list| list.items)
+        .unwrap_or_default();
+    (objects.into_iter())
+        .filter(|o| o.storage_class_name == "fast")
+        .filter_map(|o| {
+            let node = o.node_topology?.match_labels?.get(HostPath::TOPOLOGY_KEY)?.clone();
+            let reservation = Reservation::read(o.metadata.annotations.as_ref())?;
+            let published = parse_bytes(&o.capacity?.0)?;
+            Some((node, (published, reservation.reserved, reservation.driver_capacity)))
         })
         .collect()
 }
@@ -150,6 +170,20 @@ async fn a_burst_that_fills_a_node_provisions_every_volume_on_the_first_try() {
 
     // Eight pods, one every 200 ms: faster than provisioning, so several
     // are placed while the volumes of the others are still being created.
+    // Meanwhile, what the objects say they reserve is sampled.
+    let sampler = {
+        let client = client.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while stopped.try_recv().is_err() {
+                seen.extend(reservations(&client).await.into_values());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seen
+        });
+        (stop, task)
+    };
     for i in 0..8 {
         pod_with_claim(&client, &format!("burst-{i}")).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -172,6 +206,17 @@ async fn a_burst_that_fills_a_node_provisions_every_volume_on_the_first_try() {
         (nodes.len() == 8).then(|| nodes.iter().filter(|n| *n == "node-0").count())
     })
     .await;
+    let _ = sampler.0.send(());
+    let seen = sampler.1.await.expect("sampler");
+    assert!(!seen.is_empty(), "no object said what it reserved during the burst");
+    for (published, reserved, driver) in &seen {
+        assert!(*reserved > 0, "{seen:?}");
+        assert_eq!(
+            *published,
+            (driver - reserved).max(0),
+            "published is the driver's value less the reserved: {seen:?}"
+        );
+    }
     let refusals = refused(&client).await;
     println!(
         "burst: {on_node_0} of 8 volumes on node-0, {} CreateVolume refused",
@@ -185,6 +230,12 @@ async fn a_burst_that_fills_a_node_provisions_every_volume_on_the_first_try() {
         ("node-1".to_string(), 200 * GI - (8 - on_node_0 as i64) * 10 * GI),
     ]);
     wait_for_fast(&client, &after, "the drivers' values after the burst").await;
+    eventually_some(
+        Duration::from_secs(30),
+        "no object says it reserves anything",
+        || async { reservations(&client).await.is_empty().then_some(()) },
+    )
+    .await;
     for volplane in running {
         let (code, lines) = volplane.terminate().await;
         assert_eq!(code, Some(0), "{}", lines.join("\n"));

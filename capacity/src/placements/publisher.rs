@@ -31,7 +31,9 @@ use volplane_runtime::index::convert;
 use volplane_runtime::relist::relisting;
 use volplane_runtime::{Backoff, Entries, Entry, Fed, Feed, Leadership, Readiness, control_loop};
 
-use super::{ByNode, KnownMap, NODE_ANNOTATION, PLACEMENTS_LABEL, config_map_name, data_patch, to_data};
+use super::{
+    ByNode, KnownMap, NODE_ANNOTATION, PLACEMENTS_LABEL, RELEASED_ANNOTATION, config_map_name, map_patch, to_data,
+};
 use crate::in_flight::ClaimObject;
 
 /// Writes to one node's ConfigMap in flight at most, and this many in all.
@@ -138,7 +140,7 @@ enum Signal {
 /// A write of one node's ConfigMap ended, with the data it wrote.
 struct Done {
     node: String,
-    data: BTreeMap<String, String>,
+    map: KnownMap,
     result: Result<&'static str, String>,
 }
 
@@ -155,7 +157,7 @@ struct LoopState {
     maps: Entries<KnownMap>,
     /// What each node's ConfigMap was last written with, until the watch
     /// shows it (the object holds one or the other).
-    written: HashMap<String, BTreeMap<String, String>>,
+    written: HashMap<String, KnownMap>,
     dirty: BTreeSet<String>,
     writing: HashSet<String>,
     /// Nodes whose last write failed: when to try again, and how often it failed.
@@ -212,7 +214,7 @@ impl LoopState {
             let now = self.maps.get(&change.name);
             // The watch caught up with volplane's write.
             if let Some(now) = now
-                && self.written.get(&now.node) == Some(&now.data)
+                && self.written.get(&now.node) == Some(now)
             {
                 self.written.remove(&now.node);
             }
@@ -257,15 +259,18 @@ impl LoopState {
         }
     }
 
-    /// Writes `node`'s ConfigMap if it does not hold its placements.
+    /// Writes `node`'s ConfigMap if it does not hold its placements (and
+    /// its release mark).
     fn write(&mut self, node: String) {
-        let desired = self.by_node.on(&node).map(to_data).unwrap_or_default();
         let name = config_map_name(&node);
-        let known: Vec<&BTreeMap<String, String>> = (self.maps.get(&name).map(|k| &k.data))
-            .into_iter()
-            .chain(self.written.get(&node))
-            .collect();
-        let write = match (known.is_empty(), data_patch(&known, &desired)) {
+        let seen = self.maps.get(&name);
+        let desired = KnownMap {
+            node: node.clone(),
+            data: self.by_node.on(&node).map(to_data).unwrap_or_default(),
+            released: (self.by_node.released_on(&node).cloned()).or_else(|| seen.and_then(|s| s.released.clone())),
+        };
+        let known: Vec<&KnownMap> = seen.into_iter().chain(self.written.get(&node)).collect();
+        let write = match (known.is_empty(), map_patch(&known, &desired)) {
             (_, None) => return,
             (true, Some(_)) => Write::Create,
             (false, Some(patch)) => Write::Patch(patch),
@@ -275,13 +280,13 @@ impl LoopState {
         let leadership = self.leadership.clone();
         self.tasks.push(
             async move {
-                let result = match leadership.guard(io.write(&node, &name, &desired, write)).await {
+                let result = match leadership.guard(io.write(&name, &desired, write)).await {
                     Ok(result) => result,
                     Err(_) => Err("not leading".to_string()),
                 };
                 Done {
                     node,
-                    data: desired,
+                    map: desired,
                     result,
                 }
             }
@@ -296,13 +301,7 @@ enum Write {
 }
 
 impl Io {
-    async fn write(
-        &self,
-        node: &str,
-        name: &str,
-        data: &BTreeMap<String, String>,
-        write: Write,
-    ) -> Result<&'static str, String> {
+    async fn write(&self, name: &str, map: &KnownMap, write: Write) -> Result<&'static str, String> {
         match write {
             Write::Patch(patch) => {
                 let patched = self
@@ -316,12 +315,17 @@ impl Io {
                     Err(error) => Err(error.to_string()),
                 }
             }
-            Write::Create => self.create(node, name, data).await,
+            Write::Create => self.create(name, map).await,
         }
     }
 
     /// Creates the ConfigMap, owned by its Node (deleted with it).
-    async fn create(&self, node: &str, name: &str, data: &BTreeMap<String, String>) -> Result<&'static str, String> {
+    async fn create(&self, name: &str, map: &KnownMap) -> Result<&'static str, String> {
+        let node = map.node.as_str();
+        let mut annotations = BTreeMap::from([(NODE_ANNOTATION, node)]);
+        if let Some(mark) = &map.released {
+            annotations.insert(RELEASED_ANNOTATION, mark);
+        }
         let owner = match self.nodes.get_metadata(node).await {
             Ok(meta) => meta.metadata.uid.map(|uid| OwnerReference {
                 api_version: "v1".into(),
@@ -338,10 +342,10 @@ impl Io {
             "metadata": {
                 "name": name, "namespace": self.namespace,
                 "labels": {PLACEMENTS_LABEL: "true", "app.kubernetes.io/managed-by": "volplane"},
-                "annotations": {NODE_ANNOTATION: node},
+                "annotations": annotations,
                 "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
             },
-            "data": data,
+            "data": map.data,
         }))
         .map_err(|error| error.to_string())?;
         match self.maps.create(&PostParams::default(), &map).await {
@@ -390,6 +394,10 @@ impl control_loop::State for LoopState {
     fn signal(&mut self, signal: Signal) {
         match signal {
             Signal::Claim(event) => {
+                if let Event::Delete(claim) = &*event {
+                    let mark = k8s_openapi::jiff::Timestamp::now().to_string();
+                    self.by_node.deleted(claim, &mark);
+                }
                 let fed = self.claims_feed.feed(*event, &mut self.by_node);
                 self.dirty.extend(self.by_node.take_changed());
                 self.listed(&fed);
@@ -407,7 +415,7 @@ impl control_loop::State for LoopState {
                 self.retry.remove(&done.node);
                 if verb != "skip" {
                     self.metrics.writes.get_or_create(&vec![("verb", verb)]).inc();
-                    self.written.insert(done.node, done.data);
+                    self.written.insert(done.node, done.map);
                 }
             }
             Err(error) => {

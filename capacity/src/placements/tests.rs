@@ -142,3 +142,39 @@ fn claims_are_followed_by_node_and_each_change_marks_its_nodes() {
     assert!(by_node.is_empty());
     assert!(Index::<ClaimObject>::keys(&by_node).is_empty());
 }
+
+#[test]
+fn a_deleted_bound_claim_marks_its_node_released_and_nothing_else_does() {
+    let mut by_node = ByNode::default();
+    by_node.deleted(&claim("a", Some("n1"), "fast", "1Gi", Some("pv-a")), "t1");
+    by_node.deleted(&claim("b", Some("n2"), "fast", "1Gi", None), "t1");
+    by_node.deleted(&claim("c", None, "fast", "1Gi", Some("pv-c")), "t1");
+    assert_eq!(by_node.released_on("n1").map(String::as_str), Some("t1"));
+    assert_eq!(by_node.released_on("n2"), None, "never bound: no volume to delete");
+    assert_eq!(by_node.take_changed(), BTreeSet::from(["n1".to_string()]));
+    by_node.deleted(&claim("d", Some("n1"), "fast", "1Gi", Some("pv-d")), "t2");
+    assert_eq!(by_node.released_on("n1").map(String::as_str), Some("t2"));
+}
+
+#[test]
+fn the_release_mark_is_patched_when_any_known_state_lacks_it() {
+    let known = |released: Option<&str>| KnownMap {
+        node: "n1".into(),
+        data: data(&[("ns.a", "1 fast")]),
+        released: released.map(str::to_string),
+    };
+    let desired = known(Some("t2"));
+    assert_eq!(map_patch(&[&desired], &desired), None);
+    assert_eq!(
+        map_patch(&[&desired, &known(Some("t1"))], &desired),
+        Some(json!({"metadata": {"annotations": {"volplane.io/released": "t2"}}}))
+    );
+    // No mark desired (a restart forgot it): the object's is left alone.
+    assert_eq!(map_patch(&[&known(Some("t1"))], &known(None)), None);
+    let mut more = known(Some("t2"));
+    more.data.insert("ns.b".into(), "2 fast".into());
+    assert_eq!(
+        map_patch(&[&known(None)], &more),
+        Some(json!({"data": {"ns.b": "2 fast"}, "metadata": {"annotations": {"volplane.io/released": "t2"}}}))
+    );
+}

@@ -30,6 +30,9 @@ impl LoopState {
                 self.published.deferred.insert(item);
                 continue;
             }
+            if self.publish_from_last(&item) {
+                continue;
+            }
             let Some(parameters) = self
                 .classes
                 .get(&item.class)
@@ -89,7 +92,10 @@ impl LoopState {
                 let waiting = self.asking.remove(&query).unwrap_or_default();
                 for item in waiting {
                     match &report {
-                        Ok(report) => self.answered(item, *report, asked),
+                        Ok(report) => {
+                            self.remember_answer(&item, *report, asked);
+                            self.answered(item, *report, asked);
+                        }
                         Err(error) => self.refreshed(item, Err(Error::Csi(error.clone()))),
                     }
                 }
@@ -114,7 +120,8 @@ impl LoopState {
     /// created or patched when the value (or anything else volplane owns
     /// in it) changed.
     pub(super) fn answered(&mut self, item: WorkItem, report: CapacityReport, asked: Moment) {
-        let value = self.published_value(&item, report, asked);
+        let publication = self.published_value(&item, report, asked);
+        let value = publication.value;
         if !self.desired(&item) {
             self.queue.finish(&item);
             return;
@@ -129,43 +136,54 @@ impl LoopState {
             self.refreshed(item, Err(Error::NotLeader(volplane_runtime::NotLeader)));
             return;
         }
-        let known = self
-            .published
-            .objects
-            .get(&item)
-            .and_then(|name| Some((name.clone(), self.published.store.get(name)?)));
+        match self.write_for(&item, publication) {
+            Ok(write) => {
+                self.answers.wrote(&item);
+                self.start_write(item, value, write);
+            }
+            Err(due) => {
+                self.refreshed(item.clone(), Ok((None, value)));
+                if let Some(due) = due {
+                    self.queue.schedule(item, due);
+                }
+            }
+        }
+    }
+
+    /// The write that makes `item`'s object publish `publication`, or none
+    /// (with when a change that waits is due).
+    fn write_for(&mut self, item: &WorkItem, publication: Publication) -> std::result::Result<Write, Option<Instant>> {
+        let known = self.published.objects.get(item).and_then(|name| {
+            let stored = self.published.store.get(name)?;
+            Some((name.clone(), stored.object.clone()))
+        });
         let incumbent = self
             .adoption
             .incumbent_items
-            .get(&item)
+            .get(item)
             .and_then(|name| Some((name.clone(), self.adoption.incumbents.get(name)?)));
-        let write = match (known, incumbent) {
+        match (known, incumbent) {
             // csi-provisioner's object stands for the item: taken over in
             // place once the gate allows, never duplicated before.
             (None, Some((name, theirs))) => {
-                let adopt = self.adoption.gate.as_ref().is_some_and(|gate| gate.may_adopt(&item));
-                match model::update_patch(&theirs.object, value, &self.config.identity).filter(|_| adopt) {
-                    Some(patch) => {
-                        info!(%item, %name, "adopting csi-provisioner's CSIStorageCapacity");
-                        self.adoption.adopting.insert(item.clone(), name.clone());
-                        Write::Patch(name, patch)
-                    }
-                    None => {
-                        self.refreshed(item, Ok((None, value)));
-                        return;
-                    }
-                }
+                let adopt = self.adoption.gate.as_ref().is_some_and(|gate| gate.may_adopt(item));
+                let patch = model::update_patch(&theirs.object, publication, &self.config.identity).filter(|_| adopt);
+                let patch = patch.ok_or(None)?;
+                info!(%item, %name, "adopting csi-provisioner's CSIStorageCapacity");
+                self.adoption.adopting.insert(item.clone(), name.clone());
+                Ok(Write::Patch(name, patch))
             }
-            (None, None) => Write::Create(Box::new(model::new_object(&item, value, &self.config.identity))),
-            (Some((name, stored)), _) => match model::update_patch(&stored.object, value, &self.config.identity) {
-                None => {
-                    self.refreshed(item, Ok((None, value)));
-                    return;
-                }
-                Some(patch) => Write::Patch(name, patch),
-            },
-        };
-        self.start_write(item, value, write);
+            (None, None) => Ok(Write::Create(Box::new(model::new_object(
+                item,
+                publication,
+                &self.config.identity,
+            )))),
+            (Some((name, known)), _) => {
+                let (publication, due) = self.reservation_due(item, &known, publication);
+                let patch = model::update_patch(&known, publication, &self.config.identity).ok_or(due)?;
+                Ok(Write::Patch(name, patch))
+            }
+        }
     }
 
     /// Runs `write` for `item` as a task.
@@ -188,7 +206,12 @@ impl LoopState {
 
     /// The item's next regular poll: all classes of a segment at once, in
     /// one of [`POLL_SLOTS`] slots of the interval.
+    /// While a released volume's deletion is expected (per-node mode),
+    /// every [`answers::FAST_POLL`] instead.
     pub(super) fn next_poll(&self, item: &WorkItem) -> Instant {
+        if self.answers.fast(Instant::now()) {
+            return Instant::now() + answers::FAST_POLL;
+        }
         let interval = self.config.poll_interval;
         let slot = interval / POLL_SLOTS;
         let phase = phase::phase(&item.segment.to_string(), interval);
@@ -213,6 +236,7 @@ impl LoopState {
                 self.queue.succeeded(&item);
                 self.last_warning.remove(&item);
                 self.note_oversized(&item, value);
+                self.answers.published(&item, value);
                 if let Some(written) = written {
                     self.wrote(&item, written, desired);
                 }

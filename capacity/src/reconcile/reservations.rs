@@ -35,7 +35,7 @@ impl LoopState {
         let refresh = std::mem::take(&mut claims.refresh);
         drop(claims);
         if self.synced {
-            self.refresh(&refresh, "placement in flight");
+            self.refresh_placements(&refresh, "placement in flight");
         }
         if matches!(fed, Fed::Listed { .. }) {
             self.synced_sources.insert("claims");
@@ -57,19 +57,18 @@ impl LoopState {
 
     /// The driver's value for `item` as published: less what its
     /// placements in flight reserve (those its answer, asked at `asked`,
-    /// covers are released first).
-    pub(super) fn published_value(
-        &mut self,
-        item: &WorkItem,
-        report: CapacityReport,
-        asked: Moment,
-    ) -> PublishedCapacity {
+    /// covers are released first), with the reservation behind it.
+    pub(super) fn published_value(&mut self, item: &WorkItem, report: CapacityReport, asked: Moment) -> Publication {
         self.in_flight.answered(item, asked);
         let value = PublishedCapacity {
             capacity: report.available_capacity,
             maximum_volume_size: report.maximum_volume_size,
         };
-        in_flight::less_reserved(value, self.in_flight.reserved(item))
+        let reserved = self.in_flight.reserved(item);
+        Publication {
+            value: in_flight::less_reserved(value, reserved),
+            reservation: Reservation::of(report.available_capacity, reserved),
+        }
     }
 
     /// An event of this node's placements ConfigMap (per-node mode): what
@@ -88,21 +87,37 @@ impl LoopState {
             item_of: item_of(&self.segments, &self.classes),
             refresh: Vec::new(),
             unreadable: Vec::new(),
+            released: None,
         };
         let fed = self.feeds.feed("node placements", event, &mut list);
         let refresh = std::mem::take(&mut list.refresh);
         let unreadable = std::mem::take(&mut list.unreadable);
+        let released = list.released.take();
         drop(list);
         if !unreadable.is_empty() {
             warn!(entries = ?volplane_runtime::text::prefix(&format!("{unreadable:?}"), 512),
                   "entries of this node's placements ConfigMap that do not read as `<bytes> <class>` are skipped");
         }
         if self.synced {
-            self.refresh(&refresh, "placement in flight on this node");
+            self.refresh_placements(&refresh, "placement in flight on this node");
+        }
+        if let Some(released) = released {
+            self.on_release_mark(released);
         }
         if matches!(fed, Fed::Listed { .. }) {
             self.synced_sources.insert("node placements");
             self.try_initial_sync();
+        }
+    }
+
+    /// The node's release mark changed (the central controller saw a
+    /// bound claim placed here deleted: its volume is about to be): polls
+    /// turn fast for a while. The mark found at start is only noted.
+    fn on_release_mark(&mut self, released: Option<String>) {
+        let changed = released.is_some() && released != self.released;
+        self.released = released;
+        if changed && self.synced {
+            self.poll_fast();
         }
     }
 }

@@ -1,0 +1,189 @@
+//! The driver's last answer per item: how old each published value is,
+//! publishing a lower value at once from the last answer when a new
+//! placement reserves more (no driver call on the scheduler's path), and
+//! the short window of fast polls after a volume of this node was
+//! released (per-node mode; see [`crate::placements`]).
+
+use super::*;
+
+/// How often an item is asked while a released volume's deletion is
+/// expected (per-node mode).
+pub(super) const FAST_POLL: Duration = Duration::from_millis(250);
+
+/// How long polls stay fast after the last release.
+pub(super) const FAST_WINDOW: Duration = Duration::from_secs(30);
+
+/// How often an object is written for a change of its reservation alone.
+pub(super) const RESERVATION_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the age gauge is computed again.
+const AGE_EVERY: Duration = Duration::from_secs(1);
+
+/// The driver's last answer for an item.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Answer {
+    report: CapacityReport,
+    /// The moment of the placements it was asked at.
+    asked: Moment,
+    /// When it came.
+    at: Instant,
+    /// When the item's object was last written.
+    written: Option<Instant>,
+    /// What the item's last run published (written, or found so).
+    published: Option<PublishedCapacity>,
+}
+
+/// The last answers, and what follows from them.
+#[derive(Debug, Default)]
+pub(super) struct Answers {
+    last: HashMap<WorkItem, Answer>,
+    /// Items to publish from their last answer at their next run.
+    from_last: HashSet<WorkItem>,
+    /// Until when polls are fast (a volume of this node was released).
+    fast_until: Option<Instant>,
+    /// When the age gauge was last computed.
+    aged_at: Option<Instant>,
+}
+
+impl Answers {
+    /// Whether polls are fast now.
+    pub(super) fn fast(&self, now: Instant) -> bool {
+        self.fast_until.is_some_and(|until| now < until)
+    }
+
+    /// The object of `item` is being written now.
+    pub(super) fn wrote(&mut self, item: &WorkItem) {
+        if let Some(answer) = self.last.get_mut(item) {
+            answer.written = Some(Instant::now());
+        }
+    }
+
+    /// A run of `item` ended with `value` published.
+    pub(super) fn published(&mut self, item: &WorkItem, value: PublishedCapacity) {
+        if let Some(answer) = self.last.get_mut(item) {
+            answer.published = Some(value);
+        }
+    }
+}
+
+impl LoopState {
+    /// The driver answered `report` for `item`, asked at `asked`.
+    pub(super) fn remember_answer(&mut self, item: &WorkItem, report: CapacityReport, asked: Moment) {
+        let before = self.answers.last.get(item);
+        let answer = Answer {
+            report,
+            asked,
+            at: Instant::now(),
+            written: before.and_then(|answer| answer.written),
+            published: before.and_then(|answer| answer.published),
+        };
+        self.answers.last.insert(item.clone(), answer);
+    }
+
+    /// What to write into `known` for `item`: `publication`, except that a
+    /// change of the reservation alone (the value stays) waits until the
+    /// object was last written [`RESERVATION_EVERY`] ago, so that a burst
+    /// of placements binding does not double the writes. A change that
+    /// waits is published from the last answer when it is due (returned).
+    pub(super) fn reservation_due(
+        &mut self,
+        item: &WorkItem,
+        known: &KnownObject,
+        publication: Publication,
+    ) -> (Publication, Option<Instant>) {
+        let unchanged = known.reservation == publication.reservation;
+        let due = (self.answers.last.get(item).and_then(|answer| answer.written))
+            .map(|at| at + RESERVATION_EVERY)
+            .filter(|due| *due > Instant::now());
+        match due {
+            Some(due) if !unchanged && !model::needs_update(known, publication.value) => {
+                self.answers.from_last.insert(item.clone());
+                let waiting = Publication {
+                    reservation: known.reservation,
+                    ..publication
+                };
+                (waiting, Some(due))
+            }
+            _ => (publication, None),
+        }
+    }
+
+    /// Placements changed for `items`: those whose value published from
+    /// the last answer would be lower than what is published now are
+    /// published so at once (lowering is always safe: the last answer
+    /// less every reservation standing is never more than the driver has
+    /// left); the others ask the driver.
+    pub(super) fn refresh_placements(&mut self, items: &[WorkItem], why: &str) {
+        for item in items {
+            let lower = self.answers.last.get(item).is_some_and(|answer| {
+                let value = PublishedCapacity {
+                    capacity: answer.report.available_capacity,
+                    maximum_volume_size: answer.report.maximum_volume_size,
+                };
+                let now = in_flight::less_reserved(value, self.in_flight.reserved(item));
+                self.published_now(item)
+                    .is_some_and(|published| now.capacity < published.capacity)
+            });
+            if lower {
+                self.answers.from_last.insert(item.clone());
+            } else {
+                self.answers.from_last.remove(item);
+            }
+        }
+        self.refresh(items, why);
+    }
+
+    /// What is published for `item` now: as the watch last delivered it,
+    /// or, while volplane's own write is still on its way, what it wrote.
+    fn published_now(&self, item: &WorkItem) -> Option<PublishedCapacity> {
+        let seen = || {
+            let name = self.published.objects.get(item)?;
+            self.published.store.get(name)?.object.published
+        };
+        let written = || self.answers.last.get(item)?.published;
+        if self.published.unseen.contains_key(item) {
+            written().or_else(seen)
+        } else {
+            seen().or_else(written)
+        }
+    }
+
+    /// A due `item` marked to publish from its last answer does so
+    /// (returns true); any other asks the driver.
+    pub(super) fn publish_from_last(&mut self, item: &WorkItem) -> bool {
+        if !self.answers.from_last.remove(item) {
+            return false;
+        }
+        let Some(answer) = self.answers.last.get(item).copied() else {
+            return false;
+        };
+        self.answered(item.clone(), answer.report, answer.asked);
+        true
+    }
+
+    /// A volume of this node was released: every item is asked at once,
+    /// and every [`FAST_POLL`] for [`FAST_WINDOW`], so that its deletion
+    /// shows within a fraction of a second.
+    pub(super) fn poll_fast(&mut self) {
+        self.answers.fast_until = Some(Instant::now() + FAST_WINDOW);
+        let items: Vec<WorkItem> = self.desired_items().collect();
+        self.refresh(&items, "a volume of this node was released");
+    }
+
+    /// `volplane_capacity_oldest_value_age_seconds`: how long ago the
+    /// driver gave the oldest value standing for a desired item (at most
+    /// once a second; answers of items no longer desired are dropped).
+    pub(super) fn update_age(&mut self) {
+        let now = Instant::now();
+        if self.answers.aged_at.is_some_and(|at| now < at + AGE_EVERY) {
+            return;
+        }
+        self.answers.aged_at = Some(now);
+        let classes = &self.classes;
+        let segments = &self.segments;
+        (self.answers.last).retain(|item, _| classes.contains_key(&item.class) && segments.contains(&item.segment));
+        let oldest = self.answers.last.values().map(|answer| answer.at).min();
+        let age = oldest.map_or(0.0, |at| now.duration_since(at).as_secs_f64());
+        self.metrics.oldest_value_age.set(age);
+    }
+}
