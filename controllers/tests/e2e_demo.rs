@@ -63,16 +63,16 @@ fn check(command: &str, out: &str) {
     } else if command.ends_with("kubectl volplane capacity") {
         let rows = squeezed(out);
         assert_eq!(
-            rows[0], "NODE CLASS DRIVER CAPACITY MAX VOLUME SIZE OBJECT MANAGED-BY AGE",
+            rows[0], "NODE CLASS DRIVER CAPACITY RESERVED FROM DRIVER MAX VOLUME SIZE OBJECT MANAGED-BY AGE",
             "{out}"
         );
         let expected = [
-            "node-a bulk demo.volplane.dev 2Ti - volplane/csisc-",
-            "node-a fast demo.volplane.dev 90Gi - volplane/csisc-",
-            "node-b bulk demo.volplane.dev 1Ti - volplane/csisc-",
-            "node-b fast demo.volplane.dev 20Gi - volplane/csisc-",
-            "node-c bulk demo.volplane.dev 512Gi - volplane/csisc-",
-            "node-c fast demo.volplane.dev 5Gi - volplane/csisc-",
+            "node-a bulk demo.volplane.dev 2Ti 0 2Ti - volplane/csisc-",
+            "node-a fast demo.volplane.dev 90Gi 0 90Gi - volplane/csisc-",
+            "node-b bulk demo.volplane.dev 1Ti 0 1Ti - volplane/csisc-",
+            "node-b fast demo.volplane.dev 20Gi 0 20Gi - volplane/csisc-",
+            "node-c bulk demo.volplane.dev 512Gi 0 512Gi - volplane/csisc-",
+            "node-c fast demo.volplane.dev 5Gi 0 5Gi - volplane/csisc-",
         ];
         assert_eq!(rows.len(), 1 + expected.len(), "{out}");
         for (row, start) in rows[1..].iter().zip(expected) {

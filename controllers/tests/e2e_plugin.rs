@@ -103,11 +103,11 @@ async fn capacity_and_why_say_what_the_scheduler_did() {
     assert_eq!(
         without_age(&capacity),
         [
-            "NODE CLASS DRIVER CAPACITY MAX VOLUME SIZE OBJECT MANAGED-BY",
+            "NODE CLASS DRIVER CAPACITY RESERVED FROM DRIVER MAX VOLUME SIZE OBJECT MANAGED-BY",
             // Created by hand, without a managed-by label: nobody's.
-            "node-0 fast plugin.csi.volplane.dev 100Gi - default/csisc-node-0 foreign",
-            "node-1 fast plugin.csi.volplane.dev 20Gi - default/csisc-node-1 foreign",
-            "node-2 fast plugin.csi.volplane.dev 5Gi - default/csisc-node-2 foreign",
+            "node-0 fast plugin.csi.volplane.dev 100Gi - - - default/csisc-node-0 foreign",
+            "node-1 fast plugin.csi.volplane.dev 20Gi - - - default/csisc-node-1 foreign",
+            "node-2 fast plugin.csi.volplane.dev 5Gi - - - default/csisc-node-2 foreign",
         ],
         "{capacity}"
     );
@@ -116,7 +116,7 @@ async fn capacity_and_why_say_what_the_scheduler_did() {
     let wide_lines = squeezed(&wide);
     assert!(wide_lines[0].ends_with("OBJECT MANAGED-BY AGE TOPOLOGY"), "{wide}");
     assert!(
-        wide_lines[1].starts_with("node-0 fast plugin.csi.volplane.dev 100Gi - default/csisc-node-0 foreign ")
+        wide_lines[1].starts_with("node-0 fast plugin.csi.volplane.dev 100Gi - - - default/csisc-node-0 foreign ")
             && wide_lines[1].ends_with(" topology.volplane.dev/node=node-0"),
         "{wide}"
     );

@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, 
 use k8s_openapi::api::storage::v1::{CSIDriver, CSIStorageCapacity, StorageClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::Serialize;
+use volplane_capacity::model::Reservation;
 use volplane_capacity::quantity::{format_bytes, parse_bytes};
 
 /// The annotation that marks the default StorageClass.
@@ -178,6 +179,14 @@ pub struct CapacityRow {
     pub tracking: Tracking,
     /// Published capacity in bytes (`None`: no object applies).
     pub capacity: Option<i64>,
+    /// What placements in flight reserve, in bytes, by volplane's
+    /// `volplane.io/reserved` annotation (0 without one; `None`: not
+    /// volplane's object, or none applies).
+    pub reserved: Option<i64>,
+    /// The driver's own value behind `capacity`, in bytes: by volplane's
+    /// `volplane.io/driver-capacity` annotation, else `capacity` itself
+    /// (`None`: not volplane's object, or none applies).
+    pub driver_capacity: Option<i64>,
     /// Published maximum volume size in bytes.
     pub maximum_volume_size: Option<i64>,
     /// `namespace/name` of the object that applies (the one admitting the
@@ -237,6 +246,18 @@ impl Manager {
     }
 }
 
+/// What volplane's object reserves and what its driver said (`None` for
+/// others' objects): by its annotations; without them nothing is reserved.
+fn reservation(object: &CSIStorageCapacity) -> (Option<i64>, Option<i64>) {
+    if Manager::of(object) != Manager::Volplane {
+        return (None, None);
+    }
+    match Reservation::read(object.metadata.annotations.as_ref()) {
+        Some(r) => (Some(r.reserved), Some(r.driver_capacity)),
+        None => (Some(0), bytes(object.capacity.as_ref())),
+    }
+}
+
 /// One row per (node, class), sorted by node then class, for the classes
 /// whose name and provisioner pass the filters.
 pub fn capacity_rows(
@@ -255,7 +276,10 @@ pub fn capacity_rows(
             }
             let applying = cluster.capacities_for(&class_name, node);
             let best = applying.first().copied();
+            let (reserved, driver_capacity) = best.map_or((None, None), reservation);
             rows.push(CapacityRow {
+                reserved,
+                driver_capacity,
                 managed_by: best.map(Manager::of),
                 others: applying.len().saturating_sub(1),
                 node: node_name.clone(),

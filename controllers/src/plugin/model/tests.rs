@@ -161,6 +161,35 @@ fn capacity_rows_per_node_and_class_with_dashes_and_tracking() {
 }
 
 #[test]
+fn volplanes_rows_show_what_is_reserved_and_what_the_driver_said() {
+    let mut cluster = seed();
+    let managed = |mut object: CSIStorageCapacity, annotations: Option<BTreeMap<String, String>>| {
+        let labels = BTreeMap::from([("csi.storage.k8s.io/managed-by".to_string(), "volplane".to_string())]);
+        object.metadata.labels = Some(labels);
+        object.metadata.annotations = annotations;
+        object
+    };
+    let reserved = Reservation::annotations(Reservation::of(30 << 30, 10 << 30));
+    cluster.capacities[0] = managed(capacity("csisc-0", "node-0", "20Gi", None), reserved);
+    cluster.capacities[1] = managed(capacity("csisc-1", "node-1", "20Gi", None), None);
+    let rows = capacity_rows(&cluster, None, None, now());
+    let shown: Vec<_> = rows
+        .iter()
+        .map(|r| (r.capacity, r.reserved, r.driver_capacity))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (Some(20 << 30), Some(10 << 30), Some(30 << 30)),
+            // volplane's, nothing reserved: the driver's value is published.
+            (Some(20 << 30), Some(0), Some(20 << 30)),
+            // Not volplane's: unknown.
+            (Some(5 << 30), None, None),
+        ]
+    );
+}
+
+#[test]
 fn of_several_objects_the_one_admitting_the_largest_volume_is_shown_and_used() {
     let mut cluster = seed();
     cluster.capacities.push(capacity("csisc-1b", "node-1", "80Gi", None));
