@@ -1639,6 +1639,7 @@ fn placed_claim(name: &str, node: &str, class: &str, size: &str) -> k8s_openapi:
 
 #[tokio::test]
 async fn placements_in_flight_reserve_their_bytes_until_the_driver_counts_them() {
+    let started = std::time::Instant::now();
     let mut h = Harness::new().await;
     h.add_node("n1", Some("a"), &["zone"]).await;
     h.add_node("n2", Some("b"), &["zone"]).await;
@@ -1693,7 +1694,7 @@ async fn placements_in_flight_reserve_their_bytes_until_the_driver_counts_them()
         .find_map(|l| l.strip_prefix("volplane_capacity_oldest_value_age_seconds "))
         .and_then(|v| v.parse::<f64>().ok())
         .expect("the age of the oldest value");
-    assert!(age < 3600.0, "younger than the poll interval: {age}");
+    assert!(age <= started.elapsed().as_secs_f64(), "no older than the test: {age}");
     // A second placement, given back by the provisioner (provisioning failed).
     create(placed_claim("c2", "n1", "fast", "10Gi")).await;
     h.wait_for_published(

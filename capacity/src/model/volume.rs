@@ -21,7 +21,7 @@ pub struct VolumeObject {
 
 volplane_runtime::slim_resource!(VolumeObject, PersistentVolume);
 
-/// The part of a PV's spec [`items_for_volume`] reads.
+/// The part of a PV's spec the capacity controller reads.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeSpec {

@@ -58,6 +58,17 @@ impl Answers {
         }
     }
 
+    /// `item` is to ask the driver, not publish from its last answer.
+    pub(super) fn ask(&mut self, item: &WorkItem) {
+        self.from_last.remove(item);
+    }
+
+    /// `item` is no longer desired.
+    pub(super) fn forget(&mut self, item: &WorkItem) {
+        self.last.remove(item);
+        self.from_last.remove(item);
+    }
+
     /// A run of `item` ended with `value` published.
     pub(super) fn published(&mut self, item: &WorkItem, value: PublishedCapacity) {
         if let Some(answer) = self.last.get_mut(item) {
@@ -83,10 +94,10 @@ impl LoopState {
     /// What to write into `known` for `item`: `publication`, except that a
     /// change of the reservation alone (the value stays) waits until the
     /// object was last written [`RESERVATION_EVERY`] ago, so that a burst
-    /// of placements binding does not double the writes. A change that
-    /// waits is published from the last answer when it is due (returned).
+    /// of placements binding does not double the writes; the item runs
+    /// again when that change is due (returned).
     pub(super) fn reservation_due(
-        &mut self,
+        &self,
         item: &WorkItem,
         known: &KnownObject,
         publication: Publication,
@@ -97,7 +108,6 @@ impl LoopState {
             .filter(|due| *due > Instant::now());
         match due {
             Some(due) if !unchanged && !model::needs_update(known, publication.value) => {
-                self.answers.from_last.insert(item.clone());
                 let waiting = Publication {
                     reservation: known.reservation,
                     ..publication
@@ -110,27 +120,36 @@ impl LoopState {
 
     /// Placements changed for `items`: those whose value published from
     /// the last answer would be lower than what is published now are
-    /// published so at once (lowering is always safe: the last answer
+    /// published so at once, without asking the driver (the last answer
     /// less every reservation standing is never more than the driver has
-    /// left); the others ask the driver.
+    /// left, as far as placements tell); the others ask the driver. An
+    /// item asked to ask the driver meanwhile ([`LoopState::refresh`])
+    /// asks it.
     pub(super) fn refresh_placements(&mut self, items: &[WorkItem], why: &str) {
+        let now = Instant::now();
         for item in items {
-            let lower = self.answers.last.get(item).is_some_and(|answer| {
-                let value = PublishedCapacity {
-                    capacity: answer.report.available_capacity,
-                    maximum_volume_size: answer.report.maximum_volume_size,
-                };
-                let now = in_flight::less_reserved(value, self.in_flight.reserved(item));
-                self.published_now(item)
-                    .is_some_and(|published| now.capacity < published.capacity)
-            });
-            if lower {
+            if self.lowers(item) {
+                debug!(%item, why, "publishing from the driver's last answer");
                 self.answers.from_last.insert(item.clone());
+                self.queue.schedule(item.clone(), now);
             } else {
-                self.answers.from_last.remove(item);
+                self.refresh(std::slice::from_ref(item), why);
             }
         }
-        self.refresh(items, why);
+    }
+
+    /// Whether the last answer for `item` less its reservations standing
+    /// is below what is published now.
+    fn lowers(&self, item: &WorkItem) -> bool {
+        self.answers.last.get(item).is_some_and(|answer| {
+            let value = PublishedCapacity {
+                capacity: answer.report.available_capacity,
+                maximum_volume_size: answer.report.maximum_volume_size,
+            };
+            let now = in_flight::less_reserved(value, self.in_flight.reserved(item));
+            self.published_now(item)
+                .is_some_and(|published| now.capacity < published.capacity)
+        })
     }
 
     /// What is published for `item` now: as the watch last delivered it,
@@ -158,6 +177,10 @@ impl LoopState {
             return false;
         };
         self.answered(item.clone(), answer.report, answer.asked);
+        if answer.at.elapsed() >= self.config.poll_interval {
+            // Placements coming steadily never postpone the regular poll.
+            self.queue.schedule(item.clone(), Instant::now());
+        }
         true
     }
 
@@ -172,16 +195,13 @@ impl LoopState {
 
     /// `volplane_capacity_oldest_value_age_seconds`: how long ago the
     /// driver gave the oldest value standing for a desired item (at most
-    /// once a second; answers of items no longer desired are dropped).
+    /// once a second).
     pub(super) fn update_age(&mut self) {
         let now = Instant::now();
         if self.answers.aged_at.is_some_and(|at| now < at + AGE_EVERY) {
             return;
         }
         self.answers.aged_at = Some(now);
-        let classes = &self.classes;
-        let segments = &self.segments;
-        (self.answers.last).retain(|item, _| classes.contains_key(&item.class) && segments.contains(&item.segment));
         let oldest = self.answers.last.values().map(|answer| answer.at).min();
         let age = oldest.map_or(0.0, |at| now.duration_since(at).as_secs_f64());
         self.metrics.oldest_value_age.set(age);

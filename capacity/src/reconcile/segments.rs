@@ -96,6 +96,7 @@ impl LoopState {
         self.queue.forget(&item);
         self.last_warning.remove(&item);
         self.oversized.remove(&item);
+        self.answers.forget(&item);
         self.published.unseen.remove(&item);
         self.published.deferred.remove(&item);
         if let Some(name) = self.published.objects.remove(&item) {

@@ -72,11 +72,13 @@ impl LoopState {
             .collect()
     }
 
-    /// Refreshes `items` now (deduplicated by the queue).
+    /// Refreshes `items` now, asking the driver (deduplicated by the
+    /// queue; a pending publication from the last answer asks instead).
     pub(super) fn refresh(&mut self, items: &[WorkItem], why: &str) {
         let now = Instant::now();
         for item in items {
             debug!(%item, why, "refreshing");
+            self.answers.ask(item);
             self.queue.schedule(item.clone(), now);
         }
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::*;
+use volplane_capacity::model::Reservation;
 
 const DRIVER: &str = "hostpath.csi.k8s.io";
 const KEY: &str = "topology.hostpath.csi/node";
