@@ -25,6 +25,13 @@ const GI: i64 = 1 << 30;
 
 /// Node → the `fast` capacity volplane publishes for it.
 async fn published_fast(client: &kube::Client) -> BTreeMap<String, i64> {
+    (fast_objects(client).await.into_iter())
+        .filter_map(|(node, o)| Some((node, parse_bytes(&o.capacity?.0)?)))
+        .collect()
+}
+
+/// volplane's `fast` objects, with the node each is for.
+async fn fast_objects(client: &kube::Client) -> Vec<(String, CSIStorageCapacity)> {
     let objects = Api::<CSIStorageCapacity>::namespaced(client.clone(), NAMESPACE)
         .list(&ListParams::default())
         .await
@@ -33,8 +40,14 @@ async fn published_fast(client: &kube::Client) -> BTreeMap<String, i64> {
     (objects.into_iter())
         .filter(|o| o.storage_class_name == "fast")
         .filter_map(|o| {
-            let node = o.node_topology?.match_labels?.get(HostPath::TOPOLOGY_KEY)?.clone();
-            Some((node, parse_bytes(&o.capacity?.0)?))
+            let node = o
+                .node_topology
+                .as_ref()?
+                .match_labels
+                .as_ref()?
+                .get(HostPath::TOPOLOGY_KEY)?
+                .clone();
+            Some((node, o))
         })
         .collect()
 }
@@ -42,15 +55,8 @@ async fn published_fast(client: &kube::Client) -> BTreeMap<String, i64> {
 /// Node → (published, reserved, the driver's value) of the `fast` objects
 /// that carry a reservation.
 async fn reservations(client: &kube::Client) -> BTreeMap<String, (i64, i64, i64)> {
-    let objects = Api::<CSIStorageCapacity>::namespaced(client.clone(), NAMESPACE)
-        .list(&ListParams::default())
-        .await
-        .map(|list| list.items)
-        .unwrap_or_default();
-    (objects.into_iter())
-        .filter(|o| o.storage_class_name == "fast")
-        .filter_map(|o| {
-            let node = o.node_topology?.match_labels?.get(HostPath::TOPOLOGY_KEY)?.clone();
+    (fast_objects(client).await.into_iter())
+        .filter_map(|(node, o)| {
             let reservation = Reservation::read(o.metadata.annotations.as_ref())?;
             let published = parse_bytes(&o.capacity?.0)?;
             Some((node, (published, reservation.reserved, reservation.driver_capacity)))
