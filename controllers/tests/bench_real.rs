@@ -21,7 +21,9 @@
 //! - health: `VOLPLANE_BENCH_VOLUMES` (default 20 for the events window,
 //!   10,000 for the sweep) and `VOLPLANE_BENCH_WINDOW_SECONDS` (default 30);
 //! - capacity under a burst: `VOLPLANE_BENCH_BURST_PODS` (default 95) pods
-//!   with a 10Gi claim each on 10 nodes of uneven node-local storage.
+//!   with a 10Gi claim each on 10 nodes of uneven node-local storage;
+//!   `VOLPLANE_BENCH_BURST_ONLY` (`volplane`, `csi-provisioner` or `no`)
+//!   runs one column alone, to look into it.
 
 mod support;
 
@@ -1062,8 +1064,19 @@ async fn burst_run(tracking: Tracking, pods: usize, gap: Duration) -> String {
         })
         .await;
     }
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let seen = tokio::spawn(placements_seen(client.clone(), stopped));
     let (created, bound) = burst_pods(&client, pods, gap).await;
-    let refused = provisioning_failures(&client).await;
+    let _ = stop.send(());
+    let (placed, history) = seen.await.expect("placements seen");
+    let (refused, refused_claims) = provisioning_failures(&client).await;
+    let mut lowered: Vec<Duration> = placed.iter().filter_map(|p| p.lowered).collect();
+    lowered.sort();
+    let never = placed.len() - lowered.len();
+    let refused_detail = match refused_placements(&placed, &history, &refused_claims) {
+        detail if detail.is_empty() => detail,
+        detail => format!("\n{detail}"),
+    };
     let mut lags: Vec<Duration> = (0..pods)
         .filter_map(|i| Some(bound.get(&i)?.duration_since(created[i])))
         .collect();
@@ -1084,7 +1097,8 @@ async fn burst_run(tracking: Tracking, pods: usize, gap: Duration) -> String {
     drop(placements);
     drop(nodes);
     format!(
-        "refused CreateVolume (each a selected-node reset) {refused}; {}/{pods} Bound{}; create → Bound p50 {} s, p99 {} s; at rest per node per minute: {rest}",
+        "refused CreateVolume (each a selected-node reset) {refused}; {}/{pods} Bound{}; create → Bound p50 {} s, p99 {} s; \
+         placement → node's capacity lowered {} ({never} placements never followed by a lower value); at rest per node per minute: {rest}",
         bound.len(),
         all.map_or_else(
             || " (not all within the limit)".to_string(),
@@ -1092,7 +1106,8 @@ async fn burst_run(tracking: Tracking, pods: usize, gap: Duration) -> String {
         ),
         at(0.5).map_or("-".into(), |s| format!("{s:.2}")),
         at(0.99).map_or("-".into(), |s| format!("{s:.2}")),
-    )
+        milliseconds(&lowered),
+    ) + &refused_detail
 }
 
 /// Creates the pods and claims, then follows the claims until all are
@@ -1146,17 +1161,29 @@ async fn burst_pods(client: &kube::Client, pods: usize, gap: Duration) -> (Vec<I
     (created, bound)
 }
 
-/// ProvisioningFailed occurrences on the claims (the driver refused CreateVolume).
-async fn provisioning_failures(client: &kube::Client) -> i64 {
+/// ProvisioningFailed occurrences on the claims (the driver refused
+/// CreateVolume), and the claims refused.
+async fn provisioning_failures(client: &kube::Client) -> (i64, Vec<String>) {
     let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), "default")
         .list(&ListParams::default())
         .await
         .map(|l| l.items)
         .unwrap_or_default();
-    (events.iter())
+    let failed: Vec<_> = (events.iter())
         .filter(|e| e.reason.as_deref() == Some("ProvisioningFailed"))
-        .map(|e| i64::from(e.count.unwrap_or(1)))
-        .sum()
+        .collect();
+    let count = failed.iter().map(|e| i64::from(e.count.unwrap_or(1))).sum();
+    for event in &failed {
+        let message = event.message.as_deref().unwrap_or_default();
+        println!(
+            "    ProvisioningFailed {} ×{}: {}",
+            event.involved_object.name.as_deref().unwrap_or_default(),
+            event.count.unwrap_or(1),
+            message.chars().take(200).collect::<String>()
+        );
+    }
+    let claims = failed.iter().filter_map(|e| e.involved_object.name.clone()).collect();
+    (count, claims)
 }
 
 /// GetCapacity calls (volplane's own count; csi-provisioner polls once a
@@ -1212,8 +1239,160 @@ async fn capacity_under_a_burst_that_fills_node_local_storage() {
             ("csi-provisioner's per-node tracking", Tracking::CsiProvisioner),
             ("no capacity tracking", Tracking::Off),
         ] {
+            if std::env::var("VOLPLANE_BENCH_BURST_ONLY").is_ok_and(|only| !name.starts_with(&only)) {
+                continue;
+            }
             let line = burst_run(tracking, pods, gap).await;
             println!("  {arrival}, {name}: {line}");
         }
     }
+}
+
+/// One placement the scheduler made, as seen from outside: a claim's
+/// `selected-node` set (or changed), what the node's `fast` object
+/// admitted then (the scheduler's limit: `maximumVolumeSize`, else
+/// `capacity`) and how long until the node's object admitted less.
+#[derive(Debug)]
+struct Placement {
+    claim: String,
+    node: String,
+    at: Instant,
+    /// The node's limit when the placement was seen, and how old it was.
+    admitted: Option<(i64, Duration)>,
+    lowered: Option<Duration>,
+}
+
+/// Follows claims and capacity objects until `stop` fires: every placement.
+/// A node's limit as it changed: (node, bytes, when seen).
+type Admitted = Vec<(String, i64, Instant)>;
+
+async fn placements_seen(client: kube::Client, stop: tokio::sync::oneshot::Receiver<()>) -> (Vec<Placement>, Admitted) {
+    use k8s_openapi::api::storage::v1::CSIStorageCapacity;
+    use kube::runtime::watcher::{self, Event as Watched};
+    enum Seen {
+        Claim(Box<PersistentVolumeClaim>),
+        Capacity(Box<CSIStorageCapacity>),
+    }
+    fn flatten<K>(event: Result<Watched<K>, watcher::Error>) -> Option<K> {
+        match event {
+            Ok(Watched::Apply(object) | Watched::InitApply(object)) => Some(object),
+            _ => None,
+        }
+    }
+    let claims = watcher::watcher(
+        Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default"),
+        watcher::Config::default(),
+    )
+    .filter_map(move |e| futures::future::ready(flatten(e).map(|c| Seen::Claim(Box::new(c)))));
+    let capacities = watcher::watcher(Api::<CSIStorageCapacity>::all(client), watcher::Config::default())
+        .filter_map(move |e| futures::future::ready(flatten(e).map(|c| Seen::Capacity(Box::new(c)))));
+    let mut seen = futures::stream::select(claims.boxed(), capacities.boxed()).take_until(stop);
+    let mut on_node: BTreeMap<String, String> = BTreeMap::new();
+    let mut admits: BTreeMap<String, (i64, Instant)> = BTreeMap::new();
+    let mut history: Vec<(String, i64, Instant)> = Vec::new();
+    let mut placements: Vec<Placement> = Vec::new();
+    while let Some(seen) = seen.next().await {
+        match seen {
+            Seen::Claim(claim) => {
+                let node = (claim.metadata.annotations.as_ref())
+                    .and_then(|a| a.get("volume.kubernetes.io/selected-node"))
+                    .cloned();
+                let Some(name) = claim.metadata.name else { continue };
+                let Some(node) = node else {
+                    on_node.remove(&name);
+                    continue;
+                };
+                if on_node.get(&name) != Some(&node) {
+                    on_node.insert(name.clone(), node.clone());
+                    let admitted = admits.get(&node).map(|(bytes, at)| (*bytes, at.elapsed()));
+                    placements.push(Placement {
+                        claim: name,
+                        node,
+                        at: Instant::now(),
+                        admitted,
+                        lowered: None,
+                    });
+                }
+            }
+            Seen::Capacity(object) if object.storage_class_name == "fast" => {
+                let node = (object.node_topology.as_ref())
+                    .and_then(|t| t.match_labels.as_ref())
+                    .and_then(|l| l.get(HostPath::TOPOLOGY_KEY))
+                    .cloned();
+                let limit = (object.maximum_volume_size.as_ref().or(object.capacity.as_ref()))
+                    .and_then(|q| volplane_capacity::quantity::parse_bytes(&q.0));
+                let (Some(node), Some(limit)) = (node, limit) else {
+                    continue;
+                };
+                admits.insert(node.clone(), (limit, Instant::now()));
+                history.push((node.clone(), limit, Instant::now()));
+                for placement in placements.iter_mut().filter(|p| p.node == node && p.lowered.is_none()) {
+                    if placement.admitted.is_none_or(|(before, _)| limit < before) {
+                        placement.lowered = Some(placement.at.elapsed());
+                    }
+                }
+            }
+            Seen::Capacity(_) => {}
+        }
+    }
+    (placements, history)
+}
+
+/// The placements of refused claims, each with the placements on its node
+/// in the second before it: what the scheduler's view admitted each time.
+fn refused_placements(placements: &[Placement], history: &Admitted, refused: &[String]) -> String {
+    let Some(start) = placements.first().map(|p| p.at) else {
+        return String::new();
+    };
+    let show = |p: &Placement| {
+        let admitted = p.admitted.map_or("nothing".to_string(), |(bytes, age)| {
+            format!("{} Gi ({} ms old)", bytes >> 30, age.as_millis())
+        });
+        format!(
+            "{} on {} at +{:.3} s saw {admitted}",
+            p.claim,
+            p.node,
+            p.at.duration_since(start).as_secs_f64()
+        )
+    };
+    let mut lines = Vec::new();
+    for (i, placement) in placements
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| refused.contains(&p.claim))
+    {
+        let before: Vec<String> = placements[..i]
+            .iter()
+            .filter(|p| p.node == placement.node && placement.at.duration_since(p.at) < Duration::from_secs(10))
+            .map(show)
+            .collect();
+        let changes: Vec<String> = (history.iter())
+            .filter(|(node, _, at)| {
+                *node == placement.node
+                    && at
+                        .checked_duration_since(placement.at - Duration::from_secs(10))
+                        .is_some()
+                    && at
+                        .checked_duration_since(placement.at + Duration::from_secs(2))
+                        .is_none()
+            })
+            .map(|(_, bytes, at)| format!("+{:.3} {} Gi", at.duration_since(start).as_secs_f64(), bytes >> 30))
+            .collect();
+        lines.push(format!(
+            "    refused: {}; placed on it in the 10 s before: [{}]; its limit from 10 s before to 2 s after: [{}]",
+            show(placement),
+            before.join("; "),
+            changes.join(", ")
+        ));
+    }
+    lines.join("\n")
+}
+
+/// p50, p99 and max of sorted `lags`, in milliseconds.
+fn milliseconds(lags: &[Duration]) -> String {
+    let at = |q: f64| {
+        lags.get(((lags.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .map_or("-".to_string(), |d| d.as_millis().to_string())
+    };
+    format!("p50 {} ms, p99 {} ms, max {} ms", at(0.5), at(0.99), at(1.0))
 }
