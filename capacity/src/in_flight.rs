@@ -15,160 +15,24 @@
 //! - it is deleted, or its `selected-node` is removed (the provisioner
 //!   gave it back: provisioning failed and the pod is scheduled again); or
 //! - it is bound **and** the driver answered a question asked after that:
-//!   only then does the driver's own value cover the new volume. Between
-//!   the volume's creation and that answer both count, and less is
-//!   published for that moment, never more.
+//!   only then does the driver's own value cover the new volume; or
+//! - the driver's value fell by its bytes since it was placed: its volume
+//!   was created, and is in the driver's value (see [`InFlight::answered`]).
+//!   csi-provisioner binds a claim seconds after its CreateVolume (its
+//!   client is rate-limited), and counting both for those seconds made a
+//!   node in a burst publish nothing while it had room.
+//!
+//! Until one of these, both may count, and less is published for that
+//! moment, never more.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::de::{IgnoredAny, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer};
 use volplane_runtime::{Index, Keyed, ObjectKey};
 
+use crate::claim::{ClaimObject, Claimed, claimed};
 use crate::model::{PublishedCapacity, WorkItem};
-use crate::quantity::parse_bytes;
-
-/// The annotation kube-scheduler sets on a claim it placed.
-pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
-
-/// A PersistentVolumeClaim cut to what decides a placement: name,
-/// namespace, the `selected-node` annotation (no other), class, requested
-/// storage and bound volume.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct ClaimObject {
-    /// Name, namespace and the `selected-node` annotation.
-    #[serde(deserialize_with = "claim_metadata")]
-    pub metadata: ObjectMeta,
-    /// Class, request and volume.
-    pub spec: Option<ClaimSpec>,
-}
-
-volplane_runtime::slim_resource!(ClaimObject, PersistentVolumeClaim);
-
-/// The part of a claim's spec a placement reads.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClaimSpec {
-    /// `storageClassName`.
-    pub storage_class_name: Option<String>,
-    /// `volumeName`: set once the claim is bound.
-    pub volume_name: Option<String>,
-    /// `resources.requests`.
-    pub resources: Option<ClaimResources>,
-}
-
-/// `spec.resources` of a claim.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct ClaimResources {
-    /// `requests`.
-    pub requests: Option<BTreeMap<String, Quantity>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ClaimMeta {
-    name: Option<String>,
-    namespace: Option<String>,
-    resource_version: Option<String>,
-    #[serde(default, deserialize_with = "selected_node_only")]
-    annotations: Option<BTreeMap<String, String>>,
-}
-
-fn claim_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
-    let meta = ClaimMeta::deserialize(deserializer)?;
-    Ok(ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        resource_version: meta.resource_version,
-        annotations: meta.annotations,
-        ..ObjectMeta::default()
-    })
-}
-
-/// The annotations, of which only `selected-node` is kept (the others are
-/// skipped without being allocated).
-fn selected_node_only<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<BTreeMap<String, String>>, D::Error> {
-    struct SelectedNode;
-    impl<'de> Visitor<'de> for SelectedNode {
-        type Value = Option<BTreeMap<String, String>>;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a map of annotations")
-        }
-
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut kept = None;
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if key == SELECTED_NODE {
-                    kept = Some(BTreeMap::from([(key.into_owned(), map.next_value::<String>()?)]));
-                } else {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-            Ok(kept)
-        }
-    }
-    deserializer.deserialize_any(SelectedNode)
-}
-
-/// What a claim says of its placement.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Claimed {
-    /// Placed on `node`, not bound yet: `bytes` of `class` are in flight.
-    Placed {
-        /// The selected node.
-        node: String,
-        /// The claim's class.
-        class: String,
-        /// Its requested storage.
-        bytes: i64,
-    },
-    /// Bound to a volume.
-    Bound,
-    /// Not placed (no selected node, no class or no valid request).
-    Unplaced,
-}
-
-/// What `claim` says of its placement.
-pub fn claimed(claim: &ClaimObject) -> Claimed {
-    let spec = claim.spec.as_ref();
-    if spec
-        .and_then(|s| s.volume_name.as_deref())
-        .is_some_and(|v| !v.is_empty())
-    {
-        return Claimed::Bound;
-    }
-    let node = (claim.metadata.annotations.as_ref())
-        .and_then(|a| a.get(SELECTED_NODE))
-        .filter(|node| !node.is_empty());
-    let class = spec
-        .and_then(|s| s.storage_class_name.as_deref())
-        .filter(|c| !c.is_empty());
-    let bytes = (spec.and_then(|s| s.resources.as_ref()))
-        .and_then(|r| r.requests.as_ref())
-        .and_then(|r| r.get("storage"))
-        .and_then(|q| parse_bytes(&q.0))
-        .filter(|bytes| *bytes > 0);
-    match (node, class, bytes) {
-        (Some(node), Some(class), Some(bytes)) => Claimed::Placed {
-            node: node.clone(),
-            class: class.to_string(),
-            bytes,
-        },
-        _ => Claimed::Unplaced,
-    }
-}
 
 /// The driver's value less what is reserved: never more than the driver
 /// has left (a maximum volume size is capped at what is left too, as the
@@ -199,12 +63,27 @@ struct Held {
     item: Option<WorkItem>,
     /// When it was seen bound.
     bound_at: Option<Moment>,
+    /// When it was placed (as held now).
+    placed_at: Moment,
+    /// Whether a fall of the driver's value was put down to its volume:
+    /// it reserves nothing more.
+    created: bool,
+}
+
+impl Held {
+    /// The bytes it reserves now.
+    fn reserving(&self) -> i64 {
+        if self.created { 0 } else { self.bytes }
+    }
 }
 
 /// Bytes reserved for one item, and by which claims.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Reserved {
     bytes: i64,
+    /// How many of `claims` reserve bytes.
+    reserving: usize,
+    /// Every claim held for the item.
     claims: BTreeSet<ObjectKey>,
 }
 
@@ -236,7 +115,7 @@ impl InFlight {
     /// not published for, or on a node in no segment, is held but reserves
     /// nothing).
     pub fn reserving(&self) -> usize {
-        self.reserved.values().map(|r| r.claims.len()).sum()
+        self.reserved.values().map(|r| r.reserving).sum()
     }
 
     /// Whether no claim is held.
@@ -283,6 +162,8 @@ impl InFlight {
                     bytes,
                     item,
                     bound_at: None,
+                    placed_at: self.now,
+                    created: false,
                 };
                 refresh.extend(self.hold(key, held));
                 refresh
@@ -304,9 +185,25 @@ impl InFlight {
         self.release(key)
     }
 
-    /// The driver answered for `item` a question asked at `asked`: the
-    /// claims seen bound by then are in its value, and reserve no more.
-    pub fn answered(&mut self, item: &WorkItem, asked: Moment) {
+    /// The driver answered for `item` a question asked at `asked`, its
+    /// value `fell` bytes below its previous answer (0 when it rose or
+    /// there was none).
+    ///
+    /// The claims seen bound by then are in its value, and reserve no
+    /// more. Their volumes not put down to an earlier fall are taken from
+    /// this one; what is left is put down to the volumes of claims still
+    /// held, bound ones first, then in the order they were placed, each
+    /// whose request fits in what is left: those reserve nothing more
+    /// either. When the bound claims' volumes are more than the fall, an
+    /// earlier fall was put down to claims whose volumes were not created
+    /// (the provisioner took them out of order): the last placed of those
+    /// reserve again, as much as is missing.
+    ///
+    /// A fall from anything else (a volume volplane does not see, another
+    /// class in the same pool) is taken for a placement's and ends its
+    /// reservation early; a rise hiding a fall keeps reservations longer.
+    /// Either way, never more than the driver has left is published.
+    pub fn answered(&mut self, item: &WorkItem, asked: Moment, fell: i64) {
         let Some(reserved) = self.reserved.get(item) else {
             return;
         };
@@ -318,8 +215,55 @@ impl InFlight {
             })
             .cloned()
             .collect();
+        let mut left = fell;
         for key in covered {
-            self.release(&key);
+            if let Some(held) = self.remove(&key) {
+                left = left.saturating_sub(held.reserving());
+            }
+        }
+        self.settle(item, left);
+    }
+
+    /// A fall of `bytes` (above zero) is put down to the volumes of
+    /// `item`'s standing claims (see [`put_down_to`]); `bytes` below zero
+    /// were put down wrongly, and are taken back (see [`taken_back`]).
+    fn settle(&mut self, item: &WorkItem, bytes: i64) {
+        let Some(reserved) = self.reserved.get(item).filter(|_| bytes != 0) else {
+            return;
+        };
+        let standing = (reserved.claims.iter())
+            .filter_map(|key| Some((key.clone(), self.claims.get(key)?)))
+            .collect();
+        let marks = if bytes > 0 {
+            put_down_to(standing, bytes)
+        } else {
+            taken_back(standing, bytes.saturating_neg())
+        };
+        for (key, created) in marks {
+            self.mark(&key, created);
+        }
+    }
+
+    /// The claim under `key` has its volume in the driver's value
+    /// (`created`), or not.
+    fn mark(&mut self, key: &ObjectKey, created: bool) {
+        let Some(held) = self.claims.get_mut(key) else {
+            return;
+        };
+        if held.created == created {
+            return;
+        }
+        held.created = created;
+        let (bytes, item) = (held.bytes, held.item.clone());
+        let Some(reserved) = item.and_then(|item| self.reserved.get_mut(&item)) else {
+            return;
+        };
+        if created {
+            reserved.bytes = reserved.bytes.saturating_sub(bytes);
+            reserved.reserving = reserved.reserving.saturating_sub(1);
+        } else {
+            reserved.bytes = reserved.bytes.saturating_add(bytes);
+            reserved.reserving += 1;
         }
     }
 
@@ -348,29 +292,83 @@ impl InFlight {
         let item = held.item.clone();
         if let Some(item) = &item {
             let reserved = self.reserved.entry(item.clone()).or_default();
-            reserved.bytes = reserved.bytes.saturating_add(held.bytes);
+            if !held.created {
+                reserved.bytes = reserved.bytes.saturating_add(held.bytes);
+                reserved.reserving += 1;
+            }
             reserved.claims.insert(key.clone());
         }
         self.claims.insert(key, held);
         item
     }
 
+    /// Releases the claim under `key`; a fall put down to its volume is
+    /// another's when it was given back or deleted unbound, and the fall
+    /// its volume made was put down to another's when it was bound and
+    /// deleted before an answer covered it.
     fn release(&mut self, key: &ObjectKey) -> Vec<WorkItem> {
-        let Some(held) = self.claims.remove(key) else {
+        let Some(held) = self.remove(key) else {
             return Vec::new();
         };
         let Some(item) = held.item else {
             return Vec::new();
         };
-        if let Some(reserved) = self.reserved.get_mut(&item) {
-            reserved.bytes = reserved.bytes.saturating_sub(held.bytes);
-            reserved.claims.remove(key);
-            if reserved.claims.is_empty() {
-                self.reserved.remove(&item);
-            }
+        match (held.created, held.bound_at) {
+            (true, None) => self.settle(&item, held.bytes),
+            (false, Some(_)) => self.settle(&item, held.bytes.saturating_neg()),
+            _ => {}
         }
         vec![item]
     }
+
+    /// Takes the claim under `key` out of the index.
+    fn remove(&mut self, key: &ObjectKey) -> Option<Held> {
+        let held = self.claims.remove(key)?;
+        let item = held.item.as_ref()?;
+        if let Some(reserved) = self.reserved.get_mut(item) {
+            if !held.created {
+                reserved.bytes = reserved.bytes.saturating_sub(held.bytes);
+                reserved.reserving = reserved.reserving.saturating_sub(1);
+            }
+            reserved.claims.remove(key);
+            if reserved.claims.is_empty() {
+                self.reserved.remove(item);
+            }
+        }
+        Some(held)
+    }
+}
+
+/// The standing claims whose volumes a fall of `left` bytes is put down
+/// to: bound ones first, then in the order they were placed, each whose
+/// request fits in what is left.
+fn put_down_to(mut standing: Vec<(ObjectKey, &Held)>, mut left: i64) -> Vec<(ObjectKey, bool)> {
+    standing.retain(|(_, held)| !held.created);
+    standing.sort_by_key(|(_, held)| (held.bound_at.is_none(), held.placed_at));
+    let mut created = Vec::new();
+    for (key, held) in standing {
+        if held.bytes <= left {
+            left -= held.bytes;
+            created.push((key, true));
+        }
+    }
+    created
+}
+
+/// The claims an earlier fall was put down to wrongly, `missing` bytes of
+/// them: the last placed of those not bound, until as much reserves again.
+fn taken_back(mut standing: Vec<(ObjectKey, &Held)>, mut missing: i64) -> Vec<(ObjectKey, bool)> {
+    standing.retain(|(_, held)| held.created && held.bound_at.is_none());
+    standing.sort_by_key(|(_, held)| std::cmp::Reverse(held.placed_at));
+    let mut again = Vec::new();
+    for (key, held) in standing {
+        if missing <= 0 {
+            break;
+        }
+        missing -= held.bytes;
+        again.push((key, false));
+    }
+    again
 }
 
 /// An [`InFlight`] as a claim watch feeds it, with how a (node, class)
@@ -408,83 +406,6 @@ impl<F: Fn(&str, &str) -> Option<WorkItem>> Index<ClaimObject> for ClaimsOf<'_, 
 
     fn keys(&self) -> Vec<ObjectKey> {
         self.in_flight.keys().cloned().collect()
-    }
-}
-
-/// An [`InFlight`] as the watch of one node's placements ConfigMap feeds
-/// it (per-node mode): the claims it lists are placed on `node`; one that
-/// leaves the list was bound, given back or deleted, and is released by
-/// the next answer asked after that (asked at once: it is refreshed).
-pub struct NodeListOf<'a, F> {
-    /// The index fed.
-    pub in_flight: &'a mut InFlight,
-    /// This node.
-    pub node: &'a str,
-    /// The key of the node's ConfigMap.
-    pub map: ObjectKey,
-    /// The item a (node, class) counts for.
-    pub item_of: F,
-    /// Items to refresh.
-    pub refresh: Vec<WorkItem>,
-    /// Entries of the list that do not read as placements.
-    pub unreadable: Vec<String>,
-    /// The ConfigMap's release mark, when an event brought it (inner
-    /// `None`: the ConfigMap or its mark is gone).
-    pub released: Option<Option<String>>,
-}
-
-impl<F> fmt::Debug for NodeListOf<'_, F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeListOf")
-            .field("node", &self.node)
-            .field("refresh", &self.refresh)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<F: Fn(&str, &str) -> Option<WorkItem>> NodeListOf<'_, F> {
-    /// Every held claim not in `listed` has left the list.
-    fn left(&mut self, listed: &BTreeSet<ObjectKey>) {
-        let gone: Vec<ObjectKey> = self
-            .in_flight
-            .keys()
-            .filter(|k| !listed.contains(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            let refresh = self.in_flight.apply(key, Claimed::Bound, &self.item_of);
-            self.refresh.extend(refresh);
-        }
-    }
-}
-
-impl<F: Fn(&str, &str) -> Option<WorkItem>> Index<k8s_openapi::api::core::v1::ConfigMap> for NodeListOf<'_, F> {
-    fn apply(&mut self, map: k8s_openapi::api::core::v1::ConfigMap) {
-        let mark = (map.metadata.annotations.as_ref()).and_then(|a| a.get(crate::placements::RELEASED_ANNOTATION));
-        self.released = Some(mark.cloned());
-        let data = map.data.unwrap_or_default();
-        let (placed, unreadable) = crate::placements::from_data(self.node, &data);
-        self.unreadable.extend(unreadable);
-        let listed: BTreeSet<ObjectKey> = placed.iter().map(|(key, _)| key.clone()).collect();
-        self.left(&listed);
-        for (key, claimed) in placed {
-            let refresh = self.in_flight.apply(key, claimed, &self.item_of);
-            self.refresh.extend(refresh);
-        }
-    }
-
-    fn delete(&mut self, _key: &ObjectKey) {
-        self.released = Some(None);
-        self.left(&BTreeSet::new());
-    }
-
-    fn keys(&self) -> Vec<ObjectKey> {
-        // The one ConfigMap, while it lists something: a re-list that does
-        // not bring it deletes it.
-        if self.in_flight.is_empty() {
-            return Vec::new();
-        }
-        vec![self.map.clone()]
     }
 }
 

@@ -18,8 +18,8 @@ use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use volplane_runtime::relist::relisting;
 
+use crate::claim::ClaimObject;
 use crate::config::{CapacityConfig, Topology};
-use crate::in_flight::ClaimObject;
 use crate::model::{CapacityObject, Enablement, VolumeObject};
 use crate::topology::{KeySet, NodeLabels, kept_labels};
 

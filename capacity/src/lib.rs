@@ -5,12 +5,15 @@
 //! - [`model`]: pure — segments, classes, objects, reconciliation.
 //! - [`topology`]: pure — central mode's segments, updated event by event.
 //! - [`adopt`]: pure — when csi-provisioner's objects may be taken over.
-//! - [`in_flight`]: pure — what the scheduler's placements in flight reserve.
+//! - [`claim`]: pure — a claim as placements read it (selected node, class, request, bound).
+//! - [`in_flight`]: pure — what the scheduler's placements in flight reserve, and
+//!   when a fall of the driver's value ends a reservation.
 //! - [`reconcile`]: the I/O — the loop over the watches (`inputs`), GetCapacity, writes, events, metrics.
 //! - `config`: what the controller is told up front ([`CapacityConfig`]).
 //! - [`owner`]: resolves `--capacity-owner` to an owner reference.
 
 pub mod adopt;
+pub mod claim;
 mod config;
 mod error;
 pub mod in_flight;

@@ -19,12 +19,15 @@
 //! once instead of at the next regular poll.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::{Map, Value, json};
 use volplane_runtime::{Index, Keyed, ObjectKey};
 
-use crate::in_flight::{ClaimObject, Claimed, claimed};
+use crate::claim::{ClaimObject, Claimed, claimed};
+use crate::in_flight::InFlight;
+use crate::model::WorkItem;
 
 pub mod publisher;
 
@@ -178,7 +181,7 @@ impl ByNode {
     /// `mark`.
     pub fn deleted(&mut self, claim: &ClaimObject, mark: &str) {
         let node = (claim.metadata.annotations.as_ref())
-            .and_then(|a| a.get(crate::in_flight::SELECTED_NODE))
+            .and_then(|a| a.get(crate::claim::SELECTED_NODE))
             .filter(|node| !node.is_empty());
         if let (Some(node), Claimed::Bound) = (node, claimed(claim)) {
             self.released.insert(node.clone(), mark.to_string());
@@ -254,6 +257,83 @@ impl KnownMap {
             data: map.data.clone().unwrap_or_default(),
             released: annotations.get(RELEASED_ANNOTATION).cloned(),
         })
+    }
+}
+
+/// An [`InFlight`] as the watch of one node's placements ConfigMap feeds
+/// it (per-node mode): the claims it lists are placed on `node`; one that
+/// leaves the list was bound, given back or deleted, and is released by
+/// the next answer asked after that (asked at once: it is refreshed).
+pub struct NodeListOf<'a, F> {
+    /// The index fed.
+    pub in_flight: &'a mut InFlight,
+    /// This node.
+    pub node: &'a str,
+    /// The key of the node's ConfigMap.
+    pub map: ObjectKey,
+    /// The item a (node, class) counts for.
+    pub item_of: F,
+    /// Items to refresh.
+    pub refresh: Vec<WorkItem>,
+    /// Entries of the list that do not read as placements.
+    pub unreadable: Vec<String>,
+    /// The ConfigMap's release mark, when an event brought it (inner
+    /// `None`: the ConfigMap or its mark is gone).
+    pub released: Option<Option<String>>,
+}
+
+impl<F> fmt::Debug for NodeListOf<'_, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeListOf")
+            .field("node", &self.node)
+            .field("refresh", &self.refresh)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: Fn(&str, &str) -> Option<WorkItem>> NodeListOf<'_, F> {
+    /// Every held claim not in `listed` has left the list.
+    fn left(&mut self, listed: &BTreeSet<ObjectKey>) {
+        let gone: Vec<ObjectKey> = self
+            .in_flight
+            .keys()
+            .filter(|k| !listed.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            let refresh = self.in_flight.apply(key, Claimed::Bound, &self.item_of);
+            self.refresh.extend(refresh);
+        }
+    }
+}
+
+impl<F: Fn(&str, &str) -> Option<WorkItem>> Index<k8s_openapi::api::core::v1::ConfigMap> for NodeListOf<'_, F> {
+    fn apply(&mut self, map: k8s_openapi::api::core::v1::ConfigMap) {
+        let mark = (map.metadata.annotations.as_ref()).and_then(|a| a.get(RELEASED_ANNOTATION));
+        self.released = Some(mark.cloned());
+        let data = map.data.unwrap_or_default();
+        let (placed, unreadable) = from_data(self.node, &data);
+        self.unreadable.extend(unreadable);
+        let listed: BTreeSet<ObjectKey> = placed.iter().map(|(key, _)| key.clone()).collect();
+        self.left(&listed);
+        for (key, claimed) in placed {
+            let refresh = self.in_flight.apply(key, claimed, &self.item_of);
+            self.refresh.extend(refresh);
+        }
+    }
+
+    fn delete(&mut self, _key: &ObjectKey) {
+        self.released = Some(None);
+        self.left(&BTreeSet::new());
+    }
+
+    fn keys(&self) -> Vec<ObjectKey> {
+        // The one ConfigMap, while it lists something: a re-list that does
+        // not bring it deletes it.
+        if self.in_flight.is_empty() {
+            return Vec::new();
+        }
+        vec![self.map.clone()]
     }
 }
 

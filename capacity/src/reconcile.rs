@@ -39,15 +39,17 @@ use volplane_runtime::{
 };
 
 use crate::adopt::{Appeared, Gate, Stage};
+use crate::claim::ClaimObject;
 pub use crate::config::{CapacityConfig, Topology};
 use crate::error::{Error, Result};
-use crate::in_flight::{self, ClaimObject, ClaimsOf, InFlight, Moment, NodeListOf};
+use crate::in_flight::{self, ClaimsOf, InFlight, Moment};
 use crate::inputs::{Inputs, Signal};
 use crate::metrics::CapacityMetrics;
 use crate::model::{
     self, CapacityObject, Existing, KnownObject, Labels, Publication, PublishedCapacity, Reservation, Segment,
     Tracking, VolumeObject, WorkItem,
 };
+use crate::placements::NodeListOf;
 use crate::topology::{Applied, CsiNodesOf, KeySet, NodeLabels, NodesOf, Segments, TopologyIndex};
 
 mod adoption;

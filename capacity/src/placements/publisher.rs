@@ -34,7 +34,7 @@ use volplane_runtime::{Backoff, Entries, Entry, Fed, Feed, Leadership, Readiness
 use super::{
     ByNode, KnownMap, NODE_ANNOTATION, PLACEMENTS_LABEL, RELEASED_ANNOTATION, config_map_name, map_patch, to_data,
 };
-use crate::in_flight::ClaimObject;
+use crate::claim::ClaimObject;
 
 /// Writes to one node's ConfigMap in flight at most, and this many in all.
 const WRITERS: usize = 16;

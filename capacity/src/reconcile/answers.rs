@@ -78,9 +78,18 @@ impl Answers {
 }
 
 impl LoopState {
-    /// The driver answered `report` for `item`, asked at `asked`.
-    pub(super) fn remember_answer(&mut self, item: &WorkItem, report: CapacityReport, asked: Moment) {
+    /// The driver answered `report` for `item`, asked at `asked`. Returns
+    /// how far its value fell below the previous answer (0 when it rose or
+    /// there was none).
+    pub(super) fn remember_answer(&mut self, item: &WorkItem, report: CapacityReport, asked: Moment) -> i64 {
         let before = self.answers.last.get(item);
+        let fell = before.map_or(0, |answer| {
+            (answer
+                .report
+                .available_capacity
+                .saturating_sub(report.available_capacity))
+            .max(0)
+        });
         let answer = Answer {
             report,
             asked,
@@ -89,6 +98,7 @@ impl LoopState {
             published: before.and_then(|answer| answer.published),
         };
         self.answers.last.insert(item.clone(), answer);
+        fell
     }
 
     /// What to write into `known` for `item`: `publication`, except that a
@@ -176,7 +186,7 @@ impl LoopState {
         let Some(answer) = self.answers.last.get(item).copied() else {
             return false;
         };
-        self.answered(item.clone(), answer.report, answer.asked);
+        self.answered(item.clone(), answer.report, answer.asked, 0);
         if answer.at.elapsed() >= self.config.poll_interval {
             // Placements coming steadily never postpone the regular poll.
             self.queue.schedule(item.clone(), Instant::now());

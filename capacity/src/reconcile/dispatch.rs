@@ -93,8 +93,8 @@ impl LoopState {
                 for item in waiting {
                     match &report {
                         Ok(report) => {
-                            self.remember_answer(&item, *report, asked);
-                            self.answered(item, *report, asked);
+                            let fell = self.remember_answer(&item, *report, asked);
+                            self.answered(item, *report, asked, fell);
                         }
                         Err(error) => self.refreshed(item, Err(Error::Csi(error.clone()))),
                     }
@@ -116,11 +116,11 @@ impl LoopState {
         }
     }
 
-    /// The driver answered for `item` (asked at `asked`): its object is
-    /// created or patched when the value (or anything else volplane owns
-    /// in it) changed.
-    pub(super) fn answered(&mut self, item: WorkItem, report: CapacityReport, asked: Moment) {
-        let publication = self.published_value(&item, report, asked);
+    /// The driver answered for `item` (asked at `asked`; its value `fell`
+    /// since its previous answer): its object is created or patched when
+    /// the value (or anything else volplane owns in it) changed.
+    pub(super) fn answered(&mut self, item: WorkItem, report: CapacityReport, asked: Moment, fell: i64) {
+        let publication = self.published_value(&item, report, asked, fell);
         let value = publication.value;
         if !self.desired(&item) {
             self.queue.finish(&item);

@@ -56,10 +56,17 @@ impl LoopState {
     }
 
     /// The driver's value for `item` as published: less what its
-    /// placements in flight reserve (those its answer, asked at `asked`,
-    /// covers are released first), with the reservation behind it.
-    pub(super) fn published_value(&mut self, item: &WorkItem, report: CapacityReport, asked: Moment) -> Publication {
-        self.in_flight.answered(item, asked);
+    /// placements in flight reserve (those its answer, asked at `asked`
+    /// and `fell` below the previous one, covers are released first), with
+    /// the reservation behind it.
+    pub(super) fn published_value(
+        &mut self,
+        item: &WorkItem,
+        report: CapacityReport,
+        asked: Moment,
+        fell: i64,
+    ) -> Publication {
+        self.in_flight.answered(item, asked, fell);
         let value = PublishedCapacity {
             capacity: report.available_capacity,
             maximum_volume_size: report.maximum_volume_size,
