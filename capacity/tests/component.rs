@@ -1758,6 +1758,53 @@ async fn placements_in_flight_reserve_their_bytes_until_the_driver_counts_them()
 }
 
 #[tokio::test]
+async fn a_fall_of_the_drivers_value_ends_a_reservation_before_its_claim_is_bound() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(100 * GI));
+    h.start(config(Duration::from_secs(3600), Topology::Central, true))
+        .await;
+    h.wait_for_published("at rest", &[("fast", Some("a"), 100 * GI, None)])
+        .await;
+    let claims = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(h.client.clone(), NS);
+    for (name, size) in [("c1", "30Gi"), ("c2", "10Gi")] {
+        claims
+            .create(&PostParams::default(), &placed_claim(name, "n1", "fast", size))
+            .await
+            .expect("claim");
+    }
+    h.wait_for_published("c1 and c2 in flight", &[("fast", Some("a"), 60 * GI, None)])
+        .await;
+    // c1's volume is created (csi-provisioner binds its claim seconds
+    // later); c2 is given back, which asks the driver: its 30Gi fall is
+    // c1's volume, counted once, not as 100 - 30 - 30.
+    h.driver.set_default_capacity(CapacityAnswer::available(70 * GI));
+    let unplace = json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": null}}});
+    claims
+        .patch("c2", &PatchParams::default(), &Patch::Merge(unplace))
+        .await
+        .expect("unplace");
+    h.wait_for_published("c1's volume counted once", &[("fast", Some("a"), 70 * GI, None)])
+        .await;
+    eventually(Duration::from_secs(10), "c1 held, reserving nothing", || {
+        let metrics = h.metrics_text();
+        metrics.contains("volplane_capacity_placements_in_flight 0")
+            && metrics.contains("volplane_capacity_reserved_bytes 0")
+    })
+    .await;
+    // Bound and answered after: released, the value stays the driver's.
+    let bind = json!({"spec": {"volumeName": "pv-c1"}});
+    claims
+        .patch("c1", &PatchParams::default(), &Patch::Merge(bind))
+        .await
+        .expect("bind");
+    h.wait_for_published("c1 bound", &[("fast", Some("a"), 70 * GI, None)])
+        .await;
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_per_node_instance_reserves_what_its_nodes_placements_list() {
     let mut h = Harness::new().await;
     h.add_class("fast", "WaitForFirstConsumer", &[]).await;

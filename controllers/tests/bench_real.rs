@@ -476,9 +476,11 @@ async fn per_node_instances_api_reads() {
     // csi-provisioner, whose objects volplane leaves to it (it never
     // publishes beside an incumbent's object for the same item, see the
     // adoption gate).
-    eventually_some(Duration::from_secs(120), "volplane published node-0's capacity", || async {
-        (count(&client, &capacities_path("volplane")).await >= 2).then_some(())
-    })
+    eventually_some(
+        Duration::from_secs(120),
+        "volplane published node-0's capacity",
+        || async { (count(&client, &capacities_path("volplane")).await >= 2).then_some(()) },
+    )
     .await;
     let provisioner = plane
         .start_csi_provisioner_as(
@@ -494,10 +496,14 @@ async fn per_node_instances_api_reads() {
         )
         .expect("csi-provisioner");
     // Both have published node-0's objects; then their reads are all made.
-    let published = eventually_some(Duration::from_secs(120), "csi-provisioner published node-0's capacity", || async {
-        let n = managed_by(&client, "external-provisioner-node-0").await;
-        (n >= 2).then_some(n)
-    })
+    let published = eventually_some(
+        Duration::from_secs(120),
+        "csi-provisioner published node-0's capacity",
+        || async {
+            let n = managed_by(&client, "external-provisioner-node-0").await;
+            (n >= 2).then_some(n)
+        },
+    )
     .await;
     // A benchmark window: both run side by side for it.
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -1244,12 +1250,20 @@ fn burst_footprint(nodes: &[(HostPath, Process, Option<Running>)], placements: O
         format!("peak RSS ≤ {peak:.0} MiB, CPU {cpu:.2} s in all")
     };
     let provisioners = of(nodes.iter().map(|(_, provisioner, _)| provisioner.pid()).collect());
-    let volplanes: Vec<u32> = nodes.iter().filter_map(|(_, _, volplane)| Some(volplane.as_ref()?.pid())).collect();
+    let volplanes: Vec<u32> = nodes
+        .iter()
+        .filter_map(|(_, _, volplane)| Some(volplane.as_ref()?.pid()))
+        .collect();
     if volplanes.is_empty() {
         return format!("csi-provisioner per node {provisioners}");
     }
-    let central = placements.map_or(String::new(), |p| format!(", placements controller {}", footprint(p.pid())));
-    format!("volplane per node {}{central}; csi-provisioner per node {provisioners}", of(volplanes))
+    let central = placements.map_or(String::new(), |p| {
+        format!(", placements controller {}", footprint(p.pid()))
+    });
+    format!(
+        "volplane per node {}{central}; csi-provisioner per node {provisioners}",
+        of(volplanes)
+    )
 }
 
 /// GetCapacity calls (volplane's own count; csi-provisioner polls once a
