@@ -131,7 +131,7 @@ impl CapacityMetrics {
             ),
             (
                 "placements_in_flight",
-                "claims the scheduler placed (volume.kubernetes.io/selected-node) whose reservation stands: not bound yet, or bound and not yet in an answer of the driver",
+                "claims the scheduler placed (volume.kubernetes.io/selected-node) whose reservation stands: not bound yet, or bound and not yet in an answer of the driver, and their volume not taken for a fall of the driver's value",
                 &self.placements_in_flight,
             ),
             (
