@@ -145,7 +145,8 @@ pub fn map_patch(known: &[&KnownMap], desired: &KnownMap) -> Option<Value> {
 pub struct ByNode {
     nodes: HashMap<String, BTreeMap<ObjectKey, Placed>>,
     node_of: HashMap<ObjectKey, String>,
-    /// The release mark of each node that had a bound claim deleted.
+    /// The release mark of each node that had a bound claim deleted,
+    /// until its ConfigMap was written with it.
     released: HashMap<String, String>,
     changed: BTreeSet<String>,
 }
@@ -174,6 +175,14 @@ impl ByNode {
     /// The release mark of `node`, if one was set since the start.
     pub fn released_on(&self, node: &str) -> Option<&String> {
         self.released.get(node)
+    }
+
+    /// `node`'s ConfigMap was written with `mark`: the ConfigMap keeps it
+    /// from now on (a later mark stays until it is written too).
+    pub fn release_written(&mut self, node: &str, mark: Option<&String>) {
+        if mark.is_some() && self.released.get(node) == mark {
+            self.released.remove(node);
+        }
     }
 
     /// A claim was seen deleted (the watch's last state of it): when it

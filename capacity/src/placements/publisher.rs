@@ -267,7 +267,10 @@ impl LoopState {
         let desired = KnownMap {
             node: node.clone(),
             data: self.by_node.on(&node).map(to_data).unwrap_or_default(),
-            released: (self.by_node.released_on(&node).cloned()).or_else(|| seen.and_then(|s| s.released.clone())),
+            // A new mark, else what volplane last wrote, else what is there.
+            released: (self.by_node.released_on(&node).cloned())
+                .or_else(|| self.written.get(&node).and_then(|w| w.released.clone()))
+                .or_else(|| seen.and_then(|s| s.released.clone())),
         };
         let known: Vec<&KnownMap> = seen.into_iter().chain(self.written.get(&node)).collect();
         let write = match (known.is_empty(), map_patch(&known, &desired)) {
@@ -413,6 +416,7 @@ impl control_loop::State for LoopState {
             Ok(verb) => {
                 debug!(node = %done.node, verb, "wrote placements");
                 self.retry.remove(&done.node);
+                self.by_node.release_written(&done.node, done.map.released.as_ref());
                 if verb != "skip" {
                     self.metrics.writes.get_or_create(&vec![("verb", verb)]).inc();
                     self.written.insert(done.node, done.map);

@@ -154,6 +154,12 @@ fn a_deleted_bound_claim_marks_its_node_released_and_nothing_else_does() {
     assert_eq!(by_node.take_changed(), BTreeSet::from(["n1".to_string()]));
     by_node.deleted(&claim("d", Some("n1"), "fast", "1Gi", Some("pv-d")), "t2");
     assert_eq!(by_node.released_on("n1").map(String::as_str), Some("t2"));
+    // Written with an older mark: the newer one stays until written too,
+    // and then the ConfigMap alone keeps it (nothing kept per node).
+    by_node.release_written("n1", Some(&"t1".to_string()));
+    assert_eq!(by_node.released_on("n1").map(String::as_str), Some("t2"));
+    by_node.release_written("n1", Some(&"t2".to_string()));
+    assert_eq!(by_node.released_on("n1"), None);
 }
 
 #[test]
