@@ -316,7 +316,7 @@ impl control_loop::State for LoopState {
             .as_ref()
             .filter(|_| self.leading && self.may_decide())
             .and_then(Gate::next_wake);
-        work.into_iter().chain(gate).min()
+        work.into_iter().chain(gate).chain(self.age_due()).min()
     }
 
     fn leadership(&self) -> &Leadership {

@@ -1758,6 +1758,30 @@ async fn placements_in_flight_reserve_their_bytes_until_the_driver_counts_them()
 }
 
 #[tokio::test]
+async fn the_age_of_the_oldest_value_grows_while_nothing_is_polled() {
+    let mut h = Harness::new().await;
+    h.add_node("n1", Some("a"), &["zone"]).await;
+    h.add_class("fast", "WaitForFirstConsumer", &[]).await;
+    h.driver.set_default_capacity(CapacityAnswer::available(100 * GI));
+    // Hourly polls: after the first answer the loop has nothing due.
+    h.start(config(Duration::from_secs(3600), Topology::Central, true))
+        .await;
+    h.wait_for_published("at rest", &[("fast", Some("a"), 100 * GI, None)])
+        .await;
+    let age = || {
+        (h.metrics_text().lines())
+            .find_map(|l| {
+                l.strip_prefix("volplane_capacity_oldest_value_age_seconds ")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    eventually(Duration::from_secs(10), "the age above 2 s", || age() >= 2.0).await;
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_fall_of_the_drivers_value_ends_a_reservation_before_its_claim_is_bound() {
     let mut h = Harness::new().await;
     h.add_node("n1", Some("a"), &["zone"]).await;

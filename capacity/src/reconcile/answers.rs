@@ -203,6 +203,14 @@ impl LoopState {
         self.refresh(&items, "a volume of this node was released");
     }
 
+    /// When the age gauge is due again (the loop wakes for it even when
+    /// nothing else is due, so the age keeps growing while the driver does
+    /// not answer or nothing is polled).
+    pub(super) fn age_due(&self) -> Option<Instant> {
+        let aged_at = self.answers.aged_at.filter(|_| !self.answers.last.is_empty())?;
+        Some(aged_at + AGE_EVERY)
+    }
+
     /// `volplane_capacity_oldest_value_age_seconds`: how long ago the
     /// driver gave the oldest value standing for a desired item (at most
     /// once a second).
