@@ -24,9 +24,9 @@ use volplane_tests::e2e::{AuditRecord, ControlPlane, HostPath, Options, bin_dir}
 use volplane_tests::objects::create;
 use volplane_tests::wait::eventually_some;
 
-const NAMESPACE: &str = "volplane";
-const CAPACITY_USER: &str = "system:serviceaccount:volplane:volplane-capacity-node";
-const HEALTH_USER: &str = "system:serviceaccount:volplane:volplane-health-node";
+const NAMESPACE: &str = "volplane-node";
+const CAPACITY_USER: &str = "system:serviceaccount:volplane-node:volplane-capacity-node";
+const HEALTH_USER: &str = "system:serviceaccount:volplane-node:volplane-health-node";
 
 /// What a DaemonSet instance must never read as a whole collection.
 const PER_NODE_FORBIDDEN: [&str; 7] = [

@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 use volplane::args::Args;
 
@@ -87,6 +89,38 @@ fn check_volplane_args(path: &Path, spec: &PodSpec) {
     }
 }
 
+/// What a volplane container keeps of Pod Security's "restricted" level
+/// wherever it runs (the per-node DaemonSets' root user and hostPath are
+/// checked against the real API server by e2e_pod_security), and the
+/// workload's priority class. Whether the workload runs volplane.
+fn check_disruptions(path: &Path, spec: &PodSpec, priority: &str) -> bool {
+    let pod_seccomp = spec.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref());
+    let mut volplane = false;
+    for container in (spec.containers.iter()).filter(|c| c.image.as_deref().is_some_and(|i| i.starts_with("volplane")))
+    {
+        volplane = true;
+        let where_ = format!("{}: container {}", path.display(), container.name);
+        let context = container.security_context.clone().unwrap_or_default();
+        assert_eq!(context.allow_privilege_escalation, Some(false), "{where_}");
+        assert_eq!(context.read_only_root_filesystem, Some(true), "{where_}");
+        assert_eq!(context.privileged.unwrap_or(false), false, "{where_}");
+        let capabilities = context.capabilities.unwrap_or_default();
+        assert_eq!(capabilities.drop, Some(vec!["ALL".to_string()]), "{where_}");
+        assert_eq!(capabilities.add, None, "{where_}");
+        let seccomp = context.seccomp_profile.as_ref().or(pod_seccomp);
+        assert_eq!(seccomp.map(|s| s.type_.as_str()), Some("RuntimeDefault"), "{where_}");
+    }
+    if volplane {
+        assert_eq!(
+            spec.priority_class_name.as_deref(),
+            Some(priority),
+            "{}",
+            path.display()
+        );
+    }
+    volplane
+}
+
 /// Replicas of Deployments: more than one, so that leader election has a standby.
 fn check_replicas(path: &Path, deployment: &Deployment) {
     let spec = deployment.spec.as_ref().expect("spec");
@@ -101,6 +135,19 @@ fn check_replicas(path: &Path, deployment: &Deployment) {
             "{}: a single replica has no standby",
             path.display()
         );
+        let spread = spec
+            .template
+            .spec
+            .as_ref()
+            .and_then(|s| s.topology_spread_constraints.clone());
+        assert!(
+            spread
+                .iter()
+                .flatten()
+                .any(|c| c.topology_key == "topology.kubernetes.io/zone"),
+            "{}: replicas are not spread over zones",
+            path.display()
+        );
     }
 }
 
@@ -110,6 +157,7 @@ fn every_manifest_parses_into_typed_objects() {
     yaml_files(&deploy_dir(), &mut files);
     assert!(files.len() >= 10, "found {files:?}");
     let mut kinds = Vec::new();
+    let (mut budgets, mut replicated) = (Vec::new(), Vec::new());
     for path in &files {
         if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
             continue;
@@ -136,23 +184,42 @@ fn every_manifest_parses_into_typed_objects() {
                 "PriorityLevelConfiguration" => drop(typed::<
                     k8s_openapi::api::flowcontrol::v1::PriorityLevelConfiguration,
                 >(path, &doc)),
+                "PodDisruptionBudget" => {
+                    let budget: PodDisruptionBudget = typed(path, &doc);
+                    let spec = budget.spec.expect("spec");
+                    assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)), "{}", path.display());
+                    budgets.push(spec.selector.and_then(|s| s.match_labels).unwrap_or_default());
+                }
                 "Deployment" => {
                     let d: Deployment = typed(path, &doc);
                     check_replicas(path, &d);
+                    let labels = d.spec.as_ref().and_then(|s| s.selector.match_labels.clone());
                     let spec = d.spec.and_then(|s| s.template.spec).expect("pod spec");
                     check_volplane_args(path, &spec);
+                    if check_disruptions(path, &spec, "system-cluster-critical") {
+                        replicated.push((path.clone(), labels.unwrap_or_default()));
+                    }
                 }
                 "DaemonSet" => {
                     let d: DaemonSet = typed(path, &doc);
                     let spec = d.spec.and_then(|s| s.template.spec).expect("pod spec");
                     check_volplane_args(path, &spec);
+                    check_disruptions(path, &spec, "system-node-critical");
                 }
                 other => panic!("{}: unexpected kind {other:?}", path.display()),
             }
             kinds.push(kind);
         }
     }
+    for (path, labels) in replicated {
+        assert!(
+            budgets.contains(&labels),
+            "{}: no PodDisruptionBudget selects {labels:?}",
+            path.display()
+        );
+    }
     for expected in [
+        "PodDisruptionBudget",
         "Deployment",
         "DaemonSet",
         "CSIDriver",
