@@ -45,7 +45,8 @@ fn kustomizations() -> Vec<PathBuf> {
         .chain(std::fs::read_dir(&root).expect("deploy/").flatten().map(|e| e.path()))
         .filter(|dir| dir.join("kustomization.yaml").is_file())
         .collect();
-    found.sort();
+    // The namespaces first (deploy/ itself and node-namespace/), as README says.
+    found.sort_by_key(|dir| (dir != &root && !dir.ends_with("node-namespace"), dir.clone()));
     assert!(found.len() > 5, "kustomizations: {found:?}");
     found
 }

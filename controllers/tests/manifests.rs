@@ -103,7 +103,7 @@ fn check_disruptions(path: &Path, spec: &PodSpec, priority: &str) -> bool {
         let context = container.security_context.clone().unwrap_or_default();
         assert_eq!(context.allow_privilege_escalation, Some(false), "{where_}");
         assert_eq!(context.read_only_root_filesystem, Some(true), "{where_}");
-        assert_eq!(context.privileged.unwrap_or(false), false, "{where_}");
+        assert!(!context.privileged.unwrap_or(false), "{where_}");
         let capabilities = context.capabilities.unwrap_or_default();
         assert_eq!(capabilities.drop, Some(vec!["ALL".to_string()]), "{where_}");
         assert_eq!(capabilities.add, None, "{where_}");
