@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
@@ -43,12 +43,13 @@ fn typed<T: serde::de::DeserializeOwned>(path: &Path, doc: &Value) -> T {
         .unwrap_or_else(|e| panic!("{}: {} does not parse: {e}", path.display(), doc["kind"]))
 }
 
+/// The containers of a pod spec that run volplane's image.
+fn volplane_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
+    (spec.containers.iter()).filter(|c| c.image.as_deref().is_some_and(|i| i.starts_with("volplane")))
+}
+
 fn check_volplane_args(path: &Path, spec: &PodSpec) {
-    for container in spec
-        .containers
-        .iter()
-        .filter(|c| c.image.as_deref().is_some_and(|i| i.starts_with("volplane")))
-    {
+    for container in volplane_containers(spec) {
         let args = container.args.clone().unwrap_or_default();
         let parsed = Args::try_parse_from(std::iter::once("volplane".to_string()).chain(args.iter().cloned()));
         assert!(
@@ -93,11 +94,10 @@ fn check_volplane_args(path: &Path, spec: &PodSpec) {
 /// wherever it runs (the per-node DaemonSets' root user and hostPath are
 /// checked against the real API server by e2e_pod_security), and the
 /// workload's priority class. Whether the workload runs volplane.
-fn check_disruptions(path: &Path, spec: &PodSpec, priority: &str) -> bool {
+fn check_security_and_priority(path: &Path, spec: &PodSpec, priority: &str) -> bool {
     let pod_seccomp = spec.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref());
     let mut volplane = false;
-    for container in (spec.containers.iter()).filter(|c| c.image.as_deref().is_some_and(|i| i.starts_with("volplane")))
-    {
+    for container in volplane_containers(spec) {
         volplane = true;
         let where_ = format!("{}: container {}", path.display(), container.name);
         let context = container.security_context.clone().unwrap_or_default();
@@ -124,11 +124,7 @@ fn check_disruptions(path: &Path, spec: &PodSpec, priority: &str) -> bool {
 /// Replicas of Deployments: more than one, so that leader election has a standby.
 fn check_replicas(path: &Path, deployment: &Deployment) {
     let spec = deployment.spec.as_ref().expect("spec");
-    let volplane = spec.template.spec.as_ref().is_some_and(|s| {
-        s.containers
-            .iter()
-            .any(|c| c.image.as_deref().is_some_and(|i| i.starts_with("volplane")))
-    });
+    let volplane = (spec.template.spec.as_ref()).is_some_and(|s| volplane_containers(s).next().is_some());
     if volplane {
         assert!(
             spec.replicas.unwrap_or(1) >= 2,
@@ -196,7 +192,7 @@ fn every_manifest_parses_into_typed_objects() {
                     let labels = d.spec.as_ref().and_then(|s| s.selector.match_labels.clone());
                     let spec = d.spec.and_then(|s| s.template.spec).expect("pod spec");
                     check_volplane_args(path, &spec);
-                    if check_disruptions(path, &spec, "system-cluster-critical") {
+                    if check_security_and_priority(path, &spec, "system-cluster-critical") {
                         replicated.push((path.clone(), labels.unwrap_or_default()));
                     }
                 }
@@ -204,7 +200,7 @@ fn every_manifest_parses_into_typed_objects() {
                     let d: DaemonSet = typed(path, &doc);
                     let spec = d.spec.and_then(|s| s.template.spec).expect("pod spec");
                     check_volplane_args(path, &spec);
-                    check_disruptions(path, &spec, "system-node-critical");
+                    check_security_and_priority(path, &spec, "system-node-critical");
                 }
                 other => panic!("{}: unexpected kind {other:?}", path.display()),
             }
