@@ -30,6 +30,7 @@ use crate::in_flight::InFlight;
 use crate::model::WorkItem;
 
 pub mod publisher;
+pub mod sweep;
 
 /// The annotation naming the node a placements ConfigMap is for.
 pub const NODE_ANNOTATION: &str = "volplane.io/node";

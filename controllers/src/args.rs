@@ -78,13 +78,15 @@ impl Plan {
 /// Who owns the CSIStorageCapacity objects (`--capacity-owner`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum CapacityOwner {
-    /// Central mode: the top-most controller of POD_NAME (Deployment,
-    /// StatefulSet, DaemonSet); per-node mode: the Node.
+    /// The top-most controller of POD_NAME (Deployment, StatefulSet,
+    /// DaemonSet): uninstalling removes every object. Per node, the
+    /// placements controller deletes the objects of a node that is gone.
     #[default]
     Auto,
     /// The pod named by POD_NAME.
     Pod,
-    /// The node named by NODE_NAME (per-node mode).
+    /// The node named by NODE_NAME (per-node mode): the objects outlive an
+    /// uninstall.
     Node,
     /// No owner reference.
     None,

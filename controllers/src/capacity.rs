@@ -29,9 +29,16 @@ pub async fn build(
     leadership: Leadership,
 ) -> anyhow::Result<Option<CapacityController>> {
     let node = args.node_deployment.then(|| args.node_name_value()).flatten();
-    let mode = owner_mode(args.capacity_owner, node.is_some());
+    let mode = owner_mode(args.capacity_owner);
     let owner = owner::resolve(client, mode, namespace, args.pod_name_value(), node).await?;
-    let event_target = owner.as_ref().map(|o| owner::event_target(o, namespace));
+    // A per-node instance reports on its Node, whoever owns the objects.
+    let reported_on = match (node, mode) {
+        (Some(_), OwnerMode::Auto | OwnerMode::Pod | OwnerMode::None) => {
+            owner::resolve(client, OwnerMode::Node, namespace, None, node).await?
+        }
+        _ => owner.clone(),
+    };
+    let event_target = reported_on.as_ref().map(|o| owner::event_target(o, namespace));
     let instance = args.pod_name_value().or(node).unwrap_or("volplane").to_string();
 
     if !driver.has_controller(ControllerCapability::GetCapacity) {
@@ -132,14 +139,15 @@ fn config(
     }
 }
 
-/// `--capacity-owner` for this mode: `auto` is the Node per node, the
-/// top-most controller of the pod centrally.
-fn owner_mode(flag: CapacityOwner, per_node: bool) -> OwnerMode {
-    match (flag, per_node) {
-        (CapacityOwner::Auto, true) | (CapacityOwner::Node, _) => OwnerMode::Node,
-        (CapacityOwner::Auto, false) => OwnerMode::Auto,
-        (CapacityOwner::Pod, _) => OwnerMode::Pod,
-        (CapacityOwner::None, _) => OwnerMode::None,
+/// `--capacity-owner`: `auto` is the top-most controller of the pod (the
+/// DaemonSet per node, so that uninstalling removes every object; the
+/// placements controller deletes those of a node that is gone).
+fn owner_mode(flag: CapacityOwner) -> OwnerMode {
+    match flag {
+        CapacityOwner::Auto => OwnerMode::Auto,
+        CapacityOwner::Node => OwnerMode::Node,
+        CapacityOwner::Pod => OwnerMode::Pod,
+        CapacityOwner::None => OwnerMode::None,
     }
 }
 

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 use volplane_capacity::CapacityMetrics;
 use volplane_capacity::placements::publisher::{PlacementsController, PlacementsMetrics};
+use volplane_capacity::placements::sweep;
 use volplane_csi::{CsiClient, DriverInfo};
 use volplane_ephemeral::{EphemeralConfig, EphemeralController, EphemeralMetrics};
 use volplane_health::HealthMetrics;
@@ -204,12 +205,19 @@ impl Controllers<'_> {
 
     fn start_placements(&mut self, metrics: Arc<PlacementsMetrics>) {
         let leadership = self.elections.join(self.args, PLACEMENTS_LEASE.to_string());
-        let placements = PlacementsController::new(self.client.clone(), &self.namespace, metrics, leadership);
+        let swept = metrics.swept.clone();
+        let placements = PlacementsController::new(self.client.clone(), &self.namespace, metrics, leadership.clone());
         self.readiness.push(placements.readiness());
         let shutdown = stop_requested(self.stop.clone());
         self.tasks.spawn(async move {
             placements.run(shutdown).await;
             ("placements", Ok(()))
+        });
+        let (client, namespace) = (self.client.clone(), self.namespace.clone());
+        let shutdown = stop_requested(self.stop.clone());
+        self.tasks.spawn(async move {
+            sweep::run(client, namespace, leadership, swept, shutdown).await;
+            ("node sweep", Ok(()))
         });
     }
 

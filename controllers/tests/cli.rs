@@ -343,7 +343,8 @@ async fn every_api_request_passes_the_client_side_rate_limit() {
     );
 }
 
-/// volplane in per-node mode on node `n1` of a seeded double, with a driver
+/// volplane in per-node mode on node `n1` of a seeded double, its objects
+/// owned by the Node (`--capacity-owner node`), with a driver
 /// `name` whose NodeGetInfo reports `topology`. Keep the directory alive:
 /// it holds the kubeconfig.
 async fn start_per_node(
@@ -371,6 +372,9 @@ async fn start_per_node(
             "--node-deployment",
             "--node-name",
             "n1",
+            // No pod here to walk up to a DaemonSet (`auto`, see e2e_node).
+            "--capacity-owner",
+            "node",
         ],
     );
     (api, driver, dir, running)

@@ -6,6 +6,8 @@
 //! and busybox-static (see `volplane_tests::node`); ignored unless
 //! `VOLPLANE_E2E_BIN_DIR` is set; see README.md.
 
+#[path = "node/lifecycle.rs"]
+mod lifecycle;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -153,7 +155,7 @@ fn admin_address(pod: &Pod) -> SocketAddr {
     format!("{ip}:8080").parse().expect("admin address")
 }
 
-/// The node's published capacity per class, from objects owned by the Node.
+/// The node's published capacity per class, from objects owned by the DaemonSet.
 async fn published(client: &kube::Client) -> BTreeMap<String, i64> {
     let objects = Api::<CSIStorageCapacity>::namespaced(client.clone(), NAMESPACE)
         .list(&ListParams::default())
@@ -163,10 +165,16 @@ async fn published(client: &kube::Client) -> BTreeMap<String, i64> {
     objects
         .into_iter()
         .filter(|o| {
-            o.metadata
-                .owner_references
-                .as_ref()
-                .is_some_and(|owners| owners.iter().any(|r| r.kind == "Node" && r.name == NODE_NAME))
+            o.metadata.owner_references.as_ref().is_some_and(|owners| {
+                owners
+                    .iter()
+                    .any(|r| r.kind == "DaemonSet" && r.name == "volplane-capacity-node")
+            })
+        })
+        .filter(|o| {
+            (o.metadata.labels.as_ref())
+                .and_then(|l| l.get("csi.storage.k8s.io/managed-by"))
+                .is_some_and(|m| *m == format!("volplane-{NODE_NAME}"))
         })
         .filter_map(|o| Some((o.storage_class_name, parse_bytes(&o.capacity?.0)?)))
         .collect()
@@ -313,7 +321,7 @@ async fn deploy_runs_as_pods_on_a_real_node_and_the_seed_story_holds() {
     let health = ready_pods(&client, "volplane-health-node", 1).await.remove(0);
     ready_pods(&client, "volplane-ephemeral", 2).await;
 
-    // The per-node capacity DaemonSet publishes the node's pools, owned by the Node.
+    // The per-node capacity DaemonSet publishes the node's pools, owned by the DaemonSet.
     wait_for_published(&client, "fast", 100 * GI).await;
     wait_for_published(&client, "slow", 10 * GI).await;
 
@@ -322,6 +330,9 @@ async fn deploy_runs_as_pods_on_a_real_node_and_the_seed_story_holds() {
     health_reports_the_drivers_condition_once(&client, admin_address(&health)).await;
     unreachable_api_server_is_not_ready(&client).await;
     leader_hands_over_while_pods_arrive(&plane).await;
+    lifecycle::rollout_keeps_the_objects(&plane).await;
+    lifecycle::a_deleted_nodes_objects_go(&client).await;
+    lifecycle::uninstall_leaves_no_capacity(&plane).await;
     drop(node);
     assert_eq!(
         volplane_tests::node::leftovers(),

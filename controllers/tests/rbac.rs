@@ -438,6 +438,23 @@ async fn the_per_node_daemonset_rbac_covers_every_request() {
         tonic::Code::Unavailable,
         "warming up",
     );
+    // The owner the instance's pod walks up to: Pod → DaemonSet.
+    create(&double.client(), "apps/v1", "DaemonSet", "daemonsets", json!({"metadata": {"name": "volplane-capacity-node", "namespace": NAMESPACE},
+        "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": []}}}})).await;
+    let daemon_set = Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(double.client(), NAMESPACE)
+        .get("volplane-capacity-node")
+        .await
+        .expect("daemonset");
+    create(
+        &double.client(),
+        "v1",
+        "Pod",
+        "pods",
+        json!({"metadata": {"name": "volplane-capacity-node-x1", "namespace": NAMESPACE,
+        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "volplane-capacity-node",
+            "uid": daemon_set.metadata.uid, "controller": true}]}, "spec": {"containers": []}}),
+    )
+    .await;
     let (spec, account) = workload("capacity-per-node/daemonset.yaml");
     let mut running = run_as_deployed(
         &kubeconfig,

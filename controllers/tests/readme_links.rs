@@ -14,6 +14,8 @@ const OTHER_PROGRAMS_FLAGS: &[(&str, &str)] = &[
     ("--enable-capacity", "csi-provisioner"),
     // The first of csi-provisioner's tuning flags in the benchmark table.
     ("--kube-api-capacity-qps", "csi-provisioner"),
+    // Who owns csi-provisioner's objects, in the hand-back to it (README.md).
+    ("--capacity-ownerref-level", "csi-provisioner"),
     // external-health-monitor's sweep interval in the benchmark table.
     ("--list-volumes-interval", "external-health-monitor"),
     // The hostpath driver's state directory in the e2e table.

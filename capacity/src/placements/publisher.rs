@@ -52,6 +52,8 @@ pub struct PlacementsMetrics {
     pub in_flight: Gauge,
     /// ConfigMap writes by verb.
     pub writes: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// CSIStorageCapacity objects of gone nodes deleted (see [`super::sweep`]).
+    pub swept: Counter,
 }
 
 impl PlacementsMetrics {
@@ -68,6 +70,11 @@ impl PlacementsMetrics {
             "writes",
             "writes of the per-node placements ConfigMaps by verb",
             metrics.writes.clone(),
+        );
+        sub.register(
+            "swept",
+            "CSIStorageCapacity objects of per-node instances deleted because their node is gone",
+            metrics.swept.clone(),
         );
         metrics
     }

@@ -79,6 +79,9 @@ impl VolplaneProcesses {
                 &address,
                 "--capacity-poll-interval",
                 &poll,
+                // No pods here: the Node owns its objects.
+                "--capacity-owner",
+                "node",
             ];
             let role = format!("capacity of {} (per node, like the DaemonSet)", node.name);
             all.push(spawn(
