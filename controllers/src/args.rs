@@ -156,6 +156,17 @@ pub enum Command {
     /// production, and a narrated story. Never touches a real cluster;
     /// needs a build with the `demo` cargo feature.
     Demo(DemoArgs),
+    /// Print a shell completion script for volplane, e.g.
+    /// `source <(volplane completion bash)`.
+    Completion(CompletionArgs),
+}
+
+/// `volplane completion`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CompletionArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `volplane demo`.
@@ -418,15 +429,20 @@ impl Args {
         let mut command = Self::command();
         let matches = command.try_get_matches_from_mut(argv)?;
         let args = Self::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
-        if args.command.is_some() {
+        if let Some(subcommand) = &args.command {
             let given = command
                 .get_arguments()
                 .find(|arg| matches.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine));
             if let Some(flag) = given.and_then(|arg| arg.get_long()) {
-                return Err(command.error(
-                    ErrorKind::ArgumentConflict,
-                    format!("--{flag} is volplane's own flag; `volplane demo` runs its own cluster and takes only its own flags (see 'volplane demo --help')"),
-                ));
+                let message = match subcommand {
+                    Command::Demo(_) => format!(
+                        "--{flag} is volplane's own flag; `volplane demo` runs its own cluster and takes only its own flags (see 'volplane demo --help')"
+                    ),
+                    Command::Completion(_) => {
+                        format!("--{flag} is volplane's own flag; `volplane completion` takes only the shell")
+                    }
+                };
+                return Err(command.error(ErrorKind::ArgumentConflict, message));
             }
         }
         Ok(args)

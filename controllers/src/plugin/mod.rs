@@ -3,6 +3,7 @@
 //! answers come from [`model`] (pure); this module reads the objects and
 //! prints tables the way `kubectl get` does (or JSON / YAML).
 
+pub mod complete;
 pub mod model;
 
 use std::io::IsTerminal as _;
