@@ -9,6 +9,7 @@ pub mod capacity;
 pub mod client;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod discovery;
 pub mod health;
 pub mod logging;
 pub mod plugin;

@@ -49,7 +49,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let identity = identity(args.pod_name_value());
-    let (client, config) = connect_kube(&args, &identity, &api_metrics).await?;
+    let (client, config, version) = connect_kube(&args, &identity, &api_metrics).await?;
+    crate::discovery::check(&client, &crate::discovery::needed(&plan.controllers()), &version).await?;
     let namespace = own_namespace(&args, &client);
     let lease_namespace = args.leader_election_namespace_name().unwrap_or(&namespace).to_string();
     let mut controllers = Controllers {
@@ -420,7 +421,7 @@ async fn connect_kube(
     args: &Args,
     identity: &str,
     metrics: &Arc<ApiMetrics>,
-) -> anyhow::Result<(kube::Client, kube::Config)> {
+) -> anyhow::Result<(kube::Client, kube::Config, String)> {
     let config = match args.kubeconfig_path() {
         Some(path) => {
             let kubeconfig =
@@ -457,7 +458,7 @@ async fn connect_kube(
     }
     let client = api_client(config.clone(), limit, RetryConfig::CONTROLLERS, metrics, "a client")?;
     info!(%url, version = %version.git_version, "connected to the Kubernetes API server");
-    Ok((client, config))
+    Ok((client, config, version.git_version))
 }
 
 /// One `GET /version`: the server's version, and whether it classifies

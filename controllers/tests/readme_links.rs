@@ -16,6 +16,8 @@ const OTHER_PROGRAMS_FLAGS: &[(&str, &str)] = &[
     ("--kube-api-capacity-qps", "csi-provisioner"),
     // Who owns csi-provisioner's objects, in the hand-back to it (README.md).
     ("--capacity-ownerref-level", "csi-provisioner"),
+    // kube-apiserver's API switches, in the e2e table (tests/README.md).
+    ("--runtime-config", "kube-apiserver"),
     // external-health-monitor's sweep interval in the benchmark table.
     ("--list-volumes-interval", "external-health-monitor"),
     // The hostpath driver's state directory in the e2e table.

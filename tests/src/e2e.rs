@@ -145,6 +145,10 @@ pub struct Options {
     /// lifecycle controller and publishes the API server's certificate as
     /// every namespace's `kube-root-ca.crt`.
     pub node: bool,
+    /// kube-apiserver's `--runtime-config`, e.g.
+    /// `storage.k8s.io/v1/csistoragecapacities=false`: an API server that
+    /// lacks an API volplane needs.
+    pub runtime_config: Option<&'static str>,
 }
 
 /// The processes of a control plane, watched for unexpected exits.
@@ -444,6 +448,9 @@ impl ControlPlane {
         }
         if server == ApiServer::Second {
             args.push("--endpoint-reconciler-type=none".into());
+        }
+        if let Some(config) = setup.options.runtime_config {
+            args.push(format!("--runtime-config={config}"));
         }
         Ok(args)
     }
