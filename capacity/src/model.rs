@@ -489,6 +489,24 @@ pub fn update_patch(
     }))
 }
 
+/// The patch that makes another controller's object (csi-provisioner's,
+/// before the takeover) publish `value`, and nothing more: its labels,
+/// owner and annotations stay, so it stays theirs. The resource version it
+/// was decided on is a precondition. `None` when it publishes `value`.
+pub fn value_patch(known: &KnownObject, value: PublishedCapacity) -> Option<Value> {
+    if known.published == Some(value) {
+        return None;
+    }
+    let mut patch = json!({
+        "capacity": quantity(value.capacity),
+        "maximumVolumeSize": value.maximum_volume_size.map(quantity),
+    });
+    if let Some(version) = &known.version {
+        patch["metadata"] = json!({"resourceVersion": version});
+    }
+    Some(patch)
+}
+
 /// The work item an existing object stands for, if it has volplane's shape
 /// (a `nodeTopology` of plain `matchLabels`).
 pub fn item_of(object: &CapacityObject) -> Option<WorkItem> {

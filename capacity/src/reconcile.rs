@@ -58,6 +58,7 @@ mod dispatch;
 mod objects;
 mod reservations;
 mod segments;
+mod values;
 mod volumes;
 
 /// The capacity controller. It watches whether or not it leads; it calls
@@ -290,6 +291,8 @@ struct Adoption {
     incumbent_reported: bool,
     /// Takeover writes in flight: item → the object's name.
     adopting: HashMap<WorkItem, String>,
+    /// The driver's value written into their objects before the takeover.
+    values: values::ValueWrites,
     /// Other controllers' (or nobody's) objects for the driver, reported once each.
     foreign: Entries<()>,
 }

@@ -444,6 +444,10 @@ mod capacity {
     }
 
     fn volplane(plane: &ControlPlane, driver: &HostPath) -> Running {
+        volplane_polling(plane, driver, "2s")
+    }
+
+    fn volplane_polling(plane: &ControlPlane, driver: &HostPath, interval: &str) -> Running {
         Running::start(
             plane.kubeconfig(),
             &[
@@ -456,7 +460,7 @@ mod capacity {
                 "none",
                 "--leader-election=false",
                 "--capacity-poll-interval",
-                "2s",
+                interval,
                 "--http-endpoint",
                 "127.0.0.1:0",
             ],
@@ -522,6 +526,73 @@ mod capacity {
         assert_eq!(code, Some(0), "{}", lines.join("\n"));
         assert!(
             lines.iter().any(|l| l.contains("the canary stood: adopting all")),
+            "{}",
+            lines.join("\n")
+        );
+    }
+
+    /// The pool shrank while csi-provisioner's capacity tracking was off:
+    /// its objects still say 40Gi. volplane, polling every minute (so the
+    /// adoption gate stays shut for two minutes at least), writes the
+    /// driver's 20Gi into them within 30 s of its start, and they stay
+    /// csi-provisioner's until the gate opens; volplane's writes are not
+    /// taken for csi-provisioner's.
+    #[cfg_attr(not(volplane_e2e), ignore = "e2e: needs VOLPLANE_E2E_BIN_DIR, see README")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn from_csi_provisioner_the_drivers_values_show_before_the_takeover() {
+        let plane = ControlPlane::start(&bin_dir()).await.expect("control plane starts");
+        let client = plane.client();
+        let (driver, pairs) = setup(&plane, 5).await;
+        let first = csi_provisioner(&plane, &driver, "csi-provisioner", true);
+        let theirs = all_by(&client, "external-provisioner", pairs.len()).await;
+        assert!(
+            theirs.values().all(|found| found[0].1 == "40Gi" || found[0].1 == "4Gi"),
+            "{theirs:?}"
+        );
+        drop(first);
+        let _second = csi_provisioner(&plane, &driver, "csi-provisioner-2", false);
+        let driver = plane
+            .restart_hostpath(driver, &[("fast", "20Gi"), ("slow", "4Gi")])
+            .await
+            .expect("the driver restarts with a smaller pool");
+
+        let mut running = volplane_polling(&plane, &driver, "1m");
+        let started = Instant::now();
+        let admin = running.admin_address().await;
+        let refreshed = eventually_some(
+            Duration::from_secs(30),
+            "the driver's values in every object",
+            || async {
+                let objects = objects(&client).await?;
+                let drivers = objects.iter().all(|((_, class), found)| {
+                    let want = if class == "fast" { "20Gi" } else { "4Gi" };
+                    found.len() == 1 && found[0].1 == want
+                });
+                (objects.len() == pairs.len() && drivers).then_some(objects)
+            },
+        )
+        .await;
+        println!(
+            "the driver's values published {:?} after volplane started",
+            started.elapsed()
+        );
+        assert!(
+            refreshed.values().all(|found| found[0].0 == "external-provisioner"),
+            "still csi-provisioner's, the gate shut: {refreshed:?}"
+        );
+        assert_eq!(
+            metric_value(admin, "volplane_capacity_incumbent_objects", &[]),
+            pairs.len() as f64
+        );
+        assert_eq!(
+            metric_value(admin, "volplane_capacity_incumbent_running", &[]),
+            0.0,
+            "its own value writes are not csi-provisioner's"
+        );
+        let (code, lines) = running.terminate().await;
+        assert_eq!(code, Some(0), "{}", lines.join("\n"));
+        assert!(
+            !lines.iter().any(|l| l.contains("csi-provisioner still maintains")),
             "{}",
             lines.join("\n")
         );

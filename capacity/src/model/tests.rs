@@ -620,3 +620,55 @@ fn what_volplane_keeps_of_an_object_is_small() {
         std::mem::size_of::<KnownObject>()
     );
 }
+
+#[test]
+fn a_value_patch_changes_the_value_alone_and_keeps_the_object_theirs() {
+    let theirs_identity = ObjectIdentity {
+        managed_by: "external-provisioner".into(),
+        ..identity(Some(owner("Deployment", "csi-provisioner", "u-1")))
+    };
+    let mut object = existing("csisc-theirs", &item("a", "fast"), 100);
+    object.metadata = ObjectMeta {
+        resource_version: Some("41".into()),
+        ..new_object(
+            &item("a", "fast"),
+            PublishedCapacity {
+                capacity: 100 << 30,
+                maximum_volume_size: None,
+            },
+            &theirs_identity,
+        )
+        .metadata
+    };
+    object.capacity = Some(quantity(100 << 30));
+    let ours = identity(None);
+    let shrunk = PublishedCapacity {
+        capacity: 50 << 30,
+        maximum_volume_size: Some(10 << 30),
+    };
+    let patch = value_patch(&known(&object, &ours), shrunk).expect("a patch");
+    let mut json = serde_json::to_value(&object).expect("json");
+    json_patch::merge(&mut json, &patch);
+    let patched: CSIStorageCapacity = serde_json::from_value(json).expect("patched");
+    assert_eq!(patched.capacity, Some(quantity(50 << 30)));
+    assert_eq!(patched.maximum_volume_size, Some(quantity(10 << 30)));
+    assert_eq!(
+        patched.metadata.labels, object.metadata.labels,
+        "still csi-provisioner's labels"
+    );
+    assert_eq!(patched.metadata.owner_references, object.metadata.owner_references);
+    assert_eq!(
+        patch["metadata"],
+        json!({"resourceVersion": "41"}),
+        "decided on version 41"
+    );
+    let unchanged = PublishedCapacity {
+        capacity: 100 << 30,
+        maximum_volume_size: None,
+    };
+    assert_eq!(
+        value_patch(&known(&object, &ours), unchanged),
+        None,
+        "no write for the same value"
+    );
+}

@@ -69,14 +69,7 @@ impl LoopState {
     pub(super) fn on_incumbent(&mut self, event: Event<CapacityObject>) {
         let event = convert(event, |object| Entry::of(&object, Some(self.stored(&object))));
         let fed = self.feeds.feed("incumbents", event, &mut self.adoption.incumbents);
-        let changes = self.adoption.incumbents.take_changes();
-        let incumbents = &self.adoption.incumbents;
-        // Created, or written since it was last seen.
-        let written = |change: &Change<Stored>| {
-            incumbents.get(&change.name).is_some_and(|now| {
-                (change.before.as_ref()).is_none_or(|before| before.object.version != now.object.version)
-            })
-        };
+        let written = self.incumbent_changes_by_others();
         match fed {
             Fed::Applied(key) if self.published.store.contains_key(&key.name) => {
                 // Ours already (taken over); this watch is behind.
@@ -84,7 +77,6 @@ impl LoopState {
                 self.index_incumbents();
             }
             Fed::Applied(key) => {
-                let written = changes.iter().any(written);
                 self.index_incumbents();
                 if written {
                     let item = (self.adoption.incumbents.get(&key.name)).and_then(|stored| stored.item.clone());
@@ -96,10 +88,50 @@ impl LoopState {
             }
             // Adopted (its labels are volplane's now) or deleted.
             Fed::Deleted(_) => self.index_incumbents(),
-            Fed::Listing => self.adoption.written_while_away |= changes.iter().any(written),
+            Fed::Listing => self.adoption.written_while_away |= written,
             Fed::Listed { first, .. } => self.incumbents_listed(first),
             Fed::Unnamed => {}
         }
+    }
+
+    /// Whether the incumbents' changes just fed include a write (a creation,
+    /// or a new version) by someone other than volplane's value writes.
+    fn incumbent_changes_by_others(&mut self) -> bool {
+        let changes = self.adoption.incumbents.take_changes();
+        let incumbents = &self.adoption.incumbents;
+        let versions: Vec<(String, Option<String>)> = (changes.iter())
+            .filter_map(|change: &Change<Stored>| {
+                let now = incumbents.get(&change.name)?;
+                let written = (change.before.as_ref()).is_none_or(|before| before.object.version != now.object.version);
+                written.then(|| (change.name.clone(), now.object.version.clone()))
+            })
+            .collect();
+        if self.adoption.incumbents.is_empty() {
+            self.adoption.values.forget_versions();
+        }
+        let values = &mut self.adoption.values;
+        let by_others = (versions.iter()).filter(|(name, version)| values.someone_else(name, version.as_ref()));
+        by_others.count() > 0
+    }
+
+    /// A value write into csi-provisioner's object for `item` ended: its
+    /// version is remembered, a write of theirs seen meanwhile counts as
+    /// theirs, and nothing of the object is recorded as volplane's.
+    pub(super) fn value_written(
+        &mut self,
+        item: &WorkItem,
+        result: Result<(Option<Written>, PublishedCapacity)>,
+    ) -> Result<(Option<Written>, PublishedCapacity)> {
+        let version = (result.as_ref().ok())
+            .and_then(|(written, _)| written.as_ref())
+            .and_then(|written| written.version.clone());
+        let Some(others) = self.adoption.values.ended(item, version) else {
+            return result;
+        };
+        if others {
+            self.incumbent_written(Some(item));
+        }
+        result.map(|(_, value)| (None, value))
     }
 
     /// The incumbents' watch (re-)listed: one written while the watch was

@@ -165,10 +165,15 @@ impl LoopState {
         match (known, incumbent) {
             // csi-provisioner's object stands for the item: taken over in
             // place once the gate allows, never duplicated before.
+            // Before the gate allows, its value alone is the driver's (see `values`).
             (None, Some((name, theirs))) => {
                 let adopt = self.adoption.gate.as_ref().is_some_and(|gate| gate.may_adopt(item));
-                let patch = model::update_patch(&theirs.object, publication, &self.config.identity).filter(|_| adopt);
-                let patch = patch.ok_or(None)?;
+                if !adopt {
+                    let patch = model::value_patch(&theirs.object, publication.value).ok_or(None)?;
+                    debug!(%item, %name, "the driver's value into csi-provisioner's CSIStorageCapacity");
+                    return Ok(Write::Value(name, patch));
+                }
+                let patch = model::update_patch(&theirs.object, publication, &self.config.identity).ok_or(None)?;
                 info!(%item, %name, "adopting csi-provisioner's CSIStorageCapacity");
                 self.adoption.adopting.insert(item.clone(), name.clone());
                 Ok(Write::Patch(name, patch))
@@ -189,6 +194,9 @@ impl LoopState {
     /// Runs `write` for `item` as a task.
     fn start_write(&mut self, item: WorkItem, value: PublishedCapacity, write: Write) {
         self.busy += 1;
+        if let Write::Value(name, _) = &write {
+            self.adoption.values.started(&item, name);
+        }
         let writer = Writer {
             client: self.client.clone(),
             url: self.api.resource_url().to_string(),
@@ -230,6 +238,7 @@ impl LoopState {
         if let Some(name) = self.adoption.adopting.remove(&item) {
             self.adopted(&item, &name, result.as_ref().map(|_| ()));
         }
+        let result = self.value_written(&item, result);
         let desired = self.desired(&item);
         let next = match result {
             Ok((written, value)) => {
@@ -347,6 +356,8 @@ impl LoopState {
 pub(super) enum Write {
     Create(Box<CSIStorageCapacity>),
     Patch(String, Value),
+    /// The value alone, into csi-provisioner's object (it stays theirs).
+    Value(String, Value),
 }
 
 /// Writes objects, reading back only what the loop needs of the answer.
@@ -367,7 +378,7 @@ impl Writer {
                     .map_err(kube::core::request::Error::SerializeBody)
                     .and_then(|body| request.create(&PostParams::default(), body)),
             ),
-            Write::Patch(name, patch) => (
+            Write::Patch(name, patch) | Write::Value(name, patch) => (
                 "patch",
                 request.patch(name, &PatchParams::default(), &Patch::Merge(patch)),
             ),
