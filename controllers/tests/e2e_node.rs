@@ -6,6 +6,8 @@
 //! and busybox-static (see `volplane_tests::node`); ignored unless
 //! `VOLPLANE_E2E_BIN_DIR` is set; see README.md.
 
+#[path = "node/disruption.rs"]
+mod disruption;
 #[path = "node/lifecycle.rs"]
 mod lifecycle;
 mod support;
@@ -330,6 +332,7 @@ async fn deploy_runs_as_pods_on_a_real_node_and_the_seed_story_holds() {
     health_reports_the_drivers_condition_once(&client, admin_address(&health)).await;
     unreachable_api_server_is_not_ready(&client).await;
     leader_hands_over_while_pods_arrive(&plane).await;
+    disruption::eviction_hands_over_and_a_second_is_refused(&plane).await;
     lifecycle::rollout_keeps_the_objects(&plane).await;
     lifecycle::a_deleted_nodes_objects_go(&client).await;
     lifecycle::uninstall_leaves_no_capacity(&plane).await;
