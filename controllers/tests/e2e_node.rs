@@ -10,6 +10,8 @@
 mod disruption;
 #[path = "node/lifecycle.rs"]
 mod lifecycle;
+#[path = "node/rollout.rs"]
+mod rollout;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,6 +57,8 @@ async fn start() -> (ControlPlane, RealNode) {
         &bin_dir(),
         Options {
             node: true,
+            // The rolling update's check reads who wrote what.
+            audit: true,
             ..Options::default()
         },
     )
@@ -198,6 +202,15 @@ fn ephemeral(size: &str, class: &str) -> Value {
         "resources": {"requests": {"storage": size}}}}}}])
 }
 
+/// A pod `name` that is never scheduled (no such scheduler) with a 1Gi
+/// ephemeral volume of class fast: where only its claim matters.
+fn unscheduled_pod(name: &str) -> Value {
+    json!({"metadata": {"name": name},
+           "spec": {"schedulerName": "nobody",
+                    "containers": [{"name": "c", "image": BUSYBOX_IMAGE}],
+                    "volumes": ephemeral("1Gi", "fast")}})
+}
+
 /// A busybox pod running `script` with volume `data` at /data.
 fn busybox_pod(name: &str, script: &str, size: &str, class: &str) -> Value {
     json!({"metadata": {"name": name},
@@ -333,6 +346,7 @@ async fn deploy_runs_as_pods_on_a_real_node_and_the_seed_story_holds() {
     unreachable_api_server_is_not_ready(&client).await;
     leader_hands_over_while_pods_arrive(&plane).await;
     disruption::eviction_hands_over_and_a_second_is_refused(&plane).await;
+    rollout::rolling_update_without_a_gap(&plane).await;
     lifecycle::rollout_keeps_the_objects(&plane).await;
     lifecycle::a_deleted_nodes_objects_go(&client).await;
     lifecycle::uninstall_leaves_no_capacity(&plane).await;
@@ -643,15 +657,7 @@ async fn leader_hands_over_while_pods_arrive(plane: &ControlPlane) {
             let mut interval = tokio::time::interval(Duration::from_millis(100));
             for i in 0..PODS {
                 interval.tick().await;
-                // Unscheduled (no such scheduler): only the claims matter here.
-                create(
-                    &pods,
-                    json!({"metadata": {"name": format!("arrival-{i}")},
-                           "spec": {"schedulerName": "nobody",
-                                    "containers": [{"name": "c", "image": BUSYBOX_IMAGE}],
-                                    "volumes": ephemeral("1Gi", "fast")}}),
-                )
-                .await;
+                create(&pods, unscheduled_pod(&format!("arrival-{i}"))).await;
             }
         })
     };

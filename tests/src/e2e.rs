@@ -1059,6 +1059,8 @@ pub struct AuditRecord {
     pub label_selector: Option<String>,
     /// The request's `fieldSelector`, if any.
     pub field_selector: Option<String>,
+    /// The response's HTTP status code.
+    pub code: Option<u16>,
 }
 
 impl AuditRecord {
@@ -1080,6 +1082,9 @@ impl AuditRecord {
             name: text(&event["objectRef"]["name"]),
             label_selector: parameter("labelSelector"),
             field_selector: parameter("fieldSelector"),
+            code: event["responseStatus"]["code"]
+                .as_u64()
+                .and_then(|c| u16::try_from(c).ok()),
         }
     }
 

@@ -12,11 +12,10 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, EvictParams, ListParams};
 use serde_json::json;
 use volplane_tests::e2e::ControlPlane;
-use volplane_tests::node::BUSYBOX_IMAGE;
 use volplane_tests::objects::create;
 use volplane_tests::wait::eventually_some;
 
-use super::{NAMESPACE, ephemeral, name, ready_pods, support};
+use super::{NAMESPACE, name, ready_pods, support, unscheduled_pod};
 
 const APP: &str = "volplane-ephemeral";
 
@@ -91,14 +90,7 @@ pub async fn eviction_hands_over_and_a_second_is_refused(plane: &ControlPlane) {
     let arrivals: Api<Pod> = Api::namespaced(client.clone(), namespace);
     const PODS: usize = 10;
     for i in 0..PODS {
-        create(
-            &arrivals,
-            json!({"metadata": {"name": format!("during-{i}")},
-                   "spec": {"schedulerName": "nobody",
-                            "containers": [{"name": "c", "image": BUSYBOX_IMAGE}],
-                            "volumes": ephemeral("1Gi", "fast")}}),
-        )
-        .await;
+        create(&arrivals, unscheduled_pod(&format!("during-{i}"))).await;
     }
     let successor = eventually_some(Duration::from_secs(60), "the standby holds the Lease", || async {
         leader(&leases).await.filter(|holder| *holder == standby)
