@@ -619,6 +619,20 @@ async fn unreachable_api_server_is_not_ready(client: &kube::Client) {
         .expect("delete cut-off");
 }
 
+/// Creates namespace `name` and waits for its `default` ServiceAccount,
+/// without which no pod is admitted there.
+async fn namespace_for_pods(plane: &ControlPlane, name: &str) {
+    create(
+        &Api::<Namespace>::all(plane.client()),
+        json!({"metadata": {"name": name}}),
+    )
+    .await;
+    plane
+        .wait_for_service_account(name)
+        .await
+        .expect("default ServiceAccount");
+}
+
 /// Pods arrive every 100 ms while the pod holding the ephemeral Lease is
 /// deleted: the other replica takes over, every pod gets exactly its one
 /// claim, none is lost.
@@ -626,15 +640,7 @@ async fn leader_hands_over_while_pods_arrive(plane: &ControlPlane) {
     const PODS: usize = 60;
     let client = plane.client();
     let namespace = "arrivals";
-    create(
-        &Api::<Namespace>::all(client.clone()),
-        json!({"metadata": {"name": namespace}}),
-    )
-    .await;
-    plane
-        .wait_for_service_account(namespace)
-        .await
-        .expect("default ServiceAccount");
+    namespace_for_pods(plane, namespace).await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     // volplane's identity is `<pod name>_<random suffix>`.
     let pod_of = |holder: &str| holder.rsplit_once('_').map_or(holder, |(pod, _)| pod).to_string();

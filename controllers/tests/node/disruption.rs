@@ -7,15 +7,14 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, EvictParams, ListParams};
-use serde_json::json;
 use volplane_tests::e2e::ControlPlane;
 use volplane_tests::objects::create;
 use volplane_tests::wait::eventually_some;
 
-use super::{NAMESPACE, name, ready_pods, support, unscheduled_pod};
+use super::{NAMESPACE, name, namespace_for_pods, ready_pods, support, unscheduled_pod};
 
 const APP: &str = "volplane-ephemeral";
 
@@ -59,15 +58,7 @@ pub async fn eviction_hands_over_and_a_second_is_refused(plane: &ControlPlane) {
         .unwrap_or_else(|| panic!("the Lease is held by a replica: {holder} of {replicas:?}"));
 
     let namespace = "drained";
-    create(
-        &Api::<Namespace>::all(client.clone()),
-        json!({"metadata": {"name": namespace}}),
-    )
-    .await;
-    plane
-        .wait_for_service_account(namespace)
-        .await
-        .expect("default ServiceAccount");
+    namespace_for_pods(plane, namespace).await;
     // kube's client retries a 429 by itself: this one says it.
     let pods: Api<Pod> = Api::namespaced(without_retries(plane).await, NAMESPACE);
     pods.evict(&holder, &EvictParams::default())

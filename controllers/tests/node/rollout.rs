@@ -10,16 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::CSIStorageCapacity;
 use kube::api::{Api, ListParams};
-use serde_json::json;
 use volplane_tests::e2e::{AuditRecord, ControlPlane};
 use volplane_tests::node::NODE_NAME;
 use volplane_tests::objects::create;
 use volplane_tests::wait::eventually_some;
 
-use super::{NAMESPACE, unscheduled_pod};
+use super::{NAMESPACE, namespace_for_pods, unscheduled_pod};
 
 const EPHEMERAL_USER: &str = "system:serviceaccount:volplane:volplane-ephemeral";
 
@@ -109,15 +108,7 @@ fn kubectl(plane: &ControlPlane, args: &[&str]) {
 pub async fn rolling_update_without_a_gap(plane: &ControlPlane) {
     let client = plane.client();
     let namespace = "rolling";
-    create(
-        &Api::<Namespace>::all(client.clone()),
-        json!({"metadata": {"name": namespace}}),
-    )
-    .await;
-    plane
-        .wait_for_service_account(namespace)
-        .await
-        .expect("default ServiceAccount");
+    namespace_for_pods(plane, namespace).await;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = sample_objects(client.clone(), stop.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
