@@ -282,6 +282,14 @@ pub fn short_hash(text: &str) -> String {
         .collect()
 }
 
+/// How every per-node instance's `managed-by` value starts ([`managed_by`]).
+pub const PER_NODE_MANAGED_BY_PREFIX: &str = "volplane-";
+
+/// Whether `managed_by` is a per-node instance's value.
+pub fn is_per_node(managed_by: &str) -> bool {
+    managed_by.starts_with(PER_NODE_MANAGED_BY_PREFIX)
+}
+
 /// The `managed-by` label value: `volplane`, or `volplane-<node>` in
 /// per-node mode, shortened with a hash to a valid label value.
 pub fn managed_by(node: Option<&str>) -> String {
@@ -289,7 +297,7 @@ pub fn managed_by(node: Option<&str>) -> String {
     let Some(node) = node else {
         return "volplane".to_string();
     };
-    let full = format!("volplane-{node}");
+    let full = format!("{PER_NODE_MANAGED_BY_PREFIX}{node}");
     if full.len() <= MAX && full.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric()) {
         return full;
     }

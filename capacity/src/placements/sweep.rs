@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use volplane_runtime::Leadership;
 use volplane_runtime::relist::relisting;
 
-use crate::model::{MANAGED_BY_LABEL, managed_by};
+use crate::model::{MANAGED_BY_LABEL, is_per_node, managed_by};
 
 /// Objects younger than this survive a sweep after a list of the nodes.
 pub const MIN_AGE: Duration = Duration::from_secs(60);
@@ -41,8 +41,11 @@ pub const MIN_AGE: Duration = Duration::from_secs(60);
 /// How long node deletions are gathered before their objects are swept.
 const GATHER: Duration = Duration::from_secs(2);
 
-/// The prefix of every per-node instance's `managed-by` value.
-const PER_NODE_PREFIX: &str = "volplane-";
+/// Whether `created` is at least [`MIN_AGE`] before `now` (unknown: no).
+fn old_enough(created: Option<Timestamp>, now: Timestamp) -> bool {
+    let min_age = i64::try_from(MIN_AGE.as_secs()).unwrap_or(i64::MAX);
+    created.is_some_and(|created| now.as_second() - created.as_second() >= min_age)
+}
 
 /// What to sweep.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -112,6 +115,28 @@ impl LiveNodes {
         None
     }
 
+    /// Whether the nodes were listed completely and no list is in progress.
+    pub fn is_current(&self) -> bool {
+        self.listed && self.listing.is_none()
+    }
+
+    /// Whether some of `found` are per-node objects of no listed node that
+    /// a sweep after a list skips for their age at `now`.
+    pub fn deferred(&self, found: &[Found], now: Timestamp) -> bool {
+        let live = self.live();
+        (found.iter()).any(|object| {
+            object
+                .managed_by
+                .as_deref()
+                .is_some_and(|value| is_per_node(value) && !live.contains(value))
+                && !old_enough(object.created, now)
+        })
+    }
+
+    fn live(&self) -> HashSet<String> {
+        self.nodes.iter().map(|node| managed_by(Some(node))).collect()
+    }
+
     /// How many nodes there are.
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -125,14 +150,10 @@ impl LiveNodes {
     /// The objects of `found` that `sweep` deletes: per-node objects of no
     /// listed node; after a list, only those at least [`MIN_AGE`] old at `now`.
     pub fn stale<'a>(&self, sweep: &Sweep, found: &'a [Found], now: Timestamp) -> Vec<&'a Found> {
-        let live: HashSet<String> = self.nodes.iter().map(|node| managed_by(Some(node))).collect();
+        let live = self.live();
         let wanted = match sweep {
             Sweep::Node(node) => Some(managed_by(Some(node))),
             Sweep::Unlisted => None,
-        };
-        let min_age = i64::try_from(MIN_AGE.as_secs()).unwrap_or(i64::MAX);
-        let old_enough = |created: Option<Timestamp>| {
-            created.is_some_and(|created| now.as_second() - created.as_second() >= min_age)
         };
         (found.iter())
             .filter(|object| {
@@ -141,9 +162,9 @@ impl LiveNodes {
                 };
                 let of_sweep = match &wanted {
                     Some(wanted) => value == wanted,
-                    None => old_enough(object.created),
+                    None => old_enough(object.created, now),
                 };
-                value.starts_with(PER_NODE_PREFIX) && of_sweep && !live.contains(value)
+                is_per_node(value) && of_sweep && !live.contains(value)
             })
             .collect()
     }
@@ -157,8 +178,37 @@ impl LiveNodes {
     }
 }
 
-/// Watches the nodes and, while leading, deletes the per-node objects in
-/// `namespace` of nodes that are gone; `swept` counts the objects deleted.
+/// What a sweep came to.
+enum Swept {
+    /// It deleted this many; `later`: some objects of unlisted nodes were
+    /// too young, to be looked at again after [`MIN_AGE`].
+    Done { deleted: u64, later: bool },
+    /// It could not list: to be tried again.
+    Failed,
+}
+
+/// How long a failed sweep waits before it is tried again.
+const RETRY: Duration = Duration::from_secs(10);
+
+/// The sweeps to run, and when.
+#[derive(Default)]
+struct Pending {
+    sweeps: Vec<Sweep>,
+    due: Option<Instant>,
+}
+
+impl Pending {
+    fn add(&mut self, sweep: Sweep, at: Instant) {
+        if !self.sweeps.contains(&sweep) {
+            self.sweeps.push(sweep);
+        }
+        self.due = Some(self.due.map_or(at, |due| due.min(at)));
+    }
+}
+
+/// Watches the nodes and, while leading and the nodes are listed
+/// completely, deletes the per-node objects in `namespace` of nodes that
+/// are gone; `swept` counts the objects deleted.
 pub async fn run(
     client: kube::Client,
     namespace: String,
@@ -172,12 +222,12 @@ pub async fn run(
     );
     let objects = Api::<PartialObjectMeta<CSIStorageCapacity>>::namespaced(client, &namespace);
     let mut live = LiveNodes::default();
-    let mut pending: Vec<Sweep> = Vec::new();
-    let mut due: Option<Instant> = None;
+    let mut pending = Pending::default();
     tokio::pin!(shutdown);
     loop {
         let leading = leadership.may_write();
-        let wake = due.filter(|_| leading);
+        // No decision on a list in progress, nor while another instance leads.
+        let wake = pending.due.filter(|_| leading && live.is_current());
         tokio::select! {
             biased;
             () = &mut shutdown => return,
@@ -185,10 +235,7 @@ pub async fn run(
                 Some(Ok(event)) => {
                     let event = volplane_runtime::index::convert(event, |node| node.metadata.name.unwrap_or_default());
                     if let Some(sweep) = live.apply(event) {
-                        if !pending.contains(&sweep) {
-                            pending.push(sweep);
-                        }
-                        due.get_or_insert_with(|| Instant::now() + GATHER);
+                        pending.add(sweep, Instant::now() + GATHER);
                     }
                 }
                 Some(Err(error)) => warn!(%error, "node watch failed; listing the nodes again"),
@@ -196,36 +243,54 @@ pub async fn run(
             },
             () = leadership.changed_from(leading) => {}
             () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
-                due = None;
-                for sweep in std::mem::take(&mut pending) {
-                    match leadership.guard(sweep_once(&objects, &live, &sweep)).await {
-                        Ok(deleted) => {
-                            swept.inc_by(deleted);
-                        }
-                        // Leadership ended: the next leader, or this one again, sweeps.
-                        Err(_) => pending.push(sweep),
-                    }
-                }
-                if !pending.is_empty() {
-                    due = Some(Instant::now() + GATHER);
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => return,
+                    () = sweep_pending(&objects, &live, &leadership, &swept, &mut pending) => {}
                 }
             }
         }
     }
 }
 
-/// Lists the objects `sweep` looks at and deletes the stale ones; returns
-/// how many went. Failures are reported and left to the next sweep.
-async fn sweep_once(objects: &Api<PartialObjectMeta<CSIStorageCapacity>>, live: &LiveNodes, sweep: &Sweep) -> u64 {
+/// Runs the sweeps due; those cut off by the end of leadership, failed, or
+/// with objects too young stay pending.
+async fn sweep_pending(
+    objects: &Api<PartialObjectMeta<CSIStorageCapacity>>,
+    live: &LiveNodes,
+    leadership: &Leadership,
+    swept: &prometheus_client::metrics::counter::Counter,
+    pending: &mut Pending,
+) {
+    pending.due = None;
+    for sweep in std::mem::take(&mut pending.sweeps) {
+        let now = Instant::now();
+        match leadership.guard(sweep_once(objects, live, &sweep)).await {
+            Ok(Swept::Done { deleted, later }) => {
+                swept.inc_by(deleted);
+                if later {
+                    pending.add(Sweep::Unlisted, now + MIN_AGE);
+                }
+            }
+            Ok(Swept::Failed) => pending.add(sweep, now + RETRY),
+            // Leadership ended: the next leader, or this one again, sweeps.
+            Err(_) => pending.add(sweep, now + GATHER),
+        }
+    }
+}
+
+/// Lists the objects `sweep` looks at and deletes the stale ones.
+async fn sweep_once(objects: &Api<PartialObjectMeta<CSIStorageCapacity>>, live: &LiveNodes, sweep: &Sweep) -> Swept {
     let found = match list(objects, &LiveNodes::selector(sweep)).await {
         Ok(found) => found,
         Err(error) => {
-            warn!(?sweep, %error, "cannot list CSIStorageCapacity objects to sweep those of gone nodes");
-            return 0;
+            warn!(?sweep, %error, "cannot list CSIStorageCapacity objects to sweep those of gone nodes; retrying");
+            return Swept::Failed;
         }
     };
+    let now = Timestamp::now();
     let mut deleted = 0;
-    for object in live.stale(sweep, &found, Timestamp::now()) {
+    for object in live.stale(sweep, &found, now) {
         let params = DeleteParams {
             preconditions: Some(Preconditions {
                 uid: object.uid.clone(),
@@ -248,7 +313,10 @@ async fn sweep_once(objects: &Api<PartialObjectMeta<CSIStorageCapacity>>, live: 
             "deleted the capacity of nodes that are gone"
         );
     }
-    deleted
+    Swept::Done {
+        deleted,
+        later: live.deferred(&found, now),
+    }
 }
 
 /// Every object matching `selector`, page by page.

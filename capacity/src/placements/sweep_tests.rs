@@ -119,3 +119,37 @@ fn long_node_names_match_by_their_shortened_label() {
     let found = [object("of-long", &managed_by(Some(&long)), 3600)];
     assert_eq!(names(&live.stale(&sweep, &found, now())), ["of-long"]);
 }
+
+#[test]
+fn no_sweep_is_decided_while_the_nodes_are_listed_again() {
+    let mut live = listed(&["node-a"]);
+    assert!(live.is_current());
+    assert_eq!(live.apply(Event::Init), None);
+    assert!(!live.is_current(), "the list in progress is not the truth yet");
+    assert_eq!(live.apply(Event::InitApply("node-a".into())), None);
+    assert_eq!(live.apply(Event::InitApply("node-new".into())), None);
+    assert_eq!(live.apply(Event::InitDone), Some(Sweep::Unlisted));
+    assert!(live.is_current());
+    let old = MIN_AGE.as_secs().cast_signed() + 1;
+    let found = [object("of-new", "volplane-node-new", old)];
+    assert!(
+        live.stale(&Sweep::Unlisted, &found, now()).is_empty(),
+        "the node the re-list found keeps its objects"
+    );
+}
+
+#[test]
+fn young_objects_of_unlisted_nodes_are_looked_at_again() {
+    let live = listed(&["node-a"]);
+    let young = [
+        object("young", "volplane-node-gone", 5),
+        object("of-a", "volplane-node-a", 5),
+    ];
+    assert!(live.stale(&Sweep::Unlisted, &young, now()).is_empty());
+    assert!(live.deferred(&young, now()), "node-gone's young object is due later");
+    let settled = [
+        object("old", "volplane-node-gone", 600),
+        object("of-a", "volplane-node-a", 5),
+    ];
+    assert!(!live.deferred(&settled, now()), "nothing young of a gone node");
+}

@@ -110,7 +110,7 @@ impl LoopState {
             self.adoption.values.forget_versions();
         }
         let values = &mut self.adoption.values;
-        let by_others = (versions.iter()).filter(|(name, version)| values.someone_else(name, version.as_ref()));
+        let by_others = (versions.iter()).filter(|(name, version)| values.written_by_others(name, version.as_ref()));
         by_others.count() > 0
     }
 
@@ -125,7 +125,7 @@ impl LoopState {
         let version = (result.as_ref().ok())
             .and_then(|(written, _)| written.as_ref())
             .and_then(|written| written.version.clone());
-        let Some(others) = self.adoption.values.ended(item, version) else {
+        let Some(others) = self.adoption.values.write_ended(item, version) else {
             return result;
         };
         if others {

@@ -169,6 +169,9 @@ impl LoopState {
             (None, Some((name, theirs))) => {
                 let adopt = self.adoption.gate.as_ref().is_some_and(|gate| gate.may_adopt(item));
                 if !adopt {
+                    if self.adoption.values.awaits_watch(&name) {
+                        return Err(None);
+                    }
                     let patch = model::value_patch(&theirs.object, publication.value).ok_or(None)?;
                     debug!(%item, %name, "the driver's value into csi-provisioner's CSIStorageCapacity");
                     return Ok(Write::Value(name, patch));

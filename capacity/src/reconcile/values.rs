@@ -12,7 +12,7 @@
 //! object seen while a value write of it is in flight waits for the
 //! write's answer, which says whether the change was that write.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::model::WorkItem;
 
@@ -23,8 +23,9 @@ pub(super) struct ValueWrites {
     in_flight: HashMap<WorkItem, String>,
     /// Versions the watch showed of an object while a value write of it was in flight.
     parked: HashMap<String, Vec<String>>,
-    /// Versions volplane's value writes returned, until the watch shows them.
-    own: HashSet<String>,
+    /// The version volplane's last value write of an object returned, by
+    /// name, until the watch shows it.
+    unseen: HashMap<String, String>,
 }
 
 impl ValueWrites {
@@ -34,33 +35,52 @@ impl ValueWrites {
         self.parked.entry(name.to_string()).or_default();
     }
 
+    /// Whether volplane's last value write of `name` has not come back
+    /// through the watch yet: the next one waits for it (it would be
+    /// decided on an old version, and refused).
+    pub(super) fn awaits_watch(&self, name: &str) -> bool {
+        self.unseen.contains_key(name) || self.parked.contains_key(name)
+    }
+
     /// The watch shows `name` written at `version`: whether someone else
     /// (csi-provisioner) wrote it. Not yet known while a value write of it
-    /// is in flight: `false` now, and [`ValueWrites::ended`] tells.
-    pub(super) fn someone_else(&mut self, name: &str, version: Option<&String>) -> bool {
+    /// is in flight: `false` now, and [`ValueWrites::write_ended`] tells.
+    pub(super) fn written_by_others(&mut self, name: &str, version: Option<&String>) -> bool {
+        if version.is_some() && self.unseen.get(name) == version {
+            self.unseen.remove(name);
+            return false;
+        }
         if let Some(parked) = self.parked.get_mut(name) {
             parked.extend(version.cloned());
             return false;
         }
-        !version.is_some_and(|version| self.own.remove(version))
+        // Written over before the watch showed volplane's version (a
+        // re-list skips versions): nothing of it is left to wait for.
+        self.unseen.remove(name);
+        true
     }
 
     /// The value write for `item` ended, at `version` if it landed. `None`
     /// when `item` had none in flight; else whether someone else wrote the
     /// object meanwhile (a version seen that was not the write's).
-    pub(super) fn ended(&mut self, item: &WorkItem, version: Option<String>) -> Option<bool> {
+    pub(super) fn write_ended(&mut self, item: &WorkItem, version: Option<String>) -> Option<bool> {
         let name = self.in_flight.remove(item)?;
         let parked = self.parked.remove(&name).unwrap_or_default();
         let others = parked.iter().any(|seen| Some(seen) != version.as_ref());
-        if let Some(version) = version.filter(|version| !parked.contains(version)) {
-            self.own.insert(version);
+        match version.filter(|version| !parked.contains(version)) {
+            Some(version) => {
+                self.unseen.insert(name, version);
+            }
+            None => {
+                self.unseen.remove(&name);
+            }
         }
         Some(others)
     }
 
     /// No object of csi-provisioner's is left: nothing to recognise.
     pub(super) fn forget_versions(&mut self) {
-        self.own.clear();
+        self.unseen.clear();
     }
 }
 
@@ -84,13 +104,13 @@ mod tests {
     fn the_writes_own_version_is_not_someone_elses() {
         let mut writes = ValueWrites::default();
         writes.started(&item(), "theirs");
-        assert_eq!(writes.ended(&item(), version("7")), Some(false));
+        assert_eq!(writes.write_ended(&item(), version("7")), Some(false));
         assert!(
-            !writes.someone_else("theirs", version("7").as_ref()),
+            !writes.written_by_others("theirs", version("7").as_ref()),
             "the watch shows our write"
         );
         assert!(
-            writes.someone_else("theirs", version("8").as_ref()),
+            writes.written_by_others("theirs", version("8").as_ref()),
             "then csi-provisioner's"
         );
     }
@@ -100,14 +120,14 @@ mod tests {
         let mut writes = ValueWrites::default();
         writes.started(&item(), "theirs");
         // The watch is quicker than the response.
-        assert!(!writes.someone_else("theirs", version("7").as_ref()));
-        assert_eq!(writes.ended(&item(), version("7")), Some(false), "it was ours");
-        assert!(writes.own.is_empty(), "seen already: nothing left to recognise");
+        assert!(!writes.written_by_others("theirs", version("7").as_ref()));
+        assert_eq!(writes.write_ended(&item(), version("7")), Some(false), "it was ours");
+        assert!(!writes.awaits_watch("theirs"), "seen already: nothing left to wait for");
 
         writes.started(&item(), "theirs");
-        assert!(!writes.someone_else("theirs", version("9").as_ref()));
+        assert!(!writes.written_by_others("theirs", version("9").as_ref()));
         assert_eq!(
-            writes.ended(&item(), version("10")),
+            writes.write_ended(&item(), version("10")),
             Some(true),
             "9 was csi-provisioner's"
         );
@@ -117,10 +137,31 @@ mod tests {
     fn a_failed_write_leaves_every_change_seen_to_someone_else() {
         let mut writes = ValueWrites::default();
         writes.started(&item(), "theirs");
-        assert_eq!(writes.ended(&item(), None), Some(false), "nothing seen");
+        assert_eq!(writes.write_ended(&item(), None), Some(false), "nothing seen");
         writes.started(&item(), "theirs");
-        assert!(!writes.someone_else("theirs", version("3").as_ref()));
-        assert_eq!(writes.ended(&item(), None), Some(true));
-        assert_eq!(writes.ended(&item(), None), None, "no write in flight");
+        assert!(!writes.written_by_others("theirs", version("3").as_ref()));
+        assert_eq!(writes.write_ended(&item(), None), Some(true));
+        assert_eq!(writes.write_ended(&item(), None), None, "no write in flight");
+    }
+
+    #[test]
+    fn the_next_write_waits_until_the_watch_showed_the_last() {
+        let mut writes = ValueWrites::default();
+        writes.started(&item(), "theirs");
+        assert!(writes.awaits_watch("theirs"), "in flight");
+        assert_eq!(writes.write_ended(&item(), version("7")), Some(false));
+        assert!(writes.awaits_watch("theirs"), "7 not seen yet: no write decided on 6");
+        assert!(!writes.written_by_others("theirs", version("7").as_ref()));
+        assert!(!writes.awaits_watch("theirs"));
+        // Even when a second write started meanwhile, 7 stays ours.
+        writes.started(&item(), "theirs");
+        assert_eq!(writes.write_ended(&item(), version("8")), Some(false));
+        writes.started(&item(), "theirs");
+        assert!(!writes.written_by_others("theirs", version("8").as_ref()), "8 was ours");
+        assert_eq!(
+            writes.write_ended(&item(), None),
+            Some(false),
+            "a refused write saw nothing of theirs"
+        );
     }
 }
