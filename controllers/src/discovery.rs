@@ -53,6 +53,10 @@ pub fn needed(controllers: &[Controller]) -> Vec<Needed> {
     if controllers.contains(&Controller::Capacity) {
         needed.extend([CAPACITY_OBJECTS, CSI_DRIVERS, STORAGE_CLASSES]);
     }
+    // Deletes the per-node objects of gone nodes.
+    if controllers.contains(&Controller::Placements) && !needed.contains(&CAPACITY_OBJECTS) {
+        needed.push(CAPACITY_OBJECTS);
+    }
     needed
 }
 

@@ -164,4 +164,11 @@ pub async fn uninstall_leaves_no_capacity(plane: &ControlPlane) {
         "uninstall: no per-node capacity {:?} after kubectl delete",
         deleted.elapsed()
     );
+    // The terminating instances could still write: once they are gone, none is back.
+    eventually_some(Duration::from_secs(90), "the per-node pods gone", || async {
+        app_pods(&client, DAEMONSET).await.is_empty().then_some(())
+    })
+    .await;
+    let after = left().await.expect("list the objects");
+    assert!(after.is_empty(), "per-node capacity after the pods went: {after:?}");
 }
