@@ -25,18 +25,22 @@ pub async fn main() -> ExitCode {
         Ok(args) => args,
         Err(error) => return args::report_usage_error(error),
     };
-    if let Some(args::Command::Completion(completion)) = &args.command {
-        let mut command = <args::Args as clap::CommandFactory>::command();
-        clap_complete::generate(completion.shell, &mut command, "volplane", &mut std::io::stdout());
-        return ExitCode::SUCCESS;
-    }
+    let demo = match &args.command {
+        // A script on stdout, no logging.
+        Some(args::Command::Completion(completion)) => {
+            let mut command = <args::Args as clap::CommandFactory>::command();
+            clap_complete::generate(completion.shell, &mut command, "volplane", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(args::Command::Demo(demo)) => Some(demo.clone()),
+        None => None,
+    };
     if let Err(error) = logging::init(args.log_format) {
         eprintln!("error: {error:#}");
         return ExitCode::FAILURE;
     }
-    let outcome = match &args.command {
-        Some(args::Command::Demo(demo)) => run_demo(demo).await,
-        Some(args::Command::Completion(_)) => Ok(()),
+    let outcome = match demo {
+        Some(demo) => run_demo(&demo).await,
         None => startup::run(args).await,
     };
     match outcome {
