@@ -633,6 +633,21 @@ async fn namespace_for_pods(plane: &ControlPlane, name: &str) {
         .expect("default ServiceAccount");
 }
 
+/// Waits until namespace `namespace` holds `count` claims: one for each
+/// pod that arrived there.
+async fn wait_for_claims(client: &kube::Client, namespace: &str, count: usize) {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    eventually_some(
+        Duration::from_secs(60),
+        "a claim for every pod that arrived",
+        || async {
+            let list = claims.list(&ListParams::default()).await.ok()?;
+            (list.items.len() == count).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Pods arrive every 100 ms while the pod holding the ephemeral Lease is
 /// deleted: the other replica takes over, every pod gets exactly its one
 /// claim, none is lost.

@@ -7,14 +7,14 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, EvictParams, ListParams};
+use kube::api::{Api, EvictParams};
 use volplane_tests::e2e::ControlPlane;
 use volplane_tests::objects::create;
 use volplane_tests::wait::eventually_some;
 
-use super::{NAMESPACE, name, namespace_for_pods, ready_pods, support, unscheduled_pod};
+use super::{NAMESPACE, name, namespace_for_pods, ready_pods, support, unscheduled_pod, wait_for_claims};
 
 const APP: &str = "volplane-ephemeral";
 
@@ -91,16 +91,7 @@ pub async fn eviction_hands_over_and_a_second_is_refused(plane: &ControlPlane) {
         "eviction: {successor} holds the Lease {:?} after the eviction",
         evicted.elapsed()
     );
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
-    eventually_some(
-        Duration::from_secs(60),
-        "a claim for every pod that arrived",
-        || async {
-            let list = claims.list(&ListParams::default()).await.ok()?;
-            (list.items.len() == PODS).then_some(())
-        },
-    )
-    .await;
+    wait_for_claims(&client, namespace, PODS).await;
     // The Deployment replaces the evicted pod; the budget allows one again.
     ready_pods(&client, APP, 2).await;
     eventually_some(

@@ -10,15 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::storage::v1::CSIStorageCapacity;
 use kube::api::{Api, ListParams};
 use volplane_tests::e2e::{AuditRecord, ControlPlane};
 use volplane_tests::node::NODE_NAME;
 use volplane_tests::objects::create;
-use volplane_tests::wait::eventually_some;
 
-use super::{NAMESPACE, namespace_for_pods, unscheduled_pod};
+use super::{NAMESPACE, namespace_for_pods, unscheduled_pod, wait_for_claims};
 
 const EPHEMERAL_USER: &str = "system:serviceaccount:volplane:volplane-ephemeral";
 
@@ -135,16 +134,7 @@ pub async fn rolling_update_without_a_gap(plane: &ControlPlane) {
         "not exactly one object per class: {violations:?}"
     );
 
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
-    eventually_some(
-        Duration::from_secs(60),
-        "a claim for every pod that arrived",
-        || async {
-            let list = claims.list(&ListParams::default()).await.ok()?;
-            (list.items.len() == created).then_some(())
-        },
-    )
-    .await;
+    wait_for_claims(&client, namespace, created).await;
     let log = plane.audit_log().expect("audit log");
     let (creates, violations) = claims_not_from_the_holder(&log);
     assert!(
