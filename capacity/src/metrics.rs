@@ -42,6 +42,9 @@ pub struct CapacityMetrics {
     /// Seconds since the driver gave the oldest value standing for a
     /// desired item.
     pub oldest_value_age: Gauge<f64, AtomicU64>,
+    /// The poll interval (`--capacity-poll-interval`) in seconds: what the
+    /// age is compared with.
+    pub poll_interval: Gauge<f64, AtomicU64>,
 }
 
 impl CapacityMetrics {
@@ -62,6 +65,7 @@ impl CapacityMetrics {
             placements_in_flight: Gauge::default(),
             reserved_bytes: Gauge::default(),
             oldest_value_age: Gauge::default(),
+            poll_interval: Gauge::default(),
         };
         let sub = registry.sub_registry_with_prefix("capacity");
         for (name, help, gauge) in metrics.gauges() {
@@ -73,6 +77,11 @@ impl CapacityMetrics {
             metrics.oldest_value_age.clone(),
         );
         sub.register(
+            "poll_interval_seconds",
+            "the interval between two GetCapacity calls for an item (--capacity-poll-interval)",
+            metrics.poll_interval.clone(),
+        );
+        sub.register(
             "get_capacity_duration_seconds",
             "GetCapacity latency by gRPC code",
             metrics.get_capacity_seconds.clone(),
@@ -82,6 +91,12 @@ impl CapacityMetrics {
             "CSIStorageCapacity writes to the API server by verb",
             metrics.api_writes.clone(),
         );
+        for verb in ["create", "patch", "delete"] {
+            metrics
+                .api_writes
+                .get_or_create(&vec![("verb", verb.to_string())])
+                .inc_by(0);
+        }
         metrics
     }
 

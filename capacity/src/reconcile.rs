@@ -150,6 +150,7 @@ impl CapacityController {
         metrics: Arc<CapacityMetrics>,
         leadership: Leadership,
     ) -> Self {
+        metrics.poll_interval.set(config.poll_interval.as_secs_f64());
         Self {
             client,
             csi,

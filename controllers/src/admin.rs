@@ -1,4 +1,5 @@
-//! The admin HTTP server: `/metrics` (Prometheus text), `/livez`, `/readyz`.
+//! The admin HTTP server: `/metrics` (Prometheus text 0.0.4 or OpenMetrics,
+//! as the scraper asks), `/livez`, `/readyz`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
@@ -16,6 +17,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::exposition::Format;
 
 /// What the admin endpoints (`/readyz`, `/metrics`) report on.
 #[derive(Debug)]
@@ -62,7 +65,7 @@ impl Probes {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// The metrics in Prometheus text exposition format.
+    /// The metrics in OpenMetrics text.
     pub fn encode_metrics(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
         encode(&mut text, &self.registry)?;
@@ -87,15 +90,16 @@ async fn readyz(State(probes): State<Arc<Probes>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(probes): State<Arc<Probes>>) -> impl IntoResponse {
+/// `/metrics` in the format the scraper's `Accept` header prefers: the
+/// Prometheus text format 0.0.4 unless it asks for OpenMetrics.
+async fn metrics(State(probes): State<Arc<Probes>>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|value| value.to_str().ok());
+    let format = Format::negotiate(accept);
     match probes.encode_metrics() {
         Ok(text) => (
             StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
+            [(header::CONTENT_TYPE, format.content_type())],
+            format.render(&text),
         )
             .into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics").into_response(),

@@ -16,9 +16,15 @@ use volplane_runtime::Leadership;
 use volplane_runtime::events::{self, Announcement};
 
 use crate::args::{Args, CapacityAdopt, CapacityEnablement, CapacityOwner};
+use crate::idle::IdleReason;
 
-/// Builds the capacity controller, or `None` when the driver cannot report
-/// capacity (said once, clearly; the rest of the process keeps running).
+/// Why the controller stays idle: the event's reason, and the metric's.
+const GET_CAPACITY_UNSUPPORTED: &str = "GetCapacityUnsupported";
+const INVALID_TOPOLOGY: &str = "InvalidTopology";
+
+/// Builds the capacity controller, or why it stays idle when the driver
+/// cannot report capacity (said once, clearly; the rest of the process
+/// keeps running).
 pub async fn build(
     client: &kube::Client,
     csi: &CsiClient,
@@ -27,7 +33,7 @@ pub async fn build(
     namespace: &str,
     metrics: Arc<CapacityMetrics>,
     leadership: Leadership,
-) -> anyhow::Result<Option<CapacityController>> {
+) -> anyhow::Result<Result<CapacityController, IdleReason>> {
     let node = args.node_deployment.then(|| args.node_name_value()).flatten();
     let mode = owner_mode(args.capacity_owner);
     let owner = owner::resolve(client, mode, namespace, args.pod_name_value(), node).await?;
@@ -47,13 +53,13 @@ pub async fn build(
              the capacity controller stays idle (no CSIStorageCapacity objects are published)",
             driver.name
         );
-        idle(client, event_target, instance, "GetCapacityUnsupported", message).await;
-        return Ok(None);
+        idle(client, event_target, instance, GET_CAPACITY_UNSUPPORTED, message).await;
+        return Ok(Err(IdleReason(GET_CAPACITY_UNSUPPORTED)));
     }
 
     let Some((topology, send_topology)) = topology(client, csi, driver, node, event_target.clone(), &instance).await?
     else {
-        return Ok(None);
+        return Ok(Err(IdleReason(INVALID_TOPOLOGY)));
     };
     let identity = ObjectIdentity {
         namespace: namespace.to_string(),
@@ -68,7 +74,7 @@ pub async fn build(
         adopt_from: adopt_from(args.capacity_adopt, node),
     };
     let config = config(args, &driver.name, placement, identity, event_target, instance);
-    Ok(Some(CapacityController::new(
+    Ok(Ok(CapacityController::new(
         client.clone(),
         csi.clone(),
         config,
@@ -183,7 +189,7 @@ async fn topology(
              stays idle on this node until the driver is fixed and volplane restarted",
             driver.name
         );
-        idle(client, event_target, instance.to_string(), "InvalidTopology", message).await;
+        idle(client, event_target, instance.to_string(), INVALID_TOPOLOGY, message).await;
         return Ok(None);
     }
     info!(%node, %segment, node_id = %info.node_id, "per-node capacity segment");

@@ -12,6 +12,7 @@ use volplane_health::{HealthConfig, HealthController, HealthMetrics, NodeHealthA
 use volplane_runtime::Leadership;
 
 use crate::args::Args;
+use crate::idle::IdleReason;
 
 /// The health side this process runs.
 #[derive(Debug)]
@@ -40,21 +41,22 @@ impl Health {
     }
 }
 
-/// The node agent's settings, or `None` when the driver's node service
-/// cannot serve it (said once).
-fn node_agent(driver: &DriverInfo, args: &Args, instance: String) -> Option<NodeHealthConfig> {
-    let node = args.node_name_value()?.to_string();
+/// The node agent's settings, or why the driver's node service cannot
+/// serve it (said once).
+fn node_agent(driver: &DriverInfo, args: &Args, instance: String) -> Result<NodeHealthConfig, IdleReason> {
+    // Args::plan refuses --node-deployment without a node name.
+    let node = args.node_name_value().ok_or(IdleReason("NoNodeName"))?.to_string();
     let conditions = match plan::node_conditions(driver) {
         Ok(conditions) => conditions,
         Err(unsupported) => {
             error!("{unsupported}");
-            return None;
+            return Err(IdleReason(unsupported.reason()));
         }
     };
     if !conditions {
         info!(driver = %driver.name, "the node service does not advertise VOLUME_CONDITION: usage metrics only");
     }
-    Some(NodeHealthConfig {
+    Ok(NodeHealthConfig {
         driver: driver.name.clone(),
         node,
         kubelet_dir: args.kubelet_dir.to_string_lossy().into_owned(),
@@ -65,8 +67,8 @@ fn node_agent(driver: &DriverInfo, args: &Args, instance: String) -> Option<Node
     })
 }
 
-/// Builds the health side, or `None` when the driver lacks what it needs
-/// (said once, clearly; the rest of the process keeps running). The
+/// Builds the health side, or why it stays idle when the driver lacks what
+/// it needs (said once, clearly; the rest of the process keeps running). The
 /// leadership is asked for only when the central controller will run.
 pub fn build(
     client: &kube::Client,
@@ -75,7 +77,7 @@ pub fn build(
     args: &Args,
     metrics: Arc<HealthMetrics>,
     leadership: impl FnOnce() -> Leadership,
-) -> Option<Health> {
+) -> Result<Health, IdleReason> {
     let instance = args
         .pod_name_value()
         .or(args.node_name_value())
@@ -83,7 +85,7 @@ pub fn build(
         .to_string();
     if args.node_deployment {
         let agent = node_agent(driver, args, instance)?;
-        return Some(Health::Node(NodeHealthAgent::new(
+        return Ok(Health::Node(NodeHealthAgent::new(
             client.clone(),
             csi.clone(),
             agent,
@@ -100,7 +102,7 @@ pub fn build(
         Ok(chosen) => chosen,
         Err(unsupported) => {
             error!("{unsupported}");
-            return None;
+            return Err(IdleReason(unsupported.reason()));
         }
     };
     let config = HealthConfig {
@@ -111,7 +113,7 @@ pub fn build(
         node_failure_threshold: args.health_node_watcher.then_some(args.health_node_failure_threshold),
         instance,
     };
-    Some(Health::Controller(HealthController::new(
+    Ok(Health::Controller(HealthController::new(
         client.clone(),
         csi.clone(),
         config,

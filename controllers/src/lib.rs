@@ -7,10 +7,13 @@ pub mod args;
 pub mod audit;
 pub mod capacity;
 pub mod client;
+pub mod csi_calls;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
+pub mod exposition;
 pub mod health;
+pub mod idle;
 pub mod logging;
 pub mod plugin;
 pub mod process;

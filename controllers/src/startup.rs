@@ -22,6 +22,8 @@ use volplane_runtime::{Backoff, Leadership};
 use crate::admin::{self, Probes};
 use crate::args::{Args, CsiPlan};
 use crate::client::{ApiMetrics, Retry, RetryConfig};
+use crate::csi_calls::CsiCallMetrics;
+use crate::idle::IdleMetrics;
 
 /// How long running controllers get to finish in-flight work after a signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
@@ -32,8 +34,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     info!(version = env!("CARGO_PKG_VERSION"), controllers = ?plan.controllers(), "volplane starting");
 
     let mut registry = admin::registry();
+    let calls = CsiCallMetrics::register(&mut registry);
     let metrics = admin::volplane_metrics(&mut registry);
     let csi_metrics = plan.csi.as_ref().map(|csi| CsiMetrics {
+        calls,
         capacity: csi.capacity.then(|| Arc::new(CapacityMetrics::register(metrics))),
         health: csi.health.then(|| Arc::new(HealthMetrics::register(metrics))),
     });
@@ -41,6 +45,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let placements_metrics = plan.placements.then(|| Arc::new(PlacementsMetrics::register(metrics)));
     let election_metrics = Arc::new(ElectionMetrics::register(metrics));
     let api_metrics = ApiMetrics::register(metrics);
+    let idle = IdleMetrics::register(metrics);
     let probes = Arc::new(Probes::new(registry));
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = match args.http_endpoint.0 {
@@ -69,6 +74,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         stop: stop_rx,
         tasks: JoinSet::new(),
         readiness: Vec::new(),
+        idle,
     };
     if let (Some(csi), Some(metrics)) = (&plan.csi, csi_metrics) {
         controllers.start_driver_controllers(csi, metrics).await?;
@@ -99,6 +105,7 @@ fn own_namespace(args: &Args, client: &kube::Client) -> String {
 
 /// The metrics of the controllers that talk to the driver.
 struct CsiMetrics {
+    calls: Arc<CsiCallMetrics>,
     capacity: Option<Arc<CapacityMetrics>>,
     health: Option<Arc<HealthMetrics>>,
 }
@@ -114,6 +121,7 @@ struct Controllers<'a> {
     stop: watch::Receiver<bool>,
     tasks: JoinSet<ControllerTask>,
     readiness: Vec<watch::Receiver<bool>>,
+    idle: IdleMetrics,
 }
 
 impl Controllers<'_> {
@@ -121,7 +129,7 @@ impl Controllers<'_> {
     /// and health controllers the plan asks for (each says once if the
     /// driver cannot serve it, and the process keeps running).
     async fn start_driver_controllers(&mut self, csi: &CsiPlan, metrics: CsiMetrics) -> anyhow::Result<()> {
-        let client = CsiClient::new(csi.address.clone(), self.args.csi_timeout);
+        let client = CsiClient::new(csi.address.clone(), self.args.csi_timeout).observed_by(metrics.calls.clone());
         client.probe_until_ready(self.args.csi_startup_limit()).await?;
         let driver = client.driver_info().await.with_context(|| {
             format!(
@@ -129,6 +137,7 @@ impl Controllers<'_> {
                 csi.address
             )
         })?;
+        metrics.calls.set_driver(&driver.name);
         log_driver(&driver);
         if let Some(metrics) = metrics.capacity {
             self.start_capacity(&client, &driver, metrics).await?;
@@ -154,13 +163,16 @@ impl Controllers<'_> {
         };
         let built = crate::capacity::build(&self.client, csi, driver, args, &self.namespace, metrics, leadership);
         match built.await? {
-            Some(capacity) => {
+            Ok(capacity) => {
                 self.readiness.push(capacity.readiness());
                 let shutdown = stop_requested(self.stop.clone());
                 self.tasks
                     .spawn(async move { ("capacity", capacity.run(shutdown).await.map_err(anyhow::Error::from)) });
             }
-            None => info!("capacity controller idle"),
+            Err(reason) => {
+                info!(reason = reason.0, "capacity controller idle");
+                self.idle.idle("capacity", reason);
+            }
         }
         Ok(())
     }
@@ -171,7 +183,7 @@ impl Controllers<'_> {
         let lease = health_lease(&driver.name);
         let elections = &mut self.elections;
         match crate::health::build(&self.client, csi, driver, args, metrics, || elections.join(args, lease)) {
-            Some(health) => {
+            Ok(health) => {
                 self.readiness.push(health.readiness());
                 let shutdown = stop_requested(self.stop.clone());
                 self.tasks.spawn(async move {
@@ -179,7 +191,10 @@ impl Controllers<'_> {
                     ("health", Ok(()))
                 });
             }
-            None => info!("health controller idle"),
+            Err(reason) => {
+                info!(reason = reason.0, "health controller idle");
+                self.idle.idle("health", reason);
+            }
         }
     }
 

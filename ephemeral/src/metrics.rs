@@ -6,6 +6,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::model::FailureReason;
+use crate::release::Ending;
+
 /// The ephemeral controller's metrics.
 #[derive(Debug)]
 pub struct EphemeralMetrics {
@@ -74,6 +77,23 @@ impl EphemeralMetrics {
             "finished pods whose PVCs wait: for their node (NotReady, or listing the volume in status.volumesInUse) or for a pod that mounts the claim by name",
             metrics.releases_waiting.clone(),
         );
+        metrics.start_at_zero();
         metrics
+    }
+
+    /// Every known label value at 0, so that a rate or an alert on it has a
+    /// series before the first failure.
+    fn start_at_zero(&self) {
+        for reason in FailureReason::COUNTED {
+            self.failures
+                .get_or_create(&vec![("reason", reason.label().to_string())])
+                .inc_by(0);
+        }
+        for outcome in ["ok", "failed", "not_leading"] {
+            self.reconciles.get_or_create(&vec![("outcome", outcome)]).inc_by(0);
+        }
+        for ending in Ending::ALL {
+            self.released.get_or_create(&vec![("reason", ending.label())]).inc_by(0);
+        }
     }
 }

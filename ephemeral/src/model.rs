@@ -397,6 +397,10 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
+    /// The reasons counted in `volplane_ephemeral_claim_failures_total`
+    /// (not [`Self::NotLeader`]).
+    pub const COUNTED: [Self; 4] = [Self::Conflict, Self::Forbidden, Self::Invalid, Self::Other];
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {

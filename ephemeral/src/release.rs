@@ -51,6 +51,9 @@ pub enum Ending {
 }
 
 impl Ending {
+    /// Both endings.
+    pub const ALL: [Self; 2] = [Self::Rejected, Self::Terminated];
+
     /// The metric label of `volplane_ephemeral_released_total{reason}`.
     pub fn label(self) -> &'static str {
         match self {

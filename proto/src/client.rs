@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -27,6 +28,15 @@ pub struct CsiClient {
     address: CsiAddress,
     channel: Channel,
     timeout: Duration,
+    observer: Option<Arc<dyn CallObserver>>,
+}
+
+/// Told of every call a [`CsiClient`] makes, as it ends: the method, the
+/// gRPC code it ended with (`Code::Ok` for an answer, valid or not;
+/// `DeadlineExceeded` when the deadline passed) and how long it took.
+pub trait CallObserver: Send + Sync + std::fmt::Debug {
+    /// One call ended.
+    fn call_ended(&self, method: CsiMethod, code: tonic::Code, elapsed: Duration);
 }
 
 /// What to ask `GetCapacity` about.
@@ -72,7 +82,14 @@ impl CsiClient {
             address,
             channel,
             timeout,
+            observer: None,
         }
+    }
+
+    /// The same client, telling `observer` of every call.
+    pub fn observed_by(mut self, observer: Arc<dyn CallObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -105,7 +122,16 @@ impl CsiClient {
             Ok(Err(status)) => Err(CsiError::from_status(method, &status)),
             Ok(Ok(response)) => Ok(response.into_inner()),
         };
-        debug!(%method, elapsed = ?started.elapsed(), ok = outcome.is_ok(), "CSI call");
+        let elapsed = started.elapsed();
+        debug!(%method, ?elapsed, ok = outcome.is_ok(), "CSI call");
+        if let Some(observer) = &self.observer {
+            let code = outcome
+                .as_ref()
+                .err()
+                .and_then(CsiError::code)
+                .unwrap_or(tonic::Code::Ok);
+            observer.call_ended(method, code, elapsed);
+        }
         outcome
     }
 

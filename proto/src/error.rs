@@ -39,6 +39,39 @@ impl CsiMethod {
     }
 }
 
+impl CsiMethod {
+    /// The full gRPC method, `/csi.v1.<Service>/<RPC>`, as kubernetes-csi
+    /// sidecars label their `csi_sidecar_operations_seconds`.
+    pub fn grpc_path(self) -> &'static str {
+        match self {
+            Self::GetPluginInfo => "/csi.v1.Identity/GetPluginInfo",
+            Self::GetPluginCapabilities => "/csi.v1.Identity/GetPluginCapabilities",
+            Self::Probe => "/csi.v1.Identity/Probe",
+            Self::ControllerGetCapabilities => "/csi.v1.Controller/ControllerGetCapabilities",
+            Self::GetCapacity => "/csi.v1.Controller/GetCapacity",
+            Self::ListVolumes => "/csi.v1.Controller/ListVolumes",
+            Self::ControllerGetVolume => "/csi.v1.Controller/ControllerGetVolume",
+            Self::NodeGetInfo => "/csi.v1.Node/NodeGetInfo",
+            Self::NodeGetCapabilities => "/csi.v1.Node/NodeGetCapabilities",
+            Self::NodeGetVolumeStats => "/csi.v1.Node/NodeGetVolumeStats",
+        }
+    }
+
+    /// Every method the client calls.
+    pub const ALL: [Self; 10] = [
+        Self::GetPluginInfo,
+        Self::GetPluginCapabilities,
+        Self::Probe,
+        Self::ControllerGetCapabilities,
+        Self::GetCapacity,
+        Self::ListVolumes,
+        Self::ControllerGetVolume,
+        Self::NodeGetInfo,
+        Self::NodeGetCapabilities,
+        Self::NodeGetVolumeStats,
+    ];
+}
+
 impl fmt::Display for CsiMethod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -136,8 +169,8 @@ impl CsiError {
             Self::InvalidAddress { .. } => "invalid_address",
             Self::InvalidResponse { .. } => "invalid_response",
             Self::NotReady | Self::NotReadyWithin { .. } => "not_ready",
-            Self::DeadlineExceeded { .. } => code_label(Code::DeadlineExceeded),
-            Self::Status { code, .. } => code_label(*code),
+            Self::DeadlineExceeded { .. } => grpc_code_name(Code::DeadlineExceeded),
+            Self::Status { code, .. } => grpc_code_name(*code),
         }
     }
 }
@@ -166,7 +199,10 @@ fn code_is_retryable(code: Code) -> bool {
 }
 
 /// The gRPC code as a metric label, e.g. `OK`, `DeadlineExceeded`.
-pub(crate) fn code_label(code: Code) -> &'static str {
+/// The gRPC status code's name as Go's `codes.Code.String()` spells it
+/// (`OK`, `Canceled`, `Unavailable`, …): the `grpc_status_code` label
+/// kubernetes-csi sidecars use, and volplane's `grpc_code`.
+pub fn grpc_code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "Canceled",

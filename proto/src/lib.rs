@@ -8,9 +8,9 @@ mod driver_info;
 mod error;
 
 pub use address::CsiAddress;
-pub use client::{CapacityQuery, CapacityReport, CsiClient, VolumePage};
+pub use client::{CallObserver, CapacityQuery, CapacityReport, CsiClient, VolumePage};
 pub use driver_info::{ControllerCapability, DriverInfo, NodeCapability, PluginCapabilities};
-pub use error::{CsiError, CsiMethod, Result};
+pub use error::{CsiError, CsiMethod, Result, grpc_code_name};
 
 /// Code generated from `csi.proto` by `build.rs`.
 pub mod csi {

@@ -213,14 +213,22 @@ impl LoopState {
 
     /// `volplane_capacity_oldest_value_age_seconds`: how long ago the
     /// driver gave the oldest value standing for a desired item (at most
-    /// once a second).
+    /// once a second); 0 while another replica leads.
     pub(super) fn update_age(&mut self) {
         let now = Instant::now();
         if self.answers.aged_at.is_some_and(|at| now < at + AGE_EVERY) {
             return;
         }
         self.answers.aged_at = Some(now);
-        let oldest = self.answers.last.values().map(|answer| answer.at).min();
+        // A replica that does not lead asks nothing: what it published is
+        // another replica's to refresh, and its own age says nothing.
+        let oldest = self
+            .answers
+            .last
+            .values()
+            .map(|answer| answer.at)
+            .min()
+            .filter(|_| self.leading);
         let age = oldest.map_or(0.0, |at| now.duration_since(at).as_secs_f64());
         self.metrics.oldest_value_age.set(age);
     }

@@ -97,6 +97,24 @@ impl HealthMetrics {
             "node side: 1 while NodeGetVolumeStats reports the volume abnormal, else 0",
             metrics.node_abnormal.clone(),
         );
+        for result in [
+            "normal",
+            "abnormal",
+            "missing",
+            "no_condition",
+            "error",
+            "unimplemented",
+        ] {
+            metrics.checks.get_or_create(&vec![("result", result)]).inc_by(0);
+        }
+        for reason in [
+            "VolumeConditionAbnormal",
+            "VolumeConditionNormal",
+            "NodeFailed",
+            "NodeRecovered",
+        ] {
+            metrics.events.get_or_create(&vec![("reason", reason)]).inc_by(0);
+        }
         metrics
     }
 

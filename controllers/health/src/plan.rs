@@ -45,6 +45,17 @@ pub enum Unsupported {
     },
 }
 
+impl Unsupported {
+    /// A stable name of what is missing, for `volplane_controller_idle{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Controller { .. } => "NoVolumeConditions",
+            Self::NoNodeService { .. } => "NoNodeService",
+            Self::NoVolumeStats { .. } => "NoVolumeStats",
+        }
+    }
+}
+
 /// How often and how wide the controller side may ask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timing {
