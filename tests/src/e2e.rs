@@ -1251,6 +1251,13 @@ impl HostPath {
     pub fn exited(&mut self) -> bool {
         self.process.exited().is_some()
     }
+
+    /// Kills the driver and removes its socket, as a driver pod that is
+    /// gone leaves its clients.
+    pub fn vanish(&mut self) {
+        self.process.kill();
+        let _ = std::fs::remove_file(&self.socket);
+    }
 }
 
 impl ControlPlane {
