@@ -124,6 +124,47 @@ fn check_readme_templates(plane: &ControlPlane) {
     }
 }
 
+/// deploy/monitoring's ServiceMonitors and PrometheusRule need the
+/// Prometheus Operator's kinds: stand-ins that accept any spec, so that
+/// `kubectl apply -k deploy/monitoring` is judged on everything else (the
+/// Services, names, namespaces). The rules themselves are checked by
+/// promtool and a real Prometheus (e2e_monitoring).
+fn stand_in_prometheus_operator_kinds(plane: &ControlPlane) {
+    let definitions: Vec<String> = [("ServiceMonitor", "servicemonitors"), ("PrometheusRule", "prometheusrules")]
+        .iter()
+        .map(|(kind, plural)| {
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": format!("{plural}.monitoring.coreos.com")},
+                "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                    "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
+                    "versions": [{"name": "v1", "served": true, "storage": true,
+                        "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}})
+            .to_string()
+        })
+        .collect();
+    let file = plane
+        .scratch("prometheus-operator-kinds")
+        .expect("scratch")
+        .join("crds.json");
+    let list = format!(
+        r#"{{"apiVersion": "v1", "kind": "List", "items": [{}]}}"#,
+        definitions.join(",")
+    );
+    std::fs::write(&file, list).expect("write");
+    plane
+        .kubectl_ok(&["apply", "-f", &file.display().to_string()])
+        .expect("CRDs");
+    plane
+        .kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+        ])
+        .expect("CRDs established");
+}
+
 fn is_forbidden<T: std::fmt::Debug>(result: &Result<T, kube::Error>) -> bool {
     matches!(result, Err(kube::Error::Api(status)) if status.code == 403)
 }
@@ -134,6 +175,7 @@ async fn volplane_works_with_the_deploy_rbac_and_nothing_more() {
     let bin_dir = bin_dir();
     let plane = ControlPlane::start(&bin_dir).await.expect("control plane starts");
     let admin = plane.client();
+    stand_in_prometheus_operator_kinds(&plane);
     for kustomization in kustomizations() {
         let dir = kustomization.to_string_lossy().into_owned();
         let rendered = plane.kubectl_ok(&["kustomize", &dir]).expect("kubectl kustomize");
