@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -20,7 +21,7 @@ use volplane_leader::{ElectionMetrics, Elector};
 use volplane_runtime::{Backoff, Leadership};
 
 use crate::admin::{self, Probes};
-use crate::args::{Args, CsiPlan};
+use crate::args::{Args, CsiPlan, Plan};
 use crate::client::{ApiMetrics, Retry, RetryConfig};
 use crate::csi_calls::CsiCallMetrics;
 use crate::idle::IdleMetrics;
@@ -34,18 +35,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     info!(version = env!("CARGO_PKG_VERSION"), controllers = ?plan.controllers(), "volplane starting");
 
     let mut registry = admin::registry();
-    let calls = CsiCallMetrics::register(&mut registry);
-    let metrics = admin::volplane_metrics(&mut registry);
-    let csi_metrics = plan.csi.as_ref().map(|csi| CsiMetrics {
-        calls,
-        capacity: csi.capacity.then(|| Arc::new(CapacityMetrics::register(metrics))),
-        health: csi.health.then(|| Arc::new(HealthMetrics::register(metrics))),
-    });
-    let ephemeral_metrics = plan.ephemeral.then(|| Arc::new(EphemeralMetrics::register(metrics)));
-    let placements_metrics = plan.placements.then(|| Arc::new(PlacementsMetrics::register(metrics)));
-    let election_metrics = Arc::new(ElectionMetrics::register(metrics));
-    let api_metrics = ApiMetrics::register(metrics);
-    let idle = IdleMetrics::register(metrics);
+    let metrics = ProcessMetrics::register(&plan, &mut registry);
     let probes = Arc::new(Probes::new(registry));
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = match args.http_endpoint.0 {
@@ -54,7 +44,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let identity = identity(args.pod_name_value());
-    let (client, config, version) = connect_kube(&args, &identity, &api_metrics).await?;
+    let (client, config, version) = connect_kube(&args, &identity, &metrics.api).await?;
     crate::discovery::check(&client, &crate::discovery::needed(&plan.controllers()), &version).await?;
     let namespace = own_namespace(&args, &client);
     let lease_namespace = args.leader_election_namespace_name().unwrap_or(&namespace).to_string();
@@ -63,26 +53,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args: &args,
         namespace,
         elections: Elections {
-            lease_client: lease_client(config, &args, &api_metrics)?,
+            lease_client: lease_client(config, &args, &metrics.api)?,
             watch_client: client,
             namespace: lease_namespace,
             identity,
-            metrics: election_metrics,
+            metrics: metrics.election,
             stop: watch::channel(false).0,
             running: JoinSet::new(),
         },
         stop: stop_rx,
         tasks: JoinSet::new(),
         readiness: Vec::new(),
-        idle,
+        idle: metrics.idle,
     };
-    if let (Some(csi), Some(metrics)) = (&plan.csi, csi_metrics) {
+    if let (Some(csi), Some(metrics)) = (&plan.csi, metrics.csi) {
         controllers.start_driver_controllers(csi, metrics).await?;
     }
-    if let Some(metrics) = ephemeral_metrics {
+    if let Some(metrics) = metrics.ephemeral {
         controllers.start_ephemeral(metrics);
     }
-    if let Some(metrics) = placements_metrics {
+    if let Some(metrics) = metrics.placements {
         controllers.start_placements(metrics);
     }
     let outcome = controllers.run_until_stopped(&probes).await;
@@ -101,6 +91,35 @@ fn own_namespace(args: &Args, client: &kube::Client) -> String {
         .map_or_else(|| client.default_namespace().to_string(), str::to_string);
     info!(%namespace, "namespace for volplane's own objects");
     namespace
+}
+
+/// The process's metrics, registered for the controllers of the plan.
+struct ProcessMetrics {
+    csi: Option<CsiMetrics>,
+    ephemeral: Option<Arc<EphemeralMetrics>>,
+    placements: Option<Arc<PlacementsMetrics>>,
+    election: Arc<ElectionMetrics>,
+    api: Arc<ApiMetrics>,
+    idle: IdleMetrics,
+}
+
+impl ProcessMetrics {
+    fn register(plan: &Plan, registry: &mut Registry) -> Self {
+        let calls = CsiCallMetrics::register(registry);
+        let metrics = admin::volplane_metrics(registry);
+        Self {
+            csi: plan.csi.as_ref().map(|csi| CsiMetrics {
+                calls,
+                capacity: csi.capacity.then(|| Arc::new(CapacityMetrics::register(metrics))),
+                health: csi.health.then(|| Arc::new(HealthMetrics::register(metrics))),
+            }),
+            ephemeral: plan.ephemeral.then(|| Arc::new(EphemeralMetrics::register(metrics))),
+            placements: plan.placements.then(|| Arc::new(PlacementsMetrics::register(metrics))),
+            election: Arc::new(ElectionMetrics::register(metrics)),
+            api: ApiMetrics::register(metrics),
+            idle: IdleMetrics::register(metrics),
+        }
+    }
 }
 
 /// The metrics of the controllers that talk to the driver.
