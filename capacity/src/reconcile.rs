@@ -447,6 +447,7 @@ impl LoopState {
             return;
         }
         self.leading = leading;
+        self.lead_from(leading.then(Instant::now));
         if leading {
             info!("leading: publishing capacity");
             // What happened to csi-provisioner's objects before this term is

@@ -93,12 +93,17 @@ async fn readyz(State(probes): State<Arc<Probes>>) -> impl IntoResponse {
 /// `/metrics` in the format the scraper's `Accept` header prefers: the
 /// Prometheus text format 0.0.4 unless it asks for OpenMetrics.
 async fn metrics(State(probes): State<Arc<Probes>>, headers: HeaderMap) -> impl IntoResponse {
-    let accept = headers.get(header::ACCEPT).and_then(|value| value.to_str().ok());
-    let format = Format::negotiate(accept);
+    // Every Accept header, as one list.
+    let accept: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let format = Format::negotiate(Some(&accept.join(",")));
     match probes.encode_metrics() {
         Ok(text) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, format.content_type())],
+            [(header::CONTENT_TYPE, format.content_type()), (header::VARY, "Accept")],
             format.render(&text),
         )
             .into_response(),

@@ -19,7 +19,7 @@ const BUCKETS: [f64; 13] = [
 
 /// The driver name of calls made before `GetPluginInfo` answered, as the
 /// sidecars label them.
-const UNKNOWN_DRIVER: &str = "unknown";
+const UNKNOWN_DRIVER: &str = "unknown-driver";
 
 /// Labels of one series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,8 +94,8 @@ mod tests {
         let text = exposition(&registry);
         for line in [
             "# TYPE csi_sidecar_operations_seconds histogram",
-            r#"csi_sidecar_operations_seconds_count{driver_name="unknown",method_name="/csi.v1.Identity/Probe",grpc_status_code="Unavailable"} 1"#,
-            r#"csi_sidecar_operations_seconds_bucket{le="0.1",driver_name="unknown",method_name="/csi.v1.Identity/Probe",grpc_status_code="Unavailable"} 1"#,
+            r#"csi_sidecar_operations_seconds_count{driver_name="unknown-driver",method_name="/csi.v1.Identity/Probe",grpc_status_code="Unavailable"} 1"#,
+            r#"csi_sidecar_operations_seconds_bucket{le="0.1",driver_name="unknown-driver",method_name="/csi.v1.Identity/Probe",grpc_status_code="Unavailable"} 1"#,
             r#"csi_sidecar_operations_seconds_bucket{le="0.1",driver_name="hostpath.csi.k8s.io",method_name="/csi.v1.Controller/GetCapacity",grpc_status_code="OK"} 0"#,
             r#"csi_sidecar_operations_seconds_bucket{le="0.25",driver_name="hostpath.csi.k8s.io",method_name="/csi.v1.Controller/GetCapacity",grpc_status_code="OK"} 1"#,
             r#"csi_sidecar_operations_seconds_count{driver_name="hostpath.csi.k8s.io",method_name="/csi.v1.Controller/GetCapacity",grpc_status_code="Canceled"} 1"#,

@@ -24,20 +24,40 @@ impl Format {
         }
     }
 
-    /// The format a scraper sending `accept` prefers: the media range with
-    /// the highest `q` that volplane can answer (the first on a tie); the
-    /// text format without a header, or when nothing in it is known.
+    /// The format a scraper sending `accept` prefers (RFC 9110): each
+    /// format's quality is that of the most specific media range naming it
+    /// (`text/plain` over `text/*` over `*/*`); the higher wins, the text
+    /// format on a tie, without a header, or when nothing in it is known.
     pub fn negotiate(accept: Option<&str>) -> Self {
-        let mut best: Option<(f32, Self)> = None;
-        for range in accept.unwrap_or_default().split(',') {
-            let Some((format, q)) = media_range(range) else {
-                continue;
-            };
-            if q > 0.0 && best.is_none_or(|(best_q, _)| q > best_q) {
-                best = Some((q, format));
-            }
+        let ranges: Vec<(&str, &str, f32)> = accept.unwrap_or_default().split(',').filter_map(media_range).collect();
+        let quality = |format: Self| {
+            let (kind, subtype) = format.media_type();
+            ranges
+                .iter()
+                .filter_map(|&(k, sub, q)| {
+                    let specificity = match (k, sub) {
+                        _ if k.eq_ignore_ascii_case(kind) && sub.eq_ignore_ascii_case(subtype) => 2,
+                        (_, "*") if k.eq_ignore_ascii_case(kind) => 1,
+                        ("*", "*") => 0,
+                        _ => return None,
+                    };
+                    Some((specificity, q))
+                })
+                .max_by_key(|&(specificity, _)| specificity)
+                .map_or(0.0, |(_, q)| q)
+        };
+        if quality(Self::OpenMetrics) > quality(Self::Text) {
+            Self::OpenMetrics
+        } else {
+            Self::Text
         }
-        best.map_or(Self::Text, |(_, format)| format)
+    }
+
+    fn media_type(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Text => ("text", "plain"),
+            Self::OpenMetrics => ("application", "openmetrics-text"),
+        }
     }
 
     /// `openmetrics` (as the registry encodes it) in this format.
@@ -49,15 +69,11 @@ impl Format {
     }
 }
 
-/// The format and quality of one media range of an `Accept` header.
-fn media_range(range: &str) -> Option<(Format, f32)> {
+/// Type, subtype and quality of one media range of an `Accept` header;
+/// `None` for one that is not `type/subtype` or has a bad quality.
+fn media_range(range: &str) -> Option<(&str, &str, f32)> {
     let mut parts = range.split(';').map(str::trim);
-    let media_type = parts.next()?.to_ascii_lowercase();
-    let format = match media_type.as_str() {
-        "application/openmetrics-text" => Format::OpenMetrics,
-        "text/plain" | "text/*" | "*/*" => Format::Text,
-        _ => return None,
-    };
+    let (kind, subtype) = parts.next()?.split_once('/')?;
     let mut q = 1.0;
     for parameter in parts {
         let Some((name, value)) = parameter.split_once('=') else {
@@ -67,7 +83,7 @@ fn media_range(range: &str) -> Option<(Format, f32)> {
             q = value.trim().parse::<f32>().ok().filter(|q| (0.0..=1.0).contains(q))?;
         }
     }
-    Some((format, q))
+    Some((kind.trim(), subtype.trim(), q))
 }
 
 /// OpenMetrics text as Prometheus text format 0.0.4.
@@ -128,6 +144,15 @@ mod tests {
             ),
             // A quality that is no number is no preference.
             (Some("application/openmetrics-text;q=high"), Format::Text),
+            // The most specific range decides.
+            (Some("text/plain;q=0, */*"), Format::OpenMetrics),
+            (Some("application/*"), Format::OpenMetrics),
+            (Some("application/*;q=0.4, text/*;q=0.3"), Format::OpenMetrics),
+            (Some("*/*;q=0.9, application/openmetrics-text;q=0.1"), Format::Text),
+            (
+                Some("application/openmetrics-text, application/*;q=0"),
+                Format::OpenMetrics,
+            ),
         ] {
             assert_eq!(Format::negotiate(accept), expected, "Accept: {accept:?}");
         }

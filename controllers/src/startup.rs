@@ -105,10 +105,11 @@ struct ProcessMetrics {
 
 impl ProcessMetrics {
     fn register(plan: &Plan, registry: &mut Registry) -> Self {
-        let calls = CsiCallMetrics::register(registry);
+        // Only a process that talks to a driver has CSI calls to show.
+        let calls = plan.csi.as_ref().map(|_| CsiCallMetrics::register(registry));
         let metrics = admin::volplane_metrics(registry);
         Self {
-            csi: plan.csi.as_ref().map(|csi| CsiMetrics {
+            csi: plan.csi.as_ref().zip(calls).map(|(csi, calls)| CsiMetrics {
                 calls,
                 capacity: csi.capacity.then(|| Arc::new(CapacityMetrics::register(metrics))),
                 health: csi.health.then(|| Arc::new(HealthMetrics::register(metrics))),

@@ -370,7 +370,7 @@ async fn the_shipped_dashboard_has_data_and_the_shipped_alerts_fire_on_faults_an
 
     let capacity_job = [("job", "volplane-capacity")];
     prometheus
-        .wait_for_alert("VolplaneCapacityStale", &capacity_job, true, Duration::from_secs(180))
+        .wait_for_alert("VolplaneCapacityStale", &capacity_job, true, Duration::from_secs(420))
         .await;
     println!(
         "VolplaneCapacityStale fired {:?} after the driver went",

@@ -193,28 +193,53 @@ fn every_alert_has_promtool_tests_that_see_it_fire_and_stay_quiet() {
     assert_eq!(quiet, names, "alerts with a test where they stay quiet");
 }
 
-/// The alert names in the first column of the table under `heading`.
-fn table_alerts(readme: &str, heading: &str) -> BTreeSet<String> {
+/// The rows of the table under `heading` that name an alert: its cells.
+fn alert_rows(readme: &str, heading: &str) -> BTreeMap<String, Vec<String>> {
     let section = readme.split(heading).nth(1).unwrap_or_else(|| panic!("no {heading}"));
     section
         .lines()
         .skip_while(|line| !line.starts_with('|'))
         .take_while(|line| line.starts_with('|'))
-        .filter_map(|line| line.split('`').nth(1))
-        .filter(|name| name.starts_with("Volplane"))
-        .map(str::to_string)
+        .filter_map(|line| {
+            let cells: Vec<String> = line
+                .split('|')
+                .map(|c| c.trim().trim_matches('`').to_string())
+                .collect();
+            let name = cells.get(1)?.clone();
+            name.starts_with("Volplane").then(|| (name, cells[2..].to_vec()))
+        })
         .collect()
 }
 
 #[test]
-fn the_readmes_alert_tables_name_every_alert() {
-    let names = alert_names();
+fn the_readmes_alert_tables_name_every_alert_with_its_severity_and_for() {
+    let rules = document(&monitoring_dir().join("rules.yaml"));
+    let expected: BTreeMap<String, (String, String)> = alerts(&rules)
+        .iter()
+        .map(|a| {
+            let field = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (field(&a["alert"]), (field(&a["labels"]["severity"]), field(&a["for"])))
+        })
+        .collect();
+    let names: BTreeSet<&String> = expected.keys().collect();
     let root = std::fs::read_to_string(deploy_dir().join("../README.md")).expect("README.md");
-    assert_eq!(table_alerts(&root, "\n### Alerts\n"), names, "README.md");
+    let rows = alert_rows(&root, "\n### Alerts\n");
+    assert_eq!(rows.keys().collect::<BTreeSet<_>>(), names, "README.md");
+    for (name, cells) in &rows {
+        assert_eq!(cells[0], expected[name].0, "README.md: severity of {name}");
+    }
     let own = std::fs::read_to_string(monitoring_dir().join("README.md")).expect("README");
+    let rows = alert_rows(&own, "\n## Alerts\n");
     assert_eq!(
-        table_alerts(&own, "\n## Alerts\n"),
+        rows.keys().collect::<BTreeSet<_>>(),
         names,
         "deploy/monitoring/README.md"
     );
+    for (name, cells) in &rows {
+        assert_eq!(
+            (&cells[0], &cells[1]),
+            (&expected[name].0, &expected[name].1),
+            "deploy/monitoring/README.md: {name}"
+        );
+    }
 }

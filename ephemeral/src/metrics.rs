@@ -26,9 +26,19 @@ pub struct EphemeralMetrics {
     /// longer listing the volume in `status.volumesInUse`) or for a pod
     /// that mounts the claim by name.
     pub releases_waiting: Gauge,
+    /// Pods whose last attempt to ensure their claims failed, by the reason
+    /// of the first failure: they are retried with backoff.
+    pub failing: Family<Vec<(&'static str, String)>, Gauge>,
 }
 
 impl EphemeralMetrics {
+    /// The gauge of pods failing for `reason`.
+    pub fn failing(&self, reason: FailureReason) -> Gauge {
+        self.failing
+            .get_or_create(&vec![("reason", reason.label().to_string())])
+            .clone()
+    }
+
     /// Counts one reconcile with `outcome`.
     pub fn reconciled(&self, outcome: &'static str) {
         self.reconciles.get_or_create(&vec![("outcome", outcome)]).inc();
@@ -45,6 +55,7 @@ impl EphemeralMetrics {
             reconciles: Family::default(),
             released: Family::default(),
             releases_waiting: Gauge::default(),
+            failing: Family::default(),
         };
         let sub = registry.sub_registry_with_prefix("ephemeral");
         sub.register(
@@ -77,6 +88,11 @@ impl EphemeralMetrics {
             "finished pods whose PVCs wait: for their node (NotReady, or listing the volume in status.volumesInUse) or for a pod that mounts the claim by name",
             metrics.releases_waiting.clone(),
         );
+        sub.register(
+            "claims_failing",
+            "pods whose last attempt to ensure their PVCs failed, retried with backoff, by reason: conflict, forbidden, invalid, other",
+            metrics.failing.clone(),
+        );
         metrics.start_at_zero();
         metrics
     }
@@ -88,6 +104,7 @@ impl EphemeralMetrics {
             self.failures
                 .get_or_create(&vec![("reason", reason.label().to_string())])
                 .inc_by(0);
+            self.failing(reason).set(0);
         }
         for outcome in ["ok", "failed", "not_leading"] {
             self.reconciles.get_or_create(&vec![("outcome", outcome)]).inc_by(0);

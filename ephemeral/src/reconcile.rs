@@ -35,7 +35,7 @@ use volplane_runtime::{Backoff, Leadership, Readiness, WorkQueue, control_loop, 
 
 use crate::error::{ClaimFailure, Error};
 use crate::metrics::EphemeralMetrics;
-use crate::model::{self, Need, SlimClaim, SlimNode, SlimPod, Volumes, VolumesInterner};
+use crate::model::{self, FailureReason, Need, SlimClaim, SlimNode, SlimPod, Volumes, VolumesInterner};
 use crate::release::{self, Finished, NodeFacts, ReleaseMode};
 
 mod dispatch;
@@ -236,6 +236,8 @@ struct LoopState {
     queue: WorkQueue<Key>,
     /// Claims held by someone else, and the pod waiting for each name.
     blocked: HashMap<Key, Key>,
+    /// Pods whose last attempt failed, and why (retried with backoff).
+    failing: HashMap<Key, FailureReason>,
     tasks: FuturesUnordered<BoxFuture<'static, Handled>>,
 }
 
@@ -319,6 +321,7 @@ impl LoopState {
             current: false,
             queue: WorkQueue::default(),
             blocked: HashMap::new(),
+            failing: HashMap::new(),
             tasks: FuturesUnordered::new(),
         }
     }
@@ -403,6 +406,11 @@ impl LoopState {
                 in_flight = self.tasks.len(),
                 "not leading: no claims created or released"
             );
+            // Another replica tries them now.
+            let failing: Vec<Key> = self.failing.keys().cloned().collect();
+            for pod in failing {
+                self.set_failing(&pod, None);
+            }
         }
     }
 
@@ -449,7 +457,9 @@ impl LoopState {
             return;
         };
         if self.needs(key, state).is_empty() {
-            if state.finished.is_some() {
+            let finished = state.finished.is_some();
+            self.set_failing(key, None);
+            if finished {
                 // Nothing (left) to release: not kept.
                 self.pods.remove(key);
                 self.forget(key);
@@ -483,6 +493,7 @@ impl LoopState {
 
     /// Pod `key` is gone or needs no claims any more.
     fn forget(&mut self, key: &Key) {
+        self.set_failing(key, None);
         self.queue.forget(key);
         self.blocked.retain(|_, waiting| waiting != key);
         self.stop_waiting(key);

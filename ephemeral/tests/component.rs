@@ -278,10 +278,8 @@ async fn a_foreign_claim_is_reported_never_touched_and_replaced_once_deleted() {
         "{warning:?}"
     );
     assert!(
-        !h.metrics_text()
-            .contains("volplane_ephemeral_claim_failures_total{reason=\"conflict\"} 0"),
-        "the conflict is counted: {}",
-        h.metrics_text()
+        by_reason(&h.metrics_text(), "volplane_ephemeral_claim_failures_total", "conflict") >= 1,
+        "the conflict is counted"
     );
     let untouched = h.claims().get("db-data").await.expect("foreign");
     assert_eq!(
@@ -367,6 +365,54 @@ async fn forbidden_and_invalid_creates_are_counted_by_reason_and_retried() {
         reasons.iter().all(|r| r == "EphemeralClaimFailed") && !reasons.is_empty(),
         "{reasons:?}"
     );
+    h.stop().await;
+}
+
+/// `volplane_ephemeral_claims_failing{reason}` in `text`.
+fn failing(text: &str, reason: &str) -> i64 {
+    by_reason(text, "volplane_ephemeral_claims_failing", reason)
+}
+
+/// The sample `family{reason}` in `text`; its series exist from the start.
+fn by_reason(text: &str, family: &str, reason: &str) -> i64 {
+    let prefix = format!("{family}{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix}in\n{text}"))
+}
+
+#[tokio::test]
+async fn pods_whose_claims_keep_failing_are_counted_until_they_pass_or_go() {
+    let mut h = Harness::new().await;
+    h.start(Duration::from_millis(50)).await;
+    assert_eq!(failing(&h.metrics_text(), "forbidden"), 0);
+    // Every create refused (quota) until the test lets them through.
+    h.double
+        .fail_next(Some(Verb::Create), Some("persistentvolumeclaims"), 100_000, 403);
+    h.create_pod("a", &["v"]).await;
+    h.create_pod("b", &["v"]).await;
+    eventually(Duration::from_secs(10), "two pods failing", || {
+        failing(&h.metrics_text(), "forbidden") == 2
+    })
+    .await;
+    // A pod that goes is no longer failing.
+    h.pods().delete("b", &Default::default()).await.expect("delete b");
+    eventually(Duration::from_secs(10), "one pod failing", || {
+        failing(&h.metrics_text(), "forbidden") == 1
+    })
+    .await;
+    // The quota is raised: the retry passes.
+    h.double.clear_faults();
+    h.wait_for_claims("a's claim after the retry", &["a-v"]).await;
+    eventually(Duration::from_secs(10), "no pod failing", || {
+        failing(&h.metrics_text(), "forbidden") == 0
+    })
+    .await;
+    let text = h.metrics_text();
+    for reason in ["conflict", "invalid", "other"] {
+        assert_eq!(failing(&text, reason), 0, "{reason}");
+    }
     h.stop().await;
 }
 

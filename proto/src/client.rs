@@ -39,6 +39,33 @@ pub trait CallObserver: Send + Sync + std::fmt::Debug {
     fn call_ended(&self, method: CsiMethod, code: tonic::Code, elapsed: Duration);
 }
 
+/// A call on its way: its observer hears how it ended, also when the
+/// caller gives up on it (a lost term, a shutdown drops the future): then
+/// as `Cancelled`, as a sidecar's context cancellation would count it.
+struct InFlight<'a> {
+    observer: Option<&'a Arc<dyn CallObserver>>,
+    method: CsiMethod,
+    started: Instant,
+    ended: bool,
+}
+
+impl InFlight<'_> {
+    fn end(&mut self, code: tonic::Code) {
+        self.ended = true;
+        if let Some(observer) = self.observer {
+            observer.call_ended(self.method, code, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.end(tonic::Code::Cancelled);
+        }
+    }
+}
+
 /// What to ask `GetCapacity` about.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CapacityQuery {
@@ -103,6 +130,12 @@ impl CsiClient {
         F: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let started = Instant::now();
+        let mut in_flight = InFlight {
+            observer: self.observer.as_ref(),
+            method,
+            started,
+            ended: false,
+        };
         let outcome = match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(CsiError::DeadlineExceeded {
                 method,
@@ -122,16 +155,14 @@ impl CsiClient {
             Ok(Err(status)) => Err(CsiError::from_status(method, &status)),
             Ok(Ok(response)) => Ok(response.into_inner()),
         };
-        let elapsed = started.elapsed();
-        debug!(%method, ?elapsed, ok = outcome.is_ok(), "CSI call");
-        if let Some(observer) = &self.observer {
-            let code = outcome
+        debug!(%method, elapsed = ?started.elapsed(), ok = outcome.is_ok(), "CSI call");
+        in_flight.end(
+            outcome
                 .as_ref()
                 .err()
                 .and_then(CsiError::code)
-                .unwrap_or(tonic::Code::Ok);
-            observer.call_ended(method, code, elapsed);
-        }
+                .unwrap_or(tonic::Code::Ok),
+        );
         outcome
     }
 

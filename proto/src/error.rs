@@ -37,9 +37,7 @@ impl CsiMethod {
             Self::NodeGetVolumeStats => "NodeGetVolumeStats",
         }
     }
-}
 
-impl CsiMethod {
     /// The full gRPC method, `/csi.v1.<Service>/<RPC>`, as kubernetes-csi
     /// sidecars label their `csi_sidecar_operations_seconds`.
     pub fn grpc_path(self) -> &'static str {
@@ -58,7 +56,8 @@ impl CsiMethod {
     }
 
     /// Every method the client calls.
-    pub const ALL: [Self; 10] = [
+    #[cfg(test)]
+    const ALL: [Self; 10] = [
         Self::GetPluginInfo,
         Self::GetPluginCapabilities,
         Self::Probe,
@@ -198,7 +197,6 @@ fn code_is_retryable(code: Code) -> bool {
     }
 }
 
-/// The gRPC code as a metric label, e.g. `OK`, `DeadlineExceeded`.
 /// The gRPC status code's name as Go's `codes.Code.String()` spells it
 /// (`OK`, `Canceled`, `Unavailable`, …): the `grpc_status_code` label
 /// kubernetes-csi sidecars use, and volplane's `grpc_code`.
@@ -235,6 +233,18 @@ fn humantime_secs(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_paths_name_the_service_and_the_rpc() {
+        for method in CsiMethod::ALL {
+            let service = match method {
+                CsiMethod::GetPluginInfo | CsiMethod::GetPluginCapabilities | CsiMethod::Probe => "Identity",
+                CsiMethod::NodeGetInfo | CsiMethod::NodeGetCapabilities | CsiMethod::NodeGetVolumeStats => "Node",
+                _ => "Controller",
+            };
+            assert_eq!(method.grpc_path(), format!("/csi.v1.{service}/{}", method.as_str()));
+        }
+    }
 
     fn status(code: Code) -> CsiError {
         CsiError::Status {

@@ -448,3 +448,38 @@ async fn node_get_info_and_volume_stats() {
         Some(CsiMethod::NodeGetVolumeStats)
     );
 }
+
+/// What an observer of the client heard: (method, code) per call.
+#[derive(Debug, Default)]
+struct Heard(std::sync::Mutex<Vec<(CsiMethod, Code)>>);
+
+impl volplane_csi::CallObserver for Heard {
+    fn call_ended(&self, method: CsiMethod, code: Code, _elapsed: Duration) {
+        self.0.lock().expect("lock").push((method, code));
+    }
+}
+
+#[tokio::test]
+async fn an_observer_hears_every_call_with_its_code_also_one_given_up_on() {
+    let driver = TestDriver::start(DriverConfig::default()).await.expect("driver");
+    driver.set_default_capacity(CapacityAnswer::available(1 << 30));
+    let heard = std::sync::Arc::new(Heard::default());
+    let client = driver.client(CALL_TIMEOUT).observed_by(heard.clone());
+    client.probe().await.expect("probe");
+    driver.fail_next(CsiMethod::GetCapacity, 1, Code::ResourceExhausted, "busy");
+    client.get_capacity(&CapacityQuery::default()).await.expect_err("busy");
+    // The caller gives up before the driver answers: heard as Canceled.
+    driver.set_delay(CsiMethod::GetCapacity, Duration::from_secs(30));
+    let query = CapacityQuery::default();
+    let given_up = tokio::time::timeout(Duration::from_millis(200), client.get_capacity(&query));
+    assert!(given_up.await.is_err(), "still waiting for the driver");
+    let heard = heard.0.lock().expect("lock").clone();
+    assert_eq!(
+        heard,
+        [
+            (CsiMethod::Probe, Code::Ok),
+            (CsiMethod::GetCapacity, Code::ResourceExhausted),
+            (CsiMethod::GetCapacity, Code::Cancelled),
+        ]
+    );
+}

@@ -76,6 +76,9 @@ impl PlacementsMetrics {
             "CSIStorageCapacity objects of per-node instances deleted because their node is gone",
             metrics.swept.clone(),
         );
+        for verb in ["create", "patch"] {
+            metrics.writes.get_or_create(&vec![("verb", verb)]).inc_by(0);
+        }
         metrics
     }
 }

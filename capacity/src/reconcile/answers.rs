@@ -43,6 +43,9 @@ pub(super) struct Answers {
     fast_until: Option<Instant>,
     /// When the age gauge was last computed.
     aged_at: Option<Instant>,
+    /// Since when this replica leads: older answers count from then (the
+    /// previous leader refreshed the objects meanwhile).
+    leading_since: Option<Instant>,
 }
 
 impl Answers {
@@ -211,6 +214,11 @@ impl LoopState {
         Some(aged_at + AGE_EVERY)
     }
 
+    /// This replica starts (`Some`) or stops leading: ages count from then.
+    pub(super) fn lead_from(&mut self, since: Option<Instant>) {
+        self.answers.leading_since = since;
+    }
+
     /// `volplane_capacity_oldest_value_age_seconds`: how long ago the
     /// driver gave the oldest value standing for a desired item (at most
     /// once a second); 0 while another replica leads.
@@ -228,7 +236,8 @@ impl LoopState {
             .values()
             .map(|answer| answer.at)
             .min()
-            .filter(|_| self.leading);
+            .filter(|_| self.leading)
+            .map(|at| self.answers.leading_since.map_or(at, |since| at.max(since)));
         let age = oldest.map_or(0.0, |at| now.duration_since(at).as_secs_f64());
         self.metrics.oldest_value_age.set(age);
     }

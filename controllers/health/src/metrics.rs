@@ -6,6 +6,20 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::model::{REASON_ABNORMAL, REASON_NODE_FAILED, REASON_NODE_RECOVERED, REASON_NORMAL};
+
+/// The `result` values of `volplane_health_checks_total`: an
+/// observation's (see [`crate::model::Observation::label`]), `error` and
+/// `unimplemented`.
+pub const CHECK_RESULTS: [&str; 6] = [
+    "normal",
+    "abnormal",
+    "missing",
+    "no_condition",
+    "error",
+    "unimplemented",
+];
+
 /// Labels naming a PVC.
 pub type ClaimLabels = Vec<(&'static str, String)>;
 
@@ -82,40 +96,44 @@ impl HealthMetrics {
             metrics.failed_nodes.clone(),
         );
         sub.register("events", "events published by reason", metrics.events.clone());
+        metrics.register_node_side(sub);
+        metrics.start_at_zero();
+        metrics
+    }
+
+    /// The node side's usage and condition gauges.
+    fn register_node_side(&self, sub: &mut Registry) {
         sub.register(
             "volume_bytes",
             "node side: volume usage in bytes from NodeGetVolumeStats (usage: used, available, total)",
-            metrics.volume_bytes.clone(),
+            self.volume_bytes.clone(),
         );
         sub.register(
             "volume_inodes",
             "node side: volume usage in inodes from NodeGetVolumeStats (usage: used, available, total)",
-            metrics.volume_inodes.clone(),
+            self.volume_inodes.clone(),
         );
         sub.register(
             "node_volume_abnormal",
             "node side: 1 while NodeGetVolumeStats reports the volume abnormal, else 0",
-            metrics.node_abnormal.clone(),
+            self.node_abnormal.clone(),
         );
-        for result in [
-            "normal",
-            "abnormal",
-            "missing",
-            "no_condition",
-            "error",
-            "unimplemented",
-        ] {
-            metrics.checks.get_or_create(&vec![("result", result)]).inc_by(0);
+    }
+
+    /// Every known result and event reason at 0, so that rates and alerts
+    /// have a series before the first of each.
+    fn start_at_zero(&self) {
+        for result in CHECK_RESULTS {
+            self.checks.get_or_create(&vec![("result", result)]).inc_by(0);
         }
         for reason in [
-            "VolumeConditionAbnormal",
-            "VolumeConditionNormal",
-            "NodeFailed",
-            "NodeRecovered",
+            REASON_ABNORMAL,
+            REASON_NORMAL,
+            REASON_NODE_FAILED,
+            REASON_NODE_RECOVERED,
         ] {
-            metrics.events.get_or_create(&vec![("reason", reason)]).inc_by(0);
+            self.events.get_or_create(&vec![("reason", reason)]).inc_by(0);
         }
-        metrics
     }
 
     /// Marks `source` as the way conditions are read now.

@@ -163,15 +163,15 @@ impl Harness {
         text
     }
 
-    /// The value of `volplane_health_checks_total{result}` (0 before a
-    /// check with that result).
+    /// The value of `volplane_health_checks_total{result}` (its series
+    /// exist from the start).
     fn checks(&self, result: &str) -> u64 {
         let prefix = format!("volplane_health_checks_total{{result=\"{result}\"}} ");
         let text = self.metrics_text();
         text.lines()
             .find_map(|l| l.strip_prefix(prefix.as_str()))
             .and_then(|value| value.parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("no {prefix}in\n{text}"))
     }
 
     /// Waits until `sweeps` more complete ListVolumes sweeps have run.

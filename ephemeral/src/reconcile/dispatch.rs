@@ -100,6 +100,7 @@ impl LoopState {
             self.wait_for_volumes_in_use(&pod, generation);
         }
         if failures.is_empty() {
+            self.set_failing(&pod, None);
             self.queue.succeeded(&pod);
             self.metrics.reconciled("ok");
             if waiting_since.is_none() {
@@ -153,6 +154,11 @@ impl LoopState {
     /// names, retried with backoff.
     fn retry_later(&mut self, pod: Key, failures: Vec<ClaimFailure>) {
         self.metrics.reconciled("failed");
+        let reason = failures
+            .iter()
+            .map(|f| f.reason)
+            .find(|r| *r != FailureReason::NotLeader);
+        self.set_failing(&pod, reason);
         for failure in &failures {
             if failure.reason == FailureReason::Conflict {
                 let claim = Key {
@@ -166,5 +172,25 @@ impl LoopState {
         let delay = self.config.backoff.delay(attempts);
         warn!(%pod, error = %Error::Claims(failures), retry_in = ?delay, "ephemeral volumes not handled; retrying");
         self.queue.schedule(pod, Instant::now() + delay);
+    }
+}
+
+impl LoopState {
+    /// Pod `pod`'s claims fail for `reason`, or (`None`) no longer do:
+    /// `volplane_ephemeral_claims_failing` follows, one pod at a time.
+    pub(super) fn set_failing(&mut self, pod: &Key, reason: Option<FailureReason>) {
+        let before = match reason {
+            Some(reason) => self.failing.insert(pod.clone(), reason),
+            None => self.failing.remove(pod),
+        };
+        if before == reason {
+            return;
+        }
+        if let Some(before) = before {
+            self.metrics.failing(before).dec();
+        }
+        if let Some(reason) = reason {
+            self.metrics.failing(reason).inc();
+        }
     }
 }
