@@ -260,6 +260,8 @@ impl Controllers<'_> {
     /// Ready once every running controller has synced; runs until a
     /// signal (`Ok`) or until a controller stops or fails (`Err`).
     async fn run_until_stopped(&mut self, probes: &Arc<Probes>) -> anyhow::Result<()> {
+        // Before anything can say "ready": see wait_for_termination.
+        let termination = wait_for_termination();
         let readiness = std::mem::take(&mut self.readiness);
         let ready = tokio::spawn({
             let probes = probes.clone();
@@ -274,7 +276,7 @@ impl Controllers<'_> {
             }
         });
         let outcome = tokio::select! {
-            signal = wait_for_termination() => signal.map(|()| info!("termination signal received, shutting down")),
+            signal = termination => signal.map(|()| info!("termination signal received, shutting down")),
             Some(joined) = self.tasks.join_next() => match joined {
                 Ok((name, Ok(()))) => Err(anyhow::anyhow!("the {name} controller stopped unexpectedly")),
                 Ok((name, Err(error))) => Err(error.context(format!("the {name} controller failed"))),
@@ -527,14 +529,19 @@ fn log_driver(driver: &DriverInfo) {
     );
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub(crate) async fn wait_for_termination() -> anyhow::Result<()> {
+/// Completes on SIGTERM or SIGINT. The handlers are installed at the
+/// call, not at the first poll: a signal sent as soon as the process says
+/// it is ready is never the default action's (death by signal).
+pub(crate) fn wait_for_termination() -> impl std::future::Future<Output = anyhow::Result<()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler");
+    let int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler");
+    async move {
+        let (mut term, mut int) = (term?, int?);
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
     }
-    Ok(())
 }
